@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make reproduce` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+OUT    ?= runs/paper
+
+.PHONY: install reproduce quick test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+## The paper's experiment, end to end (about 35 minutes on 2 cores).
+reproduce: install
+	$(VENV)/bin/hybnn reproduce --profile paper --out $(OUT)
+
+## A first look in a few minutes.
+quick: install
+	$(VENV)/bin/hybnn reproduce --profile quick --out runs/quick
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

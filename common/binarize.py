@@ -1,0 +1,46 @@
+"""The binarization convention, in one place.
+
+* ``sign(0) = +1`` (Larq, Brevitas, FINN and BinaryNet agree; ``torch.sign(0) = 0``
+  does not).
+* Straight-through estimator: the gradient of ``sign`` is ``1{|x| <= 1}``.
+* Latent real-valued weights are clipped to ``[-1, 1]`` after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """Forward: ``+1`` where ``x >= 0``, else ``-1``, in ``x``'s dtype. No gradient."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad_output * (x.abs() <= 1).to(grad_output.dtype)
+
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """Forward: :func:`sign`. Backward: ``grad * 1{|x| <= 1}`` (straight-through)."""
+    return _SignSTE.apply(x)
+
+
+class LatentClipMixin:
+    """Marks a module whose ``weight`` is a latent weight of a binary layer."""
+
+
+def clip_latent_weights_(model: nn.Module) -> None:
+    """Clip every binary layer's latent weight to ``[-1, 1]``, in place."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LatentClipMixin):
+                module.weight.clamp_(-1.0, 1.0)  # type: ignore[attr-defined]

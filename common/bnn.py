@@ -1,0 +1,77 @@
+"""The task-specific binary neural network (training form).
+
+The paper's BNN: 200 input bits -> 128 binary units (batch norm, sign) -> 2 binary
+outputs (batch norm). Its input is already binary (the encoder's code as +-1), so it
+needs no input binarization. Weights are binarized with :func:`common.binarize.sign_ste`;
+the real-valued latent weights are what the optimizer updates, clipped to [-1, 1].
+
+The deployment form (packed weights, integer thresholds) lives in ``common/edge.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.binarize import LatentClipMixin, sign_ste
+
+
+@dataclass(frozen=True)
+class BNNConfig:
+    in_bits: int = 200
+    hidden: tuple[int, ...] = (128,)
+    num_classes: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BNNConfig":
+        return cls(in_bits=int(d["in_bits"]), hidden=tuple(int(h) for h in d["hidden"]),
+                   num_classes=int(d["num_classes"]))
+
+
+class BinaryLinear(LatentClipMixin, nn.Linear):
+    """A linear layer without bias whose weights are ``sign(latent weight)``."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        nn.init.uniform_(self.weight, -1.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, sign_ste(self.weight))
+
+
+class BNN(nn.Module):
+    """``[BinaryLinear -> BatchNorm1d -> sign]`` per hidden layer, then ``BinaryLinear -> BatchNorm1d``.
+
+    Input: ``(N, in_bits)`` of +-1. Output: ``(N, num_classes)`` logits.
+    """
+
+    def __init__(self, config: BNNConfig = BNNConfig()) -> None:
+        super().__init__()
+        self.config = config
+        widths = (config.in_bits, *config.hidden)
+        self.hidden = nn.ModuleList(BinaryLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.hidden_bn = nn.ModuleList(nn.BatchNorm1d(b) for b in config.hidden)
+        self.out = BinaryLinear(widths[-1], config.num_classes)
+        self.out_bn = nn.BatchNorm1d(config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for linear, bn in zip(self.hidden, self.hidden_bn):
+            x = sign_ste(bn(linear(x)))
+        return self.out_bn(self.out(x))
+
+    def binary_layers(self) -> list[BinaryLinear]:
+        """The binary layers, input to output."""
+        return [*self.hidden, self.out]
+
+
+def codes_to_inputs(packed_codes, in_bits: int = 200) -> torch.Tensor:
+    """Packed codes ``uint8 (N, ceil(in_bits/8))`` -> float32 +-1 tensor ``(N, in_bits)``."""
+    from common.packing import unpack_signs
+
+    return torch.from_numpy(unpack_signs(packed_codes, in_bits, dtype="float32"))

