@@ -1,0 +1,75 @@
+"""Saving and loading a trained BNN: safetensors weights plus a JSON sidecar.
+
+``model.safetensors`` holds the state dict (latent weights and batch-norm state);
+``model.json`` holds the :class:`~common.bnn.BNNConfig`, the weights' sha256 and
+free-form metadata (task, encoder sha256, accuracy, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from common.bnn import BNN, BNNConfig
+from common.errors import HyBNNError
+
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "model.json"
+FORMAT = "hybnn-bnn/1"
+
+
+def save_bnn(model: BNN, out_dir: Path | str, meta: dict | None = None) -> Path:
+    """Write ``model`` to ``out_dir`` (created if needed); return the directory."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_NAME
+    tmp = weights.with_name(weights.name + ".tmp")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, weights)
+    sidecar = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "meta": meta or {},
+    }
+    tmp = out_dir / (META_NAME + ".tmp")
+    tmp.write_text(json.dumps(sidecar, indent=2))
+    os.replace(tmp, out_dir / META_NAME)
+    return out_dir
+
+
+def load_bnn(path: Path | str) -> tuple[BNN, dict]:
+    """Load a BNN saved by :func:`save_bnn`; return ``(model in eval mode, sidecar dict)``."""
+    path = Path(path)
+    out_dir = path.parent if path.is_file() else path
+    fix = "Train it again with `hybnn train`, or point --model at a directory written by it."
+    sidecar_path = out_dir / META_NAME
+    weights = out_dir / WEIGHTS_NAME
+    if not sidecar_path.exists() or not weights.exists():
+        raise HyBNNError(f"{out_dir} is not a saved BNN (it needs {META_NAME} and {WEIGHTS_NAME}). {fix}")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+        if sidecar.get("format") != FORMAT:
+            raise ValueError(f"format is {sidecar.get('format')!r}, expected {FORMAT!r}")
+        config = BNNConfig.from_dict(sidecar["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HyBNNError(f"{sidecar_path} is not a valid BNN description ({exc}). {fix}") from exc
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest != sidecar.get("weights_sha256"):
+        raise HyBNNError(
+            f"{weights} has sha256 {digest}, but {sidecar_path} records "
+            f"{sidecar.get('weights_sha256')}: the file is corrupt or was replaced. {fix}"
+        )
+    model = BNN(config)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (SafetensorsError, RuntimeError, OSError) as exc:
+        raise HyBNNError(f"{weights} does not hold a BNN of shape {config} ({exc}). {fix}") from exc
+    model.eval()
+    return model, sidecar

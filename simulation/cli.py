@@ -1,0 +1,221 @@
+"""The ``hybnn`` command line.
+
+Each subcommand parses its options, then calls plain library functions: the
+centralized pipeline in ``common/``, the federated runs in ``simulation/``.
+Heavy imports (torch, flwr) happen inside the handlers, so ``--help`` is instant.
+A :class:`~common.errors.HyBNNError` ends the program with its message and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common.errors import HyBNNError
+from common.profiles import PROFILES
+from common.tasks import TASKS
+
+DEFAULT_ENCODER = Path("artifacts/encoder")
+
+
+# ------------------------------------------------------------------ option types
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def hidden_sizes(text: str) -> tuple[int, ...]:
+    """``"128"`` or ``"256,128"``: one binary hidden layer per number."""
+    try:
+        sizes = tuple(positive_int(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive layer widths such as 128 or 256,128, got {text!r}"
+        ) from None
+    return sizes
+
+
+def task_name(text: str) -> str:
+    if text not in TASKS:
+        raise argparse.ArgumentTypeError(f"unknown task {text!r}; valid tasks: {', '.join(TASKS)}")
+    return text
+
+
+def _add_data_root(p: argparse.ArgumentParser) -> None:
+    from common.data import DEFAULT_DATA_ROOT
+
+    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                   help="where MNIST and the feature cache live (default: %(default)s, or $HYBNN_DATA_ROOT)")
+
+
+def _add_encoder(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", type=Path, default=DEFAULT_ENCODER,
+                   help="encoder artifact directory written by `hybnn pretrain` (default: %(default)s)")
+
+
+# ------------------------------------------------------------------ handlers
+def cmd_data(args: argparse.Namespace) -> None:
+    from common.data import ensure_mnist
+
+    print(f"MNIST is ready under {ensure_mnist(args.data_root)}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from common.data import dataset_sha256, load_mnist
+    from common.encoder import save_encoder_artifact
+    from common.vae import VAEConfig, VAETrainConfig, train_vae
+
+    images, labels = load_mnist(args.data_root, "train")
+    train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed)
+    vae, history = train_vae(images, VAEConfig(), train_config)
+    artifact = save_encoder_artifact(vae, args.out, data_sha256=dataset_sha256(images, labels),
+                                     train_config=train_config.to_dict(), history=history)
+    print(f"Frozen encoder written to {artifact.path} (sha256 {artifact.sha256})")
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from common.encoder import load_encoder_artifact
+    from common.features import load_codes
+
+    artifact = load_encoder_artifact(args.encoder)
+    for split in ("train", "test"):
+        codes, _ = load_codes(artifact, args.data_root, split)
+        print(f"{split}: {codes.shape[0]} codes of {codes.shape[1]} bytes")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from common.bnn_io import save_bnn
+    from common.encoder import load_encoder_artifact
+    from common.pipeline import train_hybnn
+    from common.tasks import get_task
+    from common.training import TrainConfig
+
+    task = get_task(args.task)
+    artifact = load_encoder_artifact(args.encoder)
+    config = TrainConfig(epochs=args.epochs, seed=args.seed,
+                         **({"lr": args.lr} if args.lr else {}),
+                         **({"batch_size": args.batch_size} if args.batch_size else {}))
+    run = train_hybnn(artifact, task, args.data_root, config, hidden=args.hidden)
+    out = args.out or Path("runs") / f"bnn-{task.name}"
+    save_bnn(run.model, out, meta={"task": task.name, "encoder_sha256": artifact.sha256,
+                                   "test_acc": run.test_acc, "train": config.to_dict(),
+                                   "train_seconds": run.train.seconds})
+    print(f"HyBNN {task.name}: test accuracy {run.test_acc:.4f} after {config.epochs} epochs "
+          f"({run.train.seconds:.1f} s). Model written to {out}")
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    from common.baselines import train_baseline
+
+    result = train_baseline(args.model, args.task, epochs=args.epochs, data_root=args.data_root,
+                            seed=args.seed)
+    print(f"{args.model} {args.task}: test accuracy {result['test_acc']:.4f} "
+          f"after {result['epochs']} epochs ({result['train_seconds']:.1f} s)")
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from simulation.reproduce import reproduce
+
+    reproduce(profile=args.profile, out_dir=args.out, data_root=args.data_root,
+              encoder_dir=args.encoder_dir, tasks=args.tasks, federated=not args.no_federated)
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybnn",
+        description="HyBNN: a frozen binary-latent VAE encoder feeding a tiny binary neural "
+                    "network; FedHyBNN trains that BNN across clients with Flower.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="fetch MNIST into the data root and check it")
+    _add_data_root(p)
+    p.set_defaults(handler=cmd_data)
+
+    p = sub.add_parser("pretrain", help="train the binary-latent VAE and write the frozen encoder")
+    _add_data_root(p)
+    p.add_argument("--out", type=Path, default=DEFAULT_ENCODER, help="artifact directory (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].vae_epochs,
+                   help="VAE epochs on the 60k training images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_pretrain)
+
+    p = sub.add_parser("extract", help="encode MNIST into packed 200-bit codes and cache them")
+    _add_data_root(p)
+    _add_encoder(p)
+    p.set_defaults(handler=cmd_extract)
+
+    p = sub.add_parser("train", help="train the HyBNN BNN on one task from the encoder's codes")
+    p.add_argument("--task", type=task_name, required=True, help=f"one of {', '.join(TASKS)}")
+    _add_data_root(p)
+    _add_encoder(p)
+    p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].bnn_epochs,
+                   help="default: %(default)s")
+    p.add_argument("--hidden", type=hidden_sizes, default=(128,),
+                   help="binary hidden layer widths, comma-separated (default: 128)")
+    p.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to save the trained BNN (default: runs/bnn-TASK)")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("baseline", help="train one of the baseline CNNs on one task")
+    p.add_argument("--model", required=True, choices=["bcnn-sign", "bcnn-centered", "fp-cnn"])
+    p.add_argument("--task", type=task_name, required=True, help=f"one of {', '.join(TASKS)}")
+    _add_data_root(p)
+    p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].baseline_epochs,
+                   help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_baseline)
+
+    p = sub.add_parser("reproduce", help="the paper's experiment end to end: results.json, report.md, plots")
+    p.add_argument("--profile", choices=list(PROFILES), default="paper",
+                   help="quick: a first look in minutes; paper: the paper's epochs (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    _add_data_root(p)
+    p.add_argument("--encoder-dir", type=Path, default=None,
+                   help="encoder artifact to reuse or create (default: artifacts/encoder-PROFILE)")
+    p.add_argument("--tasks", type=task_name, nargs="+", default=list(TASKS),
+                   help="tasks to run (default: all six)")
+    p.add_argument("--no-federated", action="store_true", help="skip the three-client FedHyBNN runs")
+    p.set_defaults(handler=cmd_reproduce)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except HyBNNError as exc:
+        print(f"hybnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hybnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
