@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common.bnn import BNN, BNNConfig
@@ -69,7 +69,7 @@ def load_bnn(path: Path | str) -> tuple[BNN, dict]:
     model = BNN(config)
     try:
         model.load_state_dict(load_file(str(weights)))
-    except (SafetensorsError, RuntimeError, OSError) as exc:
+    except (SafetensorError, RuntimeError, OSError) as exc:
         raise HyBNNError(f"{weights} does not hold a BNN of shape {config} ({exc}). {fix}") from exc
     model.eval()
     return model, sidecar

@@ -1,0 +1,94 @@
+"""The BNN's shape, that it learns, and its save/load with integrity checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from common.bnn import BNN, BNNConfig, codes_to_inputs
+from common.bnn_io import load_bnn, save_bnn
+from common.errors import HyBNNError
+from common.packing import pack_signs
+from common.training import TrainConfig, evaluate, fit
+
+
+def test_paper_shape_and_configurable_depth():
+    model = BNN()
+    assert [tuple(l.weight.shape) for l in model.binary_layers()] == [(128, 200), (2, 128)]
+    assert model(torch.ones(4, 200)).shape == (4, 2)
+    deep = BNN(BNNConfig(in_bits=200, hidden=(256, 64), num_classes=10))
+    assert [tuple(l.weight.shape) for l in deep.binary_layers()] == [(256, 200), (64, 256), (10, 64)]
+    assert deep(torch.ones(3, 200)).shape == (3, 10)
+
+
+def test_hidden_activations_are_binary():
+    model = BNN().eval()
+    x = torch.from_numpy(np.random.default_rng(0).choice([-1.0, 1.0], (16, 200)).astype(np.float32))
+    hidden = torch.sign(model.hidden_bn[0](model.hidden[0](x)))
+    assert set(torch.unique(model.hidden[0](x) - model.hidden[0](x)).tolist()) == {0.0}
+    # pre-activations of a binary layer on +-1 input are integers of n's parity
+    pre = model.hidden[0](x)
+    assert torch.equal(pre, pre.round()) and bool(((pre + 200) % 2 == 0).all())
+    assert hidden.abs().max() <= 1
+
+
+def synthetic_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label = whether bits 0..99 hold more +1s than bits 100..199.
+
+    One binary unit with weights (+1 x 100, -1 x 100) solves it exactly, so a BNN can
+    learn it; a constant or random model sits at chance.
+    """
+    rng = np.random.default_rng(seed)
+    codes = rng.choice([-1.0, 1.0], size=(n, 200)).astype(np.float32)
+    labels = (codes[:, :100].sum(1) > codes[:, 100:].sum(1)).astype(np.int64)
+    return torch.from_numpy(codes), torch.from_numpy(labels)
+
+
+def test_bnn_learns_a_synthetic_binary_task():
+    x, y = synthetic_task(2000, seed=0)
+    x_test, y_test = synthetic_task(1000, seed=1)
+    model = BNN()
+    before = evaluate(model, x_test, y_test)["acc"]
+    result = fit(model, x, y, TrainConfig(epochs=10, seed=0), progress=False)
+    after = evaluate(model, x_test, y_test)["acc"]
+    assert len(result.history) == 10
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert after > 0.75 and after > before + 0.15  # chance is 0.5
+    for layer in model.binary_layers():
+        assert layer.weight.abs().max() <= 1.0
+
+
+def test_packed_codes_become_plus_minus_one_inputs():
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], size=(4, 200))
+    inputs = codes_to_inputs(pack_signs(signs))
+    assert inputs.dtype == torch.float32 and inputs.shape == (4, 200)
+    np.testing.assert_array_equal(inputs.numpy(), signs)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = BNN(BNNConfig(hidden=(32,), num_classes=10))
+    fit(model, *synthetic_task(200, 0), TrainConfig(epochs=1), progress=False)
+    save_bnn(model, tmp_path / "m", meta={"task": "all10"})
+    loaded, sidecar = load_bnn(tmp_path / "m")
+    assert sidecar["meta"]["task"] == "all10" and loaded.config == model.config
+    x = torch.ones(5, 200)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_corrupt_or_missing_model_is_refused(tmp_path):
+    with pytest.raises(HyBNNError, match="is not a saved BNN"):
+        load_bnn(tmp_path)
+    save_bnn(BNN(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    with pytest.raises(HyBNNError, match="corrupt"):
+        load_bnn(tmp_path)
+    save_bnn(BNN(), tmp_path)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    meta["config"]["hidden"] = [64]
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(HyBNNError, match="does not hold a BNN"):
+        load_bnn(tmp_path)
