@@ -1,0 +1,271 @@
+"""The full-precision VAE with a binary latent (stage 1, representation learning).
+
+Architecture (BinPlay-shaped, DESIGN.md point 5)::
+
+    encoder: (N,1,28,28) -> conv 1->32 -> conv 32->64 -> conv 64->128 -> FC 2048->200 logits
+             each conv: kernel 3, stride 2, pad 1, no bias, BatchNorm, LeakyReLU
+             spatial size 28 -> 14 -> 7 -> 4, so the flattened map is 128*4*4 = 2048
+    decoder: the mirror image: FC 200->2048 -> deconv 128->64->32 -> deconv 32->1 logits
+
+Default variant ``"bernoulli-ste"``: a true binary VAE. Each of the 200 latent units is
+Bernoulli with ``p = sigmoid(logit)``; during training a hard 0/1 sample is drawn and
+the gradient flows straight through to ``p`` (``b + p - stop_grad(p)``). The KL term is
+to the prior Bernoulli(0.5). The decoder sees the sample as +-1.
+
+Variant ``"deterministic-ste"``: no sampling, no KL; the decoder sees ``sign(logit)``
+with the straight-through gradient of :func:`common.binarize.sign_ste` applied to
+``tanh(logit)``. It is kept as an ablation (an autoencoder, close to BinPlay's code).
+
+At inference the code is always deterministic: ``bit = (logit >= 0)``, i.e. ``p >= 0.5``
+(``sign(0) = +1``, bit 1 means +1, as in :mod:`common.binarize` and :mod:`common.packing`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from common.binarize import sign_ste
+from common.errors import HyBNNError
+
+VARIANTS = ("bernoulli-ste", "deterministic-ste")
+IMAGE_SIZE = 28
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture and loss of the binary-latent VAE; recorded in the encoder manifest."""
+
+    latent_bits: int = 200
+    channels: tuple[int, ...] = (32, 64, 128)
+    variant: str = "bernoulli-ste"
+    kl_weight: float = 1.0
+    """Weight of KL(q(b|x) || Bernoulli(0.5)) relative to the summed pixel BCE."""
+    leaky_slope: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise HyBNNError(
+                f"Unknown VAE variant {self.variant!r}. Valid variants are: {', '.join(VARIANTS)}."
+            )
+        if self.latent_bits <= 0 or not self.channels:
+            raise HyBNNError("A VAE needs latent_bits > 0 and at least one conv layer.")
+
+    @property
+    def spatial(self) -> int:
+        """Side of the last feature map: each stride-2 conv maps ``s`` to ``ceil(s / 2)``."""
+        s = IMAGE_SIZE
+        for _ in self.channels:
+            s = (s + 1) // 2
+        return s
+
+    @property
+    def flat_features(self) -> int:
+        return self.channels[-1] * self.spatial * self.spatial
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        return cls(
+            latent_bits=int(d["latent_bits"]),
+            channels=tuple(int(c) for c in d["channels"]),
+            variant=str(d["variant"]),
+            kl_weight=float(d.get("kl_weight", 1.0)),
+            leaky_slope=float(d.get("leaky_slope", 0.2)),
+        )
+
+
+@dataclass
+class VAETrainConfig:
+    """Optimisation of the VAE. Batch size and lr are chosen for 2 CPU cores (docs/encoder.md)."""
+
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 2e-3
+    """Adam's initial learning rate; cosine decay to ``lr * final_lr_fraction``."""
+    final_lr_fraction: float = 0.05
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Encoder(nn.Module):
+    """Image ``(N,1,28,28)`` float in [0,1] -> latent logits ``(N, latent_bits)``."""
+
+    def __init__(self, config: VAEConfig = VAEConfig()) -> None:
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for ch in config.channels:
+            layers += [
+                nn.Conv2d(in_ch, ch, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(ch),
+                nn.LeakyReLU(config.leaky_slope),
+            ]
+            in_ch = ch
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Linear(config.flat_features, config.latent_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).flatten(1))
+
+
+class Decoder(nn.Module):
+    """Latent ``(N, latent_bits)`` of +-1 -> pixel logits ``(N,1,28,28)``."""
+
+    def __init__(self, config: VAEConfig = VAEConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(config.latent_bits, config.flat_features)
+        # Sizes on the way up, e.g. 4 -> 7 -> 14 -> 28: output_padding picks the parity.
+        sizes = [IMAGE_SIZE]
+        for _ in config.channels:
+            sizes.append((sizes[-1] + 1) // 2)
+        sizes.reverse()  # [4, 7, 14, 28]
+        chans = list(reversed(config.channels))  # [128, 64, 32]
+        layers: list[nn.Module] = []
+        for i, in_ch in enumerate(chans):
+            last = i == len(chans) - 1
+            out_ch = 1 if last else chans[i + 1]
+            out_pad = sizes[i + 1] - (2 * sizes[i] - 1)
+            layers.append(
+                nn.ConvTranspose2d(in_ch, out_ch, kernel_size=3, stride=2, padding=1,
+                                   output_padding=out_pad, bias=last)
+            )
+            if not last:
+                layers += [nn.BatchNorm2d(out_ch), nn.LeakyReLU(config.leaky_slope)]
+        self.deconv = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        c, s = self.config.channels[-1], self.config.spatial
+        h = F.leaky_relu(self.fc(z), self.config.leaky_slope).view(-1, c, s, s)
+        return self.deconv(h)
+
+
+def bernoulli_ste(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Forward: a hard sample ``b ~ Bernoulli(sigmoid(logits))`` in {0,1}.
+
+    Backward: the gradient of ``sigmoid(logits)`` (straight-through on the probability).
+    """
+    p = torch.sigmoid(logits)
+    b = torch.bernoulli(p.detach(), generator=generator)
+    return b + p - p.detach()
+
+
+def kl_to_half(logits: torch.Tensor) -> torch.Tensor:
+    """``KL(Bernoulli(sigmoid(l)) || Bernoulli(0.5))`` per sample, summed over bits (nats).
+
+    Written with log-sigmoids so it stays finite for large ``|l|``.
+    """
+    p = torch.sigmoid(logits)
+    log_p = F.logsigmoid(logits)
+    log_q = F.logsigmoid(-logits)
+    return (p * log_p + (1 - p) * log_q + math.log(2.0)).sum(dim=1)
+
+
+class BinaryVAE(nn.Module):
+    """Encoder + binary latent + decoder. ``forward`` returns ``(pixel_logits, latent_logits)``."""
+
+    def __init__(self, config: VAEConfig = VAEConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def latent(self, logits: torch.Tensor) -> torch.Tensor:
+        """The +-1 latent the decoder sees: a sample in training, ``sign(logits)`` in eval."""
+        if not self.training:
+            return torch.where(logits >= 0, 1.0, -1.0).to(logits.dtype)
+        if self.config.variant == "bernoulli-ste":
+            return bernoulli_ste(logits) * 2 - 1
+        return sign_ste(torch.tanh(logits))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.encoder(x)
+        return self.decoder(self.latent(logits)), logits
+
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"loss", "recon", "kl"}``, each a per-sample mean; recon is the summed pixel BCE."""
+        pixel_logits, logits = self(x)
+        recon = F.binary_cross_entropy_with_logits(pixel_logits, x, reduction="sum") / len(x)
+        if self.config.variant == "bernoulli-ste":
+            kl = kl_to_half(logits).mean()
+        else:
+            kl = torch.zeros((), dtype=x.dtype)
+        return {"loss": recon + self.config.kl_weight * kl, "recon": recon, "kl": kl}
+
+
+def images_to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N,28,28)`` -> float32 ``(N,1,28,28)`` in [0,1] (the encoder's input)."""
+    images = np.asarray(images_uint8)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise HyBNNError(
+            f"Expected uint8 images of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), got "
+            f"{images.dtype} {images.shape}."
+        )
+    # np.array copies, so a read-only (memory-mapped) input never aliases a torch tensor.
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1).float().div_(255.0)
+
+
+def train_vae(
+    images_uint8: np.ndarray,
+    config: VAEConfig = VAEConfig(),
+    train_config: VAETrainConfig = VAETrainConfig(),
+    progress: bool = True,
+) -> tuple[BinaryVAE, list[dict]]:
+    """Train a :class:`BinaryVAE` on ``images_uint8`` (unlabelled); return it in eval mode.
+
+    The history holds one ``{"epoch", "loss", "recon", "kl", "seconds"}`` per epoch
+    (means over the epoch's samples). Seeds torch, so a run is reproducible on one machine.
+    """
+    torch.manual_seed(train_config.seed)
+    generator = torch.Generator().manual_seed(train_config.seed)
+    x = images_to_tensor(images_uint8)
+    model = BinaryVAE(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
+    steps_per_epoch = max(1, -(-len(x) // train_config.batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer,
+        T_max=max(1, train_config.epochs * steps_per_epoch),
+        eta_min=train_config.lr * train_config.final_lr_fraction,
+    )
+    history: list[dict] = []
+    model.train()
+    bar = tqdm(range(train_config.epochs), desc="vae", disable=not progress, unit="epoch")
+    for epoch in bar:
+        start = time.perf_counter()
+        order = torch.randperm(len(x), generator=generator)
+        sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+        seen = 0
+        for begin in range(0, len(x), train_config.batch_size):
+            idx = order[begin : begin + train_config.batch_size]
+            if len(idx) < 2:  # batch norm needs two samples
+                continue
+            parts = model.loss(x[idx])
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            for key in sums:
+                sums[key] += parts[key].item() * len(idx)
+            seen += len(idx)
+        stats = {"epoch": epoch + 1, **{k: v / max(1, seen) for k, v in sums.items()},
+                 "seconds": time.perf_counter() - start}
+        history.append(stats)
+        bar.set_postfix(loss=f"{stats['loss']:.1f}", recon=f"{stats['recon']:.1f}",
+                        kl=f"{stats['kl']:.1f}", s=f"{stats['seconds']:.0f}")
+    model.eval()
+    return model, history

@@ -1,0 +1,88 @@
+"""The binary-latent VAE: shapes, the Bernoulli straight-through sample, the KL term, training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import HyBNNError
+from common.vae import (BinaryVAE, VAEConfig, VAETrainConfig, bernoulli_ste, images_to_tensor,
+                        kl_to_half, train_vae)
+
+
+def fake_images(n: int, seed: int = 0) -> np.ndarray:
+    """Blobs at a few positions, so there is something to reconstruct."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, 28, 28), dtype=np.uint8)
+    for i in range(n):
+        r, c = rng.integers(2, 20, size=2)
+        images[i, r : r + 7, c : c + 7] = 255
+    return images
+
+
+def test_default_config_is_the_paper_shape() -> None:
+    config = VAEConfig()
+    assert config.latent_bits == 200
+    assert config.variant == "bernoulli-ste"
+    assert config.spatial == 4 and config.flat_features == 2048
+    model = BinaryVAE(config)
+    assert model.encoder.fc.in_features == 2048 and model.encoder.fc.out_features == 200
+    convs = [m for m in model.encoder.conv if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 32), (32, 64), (64, 128)]
+    assert all(c.bias is None and c.kernel_size == (3, 3) and c.stride == (2, 2) for c in convs)
+
+
+@pytest.mark.parametrize("variant", ["bernoulli-ste", "deterministic-ste"])
+def test_forward_shapes(variant: str) -> None:
+    model = BinaryVAE(VAEConfig(variant=variant))
+    x = images_to_tensor(fake_images(5))
+    pixel_logits, logits = model(x)
+    assert pixel_logits.shape == (5, 1, 28, 28)
+    assert logits.shape == (5, 200)
+    parts = model.loss(x)
+    assert set(parts) == {"loss", "recon", "kl"} and torch.isfinite(parts["loss"])
+
+
+def test_eval_latent_is_deterministic_sign_with_zero_positive() -> None:
+    model = BinaryVAE(VAEConfig()).eval()
+    z = model.latent(torch.tensor([[-1.0, 0.0, 2.0]]))
+    assert z.tolist() == [[-1.0, 1.0, 1.0]]
+
+
+def test_bernoulli_ste_is_hard_forward_and_passes_sigmoid_gradient() -> None:
+    logits = torch.zeros(1000, requires_grad=True)
+    b = bernoulli_ste(logits, torch.Generator().manual_seed(0))
+    assert set(b.detach().unique().tolist()) <= {0.0, 1.0}
+    b.sum().backward()
+    assert torch.allclose(logits.grad, torch.full((1000,), 0.25))  # sigmoid'(0)
+
+
+def test_kl_to_half() -> None:
+    assert torch.allclose(kl_to_half(torch.zeros(2, 200)), torch.zeros(2), atol=1e-6)
+    big = kl_to_half(torch.full((1, 10), 50.0))
+    assert torch.allclose(big, torch.tensor([10 * math.log(2.0)]), atol=1e-4)
+    assert torch.isfinite(kl_to_half(torch.full((1, 3), -1e4))).all()
+
+
+def test_unknown_variant_is_a_user_error() -> None:
+    with pytest.raises(HyBNNError, match="bernoulli-ste"):
+        VAEConfig(variant="gaussian")
+
+
+def test_bad_images_are_a_user_error() -> None:
+    with pytest.raises(HyBNNError, match="uint8"):
+        images_to_tensor(np.zeros((2, 28, 28), dtype=np.float32))
+
+
+def test_a_few_epochs_reduce_the_loss() -> None:
+    config = VAEConfig(latent_bits=16, channels=(4, 8))
+    images = fake_images(96)
+    model, history = train_vae(images, config, VAETrainConfig(epochs=3, batch_size=32, lr=3e-3),
+                               progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert set(history[0]) >= {"loss", "recon", "kl", "seconds"}
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert not model.training
