@@ -26,7 +26,7 @@ def task_inputs(artifact, data_root: Path | str, task: Task, split: str) -> tupl
 
     codes, labels = load_codes(artifact, data_root, split)
     codes, labels = select_task(codes, labels, task)
-    bits = int(artifact.manifest["config"]["latent_bits"])
+    bits = int(artifact.manifest["latent_bits"])
     return codes_to_inputs(codes, bits), torch.from_numpy(labels)
 
 
