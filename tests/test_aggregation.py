@@ -1,0 +1,48 @@
+"""Weighted mean of +-1 signs and the vote, without Flower."""
+
+import numpy as np
+import pytest
+
+from common import aggregation
+
+
+def test_weighted_sign_mean_and_vote_by_hand():
+    a = np.array([1, 1, -1, -1, 1], dtype=np.float32)
+    b = np.array([1, -1, -1, 1, -1], dtype=np.float32)
+    c = np.array([-1, -1, -1, 1, -1], dtype=np.float32)
+    mean = aggregation.sign_mean([a, b, c], [2, 1, 1])
+    # By hand: (2a + b + c) / 4.
+    np.testing.assert_allclose(mean, [0.5, 0.0, -1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(aggregation.vote(mean), [1, 1, -1, 1, 1])  # ties go to +1
+
+
+def test_weights_matter():
+    a = np.array([1.0, -1.0])
+    b = np.array([-1.0, 1.0])
+    np.testing.assert_array_equal(aggregation.vote(aggregation.sign_mean([a, b], [1, 3])), [-1, 1])
+    np.testing.assert_array_equal(aggregation.vote(aggregation.sign_mean([a, b], [3, 1])), [1, -1])
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError):
+        aggregation.sign_mean([np.array([1.0, 0.5])], [1])
+    with pytest.raises(ValueError):
+        aggregation.weighted_mean([np.ones(2)], [0])
+    with pytest.raises(ValueError):
+        aggregation.weighted_mean([np.ones(2)], [float("nan")])
+    with pytest.raises(ValueError):
+        aggregation.weighted_mean([], [])
+
+
+def test_client_start_latent():
+    signs = np.array([1.0, -1.0])
+    np.testing.assert_allclose(aggregation.client_start_latent(signs, "signs", 0.1), [0.1, -0.1])
+    mean = np.array([0.3, -1.0])
+    np.testing.assert_allclose(aggregation.client_start_latent(mean, "latent"), mean)
+
+
+def test_unknown_mode():
+    from common.errors import HyBNNError
+
+    with pytest.raises(HyBNNError, match="vote, mean"):
+        aggregation.check_mode("median")
