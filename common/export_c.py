@@ -1,0 +1,441 @@
+"""C99 code generation for a :class:`common.edge.DeployedBNN`, and a ctypes loader.
+
+``write_c(model, out_dir)`` writes ``hybnn.h`` and ``hybnn.c``: the weights as packed
+integer arrays, the thresholds, and ``hybnn_predict`` / ``hybnn_predict_batch``. The code
+needs only ``<stdint.h>``: no heap, no floats, no library calls, so it fits a
+microcontroller. It uses ``__builtin_popcountll`` where the compiler has it (GCC, Clang)
+and a portable bit-slicing popcount elsewhere.
+
+Layout, chosen for speed (the generated code is the reference for these details):
+
+* The input code is read as little-endian 64-bit words (portable byte assembly, which
+  compilers turn into one load) plus a tail word of the remaining bytes. The first
+  layer's weight rows are packed the same way from the same byte order, so XOR and
+  popcount see matching bits on every machine.
+* Weights are stored word-major: array ``Lk_Wi[j]`` holds word ``i`` of unit ``j``.
+  The inner loop over units then reads consecutive memory, and compilers vectorize it
+  (``vpopcntq`` on AVX-512 machines).
+* Each hidden unit becomes "fires iff ``popcount(x ^ w') <= T'``": for units whose
+  comparison is flipped (negative batch-norm scale) the weight bits are complemented,
+  which turns ``p <= t`` into ``d' <= t``; the others use ``d <= n - t``. Here
+  ``d = n - p`` counts the disagreeing bits.
+* Hidden activations are packed LSB-first: unit ``j`` is bit ``j % 64`` of word
+  ``j / 64``; padding bits stay 0 in activations and weights alike.
+* Output: ``score_c = A[c] * d_c + B[c]`` with ``A = -scale``, ``B = scale * n + offset``
+  (the same integers as the affine form on ``p``), or a rank table indexed by ``d``.
+  The first class with the highest score wins, like ``torch.argmax``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.edge import DeployedBNN, check_codes
+from common.errors import HyBNNError
+from common.packing import packed_length
+
+HEADER_NAME = "hybnn.h"
+SOURCE_NAME = "hybnn.c"
+STRICT_FLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic")
+"""The flags the tests compile the generated code with."""
+FAST_FLAGS = ("-std=c99", "-O3", "-march=native", "-Wall", "-Wextra", "-Werror")
+"""The flags the benchmark uses: the same code, tuned for the machine it runs on."""
+
+
+# ---------------------------------------------------------------- bit layouts
+def _le_words(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Rows of packed bytes -> (full uint64 words (rows, nw), tail words (rows,) or None, tail bytes).
+
+    Byte ``8k + i`` of a row is bits ``8i .. 8i+7`` of word ``k`` (little-endian assembly,
+    matching ``hybnn_load64`` in the generated code).
+    """
+    rows, nbytes = packed.shape
+    nw, tail = divmod(nbytes, 8)
+    full = packed[:, : nw * 8].reshape(rows, nw, 8).astype(np.uint64)
+    shifts = (np.arange(8, dtype=np.uint64) * np.uint64(8))[None, None, :]
+    words = np.bitwise_or.reduce(full << shifts, axis=2) if nw else np.zeros((rows, 0), np.uint64)
+    if not tail:
+        return words, None, 0
+    rest = packed[:, nw * 8 :].astype(np.uint64) << (np.arange(tail, dtype=np.uint64) * np.uint64(8))[None, :]
+    return words, np.bitwise_or.reduce(rest, axis=1), tail
+
+
+def _lsb_words(bits: np.ndarray) -> np.ndarray:
+    """Boolean rows (rows, n) -> uint64 (rows, ceil(n/64)); element ``j`` is bit ``j % 64`` of word ``j // 64``."""
+    rows, n = bits.shape
+    nw = -(-n // 64)
+    padded = np.zeros((rows, nw * 64), dtype=np.uint64)
+    padded[:, :n] = bits
+    weights = np.uint64(1) << np.arange(64, dtype=np.uint64)
+    return np.bitwise_or.reduce(padded.reshape(rows, nw, 64) * weights, axis=2)
+
+
+def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
+    return np.unpackbits(packed, axis=-1, count=n, bitorder="big").astype(bool)
+
+
+def _tail_type(tail_bytes: int) -> str:
+    return {1: "uint8_t", 2: "uint16_t", 3: "uint32_t", 4: "uint32_t"}.get(tail_bytes, "uint64_t")
+
+
+def _ctype_bytes(ctype: str) -> int:
+    return {"uint8_t": 1, "uint16_t": 2, "uint32_t": 4, "uint64_t": 8, "int16_t": 2, "int32_t": 4}[ctype]
+
+
+# ---------------------------------------------------------------- code emission
+@dataclass
+class _Array:
+    name: str
+    ctype: str
+    values: np.ndarray
+
+    def nbytes(self) -> int:
+        return _ctype_bytes(self.ctype) * int(self.values.size)
+
+    def emit(self) -> str:
+        fmt = {"uint64_t": "UINT64_C(0x{:016x})", "uint32_t": "0x{:08x}u", "uint16_t": "0x{:04x}u",
+               "uint8_t": "0x{:02x}u"}.get(self.ctype, "{:d}")
+        per_line = 4 if self.ctype == "uint64_t" else 12
+
+        def block(values: np.ndarray, indent: str) -> str:
+            flat = [fmt.format(int(v)) for v in values]
+            lines = [", ".join(flat[i : i + per_line]) for i in range(0, len(flat), per_line)]
+            return f",\n{indent}".join(lines)
+
+        dims = "".join(f"[{d}]" for d in self.values.shape)
+        if self.values.ndim == 1:
+            body = "    " + block(self.values, "    ")
+        else:  # a table: one brace-enclosed row per class
+            body = ",\n".join("    {\n        " + block(row, "        ") + "\n    }" for row in self.values)
+        return f"static const {self.ctype} {self.name}{dims} = {{\n{body}\n}};\n"
+
+
+def _popcount_block() -> str:
+    return """\
+/* Population count. The builtin only where it is one instruction (x86 with POPCNT,
+ * AArch64), so that no build ever calls a runtime library; elsewhere a branch-free
+ * shift-and-add count that needs no multiplier. */
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__POPCNT__) || defined(__aarch64__))
+#define HYBNN_POPC64(x) ((int32_t)__builtin_popcountll(x))
+#else
+static int32_t hybnn_popc64(uint64_t x)
+{
+    x = x - ((x >> 1) & UINT64_C(0x5555555555555555));
+    x = (x & UINT64_C(0x3333333333333333)) + ((x >> 2) & UINT64_C(0x3333333333333333));
+    x = (x + (x >> 4)) & UINT64_C(0x0f0f0f0f0f0f0f0f);
+    x = x + (x >> 8);
+    x = x + (x >> 16);
+    x = x + (x >> 32);
+    return (int32_t)(x & 0x7f);
+}
+#define HYBNN_POPC64(x) hybnn_popc64(x)
+#endif
+"""
+
+
+_LOAD64 = [
+    "/* Little-endian assembly of 8 bytes: one load on common compilers, correct on any. */",
+    "static uint64_t hybnn_load64(const uint8_t *p)",
+    "{",
+    "    return (uint64_t)p[0] | ((uint64_t)p[1] << 8) | ((uint64_t)p[2] << 16) | ((uint64_t)p[3] << 24)",
+    "         | ((uint64_t)p[4] << 32) | ((uint64_t)p[5] << 40) | ((uint64_t)p[6] << 48) | ((uint64_t)p[7] << 56);",
+    "}",
+    "",
+]
+
+
+def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
+    """Return ``(header text, source text, model bytes in the C arrays)``."""
+    cfg = model.config
+    if cfg.num_classes > 256:
+        raise HyBNNError(f"The C export returns classes as uint8_t, but this model has {cfg.num_classes} classes (at most 256).")
+    n0 = cfg.in_bits
+    code_bytes = packed_length(n0)
+    arrays: list[_Array] = []
+    body: list[str] = []
+
+    # ---- the first layer reads the input code's bytes
+    widths = (cfg.in_bits, *cfg.hidden)
+    nw0, tail0 = divmod(code_bytes, 8)
+    load = [f"    const uint64_t x{k} = hybnn_load64(code + {8 * k});" for k in range(nw0)]
+    if tail0:
+        parts = " | ".join(f"((uint64_t)code[{8 * nw0 + i}] << {8 * i})" for i in range(tail0))
+        mask = ""
+        if n0 % 8:
+            keep = (0xFF << (8 - n0 % 8)) & 0xFF
+            full_mask = ((1 << (8 * (tail0 - 1))) - 1) | (keep << (8 * (tail0 - 1)))
+            mask = f" & UINT64_C(0x{full_mask:x})"
+        load.append(f"    const uint64_t xt = ({parts}){mask};")
+    body.extend(load)
+
+    def layer_inputs(index: int) -> tuple[list[str], str | None]:
+        """Expressions for the layer's input words and its tail word."""
+        if index == 0:
+            return [f"x{k}" for k in range(nw0)], ("xt" if tail0 else None)
+        nw = -(-widths[index] // 64)
+        return [f"h{index}[{k}]" for k in range(nw)], None
+
+    def weight_words(index: int, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """Weight bit rows (units, n) -> words in the layout of the layer's input."""
+        if index == 0:
+            packed = np.packbits(bits, axis=1, bitorder="big")
+            return _le_words(packed)
+        return _lsb_words(bits), None, 0
+
+    for i, layer in enumerate(model.hidden):
+        n, h = layer.n_in, layer.n_out
+        bits = _unpack(layer.weights, n)
+        t = layer.threshold.astype(np.int64)
+        bits = np.where(layer.flip[:, None], ~bits, bits)
+        thresh = np.where(layer.flip, t, n - t)  # fires iff d' <= thresh
+        words, tail, tail_bytes = weight_words(i, bits)
+        terms = []
+        xs, xt = layer_inputs(i)
+        for k in range(words.shape[1]):
+            arrays.append(_Array(f"L{i}_W{k}", "uint64_t", words[:, k]))
+            terms.append(f"HYBNN_POPC64({xs[k]} ^ L{i}_W{k}[j])")
+        if tail is not None:
+            tt = _tail_type(tail_bytes)
+            arrays.append(_Array(f"L{i}_WT", tt, tail))
+            terms.append(f"HYBNN_POPC64({xt} ^ L{i}_WT[j])")
+        arrays.append(_Array(f"L{i}_T", "int16_t", thresh.astype(np.int16)))
+        nw_out = -(-h // 64)
+        padding = (
+            f"\n    for (j = {h}; j < {64 * nw_out}; ++j) {{\n        f{i}[j] = 0;\n    }}" if h % 64 else ""
+        )
+        body.append(f"""
+    /* hidden layer {i}: {n} -> {h}; unit j fires iff popcount(x ^ w'_j) <= T_j */
+    for (j = 0; j < {h}; ++j) {{
+        f{i}[j] = (uint8_t)({" + ".join(terms) or "0"} <= L{i}_T[j]);
+    }}{padding}
+    /* pack the 0/1 bytes LSB-first; one 32-bit multiply gathers 4 bytes into 4 bits */
+    for (k = 0; k < {nw_out}; ++k) {{
+        uint64_t m = 0;
+        for (b = 0; b < 16; ++b) {{
+            const uint8_t *q = f{i} + 64 * k + 4 * b;
+            const uint32_t v = (uint32_t)q[0] | ((uint32_t)q[1] << 8) | ((uint32_t)q[2] << 16) | ((uint32_t)q[3] << 24);
+            m |= (uint64_t)((v * UINT32_C(0x10204080)) >> 28) << (4 * b);
+        }}
+        h{i + 1}[k] = m;
+    }}""")
+
+    # ---- output layer
+    out = model.output
+    n, c = out.n_in, out.n_out
+    idx = len(model.hidden)
+    bits = _unpack(out.weights, n)
+    words, tail, tail_bytes = weight_words(idx, bits)
+    xs, xt = layer_inputs(idx)
+    terms = []
+    for k in range(words.shape[1]):
+        arrays.append(_Array(f"OUT_W{k}", "uint64_t", words[:, k]))
+        terms.append(f"HYBNN_POPC64({xs[k]} ^ OUT_W{k}[c])")
+    if tail is not None:
+        arrays.append(_Array("OUT_WT", _tail_type(tail_bytes), tail))
+        terms.append(f"HYBNN_POPC64({xt} ^ OUT_WT[c])")
+    dsum = " + ".join(terms) or "0"
+    if out.form == "affine":
+        scale = out.scale.astype(np.int64)
+        arrays.append(_Array("OUT_A", "int32_t", (-scale).astype(np.int32)))
+        arrays.append(_Array("OUT_B", "int32_t", (scale * n + out.offset.astype(np.int64)).astype(np.int32)))
+        score = "OUT_A[c] * d + OUT_B[c]"
+    else:
+        table = out.table[:, ::-1]  # indexed by d = n - p
+        ctype = "int16_t" if table.max() < 2**15 else "int32_t"
+        arrays.append(_Array("OUT_TAB", ctype, np.ascontiguousarray(table)))
+        score = "(int32_t)OUT_TAB[c][d]"
+    body.append(f"""
+    /* output layer: {n} -> {c}; first class with the highest integer score */
+    for (c = 0; c < {c}; ++c) {{
+        const int32_t d = {dsum};
+        const int32_t score = {score};
+        if (c == 0 || score > best_score) {{
+            best_score = score;
+            best = c;
+        }}
+    }}
+    return (uint8_t)best;""")
+
+    model_bytes = sum(a.nbytes() for a in arrays)
+    decls = ["    int32_t j, k, b, c, best = 0, best_score = 0;"]
+    for i, layer in enumerate(model.hidden):
+        decls.append(f"    uint8_t f{i}[{64 * -(-layer.n_out // 64)}];")
+        decls.append(f"    uint64_t h{i + 1}[{-(-layer.n_out // 64)}];")
+    unused = []
+    if not model.hidden:
+        unused.append("    (void)j; (void)k; (void)b;")
+
+    header = _header(model, code_bytes, model_bytes)
+    source = "\n".join([
+        f"/* Generated by HyBNN (common/export_c.py) from a trained BNN {cfg.in_bits}-"
+        f"{'-'.join(map(str, cfg.hidden))}{'-' if cfg.hidden else ''}{cfg.num_classes}. Do not edit. */",
+        f'#include "{HEADER_NAME}"',
+        "",
+        _popcount_block(),
+        *(_LOAD64 if nw0 else []),
+        *[a.emit() for a in arrays],
+        f"/* The C arrays above hold {model_bytes} bytes: HYBNN_MODEL_BYTES. */",
+        "typedef char hybnn_model_bytes_check[(" + " + ".join(f"sizeof({a.name})" for a in arrays)
+        + ") == HYBNN_MODEL_BYTES ? 1 : -1];",
+        "",
+        "static uint8_t hybnn_classify(const uint8_t *code)",
+        "{",
+        *decls,
+        *unused,
+        *body,
+        "}",
+        "",
+        "uint8_t hybnn_predict(const uint8_t code[HYBNN_CODE_BYTES])",
+        "{",
+        "    return hybnn_classify(code);",
+        "}",
+        "",
+        "void hybnn_predict_batch(const uint8_t *codes, int32_t n, uint8_t *out)",
+        "{",
+        "    int32_t i;",
+        "    for (i = 0; i < n; ++i) {",
+        "        out[i] = hybnn_classify(codes);",
+        "        codes += HYBNN_CODE_BYTES;",
+        "    }",
+        "}",
+        "",
+        "int32_t hybnn_model_bytes(void)",
+        "{",
+        "    return HYBNN_MODEL_BYTES;",
+        "}",
+        "",
+    ])
+    return header, source, model_bytes
+
+
+def _header(model: DeployedBNN, code_bytes: int, model_bytes: int) -> str:
+    cfg = model.config
+    pad = code_bytes * 8 - cfg.in_bits
+    pad_note = (f" The last {pad} bit(s) of byte {code_bytes - 1} are padding and are ignored."
+                if pad else "")
+    return f"""\
+/* Generated by HyBNN (common/export_c.py). Do not edit.
+ *
+ * A binary neural network {cfg.in_bits} -> {" -> ".join(map(str, cfg.hidden))}{" -> " if cfg.hidden else ""}{cfg.num_classes}, in integer form:
+ * packed sign weights, batch norm folded into popcount thresholds, an integer
+ * output score. It predicts exactly what the trained torch model predicts in eval
+ * mode, for every possible input code.
+ *
+ * Needs: C99 and <stdint.h>. No heap, no floating point, no library calls, no
+ * global state: the functions are reentrant. Working memory: about {sum(72 * (-(-h // 64)) for h in cfg.hidden) + 64} bytes.
+ *
+ * Input contract. A code is HYBNN_CODE_BYTES = {code_bytes} bytes holding the encoder's
+ * {cfg.in_bits} bits. Bit i of the code (i = 0 .. {cfg.in_bits - 1}) is bit (7 - i % 8) of byte i / 8,
+ * most significant bit first (numpy: np.packbits(bits, bitorder="big")); a 1 bit
+ * means +1, a 0 bit means -1.{pad_note} The caller passes exactly
+ * HYBNN_CODE_BYTES readable bytes; the functions do not check pointers.
+ */
+#ifndef HYBNN_H
+#define HYBNN_H
+
+#include <stdint.h>
+
+#define HYBNN_IN_BITS {cfg.in_bits}
+#define HYBNN_CODE_BYTES {code_bytes}
+#define HYBNN_NUM_CLASSES {cfg.num_classes}
+/* Bytes of the model's constant arrays (weights, thresholds, output scores). */
+#define HYBNN_MODEL_BYTES {model_bytes}
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+/* The class index (0 .. HYBNN_NUM_CLASSES - 1) of one code of HYBNN_CODE_BYTES bytes. */
+uint8_t hybnn_predict(const uint8_t code[HYBNN_CODE_BYTES]);
+
+/* Classify n codes stored back to back (n * HYBNN_CODE_BYTES bytes) into out[0 .. n-1].
+ * n <= 0 does nothing. */
+void hybnn_predict_batch(const uint8_t *codes, int32_t n, uint8_t *out);
+
+/* HYBNN_MODEL_BYTES, for callers that load the code dynamically. */
+int32_t hybnn_model_bytes(void);
+
+#ifdef __cplusplus
+}}
+#endif
+
+#endif /* HYBNN_H */
+"""
+
+
+def write_c(model: DeployedBNN, out_dir: Path | str) -> list[Path]:
+    """Write ``hybnn.h`` and ``hybnn.c`` for ``model`` into ``out_dir``; return their paths."""
+    header, source, _ = generate_c(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / HEADER_NAME, out_dir / SOURCE_NAME]
+    for path, text in zip(paths, (header, source)):
+        path.write_text(text)
+    return paths
+
+
+# ---------------------------------------------------------------- compiling and loading
+def find_c_compiler() -> str | None:
+    """The first of ``cc``, ``gcc``, ``clang`` on PATH, or None."""
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def compile_shared(c_dir: Path | str, out: Path | str, flags: tuple[str, ...] = STRICT_FLAGS) -> Path:
+    """Compile ``c_dir/hybnn.c`` into the shared library ``out``; a failure is a HyBNNError."""
+    compiler = find_c_compiler()
+    if compiler is None:
+        raise HyBNNError("No C compiler (cc, gcc or clang) found on PATH. Install one to build the C export.")
+    c_dir, out = Path(c_dir), Path(out)
+    cmd = [compiler, *flags, "-shared", "-fPIC", "-o", str(out), str(c_dir / SOURCE_NAME)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise HyBNNError(f"Compiling the C export failed: {' '.join(cmd)}\n{proc.stderr.strip()}")
+    return out
+
+
+class CKernel:
+    """The compiled C head, called through ctypes."""
+
+    def __init__(self, library: Path | str, in_bits: int) -> None:
+        self.lib = ctypes.CDLL(str(library))
+        self.in_bits = in_bits
+        self.lib.hybnn_predict.argtypes = [ctypes.c_void_p]
+        self.lib.hybnn_predict.restype = ctypes.c_uint8
+        self.lib.hybnn_predict_batch.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
+        self.lib.hybnn_predict_batch.restype = None
+        self.lib.hybnn_model_bytes.restype = ctypes.c_int32
+
+    @property
+    def model_bytes(self) -> int:
+        return int(self.lib.hybnn_model_bytes())
+
+    def predict(self, codes: np.ndarray) -> np.ndarray:
+        """Class indices (int64) for packed codes uint8 ``(N, code_bytes)``, one batch call."""
+        codes = check_codes(codes, self.in_bits)
+        out = np.empty(len(codes), dtype=np.uint8)
+        self.lib.hybnn_predict_batch(codes.ctypes.data, len(codes), out.ctypes.data)
+        return out.astype(np.int64)
+
+    def predict_one(self, code: np.ndarray) -> int:
+        """One code through ``hybnn_predict``; the caller guarantees shape and dtype."""
+        return int(self.lib.hybnn_predict(code.ctypes.data))
+
+
+def build_kernel(model: DeployedBNN, work_dir: Path | str | None = None,
+                 flags: tuple[str, ...] = STRICT_FLAGS) -> CKernel:
+    """Generate, compile and load the C head of ``model`` (in ``work_dir`` or a temp dir)."""
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="hybnn-c-"))
+    write_c(model, work)
+    lib = compile_shared(work, work / "libhybnn.so", flags)
+    return CKernel(lib, model.config.in_bits)

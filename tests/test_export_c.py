@@ -1,0 +1,160 @@
+"""The C export: compiled with strict flags, it must predict exactly what torch predicts."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from common.bnn import BNN, BNNConfig
+from common.edge import export_model, to_deployment
+from common.errors import HyBNNError
+from common.export_c import (
+    FAST_FLAGS,
+    HEADER_NAME,
+    SOURCE_NAME,
+    STRICT_FLAGS,
+    build_kernel,
+    find_c_compiler,
+    generate_c,
+)
+from edge_models import harden, probe_codes, random_codes, torch_predictions, trained_bnn
+
+CC = find_c_compiler()
+pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc, gcc or clang) on PATH to build the C export")
+
+PAPER = BNNConfig(in_bits=200, hidden=(128,), num_classes=2)
+DEEP = BNNConfig(in_bits=203, hidden=(37, 70), num_classes=10)
+FLAT = BNNConfig(in_bits=200, hidden=(), num_classes=3)
+TINY = BNNConfig(in_bits=12, hidden=(5,), num_classes=4)  # no full input word, only a tail
+
+DRIVER = r"""
+#include <stdio.h>
+#include "hybnn.h"
+
+/* Reads codes of HYBNN_CODE_BYTES bytes from stdin, prints one class per line. */
+int main(void)
+{
+    uint8_t code[HYBNN_CODE_BYTES];
+    while (fread(code, 1, HYBNN_CODE_BYTES, stdin) == HYBNN_CODE_BYTES) {
+        printf("%d\n", (int)hybnn_predict(code));
+    }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module", params=[PAPER, DEEP, FLAT, TINY], ids=["paper", "deep", "flat", "tiny"])
+def hard_model(request) -> BNN:
+    return harden(trained_bnn(request.param, seed=21), seed=22)
+
+
+def _codes(model: BNN, seed: int = 0, n_random: int = 3000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    nbytes = -(-model.config.in_bits // 8)
+    return np.concatenate([
+        random_codes(rng, n_random, model.config.in_bits),
+        probe_codes(model, rng, per_unit=1),
+        np.zeros((1, nbytes), np.uint8),  # every input bit -1
+        _all_ones(model.config.in_bits),  # every input bit +1
+    ])
+
+
+def _all_ones(in_bits: int) -> np.ndarray:
+    ones = np.full((1, -(-in_bits // 8)), 0xFF, np.uint8)
+    if in_bits % 8:
+        ones[:, -1] = (0xFF << (8 - in_bits % 8)) & 0xFF
+    return ones
+
+
+@pytest.mark.parametrize("flags", [STRICT_FLAGS, FAST_FLAGS], ids=["strict-portable", "native"])
+def test_compiled_c_agrees_with_torch(tmp_path, hard_model: BNN, flags) -> None:
+    """Both popcount paths: the portable one (strict flags) and the builtin one (native)."""
+    deployed = to_deployment(hard_model)
+    kernel = build_kernel(deployed, tmp_path, flags)
+    codes = _codes(hard_model, seed=23)
+    want = torch_predictions(hard_model, codes)
+    np.testing.assert_array_equal(kernel.predict(codes), want)
+    one_by_one = [kernel.predict_one(np.ascontiguousarray(c)) for c in codes[:300]]
+    np.testing.assert_array_equal(one_by_one, want[:300])
+    assert len(np.unique(want)) > 1
+
+
+def test_padding_bits_of_the_code_are_ignored(tmp_path) -> None:
+    model = harden(trained_bnn(DEEP, seed=24), seed=25)
+    kernel = build_kernel(to_deployment(model), tmp_path)
+    codes = random_codes(np.random.default_rng(26), 500, DEEP.in_bits)
+    dirty = codes.copy()
+    dirty[:, -1] |= np.uint8(0xFF >> (DEEP.in_bits % 8))
+    np.testing.assert_array_equal(kernel.predict(dirty), torch_predictions(model, codes))
+    raw = np.empty(len(dirty), np.uint8)  # straight through the C entry point, no numpy masking
+    kernel.lib.hybnn_predict_batch(dirty.ctypes.data, len(dirty), raw.ctypes.data)
+    np.testing.assert_array_equal(raw, torch_predictions(model, codes))
+
+
+def test_table_output_form_compiles_and_agrees(tmp_path) -> None:
+    model = trained_bnn(BNNConfig(in_bits=64, hidden=(16,), num_classes=2), seed=27)
+    with torch.no_grad():  # float32 ties near 1e8 force the rank table (see test_edge)
+        model.out_bn.running_mean.zero_()
+        model.out_bn.running_var.fill_(1.0)
+        model.out_bn.weight.copy_(torch.tensor([1.0, 1.0000001]))
+        model.out_bn.bias.copy_(torch.tensor([1e8, 1e8 + 8]))
+    deployed = to_deployment(model)
+    assert deployed.output.form == "table"
+    kernel = build_kernel(deployed, tmp_path)
+    codes = _codes(model, seed=28)
+    np.testing.assert_array_equal(kernel.predict(codes), torch_predictions(model, codes))
+
+
+def test_a_standalone_program_builds_and_runs(tmp_path) -> None:
+    model = harden(trained_bnn(PAPER, seed=29), seed=30)
+    paths = export_model(model, tmp_path, "c")
+    assert [p.name for p in paths] == [HEADER_NAME, SOURCE_NAME]
+    (tmp_path / "main.c").write_text(DRIVER)
+    exe = tmp_path / "classify"
+    subprocess.run([CC, *STRICT_FLAGS, "-o", str(exe), str(tmp_path / "main.c"), str(tmp_path / SOURCE_NAME)],
+                   check=True, capture_output=True)
+    codes = _codes(model, seed=31, n_random=1000)
+    run = subprocess.run([str(exe)], input=codes.tobytes(), capture_output=True, check=True)
+    got = np.array(run.stdout.split(), dtype=np.int64)
+    np.testing.assert_array_equal(got, torch_predictions(model, codes))
+
+
+def test_generated_code_needs_no_heap_floats_or_libraries(tmp_path) -> None:
+    model = harden(trained_bnn(PAPER, seed=32), seed=33)
+    header, source = (p.read_text() for p in export_model(model, tmp_path, "c"))
+    code = re.sub(r"/\*.*?\*/", "", header + source, flags=re.S)
+    assert re.findall(r"#include\s*[<\"]([^>\"]+)", code) == ["stdint.h", HEADER_NAME]
+    for word in ("float", "double", "malloc", "free", "static int32_t counter", "memcpy"):
+        assert not re.search(rf"\b{word}\b", code), word
+    # the contract is written down where a firmware author reads it
+    assert "#define HYBNN_CODE_BYTES 25" in header and "most significant bit first" in header
+    assert "uint8_t hybnn_predict(const uint8_t code[HYBNN_CODE_BYTES]);" in header
+    # freestanding, and no call into any runtime library
+    obj = tmp_path / "hybnn.o"
+    subprocess.run([CC, *STRICT_FLAGS, "-ffreestanding", "-c", "-o", str(obj), str(tmp_path / SOURCE_NAME)],
+                   check=True, capture_output=True)
+    nm = shutil.which("nm")
+    if nm:
+        undefined = subprocess.run([nm, "-u", str(obj)], capture_output=True, text=True, check=True).stdout.split()
+        assert undefined == [], undefined
+
+
+def test_model_bytes_are_counted_and_small(tmp_path) -> None:
+    model = trained_bnn(PAPER, seed=34)
+    deployed = to_deployment(model)
+    _, _, model_bytes = generate_c(deployed)
+    kernel = build_kernel(deployed, tmp_path)  # the source checks the count with sizeof at compile time
+    assert kernel.model_bytes == model_bytes
+    float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert model_bytes * 25 <= float_bytes, (model_bytes, float_bytes)
+
+
+def test_more_classes_than_a_byte_holds_are_refused() -> None:
+    model = trained_bnn(BNNConfig(in_bits=8, hidden=(), num_classes=300), seed=35, samples=600)
+    with pytest.raises(HyBNNError, match="at most 256"):
+        generate_c(to_deployment(model))
