@@ -1,0 +1,179 @@
+"""Feature extraction (stage 2): image -> frozen encoder -> sign -> 200 bits, packed.
+
+A code is ``bit_i = (logit_i >= 0)`` (``sign(0) = +1``; bit 1 means +1), packed with
+:func:`common.packing.pack_bits`: bit ``i`` lands in byte ``i // 8`` at bit
+``7 - i % 8`` (most significant first). 200 bits take 25 bytes per sample.
+
+Codes are cached on disk under ``<data_root>/features/<encoder sha256>/<split>.npz``.
+The directory is keyed by the hash of the encoder weights, so a new encoder never
+reuses the codes of an old one. A cache file is written atomically; one that cannot
+be read, or holds the wrong shape or dtype, is rebuilt with a logged warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from tqdm.auto import tqdm
+
+from common.data import load_mnist
+from common.packing import pack_bits, packed_length
+from common.vae import Encoder, images_to_tensor
+
+if TYPE_CHECKING:
+    from common.encoder import EncoderArtifact
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+DEFAULT_BATCH_SIZE = 1024
+
+
+class InferenceEncoder(nn.Module):
+    """An :class:`~common.vae.Encoder` rearranged for fast CPU inference, same function.
+
+    Each BatchNorm is folded into the conv before it (eval statistics), the
+    activations run in place, and the tensors use the channels-last layout, which
+    oneDNN's convolutions prefer. On 2 CPU cores this is about twice as fast as the
+    training form. Logits agree with the training form to float32 rounding (~1e-7),
+    so a bit can differ only for a logit within rounding of 0; every code in the
+    project goes through :func:`encode_images`, so they all agree with each other.
+    """
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        modules = list(encoder.conv)
+        pending_conv: nn.Conv2d | None = None
+        for module in modules:
+            if isinstance(module, nn.Conv2d):
+                pending_conv = module
+            elif isinstance(module, nn.BatchNorm2d) and pending_conv is not None:
+                layers.append(fuse_conv_bn_eval(copy.deepcopy(pending_conv).eval(),
+                                                copy.deepcopy(module).eval()))
+                pending_conv = None
+            elif isinstance(module, nn.LeakyReLU):
+                layers.append(nn.LeakyReLU(module.negative_slope, inplace=True))
+            else:  # an unexpected layer: keep it as it is
+                if pending_conv is not None:
+                    layers.append(copy.deepcopy(pending_conv))
+                    pending_conv = None
+                layers.append(copy.deepcopy(module))
+        if pending_conv is not None:
+            layers.append(copy.deepcopy(pending_conv))
+        self.conv = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        self.fc = copy.deepcopy(encoder.fc)
+        self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x.contiguous(memory_format=torch.channels_last))
+        # flatten in (C, H, W) order, as the training form does
+        return self.fc(h.contiguous().flatten(1))
+
+
+def encode_images(
+    encoder: nn.Module,
+    images_uint8: np.ndarray,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> np.ndarray:
+    """Packed binary codes ``uint8 (N, ceil(latent_bits/8))`` of uint8 images ``(N,28,28)``.
+
+    Runs the encoder in eval mode under ``torch.inference_mode`` (no autograd
+    bookkeeping), one batch at a time so memory stays flat for any ``N``. An
+    :class:`~common.vae.Encoder` runs as its :class:`InferenceEncoder` (same function,
+    about twice as fast); any other module runs as given.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    images = np.asarray(images_uint8)
+    chunks: list[np.ndarray] = []
+    try:
+        model = InferenceEncoder(encoder) if isinstance(encoder, Encoder) else encoder
+        with torch.inference_mode():
+            starts = range(0, len(images), batch_size)
+            for begin in tqdm(starts, desc="encode", disable=not progress, leave=False, unit="batch"):
+                logits = model(images_to_tensor(images[begin : begin + batch_size]))
+                chunks.append(pack_bits((logits >= 0).numpy()))
+    finally:
+        encoder.train(was_training)
+    if not chunks:
+        n_bits = int(getattr(getattr(encoder, "config", None), "latent_bits", 200))
+        return np.zeros((0, packed_length(n_bits)), dtype=np.uint8)
+    return np.concatenate(chunks)
+
+
+def cache_path(artifact: "EncoderArtifact", data_root: Path | str, split: str) -> Path:
+    """Where the codes of ``split`` under ``artifact`` are cached."""
+    return Path(data_root) / "features" / artifact.sha256 / f"{split}.npz"
+
+
+def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray) -> np.ndarray | None:
+    """The cached codes, or ``None`` (with a warning) if the file is unusable."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            codes = data["codes"]
+            cached_labels = data["labels"]
+            version = int(data["version"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("Feature cache %s is unreadable (%s); rebuilding it.", path, exc)
+        return None
+    problem = None
+    if version != CACHE_FORMAT_VERSION:
+        problem = f"format version {version}, expected {CACHE_FORMAT_VERSION}"
+    elif codes.dtype != np.uint8 or codes.shape != (n, n_bytes):
+        problem = f"codes are {codes.dtype} {codes.shape}, expected uint8 {(n, n_bytes)}"
+    elif cached_labels.shape != labels.shape or not np.array_equal(cached_labels, labels):
+        problem = "its labels differ from the data set's"
+    if problem:
+        log.warning("Feature cache %s is stale or corrupt (%s); rebuilding it.", path, problem)
+        return None
+    return codes
+
+
+def _write_cache(path: Path, codes: np.ndarray, labels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, codes=codes, labels=labels, version=np.int64(CACHE_FORMAT_VERSION))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_codes(
+    artifact: "EncoderArtifact",
+    data_root: Path | str,
+    split: str,
+    *,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes uint8 (N, 25), labels int64 (N,))`` of MNIST ``split`` under ``artifact``.
+
+    Reads the cache if it is valid, otherwise encodes the images and writes the cache.
+    """
+    images, labels = load_mnist(data_root, split)
+    n_bytes = packed_length(artifact.config.latent_bits)
+    path = cache_path(artifact, data_root, split)
+    if path.exists():
+        codes = _read_cache(path, len(labels), n_bytes, labels)
+        if codes is not None:
+            return codes, labels
+    codes = encode_images(artifact.encoder, images, progress=progress)
+    _write_cache(path, codes, labels)
+    return codes, labels

@@ -1,0 +1,120 @@
+"""Feature extraction: packed codes, and the on-disk cache keyed by the encoder's hash."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common.features as features
+from common.encoder import EncoderArtifact, save_encoder_artifact
+from common.features import cache_path, encode_images, load_codes
+from common.packing import unpack_bits
+from common.vae import BinaryVAE, VAEConfig, images_to_tensor
+
+
+def fake_mnist(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return (rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8),
+            rng.integers(0, 10, size=n).astype(np.int64))
+
+
+@pytest.fixture()
+def fake_data(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Replace MNIST with a small fake set and count how often it is read."""
+    calls = {"encode": 0}
+    data = fake_mnist()
+    monkeypatch.setattr(features, "load_mnist", lambda root, split: data)
+    real_encode = features.encode_images
+
+    def counting_encode(*args, **kwargs):
+        calls["encode"] += 1
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(features, "encode_images", counting_encode)
+    return calls
+
+
+def make_artifact(path: Path, seed: int = 0) -> EncoderArtifact:
+    torch.manual_seed(seed)
+    return save_encoder_artifact(BinaryVAE(VAEConfig()).eval(), path, data_sha256="0" * 64,
+                                 train_config={}, history=[])
+
+
+def test_default_codes_are_25_bytes_and_match_the_logit_signs() -> None:
+    torch.manual_seed(0)
+    encoder = BinaryVAE(VAEConfig()).encoder.eval()
+    imgs, _ = fake_mnist(10)
+    codes = encode_images(encoder, imgs, batch_size=3, progress=False)
+    assert codes.dtype == np.uint8 and codes.shape == (10, 25)
+    with torch.no_grad():
+        logits = encoder(images_to_tensor(imgs))
+    assert np.array_equal(unpack_bits(codes, 200).astype(bool), (logits >= 0).numpy())
+
+
+def test_encode_images_restores_training_mode_and_handles_empty() -> None:
+    encoder = BinaryVAE(VAEConfig()).encoder.train()
+    assert encode_images(encoder, np.zeros((0, 28, 28), np.uint8), progress=False).shape == (0, 25)
+    assert encoder.training
+
+
+def test_cache_is_keyed_by_encoder_hash(tmp_path: Path, fake_data: dict) -> None:
+    art_a = make_artifact(tmp_path / "a", seed=0)
+    art_b = make_artifact(tmp_path / "b", seed=1)
+    codes_a, labels = load_codes(art_a, tmp_path / "data", "train", progress=False)
+    assert codes_a.shape == (40, 25) and labels.dtype == np.int64
+    assert cache_path(art_a, tmp_path / "data", "train") == (
+        tmp_path / "data" / "features" / art_a.sha256 / "train.npz")
+    assert cache_path(art_a, tmp_path / "data", "train").exists()
+    assert fake_data["encode"] == 1
+
+    again, _ = load_codes(art_a, tmp_path / "data", "train", progress=False)
+    assert np.array_equal(again, codes_a) and fake_data["encode"] == 1  # from the cache
+
+    codes_b, _ = load_codes(art_b, tmp_path / "data", "train", progress=False)
+    assert fake_data["encode"] == 2  # a new encoder never reuses old codes
+    assert not np.array_equal(codes_b, codes_a)
+    assert cache_path(art_b, tmp_path / "data", "train").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-shape", "wrong-dtype"])
+def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path: Path, fake_data: dict, damage: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    art = make_artifact(tmp_path / "a")
+    codes, labels = load_codes(art, tmp_path / "data", "test", progress=False)
+    path = cache_path(art, tmp_path / "data", "test")
+    if damage == "garbage":
+        path.write_bytes(b"not a numpy file")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:60])
+    elif damage == "wrong-shape":
+        np.savez(path, codes=codes[:, :10], labels=labels, version=np.int64(1))
+    else:
+        np.savez(path, codes=codes.astype(np.int32), labels=labels, version=np.int64(1))
+    with caplog.at_level(logging.WARNING, logger="common.features"):
+        rebuilt, _ = load_codes(art, tmp_path / "data", "test", progress=False)
+    assert np.array_equal(rebuilt, codes)
+    assert fake_data["encode"] == 2
+    assert str(path) in caplog.text and "rebuilding" in caplog.text
+    # The rebuilt file is good again.
+    assert np.array_equal(load_codes(art, tmp_path / "data", "test", progress=False)[0], codes)
+    assert fake_data["encode"] == 2
+    assert [p.name for p in path.parent.iterdir()] == ["test.npz"]
+
+
+def test_inference_encoder_matches_the_training_form() -> None:
+    from common.features import InferenceEncoder
+
+    torch.manual_seed(0)
+    encoder = BinaryVAE(VAEConfig()).encoder
+    encoder.train()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for _ in range(3):
+            encoder(torch.rand(64, 1, 28, 28))
+    encoder.eval()
+    x = images_to_tensor(fake_mnist(64)[0])
+    with torch.no_grad():
+        assert torch.allclose(InferenceEncoder(encoder)(x), encoder(x), atol=1e-5)
