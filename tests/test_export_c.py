@@ -158,3 +158,57 @@ def test_more_classes_than_a_byte_holds_are_refused() -> None:
     model = trained_bnn(BNNConfig(in_bits=8, hidden=(), num_classes=300), seed=35, samples=600)
     with pytest.raises(HyBNNError, match="at most 256"):
         generate_c(to_deployment(model))
+
+
+# ---------------------------------------------------------------- real MNIST codes
+def _real_encoder():
+    """The first encoder artifact whose MNIST codes are already cached, or None.
+
+    ``$HYBNN_EDGE_ENCODER`` names one explicitly; otherwise the paper's and the default
+    artifact directories are tried. Encoding MNIST takes minutes, so this test only
+    uses codes that ``hybnn extract`` has cached.
+    """
+    import os
+    from pathlib import Path
+
+    from common.encoder import load_encoder_artifact
+    from common.features import cache_path
+
+    data_root = Path(os.environ.get("HYBNN_DATA_ROOT", "data"))
+    candidates = [os.environ.get("HYBNN_EDGE_ENCODER"), "artifacts/encoder-paper", "artifacts/encoder"]
+    for candidate in filter(None, candidates):
+        if not Path(candidate, "manifest.json").exists():
+            continue
+        try:
+            artifact = load_encoder_artifact(candidate)
+        except HyBNNError:
+            continue
+        if all(cache_path(artifact, data_root, s).exists() for s in ("train", "test")):
+            return artifact, data_root
+    return None
+
+
+@pytest.mark.parametrize("task_name", ["0v1", "2v3", "4v5", "6v7", "8v9", "all10"])
+def test_whole_mnist_test_set_agrees_for_every_task(tmp_path, task_name: str) -> None:
+    """numpy and C (strict flags) give torch's predictions on the task's entire test set."""
+    found = _real_encoder()
+    if found is None:
+        pytest.skip("no encoder artifact with cached MNIST codes (run `hybnn extract`, or set HYBNN_EDGE_ENCODER)")
+    artifact, data_root = found
+    from common.bnn import codes_to_inputs
+    from common.edge import predict
+    from common.features import load_codes
+    from common.tasks import get_task, select_task
+    from common.training import TrainConfig, fit, predict as torch_predict
+
+    task = get_task(task_name)
+    train_codes, train_labels = select_task(*load_codes(artifact, data_root, "train", progress=False), task)
+    test_codes, _ = select_task(*load_codes(artifact, data_root, "test", progress=False), task)
+    torch.set_num_threads(1)
+    model = BNN(BNNConfig(in_bits=artifact.config.latent_bits, hidden=(128,), num_classes=task.num_classes))
+    x = codes_to_inputs(train_codes[:4000], artifact.config.latent_bits)
+    fit(model, x, torch.from_numpy(train_labels[:4000]), TrainConfig(epochs=1, batch_size=128), progress=False)
+    want = torch_predict(model, codes_to_inputs(test_codes, artifact.config.latent_bits)).numpy()
+    deployed = to_deployment(model)
+    np.testing.assert_array_equal(predict(deployed, test_codes), want)
+    np.testing.assert_array_equal(build_kernel(deployed, tmp_path).predict(test_codes), want)
