@@ -82,6 +82,7 @@ def load_inputs(args: argparse.Namespace, in_bits: int, n: int) -> tuple[np.ndar
         codes = np.random.default_rng(1).integers(0, 256, (n, -(-in_bits // 8)), dtype=np.uint8)
         source = "random codes"
     if len(codes) < n:  # repeat the test set up to the batch size
+        source += f" ({len(codes)} codes, repeated)"
         codes = np.concatenate([codes] * (-(-n // len(codes))))
     return np.ascontiguousarray(codes[:n]), source
 

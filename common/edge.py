@@ -209,8 +209,11 @@ def _require_trained_bnn(model: object) -> BNN:
     for name, bn in [*((f"hidden_bn.{i}", b) for i, b in enumerate(model.hidden_bn)), ("out_bn", model.out_bn)]:
         if not isinstance(bn, nn.BatchNorm1d) or bn.running_mean is None or bn.running_var is None:
             raise HyBNNError(f"{name} keeps no running statistics, so its eval-mode output is undefined. {fix}")
-        if bn.num_batches_tracked is not None and int(bn.num_batches_tracked) == 0:
-            raise HyBNNError(f"This BNN was never trained ({name} has seen 0 batches; its statistics are the defaults). {fix}")
+        # The batch counter alone is not evidence: the federated wire format does not carry it.
+        untouched = bool((bn.running_mean == 0).all() and (bn.running_var == 1).all())
+        if untouched and (bn.num_batches_tracked is None or int(bn.num_batches_tracked) == 0):
+            raise HyBNNError(f"This BNN was never trained ({name} still has its initial statistics: "
+                             f"mean 0, variance 1, 0 batches seen). {fix}")
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise HyBNNError(f"This BNN's {name} holds NaN or infinite values, so it cannot be folded into integers. {fix}")

@@ -157,6 +157,9 @@ def test_only_a_trained_bnn_converts() -> None:
     with pytest.raises(HyBNNError, match="never trained"):
         to_deployment(BNN(PAPER))
     model = trained_bnn(BNNConfig(in_bits=16, hidden=(8,), num_classes=2), samples=64)
+    for bn in [*model.hidden_bn, model.out_bn]:  # as after federated averaging: no batch counter
+        bn.num_batches_tracked.zero_()
+    to_deployment(model)
     with torch.no_grad():
         model.hidden_bn[0].running_var[3] = float("nan")
     with pytest.raises(HyBNNError, match="NaN"):
