@@ -1,0 +1,374 @@
+"""``hybnn reproduce``: the paper's experiment end to end.
+
+Stages, in order:
+
+1. **encoder**: reuse the artifact in ``encoder_dir`` when its manifest matches this
+   profile's VAE config, VAE training config and training-data hash; otherwise
+   pretrain the binary-latent VAE and write a new artifact there;
+2. **features**: the frozen encoder's codes for MNIST train and test (cached under
+   the data root, keyed by the encoder's sha256);
+3. **hybnn**: the paper's BNN on each task, saved under ``DIR/models/<task>/``;
+4. **baselines**: bcnn-sign, bcnn-centered and fp-cnn on each task;
+5. **federated** (optional): FedHyBNN with the profile's clients and rounds on each
+   pair task, written under ``DIR/federated/<task>/``;
+6. **report**: ``DIR/results.json``, ``DIR/report.md`` and the PNG plots.
+
+Nothing already written is destroyed by a failed run:
+
+* the run writes into a hidden sibling directory ``.DIR.partial-<pid>`` and moves
+  it to ``DIR`` only at the very end. If the run fails or is interrupted, that
+  directory is removed and ``DIR`` is left exactly as it was;
+* when the run succeeds and ``DIR`` already holds an earlier run (its results.json),
+  the earlier run is kept as ``DIR.previous-<timestamp>`` rather than overwritten;
+* a non-empty ``DIR`` that is not an earlier run of this command is refused up
+  front, before any training, because it is somebody else's data;
+* an encoder artifact that does not match is replaced only once the new one has been
+  written, and the old one is kept as ``ENCODER_DIR.previous-<timestamp>``. A
+  non-empty ``ENCODER_DIR`` without a manifest is refused. The data cache is only
+  ever added to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from common.errors import HyBNNError
+from common.profiles import Profile, get_profile
+
+STAGES = ("encoder", "features", "hybnn", "baselines", "federated", "report")
+
+
+# ------------------------------------------------------------------ directories
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _aside_name(path: Path) -> Path:
+    """A free ``PATH.previous-<timestamp>[-n]`` next to ``path``."""
+    base = path.with_name(f"{path.name}.previous-{_timestamp()}")
+    candidate, n = base, 1
+    while candidate.exists():
+        candidate = base.with_name(f"{base.name}-{n}")
+        n += 1
+    return candidate
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``--out`` that is a file, or a non-empty directory not written by us."""
+    from common.report import RESULTS_FILE
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HyBNNError(
+            f"--out {out_dir} is a file, not a directory. Pass a directory path for the "
+            "results (it is created if missing)."
+        )
+    if _is_nonempty_dir(out_dir) and not (out_dir / RESULTS_FILE).is_file():
+        raise HyBNNError(
+            f"--out {out_dir} is a non-empty directory that does not hold an earlier "
+            f"`hybnn reproduce` run (it has no {RESULTS_FILE}). To avoid mixing results into "
+            "unrelated files, reproduce refuses it: pass a new or empty directory, or the "
+            "directory of an earlier run (which is then kept as DIR.previous-<timestamp>)."
+        )
+
+
+def check_encoder_dir(encoder_dir: Path) -> None:
+    """Refuse an encoder directory that is a file, or a non-empty directory with no manifest."""
+    from common.encoder import MANIFEST_FILE
+
+    if encoder_dir.exists() and not encoder_dir.is_dir():
+        raise HyBNNError(
+            f"--encoder-dir {encoder_dir} is a file, not an encoder artifact directory. Pass "
+            "the directory of an artifact written by `hybnn pretrain`, or a new path where "
+            "reproduce should write one."
+        )
+    if _is_nonempty_dir(encoder_dir) and not (encoder_dir / MANIFEST_FILE).is_file():
+        raise HyBNNError(
+            f"--encoder-dir {encoder_dir} is a non-empty directory without {MANIFEST_FILE}, so "
+            "it is not an encoder artifact and reproduce will not write into it. Pass the "
+            "directory of an artifact written by `hybnn pretrain`, or a new path."
+        )
+
+
+def _staging_dir(target: Path) -> Path:
+    """Create and return a hidden sibling of ``target`` to write into."""
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as exc:
+        raise HyBNNError(
+            f"Cannot create {staging} next to {target} ({exc.strerror or exc}). Pass a path "
+            "in a directory you can write to."
+        ) from exc
+    return staging
+
+
+def _move_into_place(staging: Path, target: Path) -> Path | None:
+    """Move ``staging`` to ``target``; keep an earlier non-empty ``target`` aside. Returns its new name."""
+    kept = None
+    if _is_nonempty_dir(target):
+        kept = _aside_name(target)
+        os.replace(target, kept)
+    elif target.is_dir():
+        target.rmdir()
+    os.replace(staging, target)
+    return kept
+
+
+# ------------------------------------------------------------------ stages
+def ensure_encoder(
+    profile: Profile,
+    encoder_dir: Path,
+    data_root: Path,
+    *,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+):
+    """Reuse the matching artifact in ``encoder_dir`` or pretrain one; return ``(artifact, info)``."""
+    from common.data import dataset_sha256, load_mnist
+    from common.encoder import encoder_matches, load_encoder_artifact, save_encoder_artifact
+    from common.vae import VAEConfig, VAETrainConfig, train_vae
+
+    images, labels = load_mnist(data_root, "train")
+    if profile.vae_images is not None:
+        images, labels = images[: profile.vae_images], labels[: profile.vae_images]
+    data_sha = dataset_sha256(images, labels)
+    vae_config = VAEConfig()
+    train_config = VAETrainConfig(epochs=profile.vae_epochs)
+    started = time.perf_counter()
+    if encoder_matches(encoder_dir, vae_config, data_sha, train_config.to_dict()):
+        artifact = load_encoder_artifact(encoder_dir)
+        reused, kept = True, None
+        say(f"    reusing the encoder in {encoder_dir} (its manifest matches this profile)")
+    else:
+        say(f"    no matching encoder in {encoder_dir}: pretraining the VAE for "
+            f"{profile.vae_epochs} epochs on {len(images)} images")
+        vae, history = train_vae(images, vae_config, train_config, progress=progress)
+        staging = _staging_dir(encoder_dir)
+        try:
+            save_encoder_artifact(vae, staging, data_sha256=data_sha,
+                                  train_config=train_config.to_dict(), history=history)
+            kept = _move_into_place(staging, encoder_dir)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        if kept is not None:
+            say(f"    the earlier, different encoder is kept as {kept}")
+        artifact = load_encoder_artifact(encoder_dir)
+        reused = False
+    info = {
+        "sha256": artifact.sha256,
+        "path": str(encoder_dir),
+        "reused": reused,
+        "seconds": None if reused else time.perf_counter() - started,
+        "variant": artifact.manifest.get("variant"),
+        "latent_bits": artifact.manifest.get("latent_bits"),
+        "epochs": artifact.manifest.get("train_config", {}).get("epochs"),
+        "data_sha256": artifact.manifest.get("data_sha256"),
+        "train_images": int(len(images)),
+        "previous_kept_as": None if kept is None else str(kept),
+    }
+    return artifact, info
+
+
+def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir: Path,
+              *, progress: bool = True, seed: int = 0) -> dict:
+    """Train the paper's BNN on ``task_name`` and save it under ``models_dir/<task>``."""
+    import torch
+
+    from common.bnn_io import save_bnn
+    from common.pipeline import train_hybnn
+    from common.tasks import get_task
+    from common.training import TrainConfig
+
+    task = get_task(task_name)
+    config = TrainConfig(epochs=epochs, seed=seed)
+    torch.manual_seed(seed)  # the BNN's initial latent weights
+    run = train_hybnn(artifact, task, data_root, config, progress=progress)
+    from common.features import load_codes
+    from common.tasks import select_task
+
+    _, labels = load_codes(artifact, data_root, "train", progress=False)  # cached: cheap
+    train_samples = int(len(select_task(labels, labels, task)[1]))
+    model_dir = models_dir / task.name
+    save_bnn(run.model, model_dir, meta={"task": task.name, "encoder_sha256": artifact.sha256,
+                                         "test_acc": run.test_acc, "train": config.to_dict(),
+                                         "train_seconds": run.train.seconds})
+    return {
+        "test_acc": run.test_acc,
+        "test_loss": run.test_loss,
+        "train_seconds": run.train.seconds,
+        "epochs": epochs,
+        "history": run.train.history,
+        "train_config": config.to_dict(),
+        "train_samples": train_samples,
+        "hidden": list(run.model.config.hidden),
+        "model_dir": str(Path("models") / task.name),
+    }
+
+
+def run_federated(artifact, task_name: str, profile: Profile, data_root: Path, out: Path,
+                  *, progress: bool = True) -> dict:
+    """FedHyBNN on ``task_name`` with the profile's clients and rounds; its summary."""
+    from simulation.federate import FederateConfig, federate
+
+    config = FederateConfig(
+        task=task_name, clients=profile.fed_clients, rounds=profile.fed_rounds,
+        local_epochs=profile.fed_local_epochs, encoder=Path(artifact.path), data_root=Path(data_root),
+        out=out, partition="iid", centralized_epochs=profile.fed_rounds * profile.fed_local_epochs,
+        progress=progress,
+    )
+    result = federate(config)
+    rounds = result.get("rounds", [])
+    return {
+        "clients": profile.fed_clients,
+        "rounds": profile.fed_rounds,
+        "rounds_run": len(rounds),
+        "local_epochs": profile.fed_local_epochs,
+        "partition": "iid",
+        "final_test_acc": result.get("final_test_acc"),
+        "centralized_acc": result.get("centralized_acc"),
+        "first_round_within_0_5_points": result.get("first_round_within_0_5_points"),
+        "uplink_bytes_per_client_round": result.get("uplink_bytes_per_client_round"),
+        "float_fedavg_uplink_bytes": result.get("float_fedavg_uplink_bytes"),
+        "uplink_fraction_of_float": result.get("uplink_fraction_of_float"),
+        "round_test_acc": [r.get("test_acc") for r in rounds],
+        "seconds": result.get("seconds"),
+        "dir": str(Path("federated") / task_name),
+    }
+
+
+# ------------------------------------------------------------------ the run
+def _unique_tasks(tasks: Iterable[str] | None) -> list[str]:
+    from common.tasks import TASKS, get_task
+
+    names = list(TASKS) if tasks is None else list(dict.fromkeys(tasks))
+    if not names:
+        raise HyBNNError(f"No tasks given. Pass --tasks with one or more of: {', '.join(TASKS)}.")
+    for name in names:
+        get_task(name)
+    return names
+
+
+def reproduce(
+    profile: str | Profile = "paper",
+    out_dir: Path | str = Path("runs/paper"),
+    data_root: Path | str = Path("data"),
+    encoder_dir: Path | str | None = None,
+    tasks: Iterable[str] | None = None,
+    federated: bool = True,
+    *,
+    progress: bool = True,
+) -> dict:
+    """Run the whole experiment of ``profile``; write ``out_dir``; return results.json's content.
+
+    ``encoder_dir`` defaults to ``artifacts/encoder-<profile>``. ``tasks`` defaults
+    to all six. See the module docstring for what happens to existing directories.
+    """
+    from common import report
+    from common.baselines import BASELINES, train_baseline
+    from common.tasks import PAIR_TASKS
+
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    task_names = _unique_tasks(tasks)
+    out_dir = Path(out_dir)
+    data_root = Path(data_root)
+    encoder_dir = Path(encoder_dir) if encoder_dir is not None else Path("artifacts") / f"encoder-{prof.name}"
+    check_out_dir(out_dir)
+    check_encoder_dir(encoder_dir)
+
+    def say(text: str) -> None:
+        if progress:
+            print(text, flush=True)
+
+    fed_tasks = [t for t in task_names if t in PAIR_TASKS] if federated else []
+    total_steps = 1 + 1 + len(task_names) * (1 + len(BASELINES)) + len(fed_tasks) + 1
+    step = 0
+
+    def stage(text: str) -> None:
+        nonlocal step
+        step += 1
+        say(f"[{step}/{total_steps}] {text}")
+
+    started = time.perf_counter()
+    staging = _staging_dir(out_dir)
+    try:
+        stages: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        stage(f"encoder ({prof.vae_epochs} VAE epochs)")
+        artifact, encoder_info = ensure_encoder(prof, encoder_dir, data_root, progress=progress, say=say)
+        stages["encoder"] = time.perf_counter() - t0
+        results = report.new_results(prof.to_dict(), encoder_info)
+        results["stages"] = stages
+
+        t0 = time.perf_counter()
+        stage("features: encoding MNIST train and test into 200-bit codes (cached)")
+        from common.features import load_codes
+
+        for split in ("train", "test"):
+            load_codes(artifact, data_root, split, progress=progress)
+        stages["features"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for task in task_names:
+            stage(f"hybnn on {task} ({prof.bnn_epochs} epochs)")
+            entry = run_hybnn(artifact, task, prof.bnn_epochs, data_root, staging / "models", progress=progress)
+            results["tasks"].setdefault(task, {})["hybnn"] = entry
+            say(f"    test accuracy {entry['test_acc']:.4f} in {entry['train_seconds']:.1f} s")
+        stages["hybnn"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for task in task_names:
+            for model in BASELINES:
+                stage(f"{model} on {task} ({prof.baseline_epochs} epochs)")
+                entry = train_baseline(model, task, epochs=prof.baseline_epochs, data_root=data_root,
+                                       seed=0, progress=progress, limit=prof.train_limit)
+                results["tasks"][task][model] = {k: v for k, v in entry.items() if k not in ("model", "task")}
+                say(f"    test accuracy {entry['test_acc']:.4f} in {entry['train_seconds']:.1f} s "
+                    f"({entry['samples_per_second']:.0f} samples/s)")
+        stages["baselines"] = time.perf_counter() - t0
+
+        if fed_tasks:
+            t0 = time.perf_counter()
+            for task in fed_tasks:
+                stage(f"fedhybnn on {task} ({prof.fed_clients} clients, {prof.fed_rounds} rounds)")
+                try:
+                    entry = run_federated(artifact, task, prof, data_root, staging / "federated" / task,
+                                          progress=progress)
+                except Exception as exc:  # a federation failure must not lose the other results
+                    kind = "" if isinstance(exc, HyBNNError) else f"{type(exc).__name__}: "
+                    entry = {"error": f"{kind}{exc}"}
+                    say(f"    the federated run failed: {kind}{exc}")
+                results["tasks"][task]["fedhybnn"] = entry
+            stages["federated"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stage("report: results.json, report.md, plots")
+        results["cost_ratio"] = report.cost_ratios(results)
+        results["total_seconds"] = time.perf_counter() - started
+        report.write_outputs(results, staging)
+        stages["report"] = time.perf_counter() - t0
+        results["total_seconds"] = time.perf_counter() - started
+        report.write_outputs(results, staging)  # again, with the report stage's own time
+        kept = _move_into_place(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+    print("", flush=True)
+    print(report.summary_table(results), flush=True)
+    print(f"\nWrote {out_dir / report.RESULTS_FILE}, {out_dir / report.REPORT_FILE} and the plots "
+          f"in {out_dir} ({results['total_seconds'] / 60:.1f} min)."
+          + (f" The earlier run is kept as {kept}." if kept else ""), flush=True)
+    return results

@@ -1,0 +1,108 @@
+"""results.json checks, report.md rendering and the plots, from a small fake results record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common import report
+from common.errors import HyBNNError
+
+
+def entry(acc: float, seconds: float, epochs: int, samples: int = 12665) -> dict:
+    history = [{"epoch": e + 1, "loss": 1.0 / (e + 1), "acc": min(1.0, acc * (e + 1) / epochs)}
+               for e in range(epochs)]
+    return {"test_acc": acc, "train_seconds": seconds, "epochs": epochs, "history": history,
+            "train_samples": samples}
+
+
+def fake_results(federated: bool = True) -> dict:
+    results = report.new_results(
+        {"name": "paper", "bnn_epochs": 100, "baseline_epochs": 15, "train_limit": None},
+        {"sha256": "ab" * 32, "variant": "bernoulli-ste", "latent_bits": 200, "epochs": 20,
+         "reused": True},
+    )
+    results["tasks"] = {
+        "0v1": {"hybnn": entry(0.9991, 6.0, 100), "bcnn-sign": entry(0.5366, 50.0, 15),
+                "bcnn-centered": entry(0.9985, 60.0, 15), "fp-cnn": entry(0.9995, 30.0, 15)},
+        "all10": {"hybnn": entry(0.91, 40.0, 100, 60000), "bcnn-sign": entry(0.1135, 250.0, 15, 60000),
+                  "bcnn-centered": entry(0.97, 300.0, 15, 60000), "fp-cnn": entry(0.99, 150.0, 15, 60000)},
+    }
+    if federated:
+        results["tasks"]["0v1"]["fedhybnn"] = {
+            "clients": 3, "rounds_run": 20, "final_test_acc": 0.998, "centralized_acc": 0.999,
+            "first_round_within_0_5_points": 3, "uplink_bytes_per_client_round": 4000,
+            "float_fedavg_uplink_bytes": 104000, "uplink_fraction_of_float": 4000 / 104000,
+            "seconds": 70.0,
+        }
+    results["stages"] = {"encoder": 1.0, "hybnn": 46.0}
+    results["total_seconds"] = 900.0
+    return results
+
+
+def test_report_table_has_paper_column_times_and_ratio():
+    text = report.render_report(fake_results())
+    assert "| model | 0v1 | all10 | paper (pair tasks) |" in text
+    assert "| hybnn | 99.91% | 91.00% | >95% |" in text
+    assert "| bcnn-sign | 53.66% | 11.35% | ~50% |" in text
+    assert "| bcnn-centered | 99.85% | 97.00% | n/a |" in text
+    assert "| fp-cnn | 99.95% | 99.00% | n/a |" in text
+    assert report.BCNN_SIGN_REASON in text
+    assert "| hybnn | 6.0 s | 40.0 s |" in text  # training time per model
+    assert "**0.100**" in text
+    # 6 s / 100 epochs vs 60 s / 15 epochs: the run's own ratio, 0.1
+    assert "| 0v1 | 6.0 s / 100 ep | 60.0 s / 15 ep | 0.100 | 0.100 |" in text
+    assert "which meets the target" in text
+    assert "## FedHyBNN" in text and "| 0v1 | 3 clients, 20 rounds | 99.80% | 99.90% | 3 |" in text
+    assert "(1/26)" in text
+
+
+def test_cost_ratio_scales_short_profiles_to_paper_epochs_and_samples():
+    results = fake_results(federated=False)
+    results["tasks"]["0v1"]["hybnn"] = entry(0.99, 1.2, 20)                # 0.06 s/epoch
+    results["tasks"]["0v1"]["bcnn-centered"] = entry(0.9, 0.4, 1, 1024)     # 1/12.4 of the samples
+    ratio = report.cost_ratios(results)["per_task"]["0v1"]
+    assert ratio["measured"] == pytest.approx(3.0)
+    expected = (1.2 / 20 / 12665 * 100) / (0.4 / 1 / 1024 * 15)
+    assert ratio["at_paper_epochs"] == pytest.approx(expected)
+
+
+def test_summary_table_lists_every_task_and_model():
+    text = report.summary_table(fake_results())
+    lines = text.splitlines()
+    assert lines[0].split() == ["task", "hybnn", "bcnn-sign", "bcnn-centered", "fp-cnn", "fedhybnn"]
+    assert lines[1].startswith("0v1") and "99.91%" in lines[1] and "99.80%" in lines[1]
+    assert lines[2].startswith("all10") and lines[2].rstrip().endswith("-")
+    assert "target <= 0.2" in text
+
+
+def test_write_outputs_writes_json_report_and_nonempty_pngs(tmp_path):
+    results = fake_results()
+    paths = report.write_outputs(results, tmp_path)
+    names = {p.name for p in paths}
+    assert names == {"results.json", "report.md", "accuracy.png", "training_0v1.png", "training_all10.png"}
+    for p in paths:
+        assert p.stat().st_size > 0
+    for png in ("accuracy.png", "training_0v1.png", "training_all10.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.read_results(tmp_path) == json.loads(json.dumps(results))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.pop("encoder"), "lacks 'encoder'"),
+    (lambda r: r.update(schema="other"), "schema"),
+    (lambda r: r["tasks"]["0v1"]["hybnn"].update(test_acc=99.9), "not a fraction in [0, 1]"),
+    (lambda r: r["tasks"]["0v1"]["fp-cnn"].pop("epochs"), "lacks 'epochs'"),
+])
+def test_validate_rejects_bad_records(mutate, message):
+    results = fake_results()
+    mutate(results)
+    with pytest.raises(HyBNNError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        report.validate_results(results)
+
+
+def test_read_results_of_a_missing_file_names_it(tmp_path):
+    with pytest.raises(HyBNNError, match="results.json"):
+        report.read_results(tmp_path)

@@ -1,0 +1,151 @@
+"""``hybnn reproduce`` end to end (the tiny ``smoke`` profile) and its care for existing files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from simulation.cli import main
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, mnist_root) -> Path:
+    """A data root that shares MNIST with the repository but keeps its feature cache private."""
+    root = tmp_path_factory.mktemp("reproduce")
+    (root / "data").mkdir()
+    os.symlink(Path(mnist_root).resolve() / "MNIST", root / "data" / "MNIST")
+    return root
+
+
+def run(workspace: Path, out: Path, *extra: str) -> int:
+    return main(["reproduce", "--profile", "smoke", "--out", str(out), "--data-root",
+                 str(workspace / "data"), "--encoder-dir", str(workspace / "encoder"),
+                 "--tasks", "0v1", *extra])
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace) -> Path:
+    out = workspace / "out"
+    assert run(workspace, out, "--no-federated") == 0
+    return out
+
+
+def test_smoke_run_writes_results_report_plots_and_models(first_run, workspace):
+    results = json.loads((first_run / "results.json").read_text())
+    assert results["profile"] == "smoke"
+    assert results["encoder"]["reused"] is False and len(results["encoder"]["sha256"]) == 64
+    assert (workspace / "encoder" / "manifest.json").is_file()
+    models = results["tasks"]["0v1"]
+    assert set(models) == {"hybnn", "bcnn-sign", "bcnn-centered", "fp-cnn"}
+    for name, entry in models.items():
+        assert 0.0 <= entry["test_acc"] <= 1.0 and entry["train_seconds"] > 0
+        assert len(entry["history"]) == entry["epochs"]
+    assert models["hybnn"]["epochs"] == 2 and models["fp-cnn"]["epochs"] == 1
+    assert models["bcnn-sign"]["test_acc"] < 0.6  # a constant input: one class for everything
+    report_md = (first_run / "report.md").read_text()
+    assert "| model | 0v1 | paper (pair tasks) |" in report_md and ">95%" in report_md
+    assert "ratio at 100 vs 15 epochs" in report_md
+    for png in ("accuracy.png", "training_0v1.png"):
+        assert (first_run / png).stat().st_size > 1000
+    assert (first_run / "models" / "0v1" / "model.safetensors").is_file()
+    assert not list(workspace.glob(".*partial*"))
+
+
+def test_saved_bnn_loads_and_scores_like_the_run(first_run):
+    from common.bnn_io import load_bnn
+
+    model, sidecar = load_bnn(first_run / "models" / "0v1")
+    results = json.loads((first_run / "results.json").read_text())
+    assert sidecar["meta"]["test_acc"] == results["tasks"]["0v1"]["hybnn"]["test_acc"]
+    assert sidecar["meta"]["encoder_sha256"] == results["encoder"]["sha256"]
+
+
+def test_rerun_reuses_encoder_keeps_previous_and_records_a_failed_federation(
+        first_run, workspace, monkeypatch, capsys):
+    import simulation.reproduce as rep
+    from common.errors import HyBNNError
+
+    before = tree(first_run)
+
+    def broken_federation(*args, **kwargs):
+        raise HyBNNError("no federation here")
+
+    monkeypatch.setattr(rep, "run_federated", broken_federation)
+    assert run(workspace, first_run) == 0
+    results = json.loads((first_run / "results.json").read_text())
+    assert results["encoder"]["reused"] is True
+    assert results["tasks"]["0v1"]["fedhybnn"] == {"error": "no federation here"}
+    assert "failed: no federation here" in (first_run / "report.md").read_text()
+    kept = list(workspace.glob("out.previous-*"))
+    assert len(kept) == 1 and tree(kept[0]) == before
+    out = capsys.readouterr().out
+    assert "task" in out and "0v1" in out and "earlier run is kept" in out
+
+
+def test_bad_encoder_path_fails_cleanly_and_leaves_out_untouched(first_run, workspace, capsys):
+    before = tree(first_run)
+    not_a_dir = workspace / "encoder-file"
+    not_a_dir.write_text("not an encoder")
+    code = main(["reproduce", "--profile", "smoke", "--out", str(first_run), "--data-root",
+                 str(workspace / "data"), "--encoder-dir", str(not_a_dir), "--tasks", "0v1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file" in err and "--encoder-dir" in err and "Traceback" not in err
+    assert tree(first_run) == before
+    assert not_a_dir.read_text() == "not an encoder"
+
+
+def test_interrupted_run_leaves_out_and_encoder_untouched(first_run, workspace, monkeypatch, capsys):
+    import common.baselines
+
+    before, encoder_before = tree(first_run), tree(workspace / "encoder")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.baselines, "train_baseline", interrupt)
+    assert run(workspace, first_run, "--no-federated") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert tree(first_run) == before
+    assert tree(workspace / "encoder") == encoder_before
+    assert not list(workspace.glob(".*partial*"))
+
+
+def test_foreign_nonempty_out_is_refused(workspace, capsys):
+    foreign = workspace / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert run(workspace, foreign) == 2
+    err = capsys.readouterr().err
+    assert "does not hold an earlier" in err and "Traceback" not in err
+    assert (foreign / "notes.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
+
+
+def test_reproduce_refuses_unknown_tasks_and_profiles(tmp_path):
+    from common.errors import HyBNNError
+    from simulation.reproduce import reproduce
+
+    with pytest.raises(HyBNNError, match="Unknown task '3v4'"):
+        reproduce("smoke", tmp_path / "o", tmp_path, tasks=["3v4"])
+    with pytest.raises(HyBNNError, match="Unknown profile 'huge'"):
+        reproduce("huge", tmp_path / "o", tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_move_into_place_keeps_the_earlier_directory(tmp_path):
+    from simulation.reproduce import _move_into_place
+
+    target, staging = tmp_path / "d", tmp_path / ".d.partial"
+    target.mkdir()
+    (target / "old").write_text("old")
+    staging.mkdir()
+    (staging / "new").write_text("new")
+    kept = _move_into_place(staging, target)
+    assert (target / "new").read_text() == "new" and (kept / "old").read_text() == "old"
+    assert kept.name.startswith("d.previous-")
