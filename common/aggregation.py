@@ -27,8 +27,8 @@ import numpy as np
 from common.errors import HyBNNError
 
 MODES = ("vote", "mean")
-DEFAULT_MODE = "mean"
-DEFAULT_VOTE_LATENT_SCALE = 0.1
+DEFAULT_MODE = "vote"
+DEFAULT_VOTE_LATENT_SCALE = 0.03
 """Latent magnitude a client gives the voted signs before local training (``vote`` mode)."""
 
 

@@ -138,6 +138,61 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
               encoder_dir=args.encoder_dir, tasks=args.tasks, federated=not args.no_federated)
 
 
+def cmd_federate(args: argparse.Namespace) -> None:
+    from simulation.federate import FederateConfig, describe, federate
+
+    config = FederateConfig(
+        task=args.task, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
+        partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
+        encoder=args.encoder, data_root=args.data_root, out=args.out, seed=args.seed,
+        batch_size=args.batch_size, centralized_epochs=args.centralized_epochs or args.rounds * args.local_epochs,
+    )
+    results = federate(config)
+    print(describe(results))
+    print(f"Results written to {args.out / 'results.json'} and {args.out / 'federated.png'}")
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> None:
+    from simulation.deploy_local import DeployConfig, deploy_local
+    from simulation.federate import describe
+
+    config = DeployConfig(
+        task=args.task, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
+        partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
+        encoder=args.encoder, data_root=args.data_root, out=args.out, seed=args.seed,
+        batch_size=args.batch_size, centralized_epochs=args.centralized_epochs or args.rounds * args.local_epochs,
+        min_nodes=args.min_nodes,
+    )
+    results = deploy_local(config)
+    print(describe(results))
+    print(f"Results written to {args.out / 'results.json'}")
+
+
+def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--task", type=task_name, default="4v5", help="default: %(default)s")
+    p.add_argument("--clients", type=positive_int, default=PROFILES["paper"].fed_clients,
+                   help="number of clients (default: %(default)s)")
+    p.add_argument("--rounds", type=positive_int, default=PROFILES["paper"].fed_rounds,
+                   help="federated rounds (default: %(default)s)")
+    p.add_argument("--local-epochs", type=positive_int, default=PROFILES["paper"].fed_local_epochs,
+                   help="client epochs per round (default: %(default)s)")
+    p.add_argument("--partition", choices=["iid", "dirichlet"], default="iid",
+                   help="how the task's training data is split across clients (default: %(default)s)")
+    p.add_argument("--alpha", type=positive_float, default=0.5,
+                   help="Dirichlet concentration for --partition dirichlet (default: %(default)s)")
+    p.add_argument("--aggregation", choices=["vote", "mean"], default="vote",
+                   help="downlink: the weighted mean of the clients' signs as int8 latent weights, "
+                        "or its sign, 1 bit per weight (default: %(default)s; docs/federated.md)")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="default: %(default)s")
+    p.add_argument("--centralized-epochs", type=positive_int, default=None,
+                   help="epochs of the centralized reference (default: rounds x local epochs)")
+    _add_data_root(p)
+    _add_encoder(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(default_out), help="output directory (default: %(default)s)")
+
+
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -199,6 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tasks to run (default: all six)")
     p.add_argument("--no-federated", action="store_true", help="skip the three-client FedHyBNN runs")
     p.set_defaults(handler=cmd_reproduce)
+
+    p = sub.add_parser("federate", help="FedHyBNN on Flower's simulation engine (Ray): N clients, one machine")
+    _add_federation_options(p, "runs/federate")
+    p.set_defaults(handler=cmd_federate)
+
+    p = sub.add_parser("deploy-local", help="FedHyBNN as real processes: a SuperLink and one SuperNode per client")
+    _add_federation_options(p, "runs/deploy-local")
+    p.add_argument("--min-nodes", type=positive_int, default=1,
+                   help="go on with this many SuperNodes when others are gone (default: %(default)s)")
+    p.set_defaults(handler=cmd_deploy_local)
+
+    p = sub.add_parser("export", help="export a trained BNN for devices: C99 source or an npz for the numpy engine")
+    p.add_argument("--model", type=Path, required=True,
+                   help="a BNN directory written by `hybnn train` (or runs/.../models/TASK from reproduce)")
+    p.add_argument("--format", choices=["c", "npz"], default="c", help="default: %(default)s")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(handler=cmd_export)
 
     return parser
 

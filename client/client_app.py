@@ -1,0 +1,232 @@
+"""The FedHyBNN ClientApp: frozen encoder, local packed features, local BNN training.
+
+Each round a client
+
+1. checks the codec version and the encoder sha256 the server names in the train
+   config, and loads its own copy of the frozen encoder (from ``encoder-path``). A
+   missing encoder, or one whose hash differs, is refused with an error reply that
+   says why; the server logs it and goes on with the other clients;
+2. extracts its features once (packed 200-bit codes, cached on disk under the
+   encoder's hash) and keeps its partition of the task's training samples, chosen
+   with flwr-datasets partitioners from ``partition-id`` / ``num-partitions``;
+3. trains the BNN for ``local-epochs`` from the received global model;
+4. replies with the packed BNN (signs + batch norm, :mod:`common.codec`) and a few
+   metrics. Nothing else leaves the client: no images, codes, labels or indices.
+
+Settings come from the node config first, then the run config, then defaults:
+``encoder-path``, ``data-root``, ``partition-id``, ``num-partitions``; the partition
+scheme (``partition``, ``dirichlet-alpha``, ``seed``) comes from the run config (an
+experiment setting), unless the node config sets it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from common import aggregation, codec
+from common.bnn import BNN, BNNConfig, codes_to_inputs
+from common.errors import HyBNNError
+from common.tasks import get_task, select_task
+from common.training import TrainConfig, fit
+
+log = logging.getLogger("hybnn.client")
+
+DEFAULT_ENCODER_PATH = "artifacts/encoder"
+DEFAULT_DATA_ROOT = "data"
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where this client's encoder and data live, and which share of the data is its own."""
+
+    encoder_path: Path
+    data_root: Path
+    partition_id: int
+    num_partitions: int
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+
+    @classmethod
+    def from_context(cls, context: Context, defaults: dict | None = None) -> "ClientSettings":
+        """Node config first, then run config, then ``defaults`` (the simulation's settings)."""
+        node, run = dict(context.node_config), {**(defaults or {}), **dict(context.run_config)}
+
+        def pick(key: str, default: object) -> object:
+            if key in node:
+                return node[key]
+            return run.get(key, default)
+
+        try:
+            return cls(
+                encoder_path=Path(str(pick("encoder-path", DEFAULT_ENCODER_PATH))),
+                data_root=Path(str(pick("data-root", DEFAULT_DATA_ROOT))),
+                partition_id=int(pick("partition-id", 0)),
+                num_partitions=int(pick("num-partitions", 1)),
+                partition=str(pick("partition", "iid")),
+                alpha=float(pick("dirichlet-alpha", 0.5)),
+                seed=int(pick("seed", 0)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise HyBNNError(f"The client's node config is invalid ({exc}). {NODE_CONFIG_HINT}") from exc
+
+
+NODE_CONFIG_HINT = (
+    'Start the SuperNode with --node-config "partition-id=I num-partitions=N '
+    'encoder-path=\'/path/to/encoder\' data-root=\'/path/to/data\'".'
+)
+
+# Per-process caches: a SuperNode runs many rounds, the encoder and codes do not change.
+_ENCODERS: dict[tuple[str, str], object] = {}
+_DATA: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def load_client_encoder(path: Path, expected_sha256: str):
+    """The frozen encoder at ``path``, refused unless its sha256 is ``expected_sha256``."""
+    from common.encoder import load_encoder_artifact
+
+    if not expected_sha256:
+        raise HyBNNError("The server named no encoder sha256 in its train config; the run config "
+                         "must set encoder-sha256 (or the server must load an encoder).")
+    key = (str(Path(path).resolve()), expected_sha256.lower())
+    if key not in _ENCODERS:
+        if not Path(path).exists():
+            raise HyBNNError(
+                f"No encoder at {path}. Copy the frozen encoder artifact (sha256 {expected_sha256}) "
+                f"there, or point encoder-path in the node config at it. {NODE_CONFIG_HINT}"
+            )
+        _ENCODERS[key] = load_encoder_artifact(path, expected_sha256=expected_sha256)
+    return _ENCODERS[key]
+
+
+def local_training_data(artifact, settings: ClientSettings, task_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """This client's share of the task's training samples, as (+-1 inputs, labels)."""
+    from common.features import load_codes
+    from common.partition import partition_indices
+
+    key = (artifact.sha256, str(settings.data_root), task_name, settings.partition_id,
+           settings.num_partitions, settings.partition, settings.alpha, settings.seed)
+    if key not in _DATA:
+        task = get_task(task_name)
+        codes, labels = load_codes(artifact, settings.data_root, "train", progress=False)
+        codes, labels = select_task(codes, labels, task)
+        idx = partition_indices(labels, settings.partition_id, settings.num_partitions,
+                                settings.partition, settings.alpha, settings.seed)
+        bits = int(artifact.config.latent_bits)
+        _DATA[key] = (codes_to_inputs(codes[idx], bits), torch.from_numpy(labels[idx]))
+    return _DATA[key]
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """The train config of one round, as the server sent it."""
+
+    task: str
+    server_round: int
+    local_epochs: int
+    lr: float
+    batch_size: int
+    encoder_sha256: str
+    bn_dtype: str = "float16"
+    vote_latent_scale: float = aggregation.DEFAULT_VOTE_LATENT_SCALE
+    final_lr_fraction: float = 1.0
+    """Cosine decay of the learning rate within the round; the server decays ``lr`` across rounds."""
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> "LocalRound":
+        codec.check_version(config.get("codec-version"))
+        try:
+            return cls(
+                task=str(config["task"]),
+                server_round=int(config.get("server-round", 0)),
+                local_epochs=int(config["local-epochs"]),
+                lr=float(config["lr"]),
+                batch_size=int(config["batch-size"]),
+                encoder_sha256=str(config["encoder-sha256"]),
+                bn_dtype=str(config.get("bn-dtype", "float16")),
+                vote_latent_scale=float(config.get("vote-latent-scale", aggregation.DEFAULT_VOTE_LATENT_SCALE)),
+                final_lr_fraction=float(config.get("final-lr-fraction", 1.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HyBNNError(f"The server's train config is incomplete or invalid ({exc}); "
+                             "run the same HyBNN release on the server and the clients.") from exc
+
+
+def train_local(
+    global_payload: dict[str, np.ndarray],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    round_config: LocalRound,
+    num_classes: int,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
+    """Start from the global model, train locally, return ``(packed BNN, metrics)``."""
+    config = BNNConfig(in_bits=x.shape[1], num_classes=num_classes)
+    layout = codec.layout_for(config)
+    kind = codec.validate(global_payload, layout)
+    weights, bn = codec.decode(global_payload, layout, kind)
+    model = BNN(config)
+    codec.load_into_model(model, layout, aggregation.client_start_latent(weights, kind, round_config.vote_latent_scale), bn)
+    train_config = TrainConfig(epochs=round_config.local_epochs, lr=round_config.lr,
+                               batch_size=round_config.batch_size, seed=seed,
+                               final_lr_fraction=round_config.final_lr_fraction)
+    result = fit(model, x, y, train_config, progress=False)
+    last = result.history[-1] if result.history else {"loss": float("nan"), "acc": float("nan")}
+    metrics = {
+        "num-examples": int(len(y)),
+        "train-loss": float(last["loss"]),
+        "train-acc": float(last["acc"]),
+        "train-seconds": float(result.seconds),
+        "codec-version": codec.CODEC_VERSION,
+    }
+    return codec.encode_model(model, round_config.bn_dtype), metrics
+
+
+def handle_train(msg: Message, context: Context, defaults: dict | None = None) -> Message:
+    """The train handler without Flower's decorator, so tests and the simulation can call it.
+
+    ``defaults`` stands in for run-config keys the context lacks (``run_simulation``
+    gives the ClientApp an empty run config).
+    """
+    from server.wire import payload_to_record, record_to_payload
+
+    who = f"client node {context.node_id}"
+    try:
+        settings = ClientSettings.from_context(context, defaults)
+        who = f"client partition {settings.partition_id}/{settings.num_partitions}"
+        if "config" not in msg.content.config_records or "arrays" not in msg.content.array_records:
+            raise HyBNNError("the train message lacks its 'arrays' or 'config' record; "
+                             "run the same HyBNN release on the server and the clients")
+        round_config = LocalRound.from_config(msg.content.config_records["config"])
+        artifact = load_client_encoder(settings.encoder_path, round_config.encoder_sha256)
+        x, y = local_training_data(artifact, settings, round_config.task)
+        torch.set_num_threads(1)
+        payload, metrics = train_local(
+            record_to_payload(msg.content.array_records["arrays"]), x, y, round_config,
+            get_task(round_config.task).num_classes,
+            seed=settings.seed * 100_003 + round_config.server_round * 101 + settings.partition_id,
+        )
+    except HyBNNError as exc:
+        reason = f"{who} refused the round: {exc}"
+        log.error(reason)
+        return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+    metrics["partition-id"] = settings.partition_id
+    log.info("%s round %d: %d examples, loss %.4f, acc %.4f", who, round_config.server_round,
+             metrics["num-examples"], metrics["train-loss"], metrics["train-acc"])
+    content = RecordDict({"arrays": payload_to_record(payload), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return handle_train(msg, context)

@@ -1,0 +1,311 @@
+"""``hybnn federate``: FedHyBNN on Flower's simulation engine (Ray backend), one machine.
+
+The run has three parts, all in this process:
+
+1. features: the frozen encoder's codes are extracted (or read from the cache) once,
+   before any client starts, so simulated clients never race to write the cache;
+2. a centralized HyBNN on the same encoder and task, the reference the federation is
+   measured against (``centralized_acc``);
+3. the federation: the real ServerApp and ClientApp of ``server/`` and ``client/``,
+   run by ``flwr.simulation.run_simulation`` on Ray, one CPU per simulated client.
+   ``run_simulation`` does not read pyproject's run config, so the run config is
+   handed to both apps here; node config (partition-id, num-partitions) is set per
+   simulated node by Flower.
+
+It writes ``<out>/results.json``, ``<out>/server.json`` (the ServerApp's own record),
+``<out>/global/`` (the final global BNN) and ``<out>/federated.png`` (accuracy and
+loss per round per client, the paper's Figure 7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from common.errors import HyBNNError
+
+WITHIN_POINTS = 0.5
+"""A round "reaches" the centralized accuracy when it is at most this many points below."""
+
+
+@dataclass
+class FederateConfig:
+    """One federated experiment. Defaults follow the paper: 3 clients, 20 rounds, IID."""
+
+    task: str = "4v5"
+    clients: int = 3
+    rounds: int = 20
+    local_epochs: int = 1
+    partition: str = "iid"
+    alpha: float = 0.5
+    lr: float = 0.01
+    aggregation: str = "vote"
+    encoder: Path = Path("artifacts/encoder")
+    data_root: Path = Path("data")
+    out: Path = Path("runs/federate")
+    seed: int = 0
+    batch_size: int = 64
+    centralized_epochs: int = 20
+    """Epochs of the centralized reference (the same data passes as rounds x local epochs by default)."""
+    vote_latent_scale: float = 0.03
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    def run_config(self, encoder_sha256: str) -> dict:
+        """The ServerApp/ClientApp run config (kebab-case keys) for this experiment."""
+        return {
+            "task": self.task,
+            "num-server-rounds": self.rounds,
+            "local-epochs": self.local_epochs,
+            "lr": self.lr,
+            "batch-size": self.batch_size,
+            "aggregation": self.aggregation,
+            "vote-latent-scale": self.vote_latent_scale,
+            "encoder-sha256": encoder_sha256,
+            "encoder-path": str(Path(self.encoder).resolve()),
+            "data-root": str(Path(self.data_root).resolve()),
+            "out-dir": str(Path(self.out).resolve()),
+            "partition": self.partition,
+            "dirichlet-alpha": self.alpha,
+            "seed": self.seed,
+            "min-available-nodes": self.clients,
+            "min-train-nodes": 1,
+            "node-wait-s": 120,
+        }
+
+
+def _say(config: FederateConfig, text: str) -> None:
+    if config.progress:
+        print(text, flush=True)
+
+
+def check_config(config: FederateConfig) -> None:
+    from common.aggregation import check_mode
+    from common.partition import SCHEMES
+    from common.tasks import get_task
+
+    get_task(config.task)
+    check_mode(config.aggregation)
+    if config.partition not in SCHEMES:
+        raise HyBNNError(f"Unknown partition {config.partition!r}; use one of {', '.join(SCHEMES)}.")
+    if config.clients < 1 or config.rounds < 1 or config.local_epochs < 1:
+        raise HyBNNError("clients, rounds and local epochs must all be at least 1.")
+    if config.clients > 64:
+        raise HyBNNError(f"{config.clients} simulated clients is more than this command supports (64).")
+
+
+def centralized_reference(artifact, config: FederateConfig) -> dict:
+    """A centralized HyBNN on the same encoder, task and data: the accuracy to reach."""
+    import torch
+
+    from common.bnn import BNN, BNNConfig, codes_to_inputs
+    from common.features import load_codes
+    from common.tasks import get_task, select_task
+    from common.training import TrainConfig, evaluate, fit
+
+    task = get_task(config.task)
+    bits = int(artifact.config.latent_bits)
+    split = {}
+    for name in ("train", "test"):
+        codes, labels = load_codes(artifact, config.data_root, name, progress=config.progress)
+        codes, labels = select_task(codes, labels, task)
+        split[name] = (codes_to_inputs(codes, bits), torch.from_numpy(labels))
+    torch.manual_seed(config.seed)
+    model = BNN(BNNConfig(in_bits=bits, num_classes=task.num_classes))
+    train_config = TrainConfig(epochs=config.centralized_epochs, lr=config.lr,
+                               batch_size=config.batch_size, seed=config.seed)
+    result = fit(model, *split["train"], train_config, desc=f"centralized {task.name}", progress=config.progress)
+    metrics = evaluate(model, *split["test"])
+    return {"test_acc": metrics["acc"], "test_loss": metrics["loss"], "epochs": config.centralized_epochs,
+            "train_seconds": result.seconds, "train_examples": int(len(split["train"][1]))}
+
+
+def simulation_apps(run_config: dict):
+    """The project's ServerApp and ClientApp, with ``run_config`` as their run config."""
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+
+    from client.client_app import handle_train
+    from server.server_app import ServerSettings, run_server
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_server(grid, ServerSettings.from_run_config({**run_config, **dict(context.run_config)}))
+
+    client_app = ClientApp()
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, defaults=run_config)
+
+    return server_app, client_app
+
+
+def run_federation(run_config: dict, clients: int) -> None:
+    """Flower's simulation engine, Ray backend, one CPU per simulated client."""
+    import logging
+
+    from flwr.simulation import run_simulation
+
+    server_app, client_app = simulation_apps(run_config)
+    cpus = max(1, os.cpu_count() or 1)
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "logging_level": logging.WARNING, "log_to_driver": True},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
+                       backend_name="ray", backend_config=backend_config)
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:  # pragma: no cover - ray is a dependency of flwr[simulation]
+        pass
+
+
+def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> dict:
+    """results.json from the ServerApp's record and the centralized reference."""
+    rounds = [
+        {
+            "round": r["round"],
+            "test_acc": r["test_acc"],
+            "test_loss": r["test_loss"],
+            "uplink_bytes": r["uplink_bytes"],
+            "downlink_bytes": r["downlink_bytes"],
+            "clients": r["clients"],
+            "dropped": r["dropped"],
+        }
+        for r in server.get("rounds", [])
+    ]
+    central = centralized.get("test_acc")
+    first = None
+    if central is not None:
+        first = next((r["round"] for r in rounds if r["test_acc"] >= central - WITHIN_POINTS / 100), None)
+    final = rounds[-1]["test_acc"] if rounds else None
+    float_bytes = server.get("float_fedavg_uplink_bytes")
+    uplink = max((r["uplink_bytes"] for r in rounds), default=None)
+    return {
+        "config": config,
+        "encoder_sha256": server.get("encoder_sha256"),
+        "codec_version": server.get("codec_version"),
+        "centralized_acc": central,
+        "centralized": centralized,
+        "final_test_acc": final,
+        "final_gap_points": None if final is None or central is None else round((central - final) * 100, 3),
+        "first_round_within_0_5_points": first,
+        "float_fedavg_uplink_bytes": float_bytes,
+        "uplink_bytes_per_client_round": uplink,
+        "uplink_fraction_of_float": None if not uplink or not float_bytes else uplink / float_bytes,
+        "rounds": rounds,
+        "initial": server.get("initial"),
+        "status": server.get("status"),
+        "seconds": seconds,
+    }
+
+
+def plot_rounds(results: dict, path: Path) -> Path:
+    """Accuracy and loss per round, per client (local training) and global (test)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = results["rounds"]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    per_client: dict[str, dict[str, list]] = {}
+    for r in rounds:
+        for c in r["clients"]:
+            name = f"client {int(c.get('partition_id', c['node_id']))}"
+            d = per_client.setdefault(name, {"round": [], "acc": [], "loss": []})
+            d["round"].append(r["round"])
+            d["acc"].append(c.get("train_acc"))
+            d["loss"].append(c.get("train_loss"))
+    for name, d in sorted(per_client.items()):
+        ax_acc.plot(d["round"], d["acc"], marker=".", label=f"{name} (local train)")
+        ax_loss.plot(d["round"], d["loss"], marker=".", label=f"{name} (local train)")
+    xs = [r["round"] for r in rounds]
+    ax_acc.plot(xs, [r["test_acc"] for r in rounds], "k-", lw=2, label="global model (test)")
+    ax_loss.plot(xs, [r["test_loss"] for r in rounds], "k-", lw=2, label="global model (test)")
+    if results.get("centralized_acc") is not None:
+        ax_acc.axhline(results["centralized_acc"], color="gray", ls="--", label="centralized HyBNN (test)")
+    task = results["config"].get("task")
+    ax_acc.set(title=f"FedHyBNN {task}: accuracy", xlabel="round", ylabel="accuracy")
+    ax_loss.set(title=f"FedHyBNN {task}: loss", xlabel="round", ylabel="cross-entropy")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "results.json")
+    plot_rounds(results, out / "federated.png")
+
+
+def federate(config: FederateConfig) -> dict:
+    """Run the experiment of ``config``; write and return results.json's content."""
+    from common.encoder import load_encoder_artifact
+    from common.features import load_codes
+    from server.server_app import SERVER_RESULTS
+
+    check_config(config)
+    started = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SERVER_RESULTS).unlink(missing_ok=True)
+    artifact = load_encoder_artifact(config.encoder)
+    _say(config, f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features")
+    for split in ("train", "test"):
+        load_codes(artifact, config.data_root, split, progress=config.progress)
+    _say(config, f"Centralized HyBNN on {config.task}, {config.centralized_epochs} epochs")
+    centralized = centralized_reference(artifact, config)
+    _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}")
+    _say(config, f"FedHyBNN: {config.clients} simulated clients, {config.rounds} rounds, "
+                 f"{config.partition} partition, {config.aggregation} aggregation (Flower simulation, Ray)")
+    run_federation(config.run_config(artifact.sha256), config.clients)
+    server_path = out / SERVER_RESULTS
+    if not server_path.exists():
+        raise HyBNNError(f"The federated run ended without writing {server_path}; read the log above for the cause.")
+    server = json.loads(server_path.read_text())
+    results = summarize(server, centralized, config.to_dict(), time.perf_counter() - started)
+    write_results(results, out)
+    if server.get("status") != "finished":
+        raise HyBNNError(f"The federated run stopped before its last round; partial results are in {out}.")
+    return results
+
+
+def describe(results: dict) -> str:
+    """A short human summary of results.json."""
+    def num(value: float | None, spec: str = ".4f") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    fraction = results.get("uplink_fraction_of_float")
+    lines = [
+        f"centralized accuracy {num(results['centralized_acc'])}; final global accuracy "
+        f"{num(results['final_test_acc'])} after {len(results['rounds'])} rounds",
+        f"first round within {WITHIN_POINTS} points: {results['first_round_within_0_5_points']}",
+        f"uplink {results['uplink_bytes_per_client_round']} bytes per client per round; stock float32 FedAvg "
+        f"{results['float_fedavg_uplink_bytes']} bytes"
+        + (f" (1/{1 / fraction:.1f})" if fraction else ""),
+        f"wall time {results['seconds']:.1f} s",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""The ClientApp: encoder refusal, and a reply that holds only the packed BNN and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+from common import codec
+from common.bnn import BNN, BNNConfig
+from server.wire import payload_to_record, record_to_payload
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    """A valid (untrained) encoder artifact: the client only checks and loads it here."""
+    from common.encoder import save_encoder_artifact
+    from common.vae import BinaryVAE, VAEConfig
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("encoder")
+    save_encoder_artifact(BinaryVAE(VAEConfig()), out, data_sha256="0" * 64, train_config={}, history=[])
+    return out
+
+
+def sha_of(path: Path) -> str:
+    from common.encoder import load_encoder_artifact
+
+    return load_encoder_artifact(path).sha256
+
+
+def train_message(sha: str, bnn_bits: int = 200) -> Message:
+    model = BNN(BNNConfig(in_bits=bnn_bits))
+    config = ConfigRecord({"task": "4v5", "local-epochs": 1, "lr": 0.01, "batch-size": 32,
+                           "encoder-sha256": sha, "codec-version": codec.CODEC_VERSION, "server-round": 1})
+    content = RecordDict({"arrays": payload_to_record(codec.encode_model(model)), "config": config})
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+def context(encoder: Path, tmp_path: Path) -> Context:
+    return Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                   node_config={"partition-id": 0, "num-partitions": 3, "encoder-path": str(encoder),
+                                "data-root": str(tmp_path / "data")})
+
+
+def test_wrong_encoder_hash_is_refused_with_a_reason(encoder_dir, tmp_path):
+    from client.client_app import handle_train
+
+    reply = handle_train(train_message("f" * 64), context(encoder_dir, tmp_path))
+    assert reply.has_error()
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "sha256" in reply.error.reason and "f" * 64 in reply.error.reason
+
+
+def test_missing_encoder_is_refused_with_a_reason(tmp_path):
+    from client.client_app import handle_train
+
+    reply = handle_train(train_message("a" * 64), context(tmp_path / "nowhere", tmp_path))
+    assert reply.has_error()
+    assert "No encoder at" in reply.error.reason and "encoder-path" in reply.error.reason
+
+
+def test_reply_holds_only_the_packed_bnn_and_metrics(encoder_dir, tmp_path, monkeypatch):
+    import client.client_app as client_app
+
+    x = torch.where(torch.rand(120, 200) > 0.5, 1.0, -1.0)
+    y = (x[:, 0] > 0).long()
+    seen = {}
+
+    def fake_data(artifact, settings, task_name):
+        seen["settings"] = settings
+        return x, y
+
+    monkeypatch.setattr(client_app, "local_training_data", fake_data)
+    reply = client_app.handle_train(train_message(sha_of(encoder_dir)), context(encoder_dir, tmp_path))
+    assert not reply.has_error(), reply.error
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics"}
+    assert len(content.config_records) == 0
+    payload = record_to_payload(content.array_records["arrays"])
+    assert set(payload) == {"bnn"}
+    layout = codec.layout_for(BNNConfig())
+    assert payload["bnn"].dtype == np.uint8 and payload["bnn"].shape == (layout.n_bits_bytes + 2 * layout.n_bn,)
+    metrics = dict(content.metric_records["metrics"])
+    assert set(metrics) == {"num-examples", "train-loss", "train-acc", "train-seconds", "codec-version",
+                            "partition-id"}
+    assert metrics["num-examples"] == 120
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    # Settings came from the node config.
+    assert seen["settings"].partition_id == 0 and seen["settings"].num_partitions == 3
+
+
+def test_node_config_wins_over_run_config(encoder_dir, tmp_path):
+    from client.client_app import ClientSettings
+
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(),
+                  run_config={"encoder-path": "/run", "data-root": "/run-data", "partition": "dirichlet"},
+                  node_config={"partition-id": 2, "num-partitions": 3, "encoder-path": "/node"})
+    s = ClientSettings.from_context(ctx, defaults={"seed": 7, "data-root": "/default"})
+    assert (str(s.encoder_path), str(s.data_root), s.partition, s.seed, s.partition_id) == (
+        "/node", "/run-data", "dirichlet", 7, 2)
+
+
+def test_old_codec_version_is_refused(encoder_dir, tmp_path):
+    from client.client_app import handle_train
+
+    msg = train_message(sha_of(encoder_dir))
+    msg.content["config"]["codec-version"] = 0
+    reply = handle_train(msg, context(encoder_dir, tmp_path))
+    assert reply.has_error() and "codec version" in reply.error.reason
