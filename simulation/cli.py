@@ -265,13 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="go on with this many SuperNodes when others are gone (default: %(default)s)")
     p.set_defaults(handler=cmd_deploy_local)
 
-    p = sub.add_parser("export", help="export a trained BNN for devices: C99 source or an npz for the numpy engine")
-    p.add_argument("--model", type=Path, required=True,
-                   help="a BNN directory written by `hybnn train` (or runs/.../models/TASK from reproduce)")
-    p.add_argument("--format", choices=["c", "npz"], default="c", help="default: %(default)s")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.set_defaults(handler=cmd_export)
-
     return parser
 
 
