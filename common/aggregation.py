@@ -28,7 +28,7 @@ from common.errors import HyBNNError
 
 MODES = ("vote", "mean")
 DEFAULT_MODE = "vote"
-DEFAULT_VOTE_LATENT_SCALE = 0.03
+DEFAULT_VOTE_LATENT_SCALE = 0.1
 """Latent magnitude a client gives the voted signs before local training (``vote`` mode)."""
 
 

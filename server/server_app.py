@@ -18,6 +18,7 @@ directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -51,7 +52,9 @@ class ServerSettings:
     task: str = "4v5"
     num_server_rounds: int = 20
     local_epochs: int = 1
-    lr: float = 0.01
+    lr: float = 0.03
+    lr_schedule: str = "cosine"
+    """``cosine``: the clients' learning rate falls from ``lr`` to ``lr/100`` over the rounds."""
     batch_size: int = 64
     aggregation: str = agg.DEFAULT_MODE
     vote_latent_scale: float = agg.DEFAULT_VOTE_LATENT_SCALE
@@ -86,9 +89,18 @@ class ServerSettings:
         agg.check_mode(settings.aggregation)
         if settings.bn_dtype not in codec.BN_DTYPES:
             raise HyBNNError(f"Run config bn-dtype={settings.bn_dtype!r}; use one of {', '.join(codec.BN_DTYPES)}.")
+        if settings.lr_schedule not in ("cosine", "constant"):
+            raise HyBNNError(f"Run config lr-schedule={settings.lr_schedule!r}; use cosine or constant.")
         if settings.num_server_rounds < 1 or settings.local_epochs < 1 or settings.batch_size < 2:
             raise HyBNNError("Run config num-server-rounds and local-epochs must be >= 1, batch-size >= 2.")
         return settings
+
+    def lr_for_round(self, server_round: int) -> float:
+        """The clients' learning rate in round ``server_round`` (1-based)."""
+        if self.lr_schedule == "constant" or self.num_server_rounds == 1:
+            return self.lr
+        progress = (server_round - 1) / (self.num_server_rounds - 1)
+        return self.lr * (0.01 + 0.99 * (1 + math.cos(math.pi * progress)) / 2)
 
     def train_config(self, encoder_sha256: str) -> ConfigRecord:
         """What every client gets with the global model each round."""
@@ -194,6 +206,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
         min_available_nodes=settings.min_available_nodes,
         node_wait_s=settings.node_wait_s,
         on_round=on_round,
+        lr_for_round=settings.lr_for_round,
     )
     initial_arrays = strategy.encode_global(codec.binary_latents(initial), codec.bn_vector(initial, layout))
     strategy.start(

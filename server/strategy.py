@@ -109,6 +109,7 @@ class PackedFedAvg(FedAvg):
         min_available_nodes: int = 1,
         node_wait_s: float = 120.0,
         on_round: Callable[[RoundLog], None] | None = None,
+        lr_for_round: Callable[[int], float] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -125,6 +126,7 @@ class PackedFedAvg(FedAvg):
         self.bn_dtype = bn_dtype
         self.node_wait_s = node_wait_s
         self.on_round = on_round
+        self.lr_for_round = lr_for_round
         self.rounds: dict[int, RoundLog] = {}
 
     def summary(self) -> None:
@@ -172,6 +174,8 @@ class PackedFedAvg(FedAvg):
         log(INFO, "configure_train: sampled %d nodes (out of %d)", len(node_ids), len(nodes))
         config[VERSION_KEY] = codec.CODEC_VERSION
         config["server-round"] = server_round
+        if self.lr_for_round is not None:
+            config["lr"] = float(self.lr_for_round(server_round))
         round_log = self.rounds.setdefault(server_round, RoundLog(server_round))
         round_log.downlink_bytes = record_nbytes(arrays)
         round_log.sampled = len(node_ids)

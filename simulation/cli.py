@@ -183,7 +183,7 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
     p.add_argument("--aggregation", choices=["vote", "mean"], default="vote",
                    help="downlink: the weighted mean of the clients' signs as int8 latent weights, "
                         "or its sign, 1 bit per weight (default: %(default)s; docs/federated.md)")
-    p.add_argument("--lr", type=positive_float, default=0.01, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=0.03, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="default: %(default)s")
     p.add_argument("--centralized-epochs", type=positive_int, default=None,
                    help="epochs of the centralized reference (default: rounds x local epochs)")

@@ -42,7 +42,7 @@ class FederateConfig:
     local_epochs: int = 1
     partition: str = "iid"
     alpha: float = 0.5
-    lr: float = 0.01
+    lr: float = 0.03
     aggregation: str = "vote"
     encoder: Path = Path("artifacts/encoder")
     data_root: Path = Path("data")
@@ -51,7 +51,7 @@ class FederateConfig:
     batch_size: int = 64
     centralized_epochs: int = 20
     """Epochs of the centralized reference (the same data passes as rounds x local epochs by default)."""
-    vote_latent_scale: float = 0.03
+    vote_latent_scale: float = 0.1
     progress: bool = True
 
     def to_dict(self) -> dict:

@@ -1,0 +1,49 @@
+"""FedHyBNN as real processes: a SuperLink and two SuperNodes on loopback, one killed mid-run."""
+
+from __future__ import annotations
+
+import json
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def fixed_encoder(path: Path) -> Path:
+    """An untrained encoder with fixed weights (the same as test_simulation's, so codes are cached once)."""
+    from common.encoder import save_encoder_artifact
+    from common.vae import BinaryVAE, VAEConfig
+
+    torch.manual_seed(1234)
+    save_encoder_artifact(BinaryVAE(VAEConfig()).eval(), path, data_sha256="0" * 64, train_config={}, history=[])
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_deploy_local_survives_a_killed_supernode(tmp_path, mnist_root):
+    from simulation.deploy_local import DeployConfig, deploy_local
+
+    config = DeployConfig(
+        task="0v1", clients=2, rounds=2, encoder=fixed_encoder(tmp_path / "encoder"), data_root=mnist_root,
+        out=tmp_path / "run", centralized_epochs=1, min_nodes=1, node_wait_s=30.0, round_timeout_s=90.0,
+        timeout_s=280.0, kill_client_after_round=1, progress=False,
+    )
+    results = deploy_local(config)
+    assert results["status"] == "finished"
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert len(rounds[0]["clients"]) == 2
+    assert len(rounds[1]["clients"]) == 1  # the killed SuperNode is left out, the other goes on
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][1]["test_acc"] > 0
+    logs = tmp_path / "run" / "logs"
+    assert {p.name for p in logs.iterdir()} >= {"superlink.log", "supernode-0.log", "supernode-1.log", "flwr-run.log"}
+
+
+def test_run_config_and_node_config_syntax():
+    from simulation.deploy_local import node_config, run_config_string
+
+    assert run_config_string({"task": "4v5", "lr": 0.03, "seed": 0}) == 'task="4v5" lr=0.03 seed=0'
+    assert node_config(1, 3, "/enc", "/data") == (
+        "partition-id=1 num-partitions=3 encoder-path='/enc' data-root='/data'")
