@@ -139,6 +139,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
 
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # evaluating a tiny BNN; leave the cores to the clients
     task = get_task(settings.task)
     artifact = load_encoder_artifact(settings.encoder_path, expected_sha256=settings.encoder_sha256 or None)
     log(INFO, "Encoder %s, sha256 %s; clients must hold the same.", artifact.path, artifact.sha256)
