@@ -193,6 +193,13 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
     p.add_argument("--out", type=Path, default=Path(default_out), help="output directory (default: %(default)s)")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from common.edge import export_model
+
+    for path in export_model(args.model, args.out, args.format):
+        print(f"wrote {path}")
+
+
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -264,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-nodes", type=positive_int, default=1,
                    help="go on with this many SuperNodes when others are gone (default: %(default)s)")
     p.set_defaults(handler=cmd_deploy_local)
+
+    p = sub.add_parser("export", help="export a trained BNN for devices: C99 source or an npz for the numpy engine")
+    p.add_argument("--model", type=Path, required=True,
+                   help="a BNN directory written by `hybnn train` (or runs/.../models/TASK from reproduce)")
+    p.add_argument("--format", choices=["c", "npz"], default="c", help="default: %(default)s")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(handler=cmd_export)
 
     return parser
 

@@ -63,3 +63,30 @@ def test_help_lists_every_command():
     assert proc.returncode == 0
     for command in ("data", "pretrain", "extract", "train", "baseline", "reproduce"):
         assert command in proc.stdout
+
+
+def test_export_writes_c_and_npz_and_refuses_a_non_model(tmp_path):
+    import numpy as np
+    import torch
+
+    from common.bnn import BNN
+    from common.bnn_io import save_bnn
+    from common.edge import load_npz, predict
+    from common.training import TrainConfig, fit
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.choice([-1.0, 1.0], size=(256, 200)).astype(np.float32))
+    model = BNN()
+    fit(model, x, (x[:, 0] > 0).long(), TrainConfig(epochs=1), progress=False)
+    save_bnn(model, tmp_path / "model")
+    for fmt, expected in (("c", {"hybnn.h", "hybnn.c"}), ("npz", None)):
+        proc = hybnn("export", "--model", str(tmp_path / "model"), "--format", fmt,
+                     "--out", str(tmp_path / fmt))
+        assert proc.returncode == 0, proc.stderr
+        written = {p.name for p in (tmp_path / fmt).iterdir()}
+        assert written == expected if expected else len(written) == 1
+    deployed = load_npz(next((tmp_path / "npz").iterdir()))
+    codes = np.packbits(x.numpy() >= 0, axis=1, bitorder="big")
+    assert np.array_equal(predict(deployed, codes), model.eval()(x).argmax(1).numpy())
+    proc = hybnn("export", "--model", str(tmp_path), "--out", str(tmp_path / "bad"))
+    assert proc.returncode == 2 and "is not a saved BNN" in proc.stderr and "Traceback" not in proc.stderr
