@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,12 @@ def deploy_local(config: DeployConfig) -> dict:
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PYTHONUNBUFFERED": "1"})
         procs = Processes(log_dir)
+
+        def on_sigterm(signum, frame):  # stop the processes on `kill` as on Ctrl-C
+            raise KeyboardInterrupt
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
         try:
             link_port = free_port()
             link = procs.start("superlink", superlink_command(link_port), env)
@@ -222,6 +229,8 @@ def deploy_local(config: DeployConfig) -> dict:
             _watch(config, procs, runner, server_json, started)
         finally:
             procs.stop_all()
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
     if not server_json.exists():
         raise HyBNNError(f"The run ended without writing {server_json}; read {log_dir}/flwr-run.log "
                          "and the SuperLink's log for the cause.")
