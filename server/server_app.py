@@ -51,7 +51,7 @@ class ServerSettings:
 
     task: str = "4v5"
     num_server_rounds: int = 20
-    local_epochs: int = 1
+    local_epochs: int = 2
     lr: float = 0.03
     lr_schedule: str = "cosine"
     """``cosine``: the clients' learning rate falls from ``lr`` to ``lr/100`` over the rounds."""

@@ -174,8 +174,8 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
                    help="number of clients (default: %(default)s)")
     p.add_argument("--rounds", type=positive_int, default=PROFILES["paper"].fed_rounds,
                    help="federated rounds (default: %(default)s)")
-    p.add_argument("--local-epochs", type=positive_int, default=PROFILES["paper"].fed_local_epochs,
-                   help="client epochs per round (default: %(default)s)")
+    p.add_argument("--local-epochs", type=positive_int, default=2,
+                   help="client epochs per round (default: %(default)s; docs/federated.md)")
     p.add_argument("--partition", choices=["iid", "dirichlet"], default="iid",
                    help="how the task's training data is split across clients (default: %(default)s)")
     p.add_argument("--alpha", type=positive_float, default=0.5,

@@ -192,7 +192,8 @@ def deploy_local(config: DeployConfig) -> dict:
     print(f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features", flush=True)
     for split in ("train", "test"):  # once, here, so the SuperNodes never race on the cache
         load_codes(artifact, config.data_root, split, progress=config.progress)
-    print(f"Centralized HyBNN on {config.task}, {config.centralized_epochs} epochs", flush=True)
+    print(f"Centralized HyBNN on {config.task}, "
+          f"{config.centralized_epochs or config.rounds * config.local_epochs} epochs", flush=True)
     centralized = centralized_reference(artifact, config)
 
     run_config = config.run_config(artifact.sha256)

@@ -39,7 +39,7 @@ class FederateConfig:
     task: str = "4v5"
     clients: int = 3
     rounds: int = 20
-    local_epochs: int = 1
+    local_epochs: int = 2
     partition: str = "iid"
     alpha: float = 0.5
     lr: float = 0.03
@@ -49,8 +49,8 @@ class FederateConfig:
     out: Path = Path("runs/federate")
     seed: int = 0
     batch_size: int = 64
-    centralized_epochs: int = 20
-    """Epochs of the centralized reference (the same data passes as rounds x local epochs by default)."""
+    centralized_epochs: int | None = None
+    """Epochs of the centralized reference; ``None``: rounds x local epochs, the same data passes."""
     vote_latent_scale: float = 0.1
     progress: bool = True
 
@@ -111,6 +111,7 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
 
     task = get_task(config.task)
     bits = int(artifact.config.latent_bits)
+    epochs = config.centralized_epochs or config.rounds * config.local_epochs
     split = {}
     for name in ("train", "test"):
         codes, labels = load_codes(artifact, config.data_root, name, progress=config.progress)
@@ -118,7 +119,7 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
         split[name] = (codes_to_inputs(codes, bits), torch.from_numpy(labels))
     torch.manual_seed(config.seed)
     model = BNN(BNNConfig(in_bits=bits, num_classes=task.num_classes))
-    train_config = TrainConfig(epochs=config.centralized_epochs, lr=config.lr,
+    train_config = TrainConfig(epochs=epochs, lr=config.lr,
                                batch_size=config.batch_size, seed=config.seed)
     # A 26k-weight BNN gains nothing from intra-op threads; on a busy machine they cost 10x.
     threads = torch.get_num_threads()
@@ -129,7 +130,7 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
         metrics = evaluate(model, *split["test"])
     finally:
         torch.set_num_threads(threads)
-    return {"test_acc": metrics["acc"], "test_loss": metrics["loss"], "epochs": config.centralized_epochs,
+    return {"test_acc": metrics["acc"], "test_loss": metrics["loss"], "epochs": epochs,
             "train_seconds": result.seconds, "train_examples": int(len(split["train"][1]))}
 
 
@@ -283,7 +284,8 @@ def federate(config: FederateConfig) -> dict:
     _say(config, f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features")
     for split in ("train", "test"):
         load_codes(artifact, config.data_root, split, progress=config.progress)
-    _say(config, f"Centralized HyBNN on {config.task}, {config.centralized_epochs} epochs")
+    _say(config, f"Centralized HyBNN on {config.task}, "
+                 f"{config.centralized_epochs or config.rounds * config.local_epochs} epochs")
     centralized = centralized_reference(artifact, config)
     _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}")
     _say(config, f"FedHyBNN: {config.clients} simulated clients, {config.rounds} rounds, "
