@@ -1,0 +1,352 @@
+"""Sign-flip uplink: send only the binary weights whose sign changed this round.
+
+A client starts every round from the global model it received. Once training
+settles, few of its signs differ from that starting point, so the positions of the
+flipped signs carry the update in far fewer bits than the 1-bit sign codec of
+:mod:`common.codec`. The reference is the sign of what the client received
+(``sign(0) = +1``): the vote itself in ``vote`` mode, the sign of the quantized mean in
+``mean`` mode. The server knows that reference because it sent it: the current
+round's global model.
+
+Numpy in, numpy out, no Flower import, like :mod:`common.codec`.
+
+Payload
+-------
+One array ``"flips"``, ``uint8``, so a record carries one ``Array`` header as the
+sign codec does. All integers little-endian.
+
+====== ====== ============================================================
+offset bytes  field
+====== ====== ============================================================
+0      1      flip format version (:data:`FLIP_FORMAT_VERSION`)
+1      1      method: 0 Rice-coded gaps, 1 raw flip bitmap, 2 zlib of the bitmap
+2      8      reference digest: first 8 bytes of sha256(uint32 B, packed reference signs)
+10     4      ``B``, the number of binary weights
+14     4      ``F``, the number of flipped signs
+18     4      ``L``, the length of the body in bytes
+22     ``L``  body (see the methods below)
+22+L   ...    the ``K`` batch-norm numbers, float16 or float32, as in the sign codec
+====== ====== ============================================================
+
+Methods, the encoder picks whichever body is smallest for each message:
+
+* ``0`` Rice: the flipped positions sorted, as gaps ``g_i = p_i - p_{i-1} - 1``
+  (``p_{-1} = -1``). The body's first byte is the Rice parameter ``k``; then each gap
+  as ``g >> k`` zero bits, a one bit, and the low ``k`` bits of ``g`` (most significant
+  first), packed most significant bit first, padding bits zero. For flips scattered
+  at random (geometric gaps) this is within a few percent of the entropy.
+* ``1`` bitmap: ``XOR(reference, new)`` packed like the sign codec, ``ceil(B/8)`` bytes;
+  the worst case, so a flip payload never exceeds the sign payload by more than the
+  22-byte header.
+* ``2`` zlib: that bitmap deflated (level 9); wins when the flips cluster.
+
+The receiver checks the version, the method, the digest (a client and a server that
+disagree on the reference get an error, never a silently wrong model), ``B``, ``F``,
+``L``, every position in range and strictly increasing, that the body is consumed
+exactly (no trailing bits or bytes), and then turns the payload into the equivalent
+sign payload, which goes through the full codec's validation (batch-norm length,
+finiteness, non-negative running variance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+
+import numpy as np
+
+from common import codec
+from common.packing import pack_bits, packed_length, unpack_bits
+
+FLIPS_KEY = "flips"
+FLIP_FORMAT_VERSION = 1
+METHOD_RICE = 0
+METHOD_BITMAP = 1
+METHOD_ZLIB = 2
+METHOD_NAMES = {METHOD_RICE: "rice", METHOD_BITMAP: "bitmap", METHOD_ZLIB: "zlib"}
+DIGEST_BYTES = 8
+_HEADER = struct.Struct("<BB8sIII")
+HEADER_BYTES = _HEADER.size  # 22
+MAX_RICE_K = 24
+
+
+class FlipCodecError(codec.CodecError):
+    """A flip payload that does not decode against the given reference; the message says why."""
+
+
+# ------------------------------------------------------------------ reference
+def reference_bits(reference: np.ndarray) -> np.ndarray:
+    """The reference signs as booleans (``>= 0`` is ``+1``, the project's ``sign(0) = +1``)."""
+    return np.asarray(reference).reshape(-1) >= 0
+
+
+def reference_digest(reference: np.ndarray) -> bytes:
+    """8 bytes that name a reference: sha256 of its length and packed signs.
+
+    Eight bytes make an accidental match between two different references a 2^-64 event,
+    and cost 0.0025 bits per weight of this BNN.
+    """
+    return _digest_bits(reference_bits(reference))
+
+
+def _digest_bits(bits: np.ndarray) -> bytes:
+    h = hashlib.sha256(struct.pack("<I", bits.size))
+    h.update(pack_bits(bits).tobytes())
+    return h.digest()[:DIGEST_BYTES]
+
+
+# ------------------------------------------------------------------ Rice coding of gaps
+def _gaps(positions: np.ndarray) -> np.ndarray:
+    positions = np.asarray(positions, dtype=np.int64)
+    return np.diff(positions, prepend=-1) - 1
+
+
+def rice_k(gaps: np.ndarray) -> int:
+    """The Rice parameter that minimizes the coded length of ``gaps`` (0 if there are none)."""
+    if gaps.size == 0:
+        return 0
+    sizes = [int(np.sum(gaps >> k)) + gaps.size * (k + 1) for k in range(MAX_RICE_K + 1)]
+    return int(np.argmin(sizes))
+
+
+def rice_encode(positions: np.ndarray) -> bytes:
+    """Sorted distinct positions -> Rice-coded gaps (first byte ``k``); see the module docstring."""
+    gaps = _gaps(positions)
+    k = rice_k(gaps)
+    if gaps.size == 0:
+        return bytes([k])
+    q = gaps >> k
+    lengths = q + 1 + k
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    total = int(lengths.sum())
+    bits = np.zeros(total, dtype=bool)
+    bits[starts + q] = True  # the unary terminator
+    for j in range(k):
+        bits[starts + q + 1 + j] = ((gaps >> (k - 1 - j)) & 1).astype(bool)
+    return bytes([k]) + pack_bits(bits).tobytes()
+
+
+def rice_decode(body: bytes, n_flips: int, n_binary: int) -> np.ndarray:
+    """Inverse of :func:`rice_encode`, refusing anything that is not exactly ``n_flips`` positions
+    in ``[0, n_binary)`` with zero padding and no trailing bytes."""
+    if len(body) < 1:
+        raise FlipCodecError("the Rice body is empty; it must start with the Rice parameter byte")
+    k = body[0]
+    if k > MAX_RICE_K:
+        raise FlipCodecError(f"Rice parameter {k} is larger than {MAX_RICE_K}")
+    bits = np.unpackbits(np.frombuffer(body, dtype=np.uint8, offset=1), bitorder="big")
+    ones = np.flatnonzero(bits)
+    positions = np.empty(n_flips, dtype=np.int64)
+    cursor = 0  # next bit to read
+    previous = -1
+    weights = 1 << np.arange(k - 1, -1, -1, dtype=np.int64) if k else None
+    for i in range(n_flips):
+        one_at = int(np.searchsorted(ones, cursor))  # the next one bit ends this gap's unary part
+        if one_at >= ones.size:
+            raise FlipCodecError(f"the Rice body ends after {i} of {n_flips} flips (truncated)")
+        terminator = int(ones[one_at])
+        q = terminator - cursor
+        cursor = terminator + 1
+        if cursor + k > bits.size:
+            raise FlipCodecError(f"the Rice body ends inside flip {i} of {n_flips} (truncated)")
+        r = int(bits[cursor : cursor + k].astype(np.int64) @ weights) if k else 0
+        cursor += k
+        position = previous + 1 + ((q << k) | r)
+        if position >= n_binary:
+            raise FlipCodecError(f"flip {i} is at position {position}, outside the {n_binary} binary weights")
+        positions[i] = position
+        previous = position
+    used_bytes = packed_length(cursor)
+    if used_bytes != len(body) - 1:
+        raise FlipCodecError(
+            f"the Rice body has {len(body) - 1 - used_bytes} byte(s) after its {n_flips} flips (trailing garbage)"
+        )
+    if np.any(bits[cursor:]):
+        raise FlipCodecError("the padding bits after the last flip are not zero")
+    return positions
+
+
+# ------------------------------------------------------------------ encode
+def flip_positions(reference: np.ndarray, latent: np.ndarray) -> np.ndarray:
+    """Sorted indices where ``sign(latent)`` differs from ``sign(reference)``."""
+    ref = reference_bits(reference)
+    new = np.asarray(latent).reshape(-1) >= 0
+    if ref.shape != new.shape:
+        raise FlipCodecError(f"the reference has {ref.size} binary weights, the model {new.size}")
+    return np.flatnonzero(ref != new)
+
+
+def encode_body(positions: np.ndarray, n_binary: int) -> tuple[int, bytes]:
+    """The smallest of the three bodies for these flip positions: ``(method, body)``."""
+    mask = np.zeros(n_binary, dtype=bool)
+    mask[positions] = True
+    bitmap = pack_bits(mask).tobytes()
+    candidates = [
+        (METHOD_RICE, rice_encode(positions)),
+        (METHOD_BITMAP, bitmap),
+        (METHOD_ZLIB, zlib.compress(bitmap, 9)),
+    ]
+    return min(candidates, key=lambda c: (len(c[1]), c[0]))
+
+
+def encode_flips(
+    reference: np.ndarray, latent: np.ndarray, bn: np.ndarray, bn_dtype: str = "float16"
+) -> dict[str, np.ndarray]:
+    """A ``flips`` payload: where ``sign(latent)`` differs from ``sign(reference)``, then ``bn``.
+
+    ``reference`` is what the client started from (any real array; only its signs count),
+    ``latent`` its trained latent weights, ``bn`` its batch-norm numbers in layout order.
+    """
+    positions = flip_positions(reference, latent)
+    n_binary = int(np.asarray(latent).size)
+    method, body = encode_body(positions, n_binary)
+    header = _HEADER.pack(FLIP_FORMAT_VERSION, method, reference_digest(reference), n_binary,
+                          int(positions.size), len(body))
+    bn_bytes = _bn_bytes(bn, bn_dtype)
+    blob = np.frombuffer(header + body + bn_bytes, dtype=np.uint8).copy()
+    return {FLIPS_KEY: blob}
+
+
+def _bn_bytes(bn: np.ndarray, bn_dtype: str) -> bytes:
+    """The batch-norm bytes exactly as the sign codec writes them (same checks, same order)."""
+    return codec._encode_bn(bn, bn_dtype).astype(codec._little(bn_dtype)).tobytes()
+
+
+def encode_model_flips(model, reference: np.ndarray, bn_dtype: str = "float16") -> dict[str, np.ndarray]:
+    """The flip uplink of a trained :class:`common.bnn.BNN` against ``reference``."""
+    layout = codec.layout_for(model.config)
+    return encode_flips(reference, codec.binary_latents(model), codec.bn_vector(model, layout), bn_dtype)
+
+
+# ------------------------------------------------------------------ decode and validate
+def is_flips(payload: dict[str, np.ndarray]) -> bool:
+    """Whether ``payload`` is a flip payload (by its keys), as opposed to a full codec payload."""
+    return set(payload) == {FLIPS_KEY}
+
+
+def parse(payload: dict[str, np.ndarray], layout: codec.Layout, reference: np.ndarray) -> tuple[np.ndarray, bytes, dict]:
+    """Check a flip payload against ``reference``; return ``(positions, bn bytes, info)``.
+
+    ``info`` holds ``method``, ``flips``, ``body_bytes`` and ``sign_bytes`` (header plus body:
+    what the binary weights cost on the wire, batch norm excluded).
+    """
+    if not is_flips(payload):
+        raise FlipCodecError(f"payload keys are {sorted(payload)}; a flip payload holds only [{FLIPS_KEY!r}]")
+    blob = payload[FLIPS_KEY]
+    if not isinstance(blob, np.ndarray) or blob.dtype != np.uint8 or blob.ndim != 1:
+        raise FlipCodecError(f"'{FLIPS_KEY}' must be a 1-D uint8 array, got {codec._describe(blob)}")
+    data = blob.tobytes()
+    if len(data) < HEADER_BYTES:
+        raise FlipCodecError(f"'{FLIPS_KEY}' has {len(data)} bytes, less than its {HEADER_BYTES}-byte header (truncated)")
+    version, method, digest, n_binary, n_flips, body_len = _HEADER.unpack_from(data)
+    if version != FLIP_FORMAT_VERSION:
+        raise FlipCodecError(
+            f"flip format version {version} is not supported (this side speaks version {FLIP_FORMAT_VERSION}); "
+            "run the same HyBNN release on the server and every client"
+        )
+    if method not in METHOD_NAMES:
+        raise FlipCodecError(f"unknown flip coding method {method}; known: {METHOD_NAMES}")
+    if n_binary != layout.n_binary:
+        raise FlipCodecError(f"the flip payload is for {n_binary} binary weights, this BNN has {layout.n_binary}")
+    ref = reference_bits(reference)
+    if ref.size != layout.n_binary:
+        raise FlipCodecError(f"the reference has {ref.size} binary weights, this BNN has {layout.n_binary}")
+    expected_digest = _digest_bits(ref)
+    if digest != expected_digest:
+        raise FlipCodecError(
+            "the flips were taken against a different reference model than this side holds "
+            f"(digest {digest.hex()}, expected {expected_digest.hex()}); "
+            "the client must encode against the global model of the round it answers"
+        )
+    if n_flips > n_binary:
+        raise FlipCodecError(f"{n_flips} flips claimed, but there are only {n_binary} binary weights")
+    bn_len = len(data) - HEADER_BYTES - body_len
+    allowed = {layout.n_bn * 2: "float16", layout.n_bn * 4: "float32"}
+    if body_len > len(data) - HEADER_BYTES or bn_len not in allowed:
+        raise FlipCodecError(
+            f"'{FLIPS_KEY}' has {len(data)} bytes: a {HEADER_BYTES}-byte header, a {body_len}-byte body and "
+            f"{bn_len} bytes left for batch norm, which takes {' or '.join(str(n) for n in allowed)} "
+            "(truncated, or trailing garbage)"
+        )
+    body = data[HEADER_BYTES : HEADER_BYTES + body_len]
+    if method == METHOD_RICE:
+        positions = rice_decode(body, n_flips, n_binary)
+    else:
+        if method == METHOD_ZLIB:
+            body = _inflate(body, packed_length(n_binary))
+        mask = _bitmap(body, n_binary)
+        positions = np.flatnonzero(mask)
+        if positions.size != n_flips:
+            raise FlipCodecError(f"the flip bitmap holds {positions.size} flips, the header says {n_flips}")
+    info = {"method": METHOD_NAMES[method], "flips": int(n_flips), "body_bytes": int(body_len),
+            "sign_bytes": HEADER_BYTES + int(body_len)}
+    return positions, data[HEADER_BYTES + body_len :], info
+
+
+def _inflate(body: bytes, expected: int) -> bytes:
+    """zlib-decompress at most ``expected + 1`` bytes, so a hostile body cannot balloon."""
+    try:
+        inflater = zlib.decompressobj()
+        out = inflater.decompress(body, expected + 1)
+    except zlib.error as exc:
+        raise FlipCodecError(f"the zlib flip bitmap does not decompress ({exc})") from exc
+    if len(out) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise FlipCodecError(
+            f"the zlib flip bitmap must inflate to exactly {expected} bytes and end there "
+            f"(got {len(out)} bytes, stream {'complete' if inflater.eof else 'truncated'}, "
+            f"{len(inflater.unused_data) + len(inflater.unconsumed_tail)} trailing bytes)"
+        )
+    return out
+
+
+def _bitmap(body: bytes, n_binary: int) -> np.ndarray:
+    if len(body) != packed_length(n_binary):
+        raise FlipCodecError(f"the flip bitmap has {len(body)} bytes, {packed_length(n_binary)} expected")
+    packed = np.frombuffer(body, dtype=np.uint8)
+    pad = packed_length(n_binary) * 8 - n_binary
+    if pad and int(packed[-1]) & ((1 << pad) - 1):
+        raise FlipCodecError(f"the {pad} padding bits of the flip bitmap are not zero")
+    return unpack_bits(packed, n_binary).astype(bool)
+
+
+def to_signs_payload(
+    payload: dict[str, np.ndarray], layout: codec.Layout, reference: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict]:
+    """The full sign payload a flip payload stands for, and ``info`` (see :func:`parse`).
+
+    Returning a sign payload lets the receiver run it through :func:`common.codec.decode`,
+    so batch norm gets the very same checks as in the full codec.
+    """
+    positions, bn_bytes, info = parse(payload, layout, reference)
+    bits = reference_bits(reference).copy()
+    bits[positions] = ~bits[positions]
+    blob = np.concatenate([pack_bits(bits), np.frombuffer(bn_bytes, dtype=np.uint8)])
+    return {codec.BNN_KEY: blob}, info
+
+
+def decode_flips(
+    payload: dict[str, np.ndarray], layout: codec.Layout, reference: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate against ``reference``; return ``(weights (B,) of +-1, bn (K,))`` as float32."""
+    signs, _ = to_signs_payload(payload, layout, reference)
+    return codec.decode(signs, layout, kind="signs")
+
+
+def sign_bits_per_weight(payload: dict[str, np.ndarray], layout: codec.Layout) -> float:
+    """Bits the binary weights cost in ``payload`` (flip header + body, or the packed signs),
+    per binary weight; batch norm and record headers excluded."""
+    if is_flips(payload):
+        data = payload[FLIPS_KEY]
+        if data.size < HEADER_BYTES:
+            raise FlipCodecError("truncated flip payload")
+        body_len = _HEADER.unpack_from(data.tobytes())[5]
+        return 8.0 * (HEADER_BYTES + body_len) / layout.n_binary
+    return 8.0 * layout.n_bits_bytes / layout.n_binary
+
+
+__all__ = [
+    "FLIPS_KEY", "FLIP_FORMAT_VERSION", "FlipCodecError", "HEADER_BYTES", "decode_flips", "encode_flips",
+    "encode_model_flips", "flip_positions", "is_flips", "parse", "reference_digest", "rice_decode",
+    "rice_encode", "sign_bits_per_weight", "to_signs_payload",
+]

@@ -1,0 +1,226 @@
+"""The sign-flip uplink: round trips, sizes, and refusal of malformed payloads."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from common import codec
+from common import flipcodec as fc
+from common.bnn import BNN, BNNConfig
+
+
+@pytest.fixture()
+def layout() -> codec.Layout:
+    return codec.layout_for(BNNConfig())
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def _flipped(reference: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    new = np.where(reference >= 0, 0.3, -0.3).astype(np.float32)
+    new[positions] *= -1
+    return new
+
+
+def _bn(layout: codec.Layout, rng: np.random.Generator) -> np.ndarray:
+    return np.abs(rng.standard_normal(layout.n_bn)).astype(np.float32)
+
+
+def _signs(x: np.ndarray) -> np.ndarray:
+    return np.where(x >= 0, 1.0, -1.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.0005, 0.01, 0.05, 0.2, 0.5, 0.9, 1.0])
+def test_round_trip_random_flips(layout, rng, rate):
+    reference = rng.standard_normal(layout.n_binary).astype(np.float32)
+    positions = np.flatnonzero(rng.random(layout.n_binary) < rate)
+    new = _flipped(reference, positions)
+    bn = _bn(layout, rng)
+    payload = fc.encode_flips(reference, new, bn)
+    assert list(payload) == [fc.FLIPS_KEY] and payload[fc.FLIPS_KEY].dtype == np.uint8
+    weights, bn_out = fc.decode_flips(payload, layout, reference)
+    np.testing.assert_array_equal(weights, _signs(new))
+    np.testing.assert_array_equal(bn_out, bn.astype(np.float16).astype(np.float32))
+    _, _, info = fc.parse(payload, layout, reference)
+    assert info["flips"] == positions.size
+    # Never more than the sign codec plus the header, whatever the flips look like.
+    assert info["sign_bytes"] <= layout.n_bits_bytes + fc.HEADER_BYTES
+
+
+def test_sparse_flips_cost_far_below_one_bit(layout, rng):
+    reference = rng.standard_normal(layout.n_binary)
+    positions = np.sort(rng.choice(layout.n_binary, size=layout.n_binary // 100, replace=False))
+    payload = fc.encode_flips(reference, _flipped(reference, positions), _bn(layout, rng))
+    _, _, info = fc.parse(payload, layout, reference)
+    assert info["method"] == "rice"
+    # 1% random flips: entropy 0.081 bits per weight; Rice coding stays within 15% of it.
+    assert fc.sign_bits_per_weight(payload, layout) < 0.081 * 1.15
+
+
+def test_zero_and_all_flips_are_tiny(layout, rng):
+    reference = rng.standard_normal(layout.n_binary)
+    bn = _bn(layout, rng)
+    none = fc.encode_flips(reference, reference, bn)
+    every = fc.encode_flips(reference, -reference - (reference == 0), bn)
+    for payload, count in ((none, 0), (every, layout.n_binary)):
+        _, _, info = fc.parse(payload, layout, reference)
+        assert info["flips"] == count
+        assert info["sign_bytes"] < 64
+    np.testing.assert_array_equal(fc.decode_flips(none, layout, reference)[0], _signs(reference))
+    np.testing.assert_array_equal(fc.decode_flips(every, layout, reference)[0], -_signs(reference))
+
+
+def test_clustered_flips_use_a_compressed_bitmap_or_rice(layout, rng):
+    reference = rng.standard_normal(layout.n_binary)
+    positions = np.arange(1000, 9000)  # one block of flips: a few hidden units flipped
+    payload = fc.encode_flips(reference, _flipped(reference, positions), _bn(layout, rng))
+    _, _, info = fc.parse(payload, layout, reference)
+    assert info["sign_bytes"] < 100
+    np.testing.assert_array_equal(fc.decode_flips(payload, layout, reference)[0],
+                                  _signs(_flipped(reference, positions)))
+
+
+def test_sign_of_zero_is_plus_one_in_the_reference(layout, rng):
+    reference = np.zeros(layout.n_binary, dtype=np.float32)
+    new = np.full(layout.n_binary, 0.5, dtype=np.float32)
+    new[7] = -0.5
+    payload = fc.encode_flips(reference, new, _bn(layout, rng))
+    _, _, info = fc.parse(payload, layout, reference)
+    assert info["flips"] == 1
+
+
+def test_model_round_trip_against_a_vote_and_a_mean_downlink(layout, rng):
+    torch.manual_seed(0)
+    model = BNN(BNNConfig())
+    bn = codec.bn_vector(model, layout)
+    for downlink in (codec.encode_signs(rng.standard_normal(layout.n_binary), bn),
+                     codec.encode_latent(rng.uniform(-1, 1, layout.n_binary), bn)):
+        received, _ = codec.decode(downlink, layout)
+        payload = fc.encode_model_flips(model, received)
+        weights, _ = fc.decode_flips(payload, layout, received)
+        np.testing.assert_array_equal(weights, _signs(codec.binary_latents(model)))
+        # The same model through the full codec decodes to the same signs.
+        np.testing.assert_array_equal(weights, codec.decode(codec.encode_model(model), layout)[0])
+
+
+def test_float32_batch_norm_travels_too(layout, rng):
+    reference = rng.standard_normal(layout.n_binary)
+    bn = rng.standard_normal(layout.n_bn).astype(np.float32) ** 2
+    payload = fc.encode_flips(reference, reference, bn, bn_dtype="float32")
+    np.testing.assert_array_equal(fc.decode_flips(payload, layout, reference)[1], bn)
+
+
+# ------------------------------------------------------------------ malformed payloads
+@pytest.fixture()
+def case(layout, rng):
+    reference = rng.standard_normal(layout.n_binary).astype(np.float32)
+    positions = np.sort(rng.choice(layout.n_binary, size=200, replace=False))
+    payload = fc.encode_flips(reference, _flipped(reference, positions), _bn(layout, rng))
+    return reference, payload[fc.FLIPS_KEY]
+
+
+def _refused(blob: np.ndarray, layout, reference, match: str) -> None:
+    with pytest.raises(fc.FlipCodecError, match=match):
+        fc.decode_flips({fc.FLIPS_KEY: np.asarray(blob, dtype=np.uint8)}, layout, reference)
+
+
+def _with_header(blob: np.ndarray, **fields) -> np.ndarray:
+    names = ("version", "method", "digest", "n_binary", "n_flips", "body_len")
+    values = dict(zip(names, struct.unpack_from("<BB8sIII", blob.tobytes())))
+    values.update(fields)
+    header = struct.pack("<BB8sIII", *(values[n] for n in names))
+    return np.frombuffer(header + blob.tobytes()[fc.HEADER_BYTES:], dtype=np.uint8)
+
+
+def test_wrong_version_is_refused(layout, case):
+    reference, blob = case
+    _refused(_with_header(blob, version=2), layout, reference, "flip format version 2 is not supported")
+
+
+def test_wrong_reference_is_refused(layout, case):
+    reference, blob = case
+    other = reference.copy()
+    other[123] = -other[123]
+    _refused(blob, layout, other, "different reference model")
+
+
+def test_truncated_payloads_are_refused(layout, case):
+    reference, blob = case
+    _refused(blob[:10], layout, reference, "header")
+    _refused(blob[:-1], layout, reference, "truncated")
+    _refused(blob[: fc.HEADER_BYTES + 5], layout, reference, "truncated")
+
+
+def test_trailing_garbage_is_refused(layout, case):
+    reference, blob = case
+    _refused(np.concatenate([blob, [0]]), layout, reference, "trailing garbage")
+    # One extra body byte, claimed by the header, but never read by the Rice decoder.
+    body_len = struct.unpack_from("<I", blob.tobytes(), 18)[0]
+    raw = blob.tobytes()
+    grown = raw[: fc.HEADER_BYTES + body_len] + b"\x00" + raw[fc.HEADER_BYTES + body_len :]
+    grown = _with_header(np.frombuffer(grown, dtype=np.uint8), body_len=body_len + 1)
+    _refused(grown, layout, reference, "trailing garbage")
+
+
+def test_out_of_range_index_is_refused(layout, rng):
+    reference = rng.standard_normal(layout.n_binary)
+    bn_bytes = np.abs(rng.standard_normal(layout.n_bn)).astype("<f2").tobytes()
+    body = fc.rice_encode(np.array([5, layout.n_binary + 3]))
+    header = struct.pack("<BB8sIII", fc.FLIP_FORMAT_VERSION, fc.METHOD_RICE, fc.reference_digest(reference),
+                         layout.n_binary, 2, len(body))
+    blob = np.frombuffer(header + body + bn_bytes, dtype=np.uint8)
+    _refused(blob, layout, reference, "outside the 25856 binary weights")
+
+
+def test_more_flips_claimed_than_coded_is_refused(layout, case):
+    reference, blob = case
+    _refused(_with_header(blob, n_flips=201), layout, reference, "truncated")
+    _refused(_with_header(blob, n_flips=layout.n_binary + 1), layout, reference, "only 25856")
+
+
+def test_bitmap_count_and_padding_are_checked(layout, rng):
+    reference = rng.standard_normal(layout.n_binary)
+    bn_bytes = np.ones(layout.n_bn, dtype="<f2").tobytes()
+    bitmap = np.zeros(layout.n_bits_bytes, dtype=np.uint8)
+    bitmap[0] = 0b1000_0000
+
+    def blob(method: int, body: bytes, n_flips: int) -> np.ndarray:
+        header = struct.pack("<BB8sIII", fc.FLIP_FORMAT_VERSION, method, fc.reference_digest(reference),
+                             layout.n_binary, n_flips, len(body))
+        return np.frombuffer(header + body + bn_bytes, dtype=np.uint8)
+
+    ok = blob(fc.METHOD_BITMAP, bitmap.tobytes(), 1)
+    assert fc.decode_flips({fc.FLIPS_KEY: ok}, layout, reference)[0][0] == -_signs(reference)[0]
+    _refused(blob(fc.METHOD_BITMAP, bitmap.tobytes(), 2), layout, reference, "holds 1 flips, the header says 2")
+    _refused(blob(fc.METHOD_ZLIB, zlib.compress(bitmap.tobytes())[:-3], 1), layout, reference, "zlib")
+    _refused(blob(fc.METHOD_ZLIB, zlib.compress(bitmap.tobytes() + b"\0"), 1), layout, reference, "exactly 3232")
+    _refused(blob(7, bitmap.tobytes(), 1), layout, reference, "unknown flip coding method 7")
+
+
+def test_bad_batch_norm_gets_the_full_codecs_checks(layout, rng):
+    reference = rng.standard_normal(layout.n_binary)
+    bn = np.ones(layout.n_bn, dtype=np.float32)
+    blob = fc.encode_flips(reference, reference, bn)[fc.FLIPS_KEY].copy()
+    bn_part = blob[-layout.n_bn * 2 :].view("<f2")
+    bn_part[-1] = -1.0  # the last running variance
+    with pytest.raises(codec.CodecError, match="running variance is negative"):
+        fc.decode_flips({fc.FLIPS_KEY: blob}, layout, reference)
+    bn_part[-1] = np.nan
+    with pytest.raises(codec.CodecError, match="NaN"):
+        fc.decode_flips({fc.FLIPS_KEY: blob}, layout, reference)
+
+
+def test_wrong_keys_and_dtypes_are_refused(layout, case):
+    reference, blob = case
+    with pytest.raises(fc.FlipCodecError, match="a flip payload holds only"):
+        fc.decode_flips({"bnn": blob}, layout, reference)
+    with pytest.raises(fc.FlipCodecError, match="1-D uint8"):
+        fc.decode_flips({fc.FLIPS_KEY: blob.astype(np.int16)}, layout, reference)
+    with pytest.raises(fc.FlipCodecError, match="binary weights"):
+        fc.decode_flips({fc.FLIPS_KEY: blob}, layout, reference[:-1])
