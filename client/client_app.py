@@ -10,8 +10,10 @@ Each round a client
    encoder's hash) and keeps its partition of the task's training samples, chosen
    with flwr-datasets partitioners from ``partition-id`` / ``num-partitions``;
 3. trains the BNN for ``local-epochs`` from the received global model;
-4. replies with the packed BNN (signs + batch norm, :mod:`common.codec`) and a few
-   metrics. Nothing else leaves the client: no images, codes, labels or indices.
+4. replies with the packed BNN (signs + batch norm, :mod:`common.codec`), or, when the
+   train config says ``uplink-codec = "flips"``, only the signs that changed against the
+   global model it received (:mod:`common.flipcodec`), and a few metrics. Nothing else
+   leaves the client: no images, codes, labels or indices.
 
 Settings come from the node config first, then the run config, then defaults:
 ``encoder-path``, ``data-root``, ``partition-id``, ``num-partitions``; the partition
@@ -31,7 +33,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from common import aggregation, codec
+from common import aggregation, codec, flipcodec
 from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.tasks import get_task, select_task
@@ -141,6 +143,8 @@ class LocalRound:
     vote_latent_scale: float = aggregation.DEFAULT_VOTE_LATENT_SCALE
     final_lr_fraction: float = 1.0
     """Cosine decay of the learning rate within the round; the server decays ``lr`` across rounds."""
+    uplink_codec: str = "signs"
+    """``signs``: every sign bit; ``flips``: the signs changed against the received global model."""
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "LocalRound":
@@ -156,10 +160,17 @@ class LocalRound:
                 bn_dtype=str(config.get("bn-dtype", "float16")),
                 vote_latent_scale=float(config.get("vote-latent-scale", aggregation.DEFAULT_VOTE_LATENT_SCALE)),
                 final_lr_fraction=float(config.get("final-lr-fraction", 1.0)),
+                uplink_codec=_uplink_codec(config.get("uplink-codec", "signs")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise HyBNNError(f"The server's train config is incomplete or invalid ({exc}); "
                              "run the same HyBNN release on the server and the clients.") from exc
+
+
+def _uplink_codec(name: object) -> str:
+    if name not in ("signs", "flips"):
+        raise ValueError(f"uplink-codec {name!r} is unknown to this client (it speaks 'signs' and 'flips')")
+    return str(name)
 
 
 def train_local(
@@ -189,6 +200,9 @@ def train_local(
         "train-seconds": float(result.seconds),
         "codec-version": codec.CODEC_VERSION,
     }
+    if round_config.uplink_codec == "flips":
+        # The reference is the sign of what was received; the server holds the same record.
+        return flipcodec.encode_model_flips(model, weights, round_config.bn_dtype), metrics
     return codec.encode_model(model, round_config.bn_dtype), metrics
 
 

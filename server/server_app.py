@@ -41,6 +41,7 @@ from server.strategy import PackedFedAvg, RoundLog
 from server.wire import record_nbytes, record_to_payload
 
 SERVER_RESULTS = "server.json"
+UPLINK_CODECS = ("signs", "flips")
 
 app = ServerApp()
 
@@ -59,6 +60,8 @@ class ServerSettings:
     aggregation: str = agg.DEFAULT_MODE
     vote_latent_scale: float = agg.DEFAULT_VOTE_LATENT_SCALE
     bn_dtype: str = "float16"
+    uplink_codec: str = "signs"
+    """``signs``: every sign bit each round; ``flips``: only the signs changed against the global."""
     encoder_sha256: str = ""
     encoder_path: str = "artifacts/encoder"
     data_root: str = "data"
@@ -89,6 +92,9 @@ class ServerSettings:
         agg.check_mode(settings.aggregation)
         if settings.bn_dtype not in codec.BN_DTYPES:
             raise HyBNNError(f"Run config bn-dtype={settings.bn_dtype!r}; use one of {', '.join(codec.BN_DTYPES)}.")
+        if settings.uplink_codec not in UPLINK_CODECS:
+            raise HyBNNError(f"Run config uplink-codec={settings.uplink_codec!r}; "
+                             f"use one of {', '.join(UPLINK_CODECS)}.")
         if settings.lr_schedule not in ("cosine", "constant"):
             raise HyBNNError(f"Run config lr-schedule={settings.lr_schedule!r}; use cosine or constant.")
         if settings.num_server_rounds < 1 or settings.local_epochs < 1 or settings.batch_size < 2:
@@ -111,6 +117,7 @@ class ServerSettings:
             "batch-size": self.batch_size,
             "encoder-sha256": encoder_sha256,
             "bn-dtype": self.bn_dtype,
+            "uplink-codec": self.uplink_codec,
             "vote-latent-scale": self.vote_latent_scale,
             "codec-version": codec.CODEC_VERSION,
         })
@@ -124,6 +131,12 @@ def global_model(record: ArrayRecord, layout: codec.Layout, settings: ServerSett
     codec.load_into_model(model, layout, agg.client_start_latent(weights, kind, settings.vote_latent_scale), bn)
     model.eval()
     return model
+
+
+def _mean(values) -> float | None:
+    """The mean of ``values``, ``None`` for none (a round with no usable reply)."""
+    values = list(values)
+    return float(np.mean(values)) if values else None
 
 
 def float_fedavg_record(config: BNNConfig) -> ArrayRecord:
@@ -186,6 +199,10 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
                 "test_acc": metrics["acc"],
                 "test_loss": metrics["loss"],
                 "uplink_bytes": max((c["uplink_bytes"] for c in clients), default=0),
+                "uplink_bits_per_binary_weight": _mean(c["uplink_bits_per_binary_weight"] for c in clients),
+                "sign_bits_per_binary_weight": _mean(c["sign_bits_per_binary_weight"] for c in clients),
+                "sign_flip_fraction": _mean(c["sign_flips"] / layout.n_binary for c in clients
+                                            if c.get("sign_flips") is not None),
                 "downlink_bytes": round_log.downlink_bytes,
                 "clients": clients,
                 "dropped": round_log.dropped,

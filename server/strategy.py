@@ -11,6 +11,9 @@ the whole run. This strategy
   (``aggregate_arrayrecords``) take the ``num-examples``-weighted mean, of the signs
   and of the batch-norm numbers alike;
 * sends back the vote (1 bit per weight) or the quantized mean (``common.aggregation``);
+* accepts an update as full sign bits or as the sign flips against the round's global
+  model (``common.flipcodec``): it keeps the signs it sent each round as the reference,
+  and a flip update taken against any other reference is refused like any malformed one;
 * samples nodes with a deadline: it waits for ``min_available_nodes`` up to
   ``node_wait_s`` seconds, then goes on with whoever is connected, if at least
   ``min_train_nodes``. Flower's own sampling waits forever when a node is gone for good.
@@ -32,7 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 from flwr.supercore import log
-from common import aggregation, codec
+from common import aggregation, codec, flipcodec
 from server.wire import payload_to_record, record_nbytes, record_to_payload
 
 ARRAYS_KEY = "arrays"
@@ -52,10 +55,18 @@ class CheckedReply:
     metrics: MetricRecord
     uplink_bytes: int
     reply_bytes: int
+    sign_bits: int = 0
+    """Bits the binary weights took on the wire (flip header and body, or the packed signs)."""
+    flips: int | None = None
+    """Signs that differ from the round's reference (the global model sent), when known."""
 
 
-def check_reply(msg: Message, layout: codec.Layout) -> CheckedReply:
-    """Validate one training reply; :class:`codec.CodecError` says what is wrong."""
+def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None = None) -> CheckedReply:
+    """Validate one training reply; :class:`codec.CodecError` says what is wrong.
+
+    ``reference`` is the global model's weights sent this round: a flip update is decoded
+    against it (and refused without one), and every update's flips are counted against it.
+    """
     content = msg.content
     if set(content.array_records) != {ARRAYS_KEY} or set(content.metric_records) != {METRICS_KEY}:
         raise codec.CodecError(
@@ -74,7 +85,15 @@ def check_reply(msg: Message, layout: codec.Layout) -> CheckedReply:
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             raise codec.CodecError(f"metric {key!r} is not a finite number: {value!r}")
     arrays = content.array_records[ARRAYS_KEY]
-    weights, bn = codec.decode(record_to_payload(arrays), layout, kind="signs")
+    payload = record_to_payload(arrays)
+    sign_bits = 8 * layout.n_bits_bytes
+    if flipcodec.is_flips(payload):
+        if reference is None:
+            raise codec.CodecError("a sign-flip update arrived, but the server holds no global model for this round")
+        payload, info = flipcodec.to_signs_payload(payload, layout, reference)
+        sign_bits = 8 * info["sign_bytes"]
+    weights, bn = codec.decode(payload, layout, kind="signs")
+    flips = None if reference is None else int(np.count_nonzero((weights >= 0) != (np.asarray(reference) >= 0)))
     return CheckedReply(
         node_id=msg.metadata.src_node_id,
         weights=weights,
@@ -83,6 +102,8 @@ def check_reply(msg: Message, layout: codec.Layout) -> CheckedReply:
         metrics=metrics,
         uplink_bytes=record_nbytes(arrays),
         reply_bytes=record_nbytes(content),
+        sign_bits=sign_bits,
+        flips=flips,
     )
 
 
@@ -128,6 +149,8 @@ class PackedFedAvg(FedAvg):
         self.on_round = on_round
         self.lr_for_round = lr_for_round
         self.rounds: dict[int, RoundLog] = {}
+        self.references: dict[int, np.ndarray] = {}
+        """The global weights sent in each round still being aggregated: what flip updates refer to."""
 
     def summary(self) -> None:
         super().summary()
@@ -142,6 +165,11 @@ class PackedFedAvg(FedAvg):
         else:
             payload = codec.encode_latent(weights, bn, self.bn_dtype)
         return payload_to_record(payload)
+
+    def set_reference(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Remember the global model sent in ``server_round``; earlier rounds are forgotten."""
+        weights, _ = codec.decode(record_to_payload(arrays), self.layout)
+        self.references = {server_round: weights}
 
     # -------------------------------------------------------------- sampling
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -179,6 +207,7 @@ class PackedFedAvg(FedAvg):
         round_log = self.rounds.setdefault(server_round, RoundLog(server_round))
         round_log.downlink_bytes = record_nbytes(arrays)
         round_log.sampled = len(node_ids)
+        self.set_reference(server_round, arrays)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
@@ -197,7 +226,7 @@ class PackedFedAvg(FedAvg):
                 round_log.dropped.append({"node_id": node, "reason": reason})
                 continue
             try:
-                good.append(check_reply(msg, self.layout))
+                good.append(check_reply(msg, self.layout, self.references.get(server_round)))
             except (codec.CodecError, ValueError, TypeError, KeyError) as exc:
                 log(WARNING, "Round %d: the reply of node %d is malformed and left out of this round: %s. "
                     "Check that the client runs the same HyBNN release and task as the server.",
@@ -205,8 +234,12 @@ class PackedFedAvg(FedAvg):
                 round_log.dropped.append({"node_id": node, "reason": str(exc)})
         log(INFO, "aggregate_train: %d good replies, %d left out", len(good), len(round_log.dropped))
         for reply in good:
+            n_binary = self.layout.n_binary
             entry = {"node_id": reply.node_id, "num_examples": reply.num_examples,
-                     "uplink_bytes": reply.uplink_bytes, "reply_bytes": reply.reply_bytes}
+                     "uplink_bytes": reply.uplink_bytes, "reply_bytes": reply.reply_bytes,
+                     "uplink_bits_per_binary_weight": 8 * reply.uplink_bytes / n_binary,
+                     "sign_bits_per_binary_weight": reply.sign_bits / n_binary,
+                     "sign_flips": reply.flips}
             entry.update({k.replace("-", "_"): v for k, v in reply.metrics.items()
                           if k not in (NUM_EXAMPLES_KEY, VERSION_KEY)})
             entry["downlink_bytes"] = round_log.downlink_bytes

@@ -144,6 +144,7 @@ def cmd_federate(args: argparse.Namespace) -> None:
     config = FederateConfig(
         task=args.task, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
         partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
+        uplink_codec=args.uplink_codec,
         encoder=args.encoder, data_root=args.data_root, out=args.out, seed=args.seed,
         batch_size=args.batch_size, centralized_epochs=args.centralized_epochs or args.rounds * args.local_epochs,
     )
@@ -159,6 +160,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> None:
     config = DeployConfig(
         task=args.task, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
         partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
+        uplink_codec=args.uplink_codec,
         encoder=args.encoder, data_root=args.data_root, out=args.out, seed=args.seed,
         batch_size=args.batch_size, centralized_epochs=args.centralized_epochs or args.rounds * args.local_epochs,
         min_nodes=args.min_nodes,
@@ -183,6 +185,9 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
     p.add_argument("--aggregation", choices=["vote", "mean"], default="vote",
                    help="downlink: the weighted mean of the clients' signs as int8 latent weights, "
                         "or its sign, 1 bit per weight (default: %(default)s; docs/federated.md)")
+    p.add_argument("--uplink-codec", choices=["signs", "flips"], default="signs",
+                   help="uplink: every sign bit, or only the signs changed against the received global "
+                        "model (default: %(default)s; docs/federated.md)")
     p.add_argument("--lr", type=positive_float, default=0.03, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="default: %(default)s")
     p.add_argument("--centralized-epochs", type=positive_int, default=None,

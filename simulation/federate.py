@@ -44,6 +44,8 @@ class FederateConfig:
     alpha: float = 0.5
     lr: float = 0.03
     aggregation: str = "vote"
+    uplink_codec: str = "signs"
+    """``signs`` (1 bit per binary weight) or ``flips`` (the signs changed against the global)."""
     encoder: Path = Path("artifacts/encoder")
     data_root: Path = Path("data")
     out: Path = Path("runs/federate")
@@ -66,6 +68,7 @@ class FederateConfig:
             "lr": self.lr,
             "batch-size": self.batch_size,
             "aggregation": self.aggregation,
+            "uplink-codec": self.uplink_codec,
             "vote-latent-scale": self.vote_latent_scale,
             "encoder-sha256": encoder_sha256,
             "encoder-path": str(Path(self.encoder).resolve()),
@@ -92,6 +95,8 @@ def check_config(config: FederateConfig) -> None:
 
     get_task(config.task)
     check_mode(config.aggregation)
+    if config.uplink_codec not in ("signs", "flips"):
+        raise HyBNNError(f"Unknown uplink codec {config.uplink_codec!r}; use signs or flips.")
     if config.partition not in SCHEMES:
         raise HyBNNError(f"Unknown partition {config.partition!r}; use one of {', '.join(SCHEMES)}.")
     if config.clients < 1 or config.rounds < 1 or config.local_epochs < 1:
@@ -191,6 +196,9 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
             "test_acc": r["test_acc"],
             "test_loss": r["test_loss"],
             "uplink_bytes": r["uplink_bytes"],
+            "uplink_bits_per_binary_weight": r.get("uplink_bits_per_binary_weight"),
+            "sign_bits_per_binary_weight": r.get("sign_bits_per_binary_weight"),
+            "sign_flip_fraction": r.get("sign_flip_fraction"),
             "downlink_bytes": r["downlink_bytes"],
             "clients": r["clients"],
             "dropped": r["dropped"],
@@ -216,11 +224,20 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
         "float_fedavg_uplink_bytes": float_bytes,
         "uplink_bytes_per_client_round": uplink,
         "uplink_fraction_of_float": None if not uplink or not float_bytes else uplink / float_bytes,
+        "uplink_bits_per_binary_weight_after_round_1": _mean_after_first(rounds, "uplink_bits_per_binary_weight"),
+        "sign_bits_per_binary_weight_after_round_1": _mean_after_first(rounds, "sign_bits_per_binary_weight"),
         "rounds": rounds,
         "initial": server.get("initial"),
         "status": server.get("status"),
         "seconds": seconds,
     }
+
+
+def _mean_after_first(rounds: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over rounds 2 and later: round 1 starts from a random model,
+    where about half the signs flip whatever the codec, so it says little about the steady state."""
+    values = [r[key] for r in rounds if r["round"] >= 2 and r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def plot_rounds(results: dict, path: Path) -> Path:
@@ -315,6 +332,10 @@ def describe(results: dict) -> str:
         f"uplink {results['uplink_bytes_per_client_round']} bytes per client per round; stock float32 FedAvg "
         f"{results['float_fedavg_uplink_bytes']} bytes"
         + (f" (1/{1 / fraction:.1f})" if fraction else ""),
+        f"uplink codec {results['config'].get('uplink_codec', 'signs')}: "
+        f"{num(results.get('uplink_bits_per_binary_weight_after_round_1'), '.3f')} bits per binary weight "
+        f"per client and round after round 1 (sign part alone "
+        f"{num(results.get('sign_bits_per_binary_weight_after_round_1'), '.3f')})",
         f"wall time {results['seconds']:.1f} s",
     ]
     return "\n".join(lines)

@@ -224,3 +224,97 @@ def test_wrong_keys_and_dtypes_are_refused(layout, case):
         fc.decode_flips({fc.FLIPS_KEY: blob.astype(np.int16)}, layout, reference)
     with pytest.raises(fc.FlipCodecError, match="binary weights"):
         fc.decode_flips({fc.FLIPS_KEY: blob}, layout, reference[:-1])
+
+
+# ------------------------------------------------------------------ strategy and client
+SMALL = BNNConfig(in_bits=8, hidden=(2,), num_classes=2)  # 16 + 4 = 20 binary weights
+
+
+@pytest.fixture()
+def task_identity():
+    """Flower stamps messages with the identity of the running task; give tests one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def _reply(node_id: int, payload: dict, n: int = 100):
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from server.wire import payload_to_record
+
+    ins = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
+    metrics = MetricRecord({"num-examples": n, "train-loss": 0.5, "train-acc": 0.9,
+                            "codec-version": codec.CODEC_VERSION, "partition-id": node_id})
+    return Message(content=RecordDict({"arrays": payload_to_record(payload), "metrics": metrics}), reply_to=ins)
+
+
+@pytest.mark.parametrize("mode", ["vote", "mean"])
+def test_strategy_decodes_flips_against_the_global_it_sent(task_identity, mode):
+    from server.strategy import PackedFedAvg
+    from server.wire import record_to_payload
+
+    layout = codec.layout_for(SMALL)
+    rng = np.random.default_rng(1)
+    bn = np.ones(layout.n_bn, dtype=np.float32)
+    strategy = PackedFedAvg(layout, mode=mode)
+    sent = strategy.encode_global(rng.uniform(-1, 1, layout.n_binary), bn)
+    strategy.set_reference(3, sent)
+    received, _ = codec.decode(record_to_payload(sent), layout)
+    new = np.where(received >= 0, 1.0, -1.0).astype(np.float32)
+    new[[2, 5]] *= -1
+    good = _reply(1, fc.encode_flips(received, new, bn))
+    stale = _reply(2, fc.encode_flips(-received, new, bn))  # taken against another reference
+    truncated = _reply(3, {fc.FLIPS_KEY: fc.encode_flips(received, new, bn)[fc.FLIPS_KEY][:-4]})
+    arrays, _ = strategy.aggregate_train(3, [good, stale, truncated])
+    weights, _ = codec.decode(record_to_payload(arrays), layout)
+    if mode == "vote":
+        np.testing.assert_array_equal(weights, new)
+    else:
+        np.testing.assert_allclose(weights, new, atol=1 / 127)
+    log = strategy.rounds[3]
+    assert [c["node_id"] for c in log.clients] == [1]
+    assert log.clients[0]["sign_flips"] == 2
+    assert log.clients[0]["sign_bits_per_binary_weight"] < 8 * (fc.HEADER_BYTES + 4) / layout.n_binary
+    assert sorted(d["node_id"] for d in log.dropped) == [2, 3]
+    assert "different reference" in log.dropped[0]["reason"]
+    # Without a global model for the round, a flip update cannot be decoded: left out, no crash.
+    other = PackedFedAvg(layout, mode=mode)
+    assert other.aggregate_train(3, [_reply(1, fc.encode_flips(received, new, bn))]) == (None, None)
+    assert "no global model" in other.rounds[3].dropped[0]["reason"]
+    # A full sign update is still accepted, and its flips are counted too.
+    strategy.set_reference(4, sent)
+    strategy.aggregate_train(4, [_reply(1, codec.encode_signs(new, bn))])
+    entry = strategy.rounds[4].clients[0]
+    assert entry["sign_flips"] == 2 and entry["sign_bits_per_binary_weight"] == 8 * 3 / 20
+    assert entry["uplink_bits_per_binary_weight"] == 8 * entry["uplink_bytes"] / layout.n_binary
+
+
+def test_client_sends_flips_when_the_server_asks():
+    from client.client_app import LocalRound, train_local
+    from flwr.app import ConfigRecord
+
+    layout = codec.layout_for(BNNConfig())
+    torch.manual_seed(0)
+    global_model = BNN(BNNConfig())
+    downlink = codec.encode_model(global_model)
+    x = torch.where(torch.rand(64, 200) < 0.5, -1.0, 1.0)
+    y = torch.randint(0, 2, (64,))
+    base = {"task": "4v5", "local-epochs": 1, "lr": 0.001, "batch-size": 32, "encoder-sha256": "x",
+            "codec-version": codec.CODEC_VERSION}
+    flips_round = LocalRound.from_config(ConfigRecord({**base, "uplink-codec": "flips"}))
+    payload, _ = train_local(downlink, x, y, flips_round, 2, seed=0)
+    assert fc.is_flips(payload)
+    received, _ = codec.decode(downlink, layout)
+    signs_payload, _ = train_local(downlink, x, y, LocalRound.from_config(ConfigRecord(base)), 2, seed=0)
+    assert set(signs_payload) == {codec.BNN_KEY}
+    # Same seed, same training: the flips decode to exactly the signs the full codec sends.
+    np.testing.assert_array_equal(fc.decode_flips(payload, layout, received)[0],
+                                  codec.decode(signs_payload, layout)[0])
+    from common.errors import HyBNNError
+
+    with pytest.raises(HyBNNError, match="uplink-codec 'gzip' is unknown"):
+        LocalRound.from_config(ConfigRecord({**base, "uplink-codec": "gzip"}))
