@@ -267,6 +267,15 @@ def render_report(results: dict) -> str:
         out.append(f"- `{training_plot_name(t)}`: training accuracy and loss per epoch on {t}.")
     if results.get("stages"):
         out += ["", "## Wall time", ""]
+        machine = results.get("machine") or {}
+        if machine:
+            out.append(f"{machine.get('cpus')} CPUs, {machine.get('torch_threads')} torch threads; "
+                       f"load average {machine.get('load_start')} at the start and "
+                       f"{machine.get('load_end')} at the end.")
+            if max(machine.get("load_start") or 0, machine.get("load_end") or 0) > (machine.get("cpus") or 1):
+                out.append("Other processes were competing for the CPUs, so every time here is "
+                           "inflated, the small BNN's most of all.")
+            out.append("")
         rows = [[stage, _secs(sec)] for stage, sec in results["stages"].items()]
         if results.get("total_seconds") is not None:
             rows.append(["**total**", _secs(results["total_seconds"])])
@@ -328,14 +337,19 @@ def plot_training(results: dict, task: str, path: Path) -> Path:
     ax_acc.set(title=f"{task}: training accuracy", xlabel="epoch", ylabel="accuracy (training batches)")
     ax_loss.set(title=f"{task}: training loss", xlabel="epoch", ylabel="cross-entropy")
     ax_loss.set_yscale("log")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
+    plain = FuncFormatter(lambda value, _pos: f"{value:g}")
     for ax in (ax_acc, ax_loss):
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(ScalarFormatter() if ax.get_xlim()[1] < 12 else NullFormatter())
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain if ax.get_xlim()[1] < 12 else NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+    ax_loss.yaxis.set_major_formatter(plain)
+    # label 2 and 5 between the powers of ten, so a short range still has a scale
+    some = FuncFormatter(lambda value, _pos: f"{value:g}" if f"{value:.0e}"[0] in "25" else "")
+    ax_loss.yaxis.set_minor_formatter(some)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

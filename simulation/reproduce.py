@@ -249,6 +249,21 @@ def run_federated(artifact, task_name: str, profile: Profile, data_root: Path, o
 
 
 # ------------------------------------------------------------------ the run
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _machine(load_start: float | None) -> dict:
+    """CPUs, torch threads and the load average: what the times in the report depend on."""
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__, "load_start": load_start, "load_end": _load_average()}
+
+
 def _unique_tasks(tasks: Iterable[str] | None) -> list[str]:
     from common.tasks import TASKS, get_task
 
@@ -301,6 +316,7 @@ def reproduce(
         say(f"[{step}/{total_steps}] {text}")
 
     started = time.perf_counter()
+    load_start = _load_average()
     staging = _staging_dir(out_dir)
     try:
         stages: dict[str, float] = {}
@@ -356,6 +372,7 @@ def reproduce(
         t0 = time.perf_counter()
         stage("report: results.json, report.md, plots")
         results["cost_ratio"] = report.cost_ratios(results)
+        results["machine"] = _machine(load_start)
         results["total_seconds"] = time.perf_counter() - started
         report.write_outputs(results, staging)
         stages["report"] = time.perf_counter() - t0
