@@ -225,8 +225,7 @@ def run_federated(artifact, task_name: str, profile: Profile, data_root: Path, o
     config = FederateConfig(
         task=task_name, clients=profile.fed_clients, rounds=profile.fed_rounds,
         local_epochs=profile.fed_local_epochs, encoder=Path(artifact.path), data_root=Path(data_root),
-        out=out, partition="iid", centralized_epochs=profile.fed_rounds * profile.fed_local_epochs,
-        progress=progress,
+        out=out, partition="iid", progress=progress,
     )
     result = federate(config)
     rounds = result.get("rounds", [])
