@@ -14,7 +14,7 @@ from torch import nn
 
 def sign(x: torch.Tensor) -> torch.Tensor:
     """Forward: ``+1`` where ``x >= 0``, else ``-1``, in ``x``'s dtype. No gradient."""
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    return (x >= 0).to(x.dtype).mul_(2).sub_(1)
 
 
 class _SignSTE(torch.autograd.Function):

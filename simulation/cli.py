@@ -106,13 +106,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from common.encoder import load_encoder_artifact
     from common.pipeline import train_hybnn
     from common.tasks import get_task
-    from common.training import TrainConfig
+    from dataclasses import replace
+
+    from common.pipeline import HYBNN_TRAIN_CONFIG
 
     task = get_task(args.task)
     artifact = load_encoder_artifact(args.encoder)
-    config = TrainConfig(epochs=args.epochs, seed=args.seed,
-                         **({"lr": args.lr} if args.lr else {}),
-                         **({"batch_size": args.batch_size} if args.batch_size else {}))
+    config = replace(HYBNN_TRAIN_CONFIG, epochs=args.epochs, seed=args.seed,
+                     lr=args.lr or HYBNN_TRAIN_CONFIG.lr,
+                     batch_size=args.batch_size or HYBNN_TRAIN_CONFIG.batch_size)
     run = train_hybnn(artifact, task, args.data_root, config, hidden=args.hidden)
     out = args.out or Path("runs") / f"bnn-{task.name}"
     save_bnn(run.model, out, meta={"task": task.name, "encoder_sha256": artifact.sha256,
@@ -239,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: %(default)s")
     p.add_argument("--hidden", type=hidden_sizes, default=(128,),
                    help="binary hidden layer widths, comma-separated (default: 128)")
-    p.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate")
-    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate (default: 0.03)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: 1024")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="where to save the trained BNN (default: runs/bnn-TASK)")

@@ -187,12 +187,13 @@ def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir
     import torch
 
     from common.bnn_io import save_bnn
-    from common.pipeline import train_hybnn
+    from dataclasses import replace
+
+    from common.pipeline import HYBNN_TRAIN_CONFIG, train_hybnn
     from common.tasks import get_task
-    from common.training import TrainConfig
 
     task = get_task(task_name)
-    config = TrainConfig(epochs=epochs, seed=seed)
+    config = replace(HYBNN_TRAIN_CONFIG, epochs=epochs, seed=seed)
     torch.manual_seed(seed)  # the BNN's initial latent weights
     run = train_hybnn(artifact, task, data_root, config, progress=progress)
     from common.features import load_codes
