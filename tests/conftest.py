@@ -18,3 +18,30 @@ def mnist_root() -> Path:
     root = Path(os.environ.get("HYBNN_DATA_ROOT", REPO_ROOT / "data"))
     ensure_mnist(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def mnist_encoder(mnist_root, tmp_path_factory):
+    """A real (briefly trained) encoder artifact with MNIST's codes cached: ``(artifact, data_root)``.
+
+    One VAE epoch on 2,048 training images: its codes carry real signal, enough to
+    train and check BNNs on the whole MNIST test set of every task within seconds.
+    ``$HYBNN_TEST_ENCODER`` names a better artifact to use instead.
+    """
+    from common.data import dataset_sha256, load_mnist
+    from common.encoder import load_encoder_artifact, save_encoder_artifact
+    from common.features import load_codes
+    from common.vae import VAEConfig, VAETrainConfig, train_vae
+
+    if os.environ.get("HYBNN_TEST_ENCODER"):
+        artifact = load_encoder_artifact(os.environ["HYBNN_TEST_ENCODER"])
+    else:
+        images, labels = load_mnist(mnist_root, "train")
+        train_config = VAETrainConfig(epochs=1, seed=0)
+        vae, history = train_vae(images[:2048], VAEConfig(), train_config, progress=False)
+        artifact = save_encoder_artifact(
+            vae, tmp_path_factory.mktemp("encoder"), data_sha256=dataset_sha256(images[:2048], labels[:2048]),
+            train_config=train_config.to_dict(), history=history)
+    for split in ("train", "test"):
+        load_codes(artifact, mnist_root, split, progress=False)
+    return artifact, mnist_root

@@ -161,40 +161,10 @@ def test_more_classes_than_a_byte_holds_are_refused() -> None:
 
 
 # ---------------------------------------------------------------- real MNIST codes
-def _real_encoder():
-    """The first encoder artifact whose MNIST codes are already cached, or None.
-
-    ``$HYBNN_EDGE_ENCODER`` names one explicitly; otherwise the paper's and the default
-    artifact directories are tried. Encoding MNIST takes minutes, so this test only
-    uses codes that ``hybnn extract`` has cached.
-    """
-    import os
-    from pathlib import Path
-
-    from common.encoder import load_encoder_artifact
-    from common.features import cache_path
-
-    data_root = Path(os.environ.get("HYBNN_DATA_ROOT", "data"))
-    candidates = [os.environ.get("HYBNN_EDGE_ENCODER"), "artifacts/encoder-paper", "artifacts/encoder"]
-    for candidate in filter(None, candidates):
-        if not Path(candidate, "manifest.json").exists():
-            continue
-        try:
-            artifact = load_encoder_artifact(candidate)
-        except HyBNNError:
-            continue
-        if all(cache_path(artifact, data_root, s).exists() for s in ("train", "test")):
-            return artifact, data_root
-    return None
-
-
 @pytest.mark.parametrize("task_name", ["0v1", "2v3", "4v5", "6v7", "8v9", "all10"])
-def test_whole_mnist_test_set_agrees_for_every_task(tmp_path, task_name: str) -> None:
+def test_whole_mnist_test_set_agrees_for_every_task(tmp_path, task_name: str, mnist_encoder) -> None:
     """numpy and C (strict flags) give torch's predictions on the task's entire test set."""
-    found = _real_encoder()
-    if found is None:
-        pytest.skip("no encoder artifact with cached MNIST codes (run `hybnn extract`, or set HYBNN_EDGE_ENCODER)")
-    artifact, data_root = found
+    artifact, data_root = mnist_encoder
     from common.bnn import codes_to_inputs
     from common.edge import predict
     from common.features import load_codes
