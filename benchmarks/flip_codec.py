@@ -10,6 +10,9 @@ command's defaults (IID split, vote aggregation, 2 local epochs, cosine learning
 once with ``--uplink-codec signs``, once with ``--uplink-codec flips``. Each run is its own
 process, so one Ray session never leaks into the next. ``--reuse`` keeps a finished
 run's results.json instead of running it again (to resume an interrupted measurement).
+``--flips-lr 0.01`` adds, after all the default runs, one more flip run per task at that
+peak learning rate, compared against the default sign-codec run: the learning rate, not
+the coding, decides how many signs flip per round.
 
 Reported per task, from results.json (the server measures every reply):
 
@@ -40,9 +43,10 @@ TARGET_BITS = 0.25
 TARGET_POINTS = 0.1
 
 
-def run(task: str, uplink_codec: str, args: argparse.Namespace) -> dict:
+def run(task: str, uplink_codec: str, args: argparse.Namespace, lr: float | None = None) -> dict:
     """One ``hybnn federate`` run (or its earlier results with ``--reuse``); its results.json."""
-    out = Path(args.out) / f"{task}-{uplink_codec}"
+    name = f"{task}-{uplink_codec}" + (f"-lr{lr:g}" if lr is not None else "")
+    out = Path(args.out) / name
     results_path = out / "results.json"
     if args.reuse and results_path.exists():
         results = json.loads(results_path.read_text())
@@ -52,10 +56,10 @@ def run(task: str, uplink_codec: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, "-m", "simulation.cli", "federate", "--task", task, "--clients", str(args.clients),
                "--rounds", str(args.rounds), "--partition", "iid", "--uplink-codec", uplink_codec,
                "--encoder", str(args.encoder), "--data-root", str(args.data_root), "--seed", str(args.seed),
-               "--out", str(out)]
+               "--out", str(out)] + (["--lr", str(lr)] if lr is not None else [])
     print(f"[{task} {uplink_codec}] {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
-    log_path = Path(args.out) / f"{task}-{uplink_codec}.log"
+    log_path = Path(args.out) / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -87,12 +91,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/flip-codec")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs' results.json")
+    parser.add_argument("--flips-lr", type=float, nargs="*", default=[],
+                        help="extra flip runs per task at these peak learning rates (after the default runs)")
     args = parser.parse_args()
 
     rows = []
     per_round: dict[int, list[tuple[float, float]]] = {}
+    default_runs = {}
     for task in args.tasks:
-        res = {name: run(task, name, args) for name in CODECS}
+        res = default_runs[task] = {name: run(task, name, args) for name in CODECS}
         acc = {name: res[name]["final_test_acc"] for name in CODECS}
         rows.append({
             "task": task,
@@ -136,6 +143,10 @@ def main() -> None:
         print(f"| {rnd} | {lr_for_round(rnd, args.rounds):.5f} | {100 * sum(fractions) / len(fractions):.2f}% | "
               f"{sum(bits) / len(bits):.3f} |")
     print()
+    late = [sum(b for _, b in per_round[k]) / len(per_round[k]) for k in per_round if k > last // 2]
+    late_bits = sum(late) / len(late) if late else math.nan
+    print(f"Second half (rounds {last // 2 + 1}-{last}), flips codec: {late_bits:.3f} bits per binary weight "
+          "per client and round, mean over tasks.")
     worst = max(abs(r["diff_points"]) for r in rows)
     bits_ok = mean["flip_sign_bits"] <= TARGET_BITS
     acc_ok = worst <= TARGET_POINTS
@@ -144,8 +155,34 @@ def main() -> None:
           f"{mean['flip_record_bits']:.3f} for the whole uplink record (sign codec {mean['signs_record_bits']:.3f}); "
           f"largest final accuracy difference {worst:.2f} points. Target <= {TARGET_BITS} bits and <= "
           f"{TARGET_POINTS} points: bits {'met' if bits_ok else 'NOT met'}, accuracy {'met' if acc_ok else 'NOT met'}.")
+    extra = []
+    for lr in args.flips_lr:
+        for task in args.tasks:
+            flips = run(task, "flips", args, lr=lr)
+            signs_acc = default_runs[task]["signs"]["final_test_acc"]
+            extra.append({"lr": lr, "task": task, "acc_signs_default_lr": signs_acc,
+                          "acc_flips": flips["final_test_acc"],
+                          "diff_points": (flips["final_test_acc"] - signs_acc) * 100,
+                          "flip_sign_bits": mean_after_first(flips, "sign_bits_per_binary_weight"),
+                          "flip_record_bits": mean_after_first(flips, "uplink_bits_per_binary_weight"),
+                          "flip_fraction": mean_after_first(flips, "sign_flip_fraction")})
+        rows_lr = [e for e in extra if e["lr"] == lr]
+        print()
+        print(f"Flips at peak lr {lr:g} (cosine) against the sign codec at the default lr:")
+        print()
+        print("| task | final acc signs (default lr) | final acc flips (lr %g) | diff (points) | flips: weight bits/w | "
+              "flips: whole record bits/w | signs flipped per round |" % lr)
+        print("|---|---|---|---|---|---|---|")
+        for e in rows_lr:
+            print(f"| {e['task']} | {e['acc_signs_default_lr']:.4f} | {e['acc_flips']:.4f} | {e['diff_points']:+.2f} | "
+                  f"{e['flip_sign_bits']:.3f} | {e['flip_record_bits']:.3f} | {100 * e['flip_fraction']:.2f}% |")
+        bits = sum(e["flip_sign_bits"] for e in rows_lr) / len(rows_lr)
+        worst_lr = max(abs(e["diff_points"]) for e in rows_lr)
+        print()
+        print(f"Summary (lr {lr:g}): {bits:.3f} bits per binary weight per client and round, largest final accuracy "
+              f"difference against the default sign codec {worst_lr:.2f} points.")
     summary_path = Path(args.out) / "summary.json"
-    summary_path.write_text(json.dumps({"rows": rows, "mean": mean, "per_round": {
+    summary_path.write_text(json.dumps({"rows": rows, "mean": mean, "extra": extra, "per_round": {
         k: {"flip_fraction": sum(f for f, _ in v) / len(v), "sign_bits": sum(b for _, b in v) / len(v)}
         for k, v in per_round.items()}}, indent=2))
 
