@@ -38,9 +38,9 @@ binary logits a learnable scale, the same as the HyBNN BNN's output layer. In
 norm follows each one).
 
 All three train through :func:`common.training.fit` with the project's default
-:class:`~common.training.TrainConfig` (Adam at 1e-2 with cosine decay, batch 256),
-the same recipe as the HyBNN BNN; only the number of epochs differs. Nothing here is
-tuned against HyBNN.
+:class:`~common.training.TrainConfig` (Adam at 1e-2 with cosine decay, batch 256);
+only the number of epochs differs between them. The HyBNN BNN uses its own measured
+recipe (``common.pipeline.HYBNN_TRAIN_CONFIG``). Nothing here is tuned against HyBNN.
 """
 
 from __future__ import annotations
