@@ -55,6 +55,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.binarize import LatentClipMixin, sign, sign_ste
+from common.bnn import BinaryLinear
 from common.errors import HyBNNError
 from common.training import TrainConfig, evaluate, fit
 
@@ -116,17 +117,6 @@ class BinaryConv2d(LatentClipMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, sign_ste(self.weight), None)
-
-
-class BinaryLinear(LatentClipMixin, nn.Linear):
-    """A linear layer without bias whose weights are ``sign(latent weight)``."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
-        nn.init.uniform_(self.weight, -1.0, 1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, sign_ste(self.weight))
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ of one that loads silently wrong weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -31,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.data import sha256_file
 from common.errors import HyBNNError
 from common.vae import BinaryVAE, Encoder, VAEConfig
 
@@ -69,14 +69,6 @@ class EncoderArtifact:
     @property
     def config(self) -> VAEConfig:
         return VAEConfig.from_dict(self.manifest["architecture"])
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _rebuild_hint(out_dir: Path) -> str:
@@ -126,7 +118,7 @@ def save_encoder_artifact(
         save_file(_encoder_state(encoder), tmp_weights, metadata={"format": FORMAT})
         with open(tmp_weights, "rb+") as f:
             os.fsync(f.fileno())
-        weights_sha = _sha256(Path(tmp_weights))
+        weights_sha = sha256_file(Path(tmp_weights))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -221,7 +213,7 @@ def load_encoder_artifact(path: Path | str, expected_sha256: str | None = None) 
             f"The encoder weights {weights_path} named by {art_dir / MANIFEST_FILE} are missing; "
             f"{hint}."
         )
-    actual = _sha256(weights_path)
+    actual = sha256_file(weights_path)
     if actual != manifest["weights_sha256"]:
         raise HyBNNError(
             f"The encoder weights {weights_path} have sha256 {actual}, but "
