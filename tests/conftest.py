@@ -10,6 +10,19 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def fixed_encoder(path: Path) -> Path:
+    """An untrained encoder with fixed weights: the same artifact (and sha256) in every
+    test that uses it, so its MNIST codes are computed once and then read from the cache."""
+    import torch
+
+    from common.encoder import save_encoder_artifact
+    from common.vae import BinaryVAE, VAEConfig
+
+    torch.manual_seed(1234)
+    save_encoder_artifact(BinaryVAE(VAEConfig()).eval(), path, data_sha256="0" * 64, train_config={}, history=[])
+    return path
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     """The data root with real MNIST, fetched once (from local files or the pinned mirror)."""

@@ -7,17 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-
-
-def fixed_encoder(path: Path) -> Path:
-    """An untrained encoder with fixed weights (the same as test_simulation's, so codes are cached once)."""
-    from common.encoder import save_encoder_artifact
-    from common.vae import BinaryVAE, VAEConfig
-
-    torch.manual_seed(1234)
-    save_encoder_artifact(BinaryVAE(VAEConfig()).eval(), path, data_sha256="0" * 64, train_config={}, history=[])
-    return path
+from tests.conftest import fixed_encoder
 
 
 @pytest.mark.slow

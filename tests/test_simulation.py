@@ -9,19 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from tests.conftest import fixed_encoder
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def fixed_encoder(path: Path) -> Path:
-    """An untrained encoder with fixed weights: its codes are cached once under its hash."""
-    from common.encoder import save_encoder_artifact
-    from common.vae import BinaryVAE, VAEConfig
-
-    torch.manual_seed(1234)
-    save_encoder_artifact(BinaryVAE(VAEConfig()).eval(), path, data_sha256="0" * 64, train_config={}, history=[])
-    return path
 
 
 @pytest.mark.slow
