@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $(STAMP)
 
-## The paper's experiment, end to end (about 35 minutes on 2 cores).
+## The paper's experiment, end to end (about 30 minutes on 2 cores).
 reproduce: install
 	$(VENV)/bin/hybnn reproduce --profile paper --out $(OUT)
 
-## A first look in a few minutes.
+## A first look with short training (about 12 minutes on 2 cores).
 quick: install
 	$(VENV)/bin/hybnn reproduce --profile quick --out runs/quick
 
