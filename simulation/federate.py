@@ -246,6 +246,7 @@ def plot_rounds(results: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = results["rounds"]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
@@ -269,6 +270,7 @@ def plot_rounds(results: dict, path: Path) -> Path:
     ax_acc.set(title=f"FedHyBNN {task}: accuracy", xlabel="round", ylabel="accuracy")
     ax_loss.set(title=f"FedHyBNN {task}: loss", xlabel="round", ylabel="cross-entropy")
     for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
