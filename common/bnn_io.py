@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from common.bnn import BNN, BNNConfig
 from common.errors import HyBNNError
+from common.fileio import atomic_write_bytes
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
@@ -27,20 +27,15 @@ def save_bnn(model: BNN, out_dir: Path | str, meta: dict | None = None) -> Path:
     """Write ``model`` to ``out_dir`` (created if needed); return the directory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / WEIGHTS_NAME
-    tmp = weights.with_name(weights.name + ".tmp")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    os.replace(tmp, weights)
+    weights = save({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     sidecar = {
         "format": FORMAT,
         "config": model.config.to_dict(),
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "meta": meta or {},
     }
-    tmp = out_dir / (META_NAME + ".tmp")
-    tmp.write_text(json.dumps(sidecar, indent=2))
-    os.replace(tmp, out_dir / META_NAME)
+    atomic_write_bytes(out_dir / WEIGHTS_NAME, weights)
+    atomic_write_bytes(out_dir / META_NAME, json.dumps(sidecar, indent=2).encode())
     return out_dir
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import HyBNNError
+from common.fileio import atomic_write_bytes
 
 DEFAULT_DATA_ROOT = Path(os.environ.get("HYBNN_DATA_ROOT", "data"))
 
@@ -80,11 +81,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
         f">{array.ndim}I", *array.shape
     )
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(array.tobytes())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, header + array.tobytes())
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -18,20 +18,20 @@ of one that loads silently wrong weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from common.data import sha256_file
 from common.errors import HyBNNError
+from common.fileio import atomic_write_bytes
 from common.vae import BinaryVAE, Encoder, VAEConfig
 
 FORMAT = "hybnn-encoder"
@@ -75,19 +75,6 @@ def _rebuild_hint(out_dir: Path) -> str:
     return f"run `hybnn pretrain --out {out_dir}` to rebuild it"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _encoder_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Contiguous, detached copies of the encoder's tensors (safetensors needs both)."""
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
@@ -112,33 +99,24 @@ def save_encoder_artifact(
     encoder = vae.encoder if isinstance(vae, BinaryVAE) else vae
     config: VAEConfig = encoder.config
 
-    fd, tmp_weights = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        save_file(_encoder_state(encoder), tmp_weights, metadata={"format": FORMAT})
-        with open(tmp_weights, "rb+") as f:
-            os.fsync(f.fileno())
-        weights_sha = sha256_file(Path(tmp_weights))
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "architecture": config.to_dict(),
-            "latent_bits": config.latent_bits,
-            "variant": config.variant,
-            "data_sha256": data_sha256,
-            "train_config": dict(train_config),
-            "history": list(history),
-            "weights_file": WEIGHTS_FILE,
-            "weights_sha256": weights_sha,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "torch_version": torch.__version__,
-        }
-        manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-        os.replace(tmp_weights, out_dir / WEIGHTS_FILE)
-    except BaseException:
-        Path(tmp_weights).unlink(missing_ok=True)
-        raise
-    _atomic_write_bytes(out_dir / MANIFEST_FILE, manifest_bytes)
+    weights = save(_encoder_state(encoder), metadata={"format": FORMAT})
+    weights_sha = hashlib.sha256(weights).hexdigest()
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": config.to_dict(),
+        "latent_bits": config.latent_bits,
+        "variant": config.variant,
+        "data_sha256": data_sha256,
+        "train_config": dict(train_config),
+        "history": list(history),
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": weights_sha,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch_version": torch.__version__,
+    }
+    atomic_write_bytes(out_dir / WEIGHTS_FILE, weights)
+    atomic_write_bytes(out_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return load_encoder_artifact(out_dir, expected_sha256=weights_sha)
 
 

@@ -12,14 +12,12 @@ be read, or holds the wrong shape or dtype, is rebuilt with a logged warning.
 
 from __future__ import annotations
 
+import copy
+import io
 import logging
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import copy
 
 import numpy as np
 import torch
@@ -28,6 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
 from common.data import load_mnist
+from common.fileio import atomic_write_bytes
 from common.packing import pack_bits, packed_length
 from common.vae import Encoder, images_to_tensor
 
@@ -144,16 +143,9 @@ def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray) -> np.ndar
 
 def _write_cache(path: Path, codes: np.ndarray, labels: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, codes=codes, labels=labels, version=np.int64(CACHE_FORMAT_VERSION))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, codes=codes, labels=labels, version=np.int64(CACHE_FORMAT_VERSION))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_codes(

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from common.errors import HyBNNError
+from common.fileio import atomic_write_bytes
 
 SCHEMA = "hybnn-results/1"
 RESULTS_FILE = "results.json"
@@ -112,9 +112,7 @@ def read_results(path: Path | str) -> dict:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 # ------------------------------------------------------------------ numbers

@@ -156,7 +156,7 @@ def test_failed_save_keeps_the_old_artifact(tmp_path: Path, artifact: EncoderArt
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(enc, "save_file", broken_save)
+    monkeypatch.setattr(enc, "save", broken_save)
     with pytest.raises(OSError):
         save_encoder_artifact(make_vae(seed=1), tmp_path / "enc", data_sha256=DATA_SHA,
                               train_config={}, history=[])
