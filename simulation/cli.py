@@ -140,16 +140,20 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
               encoder_dir=args.encoder_dir, tasks=args.tasks, federated=not args.no_federated)
 
 
+def _federation_settings(args: argparse.Namespace) -> dict:
+    """The options `federate` and `deploy-local` share, as FederateConfig fields."""
+    return dict(
+        task=args.task, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
+        partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
+        uplink_codec=args.uplink_codec, encoder=args.encoder, data_root=args.data_root, out=args.out,
+        seed=args.seed, batch_size=args.batch_size, centralized_epochs=args.centralized_epochs,
+    )
+
+
 def cmd_federate(args: argparse.Namespace) -> None:
     from simulation.federate import FederateConfig, describe, federate
 
-    config = FederateConfig(
-        task=args.task, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
-        partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
-        uplink_codec=args.uplink_codec,
-        encoder=args.encoder, data_root=args.data_root, out=args.out, seed=args.seed,
-        batch_size=args.batch_size, centralized_epochs=args.centralized_epochs or args.rounds * args.local_epochs,
-    )
+    config = FederateConfig(**_federation_settings(args))
     results = federate(config)
     print(describe(results))
     print(f"Results written to {args.out / 'results.json'} and {args.out / 'federated.png'}")
@@ -159,14 +163,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> None:
     from simulation.deploy_local import DeployConfig, deploy_local
     from simulation.federate import describe
 
-    config = DeployConfig(
-        task=args.task, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
-        partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
-        uplink_codec=args.uplink_codec,
-        encoder=args.encoder, data_root=args.data_root, out=args.out, seed=args.seed,
-        batch_size=args.batch_size, centralized_epochs=args.centralized_epochs or args.rounds * args.local_epochs,
-        min_nodes=args.min_nodes,
-    )
+    config = DeployConfig(**_federation_settings(args), min_nodes=args.min_nodes)
     results = deploy_local(config)
     print(describe(results))
     print(f"Results written to {args.out / 'results.json'}")

@@ -10,6 +10,17 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def flower_task_identity():
+    """Flower stamps messages with the identity of the running task; give a test one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
 def fixed_encoder(path: Path) -> Path:
     """An untrained encoder with fixed weights: the same artifact (and sha256) in every
     test that uses it, so its MNIST codes are computed once and then read from the cache."""

@@ -16,15 +16,7 @@ CONFIG = BNNConfig(in_bits=8, hidden=(2,), num_classes=2)  # 16 + 4 = 20 binary 
 LAYOUT = codec.layout_for(CONFIG)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower stamps messages with the identity of the running task; give tests one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def reply(node_id: int, signs: np.ndarray, bn: np.ndarray, n: int, **overrides) -> Message:
