@@ -182,7 +182,7 @@ def train_local(
     seed: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
     """Start from the global model, train locally, return ``(packed BNN, metrics)``."""
-    config = BNNConfig(in_bits=x.shape[1], num_classes=num_classes)
+    config = BNNConfig.for_task(x.shape[1], num_classes)
     layout = codec.layout_for(config)
     kind = codec.validate(global_payload, layout)
     weights, bn = codec.decode(global_payload, layout, kind)

@@ -128,6 +128,17 @@ def _secs(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def _hybnn_shapes(results: dict) -> str:
+    """``"0v1 200-128-2, ..., all10 200-512-10"`` from the hybnn entries that record a shape."""
+    parts = []
+    for task, entry in results["tasks"].items():
+        hybnn = entry.get("hybnn", {})
+        if "hidden" in hybnn and "in_bits" in hybnn and "num_classes" in hybnn:
+            widths = [hybnn["in_bits"], *hybnn["hidden"], hybnn["num_classes"]]
+            parts.append(f"{task} {'-'.join(str(w) for w in widths)}")
+    return ", ".join(parts)
+
+
 def cost_ratios(results: dict) -> dict:
     """HyBNN BNN training time over bcnn-centered training time, per pair task.
 
@@ -209,6 +220,11 @@ def render_report(results: dict) -> str:
                     + [PAPER_FEDERATED])
     out.append(_markdown_table(header, rows))
     out += ["", "Models: " + "; ".join(f"`{m}` = {MODEL_LABELS[m]}" for m in models) + "."]
+    shapes = _hybnn_shapes(results)
+    if shapes:
+        out += ["", "HyBNN BNN shapes (input bits - hidden units - classes): " + shapes
+                + ". The pair tasks use the paper's 128 hidden units; with binary output weights, ten "
+                "classes need more hidden units (docs/reproduce.md)."]
     if "bcnn-sign" in models:
         out += ["", BCNN_SIGN_REASON]
     out += ["", "The baselines are reported as they come out, trained with the project's generic "

@@ -161,7 +161,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
     bits = int(artifact.config.latent_bits)
     x_test, y_test = codes_to_inputs(codes, bits), torch.from_numpy(labels)
 
-    config = BNNConfig(in_bits=bits, num_classes=task.num_classes)
+    config = BNNConfig.for_task(bits, task.num_classes)
     layout = codec.layout_for(config)
     torch.manual_seed(settings.seed)
     initial = BNN(config)

@@ -123,7 +123,7 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
         codes, labels = select_task(codes, labels, task)
         split[name] = (codes_to_inputs(codes, bits), torch.from_numpy(labels))
     torch.manual_seed(config.seed)
-    model = BNN(BNNConfig(in_bits=bits, num_classes=task.num_classes))
+    model = BNN(BNNConfig.for_task(bits, task.num_classes))
     train_config = TrainConfig(epochs=epochs, lr=config.lr,
                                batch_size=config.batch_size, seed=config.seed)
     # A 26k-weight BNN gains nothing from intra-op threads; on a busy machine they cost 10x.

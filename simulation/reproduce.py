@@ -183,7 +183,7 @@ def ensure_encoder(
 
 def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir: Path,
               *, progress: bool = True, seed: int = 0) -> dict:
-    """Train the paper's BNN on ``task_name`` and save it under ``models_dir/<task>``."""
+    """Train the task's BNN (:meth:`BNNConfig.for_task`) and save it under ``models_dir/<task>``."""
     import torch
 
     from common.bnn_io import save_bnn
@@ -213,7 +213,9 @@ def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir
         "history": run.train.history,
         "train_config": config.to_dict(),
         "train_samples": train_samples,
+        "in_bits": run.model.config.in_bits,
         "hidden": list(run.model.config.hidden),
+        "num_classes": run.model.config.num_classes,
         "model_dir": str(Path("models") / task.name),
     }
 

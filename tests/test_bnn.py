@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.bnn import BNN, BNNConfig, codes_to_inputs
+from common.bnn import BNN, BNNConfig, codes_to_inputs, default_hidden
 from common.bnn_io import load_bnn, save_bnn
 from common.errors import HyBNNError
 from common.packing import pack_signs
@@ -22,6 +22,17 @@ def test_paper_shape_and_configurable_depth():
     deep = BNN(BNNConfig(in_bits=200, hidden=(256, 64), num_classes=10))
     assert [tuple(l.weight.shape) for l in deep.binary_layers()] == [(256, 200), (64, 256), (10, 64)]
     assert deep(torch.ones(3, 200)).shape == (3, 10)
+
+
+def test_task_default_shapes():
+    """Pair tasks get the paper's 128 hidden units; ten classes get 512 (docs/reproduce.md)."""
+    from common.tasks import TASKS, get_task
+
+    shapes = {name: BNNConfig.for_task(200, get_task(name).num_classes) for name in TASKS}
+    for name in ("0v1", "2v3", "4v5", "6v7", "8v9"):
+        assert shapes[name] == BNNConfig(in_bits=200, hidden=(128,), num_classes=2)
+    assert shapes["all10"] == BNNConfig(in_bits=200, hidden=(512,), num_classes=10)
+    assert default_hidden(2) == (128,) and default_hidden(10) == (512,)
 
 
 def test_hidden_activations_are_binary():
@@ -92,3 +103,18 @@ def test_corrupt_or_missing_model_is_refused(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(HyBNNError, match="does not hold a BNN"):
         load_bnn(tmp_path)
+
+
+def test_train_hybnn_takes_the_task_shape_unless_told(mnist_encoder):
+    from dataclasses import replace
+
+    from common.pipeline import HYBNN_TRAIN_CONFIG, train_hybnn
+    from common.tasks import get_task
+
+    artifact, data_root = mnist_encoder
+    one_epoch = replace(HYBNN_TRAIN_CONFIG, epochs=1)
+    all10 = train_hybnn(artifact, get_task("all10"), data_root, one_epoch, progress=False)
+    assert all10.model.config == BNNConfig(in_bits=200, hidden=(512,), num_classes=10)
+    narrow = train_hybnn(artifact, get_task("0v1"), data_root, one_epoch, hidden=(16,), progress=False)
+    assert narrow.model.config == BNNConfig(in_bits=200, hidden=(16,), num_classes=2)
+    assert 0.0 <= narrow.test_acc <= 1.0 and len(narrow.train.history) == 1

@@ -34,6 +34,15 @@ def test_bad_options_are_usage_errors(args, expected):
     assert "Traceback" not in proc.stderr
 
 
+def test_train_help_states_the_recipe_the_code_uses():
+    from common.pipeline import HYBNN_TRAIN_CONFIG
+
+    text = " ".join(hybnn("train", "--help").stdout.split())
+    assert f"Adam learning rate (default: {HYBNN_TRAIN_CONFIG.lr:g})" in text
+    assert f"--batch-size BATCH_SIZE default: {HYBNN_TRAIN_CONFIG.batch_size}" in text
+    assert "default: 128, the paper's, for the pair tasks; 512 for all10" in text
+
+
 def test_missing_encoder_names_the_path_and_the_fix(tmp_path, mnist_root):
     missing = tmp_path / "no-such-encoder"
     proc = hybnn("train", "--task", "0v1", "--encoder", str(missing), "--data-root", str(mnist_root))

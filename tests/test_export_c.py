@@ -175,7 +175,7 @@ def test_whole_mnist_test_set_agrees_for_every_task(tmp_path, task_name: str, mn
     train_codes, train_labels = select_task(*load_codes(artifact, data_root, "train", progress=False), task)
     test_codes, _ = select_task(*load_codes(artifact, data_root, "test", progress=False), task)
     torch.set_num_threads(1)
-    model = BNN(BNNConfig(in_bits=artifact.config.latent_bits, hidden=(128,), num_classes=task.num_classes))
+    model = BNN(BNNConfig.for_task(artifact.config.latent_bits, task.num_classes))  # all10: 512 hidden
     x = codes_to_inputs(train_codes[:4000], artifact.config.latent_bits)
     fit(model, x, torch.from_numpy(train_labels[:4000]), TrainConfig(epochs=1, batch_size=128), progress=False)
     want = torch_predict(model, codes_to_inputs(test_codes, artifact.config.latent_bits)).numpy()

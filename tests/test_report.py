@@ -36,6 +36,8 @@ def fake_results(federated: bool = True) -> dict:
             "float_fedavg_uplink_bytes": 104000, "uplink_fraction_of_float": 4000 / 104000,
             "seconds": 70.0,
         }
+    results["tasks"]["0v1"]["hybnn"].update(in_bits=200, hidden=[128], num_classes=2)
+    results["tasks"]["all10"]["hybnn"].update(in_bits=200, hidden=[512], num_classes=10)
     results["stages"] = {"encoder": 1.0, "hybnn": 46.0}
     results["total_seconds"] = 900.0
     return results
@@ -56,6 +58,7 @@ def test_report_table_has_paper_column_times_and_ratio():
     assert "which meets the target" in text
     assert "## FedHyBNN" in text and "| 0v1 | 3 clients, 20 rounds | 99.80% | 99.90% | 3 |" in text
     assert "(1/26)" in text
+    assert "HyBNN BNN shapes (input bits - hidden units - classes): 0v1 200-128-2, all10 200-512-10." in text
 
 
 def test_cost_ratio_scales_short_profiles_to_paper_epochs_and_samples():
