@@ -55,6 +55,7 @@ def train_hybnn(
     config = BNNConfig.for_task(x_train.shape[1], task.num_classes)
     if hidden is not None:
         config = replace(config, hidden=tuple(hidden))
+    torch.manual_seed(train_config.seed)  # the initial latent weights; fit seeds the batch order
     model = BNN(config)
     result = fit(model, x_train, y_train, train_config, desc=f"hybnn {task.name}", progress=progress)
     metrics = evaluate(model, x_test, y_test)

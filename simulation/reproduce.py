@@ -184,8 +184,6 @@ def ensure_encoder(
 def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir: Path,
               *, progress: bool = True, seed: int = 0) -> dict:
     """Train the task's BNN (:meth:`BNNConfig.for_task`) and save it under ``models_dir/<task>``."""
-    import torch
-
     from common.bnn_io import save_bnn
     from dataclasses import replace
 
@@ -194,7 +192,6 @@ def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir
 
     task = get_task(task_name)
     config = replace(HYBNN_TRAIN_CONFIG, epochs=epochs, seed=seed)
-    torch.manual_seed(seed)  # the BNN's initial latent weights
     run = train_hybnn(artifact, task, data_root, config, progress=progress)
     from common.features import load_codes
     from common.tasks import select_task

@@ -118,3 +118,9 @@ def test_train_hybnn_takes_the_task_shape_unless_told(mnist_encoder):
     narrow = train_hybnn(artifact, get_task("0v1"), data_root, one_epoch, hidden=(16,), progress=False)
     assert narrow.model.config == BNNConfig(in_bits=200, hidden=(16,), num_classes=2)
     assert 0.0 <= narrow.test_acc <= 1.0 and len(narrow.train.history) == 1
+    # the seed fixes the initial weights as well as the batch order
+    again = train_hybnn(artifact, get_task("0v1"), data_root, one_epoch, hidden=(16,), progress=False)
+    assert torch.equal(again.model.hidden[0].weight, narrow.model.hidden[0].weight)
+    other = train_hybnn(artifact, get_task("0v1"), data_root, replace(one_epoch, seed=1), hidden=(16,),
+                        progress=False)
+    assert not torch.equal(other.model.hidden[0].weight, narrow.model.hidden[0].weight)
