@@ -25,7 +25,7 @@ PAPER_HIDDEN: tuple[int, ...] = (128,)
 MULTICLASS_HIDDEN: tuple[int, ...] = (512,)
 """The hidden layer for tasks with more than two classes (``all10``). With binary
 output weights every hidden unit votes +-1 for every class, and 128 votes shared by
-ten classes hold ``all10`` to about 95.3%; 512 reach about 97% (docs/reproduce.md)."""
+ten classes hold ``all10`` to about 95%; 512 reach about 97% (docs/reproduce.md)."""
 
 
 def default_hidden(num_classes: int) -> tuple[int, ...]:

@@ -1,7 +1,8 @@
 """Experiment profiles: how long each stage trains.
 
 ``paper`` follows the paper: VAE about 20 epochs, BNN 100 epochs, baselines 15
-epochs, three federated clients. ``quick`` is a first look with short training (about 12 minutes on 2 cores).
+epochs, three federated clients. ``quick`` is a first look with short training
+(about 5 minutes on 2 cores).
 ``smoke`` exists for the end-to-end tests: it trains on a few thousand samples for
 one or two epochs, so its accuracies mean nothing.
 """
