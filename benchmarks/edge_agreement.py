@@ -55,7 +55,8 @@ def main() -> int:
                 got_c = kernel.predict(task_codes)
                 c_bytes = kernel.model_bytes
             got_np = predict(deployed, task_codes)
-            fp32 = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+            # the whole float32 state dict, batch-norm counters included, as benchmarks/bnn_inference.py counts it
+            fp32 = sum(t.numel() * t.element_size() for t in model.state_dict().values())
             agree_np, agree_c = np.mean(got_np == want), np.mean(got_c == want)
             all_agree &= bool(agree_np == 1.0 and agree_c == 1.0)
             print(f"{name:6} {len(want):7d} {np.mean(want == task_labels):9.4f} {agree_np:11.2%} "
