@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 reproduce: install
 	$(VENV)/bin/hybnn reproduce --profile paper --out $(OUT)
 
-## A first look with short training (about 12 minutes on 2 cores).
+## A first look with short training (about 5 minutes on 2 cores).
 quick: install
 	$(VENV)/bin/hybnn reproduce --profile quick --out runs/quick
 

@@ -48,6 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     artifact = load_encoder_artifact(args.encoder)
+    hidden = (args.hidden,) if args.hidden else None
     print(f"load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}")
     print(f"{'task':6} {'batch:lr':>12} {'median s':>9} {'test acc':>9} {'time / first':>13}")
     worst: dict[tuple[int, float], float] = {r: 0.0 for r in args.recipes}
@@ -58,8 +59,6 @@ def main() -> None:
         for _ in range(args.repeats):
             for batch, lr in args.recipes:
                 config = replace(HYBNN_TRAIN_CONFIG, batch_size=batch, lr=lr, epochs=args.epochs)
-                torch.manual_seed(config.seed)
-                hidden = (args.hidden,) if args.hidden else None
                 run = train_hybnn(artifact, task, args.data_root, config, hidden=hidden, progress=False)
                 seconds[(batch, lr)].append(run.train.seconds)
                 accuracy[(batch, lr)] = run.test_acc

@@ -168,8 +168,9 @@ class LocalRound:
 
 
 def _uplink_codec(name: object) -> str:
-    if name not in ("signs", "flips"):
-        raise ValueError(f"uplink-codec {name!r} is unknown to this client (it speaks 'signs' and 'flips')")
+    if name not in flipcodec.UPLINK_CODECS:
+        raise ValueError(f"uplink-codec {name!r} is unknown to this client "
+                         f"(it speaks {' and '.join(map(repr, flipcodec.UPLINK_CODECS))})")
     return str(name)
 
 

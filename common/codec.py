@@ -139,8 +139,7 @@ def load_into_model(model: BNN, layout: Layout, latent: np.ndarray, bn: np.ndarr
 def encode_signs(latent: np.ndarray, bn: np.ndarray, bn_dtype: str = "float16") -> dict[str, np.ndarray]:
     """A ``signs`` payload: the sign bits of ``latent`` (``sign(0)=+1``), then ``bn``'s bytes."""
     bits = pack_signs(np.asarray(latent).reshape(-1))
-    bn_bytes = _encode_bn(bn, bn_dtype).astype(_little(bn_dtype)).view(np.uint8)
-    return {BNN_KEY: np.concatenate([bits, bn_bytes])}
+    return {BNN_KEY: np.concatenate([bits, bn_wire_bytes(bn, bn_dtype)])}
 
 
 def encode_latent(mean: np.ndarray, bn: np.ndarray, bn_dtype: str = "float16") -> dict[str, np.ndarray]:
@@ -154,6 +153,11 @@ def encode_model(model: BNN, bn_dtype: str = "float16") -> dict[str, np.ndarray]
     """The uplink payload of a trained BNN: its sign bits and batch norm."""
     layout = layout_for(model.config)
     return encode_signs(binary_latents(model), bn_vector(model, layout), bn_dtype)
+
+
+def bn_wire_bytes(bn: np.ndarray, bn_dtype: str) -> np.ndarray:
+    """The batch-norm numbers as they travel after the signs: little-endian ``bn_dtype``, as uint8."""
+    return _encode_bn(bn, bn_dtype).astype(_little(bn_dtype)).view(np.uint8)
 
 
 def _little(bn_dtype: str) -> np.dtype:

@@ -59,6 +59,8 @@ import numpy as np
 from common import codec
 from common.packing import pack_bits, packed_length, unpack_bits
 
+UPLINK_CODECS = ("signs", "flips")
+"""How a client's update carries its signs: all of them, or those changed against the global."""
 FLIPS_KEY = "flips"
 FLIP_FORMAT_VERSION = 1
 METHOD_RICE = 0
@@ -203,14 +205,9 @@ def encode_flips(
     method, body = encode_body(positions, n_binary)
     header = _HEADER.pack(FLIP_FORMAT_VERSION, method, reference_digest(reference), n_binary,
                           int(positions.size), len(body))
-    bn_bytes = _bn_bytes(bn, bn_dtype)
+    bn_bytes = codec.bn_wire_bytes(bn, bn_dtype).tobytes()  # as the sign codec writes them
     blob = np.frombuffer(header + body + bn_bytes, dtype=np.uint8).copy()
     return {FLIPS_KEY: blob}
-
-
-def _bn_bytes(bn: np.ndarray, bn_dtype: str) -> bytes:
-    """The batch-norm bytes exactly as the sign codec writes them (same checks, same order)."""
-    return codec._encode_bn(bn, bn_dtype).astype(codec._little(bn_dtype)).tobytes()
 
 
 def encode_model_flips(model, reference: np.ndarray, bn_dtype: str = "float16") -> dict[str, np.ndarray]:

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common import aggregation as agg
-from common import codec
+from common import codec, flipcodec
 from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.tasks import get_task, select_task
@@ -41,7 +41,6 @@ from server.strategy import PackedFedAvg, RoundLog
 from server.wire import record_nbytes, record_to_payload
 
 SERVER_RESULTS = "server.json"
-UPLINK_CODECS = ("signs", "flips")
 
 app = ServerApp()
 
@@ -92,9 +91,9 @@ class ServerSettings:
         agg.check_mode(settings.aggregation)
         if settings.bn_dtype not in codec.BN_DTYPES:
             raise HyBNNError(f"Run config bn-dtype={settings.bn_dtype!r}; use one of {', '.join(codec.BN_DTYPES)}.")
-        if settings.uplink_codec not in UPLINK_CODECS:
+        if settings.uplink_codec not in flipcodec.UPLINK_CODECS:
             raise HyBNNError(f"Run config uplink-codec={settings.uplink_codec!r}; "
-                             f"use one of {', '.join(UPLINK_CODECS)}.")
+                             f"use one of {', '.join(flipcodec.UPLINK_CODECS)}.")
         if settings.lr_schedule not in ("cosine", "constant"):
             raise HyBNNError(f"Run config lr-schedule={settings.lr_schedule!r}; use cosine or constant.")
         if settings.num_server_rounds < 1 or settings.local_epochs < 1 or settings.batch_size < 2:

@@ -193,7 +193,7 @@ def deploy_local(config: DeployConfig) -> dict:
     for split in ("train", "test"):  # once, here, so the SuperNodes never race on the cache
         load_codes(artifact, config.data_root, split, progress=config.progress)
     print(f"Centralized HyBNN on {config.task}, "
-          f"{config.centralized_epochs or config.rounds * config.local_epochs} epochs", flush=True)
+          f"{config.reference_epochs} epochs", flush=True)
     centralized = centralized_reference(artifact, config)
 
     run_config = config.run_config(artifact.sha256)

@@ -56,6 +56,11 @@ class FederateConfig:
     vote_latent_scale: float = 0.1
     progress: bool = True
 
+    @property
+    def reference_epochs(self) -> int:
+        """The centralized reference's epochs: ``centralized_epochs``, or rounds x local epochs."""
+        return self.centralized_epochs or self.rounds * self.local_epochs
+
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
@@ -90,13 +95,14 @@ def _say(config: FederateConfig, text: str) -> None:
 
 def check_config(config: FederateConfig) -> None:
     from common.aggregation import check_mode
+    from common.flipcodec import UPLINK_CODECS
     from common.partition import SCHEMES
     from common.tasks import get_task
 
     get_task(config.task)
     check_mode(config.aggregation)
-    if config.uplink_codec not in ("signs", "flips"):
-        raise HyBNNError(f"Unknown uplink codec {config.uplink_codec!r}; use signs or flips.")
+    if config.uplink_codec not in UPLINK_CODECS:
+        raise HyBNNError(f"Unknown uplink codec {config.uplink_codec!r}; use {' or '.join(UPLINK_CODECS)}.")
     if config.partition not in SCHEMES:
         raise HyBNNError(f"Unknown partition {config.partition!r}; use one of {', '.join(SCHEMES)}.")
     if config.clients < 1 or config.rounds < 1 or config.local_epochs < 1:
@@ -116,7 +122,7 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
 
     task = get_task(config.task)
     bits = int(artifact.config.latent_bits)
-    epochs = config.centralized_epochs or config.rounds * config.local_epochs
+    epochs = config.reference_epochs
     split = {}
     for name in ("train", "test"):
         codes, labels = load_codes(artifact, config.data_root, name, progress=config.progress)
@@ -304,7 +310,7 @@ def federate(config: FederateConfig) -> dict:
     for split in ("train", "test"):
         load_codes(artifact, config.data_root, split, progress=config.progress)
     _say(config, f"Centralized HyBNN on {config.task}, "
-                 f"{config.centralized_epochs or config.rounds * config.local_epochs} epochs")
+                 f"{config.reference_epochs} epochs")
     centralized = centralized_reference(artifact, config)
     _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}")
     _say(config, f"FedHyBNN: {config.clients} simulated clients, {config.rounds} rounds, "
