@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save
 
 from common.bnn import BNN, BNNConfig
 from common.errors import HyBNNError
-from common.fileio import atomic_write_bytes
+from common.fileio import atomic_write_bytes, make_dir
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
@@ -25,8 +25,7 @@ FORMAT = "hybnn-bnn/1"
 
 def save_bnn(model: BNN, out_dir: Path | str, meta: dict | None = None) -> Path:
     """Write ``model`` to ``out_dir`` (created if needed); return the directory."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir)
     weights = save({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     sidecar = {
         "format": FORMAT,
@@ -53,7 +52,7 @@ def load_bnn(path: Path | str) -> tuple[BNN, dict]:
         if sidecar.get("format") != FORMAT:
             raise ValueError(f"format is {sidecar.get('format')!r}, expected {FORMAT!r}")
         config = BNNConfig.from_dict(sidecar["config"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, HyBNNError) as exc:
         raise HyBNNError(f"{sidecar_path} is not a valid BNN description ({exc}). {fix}") from exc
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     if digest != sidecar.get("weights_sha256"):

@@ -39,6 +39,7 @@ The numpy engine (:func:`predict`) works on packed input codes with
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from torch import nn
 
 from common.bnn import BNN, BNNConfig
 from common.errors import HyBNNError
+from common.fileio import atomic_write_bytes, make_dir
 from common.packing import BIT_ORDER, pack_signs, packed_length
 
 EDGE_FORMAT = "hybnn-edge"
@@ -403,7 +405,7 @@ def predict(model: DeployedBNN, codes: np.ndarray, batch_size: int = 8192) -> np
 def save_npz(model: DeployedBNN, path: Path | str) -> Path:
     """Write ``model`` as an npz (no pickle) with its format, config and sha256."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     header = {
         "format": EDGE_FORMAT,
         "format_version": EDGE_FORMAT_VERSION,
@@ -413,9 +415,9 @@ def save_npz(model: DeployedBNN, path: Path | str) -> Path:
         "sha256": model.digest(),
         "meta": model.meta,
     }
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, header=np.array(json.dumps(header)), **model.arrays())
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, header=np.array(json.dumps(header)), **model.arrays())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -474,8 +476,7 @@ def export_model(model_or_deployed: BNN | DeployedBNN | Path | str, out_dir: Pat
         model_or_deployed, sidecar = load_bnn(model_or_deployed)
         meta = {"source": sidecar.get("meta", {}), "weights_sha256": sidecar.get("weights_sha256")}
     deployed = model_or_deployed if isinstance(model_or_deployed, DeployedBNN) else to_deployment(model_or_deployed, meta=meta)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir)
     if fmt == "npz":
         return [save_npz(deployed, out_dir / NPZ_NAME)]
     from common.export_c import write_c

@@ -31,7 +31,7 @@ from torch import nn
 
 from common.data import sha256_file
 from common.errors import HyBNNError
-from common.fileio import atomic_write_bytes
+from common.fileio import atomic_write_bytes, make_dir
 from common.vae import BinaryVAE, Encoder, VAEConfig
 
 FORMAT = "hybnn-encoder"
@@ -94,8 +94,7 @@ def save_encoder_artifact(
     is written to a temporary name and renamed, so an existing artifact is replaced
     whole or not at all (see the module docstring for the order).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir)
     encoder = vae.encoder if isinstance(vae, BinaryVAE) else vae
     config: VAEConfig = encoder.config
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from common.edge import DeployedBNN, check_codes
 from common.errors import HyBNNError
+from common.fileio import atomic_write_bytes, make_dir
 from common.packing import packed_length
 
 HEADER_NAME = "hybnn.h"
@@ -373,11 +374,10 @@ int32_t hybnn_model_bytes(void);
 def write_c(model: DeployedBNN, out_dir: Path | str) -> list[Path]:
     """Write ``hybnn.h`` and ``hybnn.c`` for ``model`` into ``out_dir``; return their paths."""
     header, source, _ = generate_c(model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir)
     paths = [out_dir / HEADER_NAME, out_dir / SOURCE_NAME]
     for path, text in zip(paths, (header, source)):
-        path.write_text(text)
+        atomic_write_bytes(path, text.encode())
     return paths
 
 

@@ -32,7 +32,7 @@ import math
 from pathlib import Path
 
 from common.errors import HyBNNError
-from common.fileio import atomic_write_bytes
+from common.fileio import atomic_write_bytes, make_dir, save_figure
 
 SCHEMA = "hybnn-results/1"
 RESULTS_FILE = "results.json"
@@ -365,7 +365,7 @@ def plot_training(results: dict, task: str, path: Path) -> Path:
     some = FuncFormatter(lambda value, _pos: f"{value:g}" if f"{value:.0e}"[0] in "25" else "")
     ax_loss.yaxis.set_minor_formatter(some)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -397,7 +397,7 @@ def plot_accuracy(results: dict, path: Path) -> Path:
     ax.legend(fontsize=7, ncol=len(cols), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -406,8 +406,7 @@ def plot_accuracy(results: dict, path: Path) -> Path:
 def write_outputs(results: dict, out_dir: Path | str) -> list[Path]:
     """Write results.json, report.md and every plot into ``out_dir``; return the paths."""
     validate_results(results)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir)
     results_path = out_dir / RESULTS_FILE
     _atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
     report_path = out_dir / REPORT_FILE
