@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.binarize import LatentClipMixin, sign_ste
+from common.errors import HyBNNError
+from common.resources import check_fits_in_memory
 
 
 PAPER_HIDDEN: tuple[int, ...] = (128,)
@@ -26,6 +28,10 @@ MULTICLASS_HIDDEN: tuple[int, ...] = (512,)
 """The hidden layer for tasks with more than two classes (``all10``). With binary
 output weights every hidden unit votes +-1 for every class, and 128 votes shared by
 ten classes hold ``all10`` to about 95%; 512 reach about 97% (docs/reproduce.md)."""
+
+
+TRAINING_BYTES_PER_WEIGHT = 20
+"""float32 latent weight, its binarized copy, its gradient and Adam's two moments."""
 
 
 def default_hidden(num_classes: int) -> tuple[int, ...]:
@@ -39,6 +45,25 @@ class BNNConfig:
     hidden: tuple[int, ...] = (128,)
     num_classes: int = 2
 
+    def __post_init__(self) -> None:
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not whole(self.in_bits) or self.in_bits < 1:
+            raise HyBNNError(f"A BNN needs at least one input bit, got in_bits={self.in_bits!r}.")
+        if not whole(self.num_classes) or self.num_classes < 2:
+            raise HyBNNError(f"A BNN needs at least two classes, got num_classes={self.num_classes!r}.")
+        if not isinstance(self.hidden, tuple) or not all(whole(h) and h >= 1 for h in self.hidden):
+            raise HyBNNError(
+                f"The BNN's hidden widths must be positive whole numbers (--hidden 128 or 256,128), "
+                f"got {self.hidden!r}."
+            )
+
+    def num_weights(self) -> int:
+        """Latent weights plus batch-norm parameters and statistics (4 per unit)."""
+        widths = (self.in_bits, *self.hidden, self.num_classes)
+        return sum(a * b for a, b in zip(widths[:-1], widths[1:])) + 4 * sum(widths[1:])
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -51,6 +76,17 @@ class BNNConfig:
     def from_dict(cls, d: dict) -> "BNNConfig":
         return cls(in_bits=int(d["in_bits"]), hidden=tuple(int(h) for h in d["hidden"]),
                    num_classes=int(d["num_classes"]))
+
+
+def check_trainable(config: BNNConfig) -> None:
+    """Refuse a BNN whose weights and training state would not fit in the memory available."""
+    check_fits_in_memory(
+        config.num_weights() * TRAINING_BYTES_PER_WEIGHT,
+        f"A BNN of {config.in_bits} inputs, hidden widths {','.join(map(str, config.hidden))} and "
+        f"{config.num_classes} outputs ({config.num_weights():,} parameters, with their gradients "
+        "and optimizer state)",
+        "Pass smaller --hidden widths (the paper's is 128; all10 uses 512).",
+    )
 
 
 class BinaryLinear(LatentClipMixin, nn.Linear):
@@ -72,6 +108,7 @@ class BNN(nn.Module):
 
     def __init__(self, config: BNNConfig = BNNConfig()) -> None:
         super().__init__()
+        check_trainable(config)
         self.config = config
         widths = (config.in_bits, *config.hidden)
         self.hidden = nn.ModuleList(BinaryLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from common.bnn import BNN, BNNConfig, codes_to_inputs
+from common.bnn import BNN, BNNConfig, check_trainable, codes_to_inputs
 from common.tasks import Task, select_task
 from common.training import TrainConfig, TrainResult, evaluate, fit
 
@@ -50,11 +50,12 @@ def train_hybnn(
     ``hidden=None`` takes the task's default shape (:meth:`BNNConfig.for_task`): the
     paper's 128 hidden units for the pair tasks, 512 for ``all10``.
     """
-    x_train, y_train = task_inputs(artifact, data_root, task, "train")
-    x_test, y_test = task_inputs(artifact, data_root, task, "test")
-    config = BNNConfig.for_task(x_train.shape[1], task.num_classes)
+    config = BNNConfig.for_task(int(artifact.manifest["latent_bits"]), task.num_classes)
     if hidden is not None:
         config = replace(config, hidden=tuple(hidden))
+    check_trainable(config)  # before the data are loaded: an impossible width fails at once
+    x_train, y_train = task_inputs(artifact, data_root, task, "train")
+    x_test, y_test = task_inputs(artifact, data_root, task, "test")
     torch.manual_seed(train_config.seed)  # the initial latent weights; fit seeds the batch order
     model = BNN(config)
     result = fit(model, x_train, y_train, train_config, desc=f"hybnn {task.name}", progress=progress)

@@ -7,6 +7,9 @@ of binary layers are clipped to [-1, 1] (common/binarize.py).
 
 from __future__ import annotations
 
+import logging
+import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -16,6 +19,53 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from common.binarize import clip_latent_weights_
+from common.errors import HyBNNError
+
+log = logging.getLogger(__name__)
+
+MAX_EPOCHS = 10_000
+"""The most epochs one run may ask for. The BNN recipe takes 100, the VAE 20; at a few
+seconds an epoch, 10,000 is already days of training, and a larger count is a typo."""
+MIN_BATCH_SIZE = 2
+"""Batch norm in training mode needs at least two samples per batch."""
+SEED_RANGE = (-(2**63), 2**64)
+"""The seeds torch accepts (``torch.manual_seed``)."""
+
+
+def _show(value) -> str:
+    return f"{value:.3g}" if isinstance(value, numbers.Real) and abs(value) >= 1e7 else repr(value)
+
+
+def check_training_options(*, epochs, batch_size, lr, seed, final_lr_fraction=0.0,
+                           weight_decay=0.0) -> None:
+    """Refuse impossible optimisation settings with a :class:`HyBNNError` that says the limits.
+
+    Shared by every training config (BNN, baselines, VAE), so the library refuses what the
+    command line refuses.
+    """
+    def is_int(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if not is_int(epochs) or not 1 <= epochs <= MAX_EPOCHS:
+        raise HyBNNError(
+            f"epochs (--epochs) is {_show(epochs)}; it must be a whole number from 1 to {MAX_EPOCHS} "
+            "(the BNN recipe takes 100, the VAE 20). Pass a smaller --epochs."
+        )
+    if not is_int(batch_size) or batch_size < MIN_BATCH_SIZE:
+        raise HyBNNError(
+            f"batch size (--batch-size) is {_show(batch_size)}; it must be a whole number of at least "
+            f"{MIN_BATCH_SIZE}, because batch norm needs two samples per batch to train. "
+            "Pass --batch-size 2 or more."
+        )
+    if not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+        raise HyBNNError(f"learning rate (--lr) is {_show(lr)}; it must be a positive finite number.")
+    if not isinstance(final_lr_fraction, numbers.Real) or not 0 <= final_lr_fraction <= 1:
+        raise HyBNNError(f"final_lr_fraction is {_show(final_lr_fraction)}; it must be from 0 to 1.")
+    if not isinstance(weight_decay, numbers.Real) or not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise HyBNNError(f"weight_decay is {_show(weight_decay)}; it must be a finite number >= 0.")
+    if not is_int(seed) or not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise HyBNNError(f"seed (--seed) is {_show(seed)}; it must be a whole number from "
+                         f"-2**63 to 2**64 - 1.")
 
 
 @dataclass
@@ -27,6 +77,11 @@ class TrainConfig:
     final_lr_fraction: float = 0.01
     weight_decay: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_training_options(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                               seed=self.seed, final_lr_fraction=self.final_lr_fraction,
+                               weight_decay=self.weight_decay)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,11 +103,26 @@ def fit(
     desc: str = "train",
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``model`` on ``(x, y)`` with Adam and cross-entropy; return the per-epoch history."""
+    """Train ``model`` on ``(x, y)`` with Adam and cross-entropy; return the per-epoch history.
+
+    A batch size larger than the training set trains on the whole set as one batch per
+    epoch (with a warning). Fewer than two training examples is a :class:`HyBNNError`:
+    batch norm cannot train on them.
+    """
+    if len(x) < MIN_BATCH_SIZE:
+        raise HyBNNError(
+            f"{desc}: {len(x)} training example(s); training needs at least {MIN_BATCH_SIZE} "
+            "(batch norm needs two samples per batch). Use a task or partition with more data."
+        )
+    batch_size = config.batch_size
+    if batch_size > len(x):
+        log.warning("%s: batch size %d is larger than the %d training examples; each epoch "
+                    "trains on all of them as one batch.", desc, batch_size, len(x))
+        batch_size = len(x)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, -(-len(x) // config.batch_size))
+    steps_per_epoch = max(1, -(-len(x) // batch_size))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.epochs * steps_per_epoch, eta_min=config.lr * config.final_lr_fraction
     )
@@ -64,9 +134,9 @@ def fit(
         order = torch.randperm(len(x), generator=generator)
         total_loss = 0.0
         correct = 0
-        for begin in range(0, len(x), config.batch_size):
-            idx = order[begin : begin + config.batch_size]
-            if len(idx) < 2:  # batch norm needs two samples
+        for begin in range(0, len(x), batch_size):
+            idx = order[begin : begin + batch_size]
+            if len(idx) < MIN_BATCH_SIZE:  # a last batch of one: batch norm needs two samples
                 continue
             logits = model(x[idx])
             loss = F.cross_entropy(logits, y[idx])

@@ -97,6 +97,12 @@ class VAETrainConfig:
     final_lr_fraction: float = 0.05
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from common.training import check_training_options
+
+        check_training_options(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                               seed=self.seed, final_lr_fraction=self.final_lr_fraction)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -231,6 +237,8 @@ def train_vae(
     The history holds one ``{"epoch", "loss", "recon", "kl", "seconds"}`` per epoch
     (means over the epoch's samples). Seeds torch, so a run is reproducible on one machine.
     """
+    if len(images_uint8) < 2:
+        raise HyBNNError(f"The VAE needs at least 2 training images (batch norm); got {len(images_uint8)}.")
     torch.manual_seed(train_config.seed)
     generator = torch.Generator().manual_seed(train_config.seed)
     x = images_to_tensor(images_uint8)

@@ -98,8 +98,11 @@ def check_config(config: FederateConfig) -> None:
     from common.flipcodec import UPLINK_CODECS
     from common.partition import SCHEMES
     from common.tasks import get_task
+    from common.training import TrainConfig
 
     get_task(config.task)
+    for epochs in (config.local_epochs, config.reference_epochs):  # sizes refused before any work
+        TrainConfig(epochs=epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed)
     check_mode(config.aggregation)
     if config.uplink_codec not in UPLINK_CODECS:
         raise HyBNNError(f"Unknown uplink codec {config.uplink_codec!r}; use {' or '.join(UPLINK_CODECS)}.")
