@@ -6,13 +6,17 @@ A code is ``bit_i = (logit_i >= 0)`` (``sign(0) = +1``; bit 1 means +1), packed 
 
 Codes are cached on disk under ``<data_root>/features/<encoder sha256>/<split>.npz``.
 The directory is keyed by the hash of the encoder weights, so a new encoder never
-reuses the codes of an old one. A cache file is written atomically; one that cannot
-be read, or holds the wrong shape or dtype, is rebuilt with a logged warning.
+reuses the codes of an old one. A cache file is written atomically and records the
+sha256 of its codes and labels; one that cannot be read, holds the wrong shape or
+dtype, or whose contents no longer match its recorded hash (a changed file), is
+rebuilt with a logged warning. A cache that cannot be written (a read-only data root,
+a full disk) is skipped with a warning: the codes are still returned.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import logging
 import zipfile
@@ -26,7 +30,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
 from common.data import load_mnist
-from common.fileio import atomic_write_bytes
+from common.errors import HyBNNError
+from common.fileio import atomic_write_bytes, make_dir
 from common.packing import pack_bits, packed_length
 from common.vae import Encoder, images_to_tensor
 
@@ -35,7 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+"""Version 2 added the content hash; older caches are rebuilt once."""
 DEFAULT_BATCH_SIZE = 1024
 
 
@@ -118,6 +124,14 @@ def cache_path(artifact: "EncoderArtifact", data_root: Path | str, split: str) -
     return Path(data_root) / "features" / artifact.sha256 / f"{split}.npz"
 
 
+def cache_digest(codes: np.ndarray, labels: np.ndarray) -> str:
+    """The sha256 a cache file records: its uint8 codes' bytes, then its int64 labels' bytes."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(codes, dtype=np.uint8).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
 def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray) -> np.ndarray | None:
     """The cached codes, or ``None`` (with a warning) if the file is unusable."""
     try:
@@ -125,7 +139,8 @@ def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray) -> np.ndar
             codes = data["codes"]
             cached_labels = data["labels"]
             version = int(data["version"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            recorded = str(data["sha256"]) if "sha256" in data.files else None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("Feature cache %s is unreadable (%s); rebuilding it.", path, exc)
         return None
     problem = None
@@ -135,6 +150,9 @@ def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray) -> np.ndar
         problem = f"codes are {codes.dtype} {codes.shape}, expected uint8 {(n, n_bytes)}"
     elif cached_labels.shape != labels.shape or not np.array_equal(cached_labels, labels):
         problem = "its labels differ from the data set's"
+    elif recorded != cache_digest(codes, cached_labels):
+        problem = (f"its contents have sha256 {cache_digest(codes, cached_labels)}, but it records "
+                   f"{recorded}: the file was changed after it was written")
     if problem:
         log.warning("Feature cache %s is stale or corrupt (%s); rebuilding it.", path, problem)
         return None
@@ -142,10 +160,17 @@ def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray) -> np.ndar
 
 
 def _write_cache(path: Path, codes: np.ndarray, labels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the cache; if that fails, say so and go on without it (it only saves time)."""
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
     buffer = io.BytesIO()
-    np.savez(buffer, codes=codes, labels=labels, version=np.int64(CACHE_FORMAT_VERSION))
-    atomic_write_bytes(path, buffer.getvalue())
+    np.savez(buffer, codes=codes, labels=labels, version=np.int64(CACHE_FORMAT_VERSION),
+             sha256=np.str_(cache_digest(codes, labels)))
+    try:
+        make_dir(path.parent, "the feature cache folder")
+        atomic_write_bytes(path, buffer.getvalue())
+    except HyBNNError as exc:
+        log.warning("Feature cache not written, so the codes will be computed again next "
+                    "time: %s", exc)
 
 
 def load_codes(

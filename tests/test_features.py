@@ -80,7 +80,14 @@ def test_cache_is_keyed_by_encoder_hash(tmp_path: Path, fake_data: dict) -> None
     assert cache_path(art_b, tmp_path / "data", "train").exists()
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-shape", "wrong-dtype"])
+def write_cache_file(path: Path, codes: np.ndarray, labels: np.ndarray, digest: str | None = None) -> None:
+    """A cache file in the current format; ``digest`` defaults to the one of its contents."""
+    np.savez(path, codes=codes, labels=labels, version=np.int64(features.CACHE_FORMAT_VERSION),
+             sha256=np.str_(digest or features.cache_digest(codes, labels)))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-shape", "wrong-dtype",
+                                    "rewritten-codes", "no-hash", "old-version"])
 def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path: Path, fake_data: dict, damage: str,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     art = make_artifact(tmp_path / "a")
@@ -91,14 +98,22 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path: Path, fake_data: dict
     elif damage == "truncated":
         path.write_bytes(path.read_bytes()[:60])
     elif damage == "wrong-shape":
-        np.savez(path, codes=codes[:, :10], labels=labels, version=np.int64(1))
+        write_cache_file(path, codes[:, :10], labels)
+    elif damage == "wrong-dtype":
+        write_cache_file(path, codes.astype(np.int32), labels)
+    elif damage == "rewritten-codes":  # right shape, dtype and labels; the recorded hash is the old one
+        write_cache_file(path, codes ^ np.uint8(0xFF), labels, digest=features.cache_digest(codes, labels))
+    elif damage == "no-hash":
+        np.savez(path, codes=codes ^ np.uint8(1), labels=labels, version=np.int64(features.CACHE_FORMAT_VERSION))
     else:
-        np.savez(path, codes=codes.astype(np.int32), labels=labels, version=np.int64(1))
+        np.savez(path, codes=codes, labels=labels, version=np.int64(1))
     with caplog.at_level(logging.WARNING, logger="common.features"):
         rebuilt, _ = load_codes(art, tmp_path / "data", "test", progress=False)
     assert np.array_equal(rebuilt, codes)
     assert fake_data["encode"] == 2
     assert str(path) in caplog.text and "rebuilding" in caplog.text
+    if damage == "rewritten-codes":
+        assert "was changed after it was written" in caplog.text
     # The rebuilt file is good again.
     assert np.array_equal(load_codes(art, tmp_path / "data", "test", progress=False)[0], codes)
     assert fake_data["encode"] == 2
@@ -118,3 +133,17 @@ def test_inference_encoder_matches_the_training_form() -> None:
     x = images_to_tensor(fake_mnist(64)[0])
     with torch.no_grad():
         assert torch.allclose(InferenceEncoder(encoder)(x), encoder(x), atol=1e-5)
+
+
+def test_an_unwritable_cache_is_skipped_with_a_warning(tmp_path: Path, fake_data: dict,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A data root where the cache cannot go (here: its folder is a file) still gives the codes."""
+    art = make_artifact(tmp_path / "a")
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    (data_root / "features").write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="common.features"):
+        codes, _ = load_codes(art, data_root, "test", progress=False)
+    assert codes.shape == (40, 25)
+    assert "Feature cache not written" in caplog.text and "features" in caplog.text
+    assert (data_root / "features").read_text().startswith("a file")
