@@ -66,6 +66,13 @@ def _add_data_root(p: argparse.ArgumentParser) -> None:
                    help="where MNIST and the feature cache live (default: %(default)s, or $HYBNN_DATA_ROOT)")
 
 
+def check_out(path: Path, what: str = "--out") -> Path:
+    """Every command that writes checks its output folder first, so a bad one fails in seconds."""
+    from common.fileio import check_output_dir
+
+    return check_output_dir(path, what)
+
+
 def _add_encoder(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", type=Path, default=DEFAULT_ENCODER,
                    help="encoder artifact directory written by `hybnn pretrain` (default: %(default)s)")
@@ -83,8 +90,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from common.encoder import save_encoder_artifact
     from common.vae import VAEConfig, VAETrainConfig, train_vae
 
-    images, labels = load_mnist(args.data_root, "train")
+    check_out(args.out)
     train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed)
+    images, labels = load_mnist(args.data_root, "train")
     vae, history = train_vae(images, VAEConfig(), train_config)
     artifact = save_encoder_artifact(vae, args.out, data_sha256=dataset_sha256(images, labels),
                                      train_config=train_config.to_dict(), history=history)
@@ -111,12 +119,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from common.pipeline import HYBNN_TRAIN_CONFIG  # --help states its defaults; tests/test_cli.py keeps them in step
 
     task = get_task(args.task)
-    artifact = load_encoder_artifact(args.encoder)
+    out = check_out(args.out or Path("runs") / f"bnn-{task.name}")
     config = replace(HYBNN_TRAIN_CONFIG, epochs=args.epochs, seed=args.seed,
                      lr=args.lr or HYBNN_TRAIN_CONFIG.lr,
                      batch_size=args.batch_size or HYBNN_TRAIN_CONFIG.batch_size)
+    artifact = load_encoder_artifact(args.encoder)
     run = train_hybnn(artifact, task, args.data_root, config, hidden=args.hidden)
-    out = args.out or Path("runs") / f"bnn-{task.name}"
     save_bnn(run.model, out, meta={"task": task.name, "encoder_sha256": artifact.sha256,
                                    "test_acc": run.test_acc, "train": config.to_dict(),
                                    "train_seconds": run.train.seconds})
@@ -136,6 +144,9 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from simulation.reproduce import reproduce
 
+    check_out(args.out)
+    if args.encoder_dir is not None:
+        check_out(args.encoder_dir, "--encoder-dir")
     reproduce(profile=args.profile, out_dir=args.out, data_root=args.data_root,
               encoder_dir=args.encoder_dir, tasks=args.tasks, federated=not args.no_federated)
 
@@ -153,6 +164,7 @@ def _federation_settings(args: argparse.Namespace) -> dict:
 def cmd_federate(args: argparse.Namespace) -> None:
     from simulation.federate import FederateConfig, describe, federate
 
+    check_out(args.out)
     config = FederateConfig(**_federation_settings(args))
     results = federate(config)
     print(describe(results))
@@ -163,6 +175,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> None:
     from simulation.deploy_local import DeployConfig, deploy_local
     from simulation.federate import describe
 
+    check_out(args.out)
     config = DeployConfig(**_federation_settings(args), min_nodes=args.min_nodes)
     results = deploy_local(config)
     print(describe(results))
@@ -200,6 +213,7 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
 def cmd_export(args: argparse.Namespace) -> None:
     from common.edge import export_model
 
+    check_out(args.out)
     for path in export_model(args.model, args.out, args.format):
         print(f"wrote {path}")
 
