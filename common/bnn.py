@@ -74,6 +74,8 @@ class BNNConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BNNConfig":
+        if not isinstance(d["hidden"], (list, tuple)):
+            raise TypeError(f"hidden must be a list of widths, got {d['hidden']!r}")
         return cls(in_bits=int(d["in_bits"]), hidden=tuple(int(h) for h in d["hidden"]),
                    num_classes=int(d["num_classes"]))
 

@@ -45,22 +45,28 @@ def load_bnn(path: Path | str) -> tuple[BNN, dict]:
     fix = "Train it again with `hybnn train`, or point --model at a directory written by it."
     sidecar_path = out_dir / META_NAME
     weights = out_dir / WEIGHTS_NAME
-    if not sidecar_path.exists() or not weights.exists():
+    if not sidecar_path.is_file() or not weights.is_file():
         raise HyBNNError(f"{out_dir} is not a saved BNN (it needs {META_NAME} and {WEIGHTS_NAME}). {fix}")
     try:
         sidecar = json.loads(sidecar_path.read_text())
         if sidecar.get("format") != FORMAT:
             raise ValueError(f"format is {sidecar.get('format')!r}, expected {FORMAT!r}")
         config = BNNConfig.from_dict(sidecar["config"])
-    except (ValueError, KeyError, TypeError, AttributeError, HyBNNError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, HyBNNError) as exc:
         raise HyBNNError(f"{sidecar_path} is not a valid BNN description ({exc}). {fix}") from exc
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    try:
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise HyBNNError(f"{weights} could not be read ({exc.strerror or exc}). {fix}") from exc
     if digest != sidecar.get("weights_sha256"):
         raise HyBNNError(
             f"{weights} has sha256 {digest}, but {sidecar_path} records "
             f"{sidecar.get('weights_sha256')}: the file is corrupt or was replaced. {fix}"
         )
-    model = BNN(config)
+    try:
+        model = BNN(config)
+    except HyBNNError as exc:
+        raise HyBNNError(f"{sidecar_path}: {exc}") from exc
     try:
         model.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError, OSError) as exc:

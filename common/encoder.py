@@ -164,12 +164,24 @@ def read_manifest(path: Path | str) -> dict:
             f"{FORMAT_VERSION}. {hint[0].upper() + hint[1:]}."
         )
     try:
-        VAEConfig.from_dict(manifest["architecture"])
-    except (HyBNNError, KeyError, TypeError, ValueError) as exc:
+        config = VAEConfig.from_dict(manifest["architecture"])
+    except (HyBNNError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise HyBNNError(
             f"The encoder manifest {manifest_path} has an unusable architecture entry "
             f"({exc}); {hint}."
         ) from exc
+    if manifest["latent_bits"] != config.latent_bits or isinstance(manifest["latent_bits"], bool):
+        raise HyBNNError(
+            f"The encoder manifest {manifest_path} says latent_bits {manifest['latent_bits']!r}, but its "
+            f"architecture has {config.latent_bits}: it was edited by hand or damaged; {hint}."
+        )
+    weights_file = manifest["weights_file"]
+    if not isinstance(weights_file, str) or Path(weights_file).name != weights_file \
+            or weights_file in ("", ".", ".."):
+        raise HyBNNError(
+            f"The encoder manifest {manifest_path} names the weights file {weights_file!r}; it must "
+            f"be a plain file name in the artifact's folder (normally {WEIGHTS_FILE}); {hint}."
+        )
     return manifest
 
 
@@ -184,7 +196,7 @@ def load_encoder_artifact(path: Path | str, expected_sha256: str | None = None) 
     art_dir = _artifact_dir(path)
     hint = _rebuild_hint(art_dir)
     manifest = read_manifest(art_dir)
-    weights_path = art_dir / str(manifest["weights_file"])
+    weights_path = art_dir / manifest["weights_file"]
     if not weights_path.is_file():
         raise HyBNNError(
             f"The encoder weights {weights_path} named by {art_dir / MANIFEST_FILE} are missing; "
@@ -205,7 +217,6 @@ def load_encoder_artifact(path: Path | str, expected_sha256: str | None = None) 
             "expected hash in the run config if the new encoder is intended."
         )
     config = VAEConfig.from_dict(manifest["architecture"])
-    encoder = Encoder(config)
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -213,7 +224,14 @@ def load_encoder_artifact(path: Path | str, expected_sha256: str | None = None) 
             f"The encoder weights {weights_path} are not a readable safetensors file ({exc}); "
             f"{hint}."
         ) from exc
-    expected_shapes = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    try:  # shapes only, no memory: a manifest may name an architecture too large to build
+        with torch.device("meta"):
+            expected_shapes = {k: tuple(v.shape) for k, v in Encoder(config).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise HyBNNError(
+            f"The encoder manifest {art_dir / MANIFEST_FILE} names an architecture that cannot be "
+            f"built ({exc}); {hint}."
+        ) from exc
     got_shapes = {k: tuple(v.shape) for k, v in state.items()}
     if got_shapes != expected_shapes:
         diff = sorted(
@@ -226,6 +244,7 @@ def load_encoder_artifact(path: Path | str, expected_sha256: str | None = None) 
             f"{art_dir / MANIFEST_FILE} ({'; '.join(diff[:4])}"
             f"{'; ...' if len(diff) > 4 else ''}); {hint}."
         )
+    encoder = Encoder(config)  # as large as the weights file, whose shapes match it
     encoder.load_state_dict(state, strict=True)
     encoder.eval()
     encoder.requires_grad_(False)
