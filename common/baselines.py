@@ -219,15 +219,13 @@ def train_baseline(
     from common.tasks import get_task
 
     task = get_task(task_name)
-    if epochs < 1:
-        raise HyBNNError(f"epochs must be a positive integer, got {epochs}. Pass --epochs 1 or more.")
+    config = replace(train_config or TrainConfig(), epochs=epochs, seed=seed)  # checked before the data load
     torch.manual_seed(seed)
     model = build_baseline(model_name, task.num_classes)
     x_train, y_train = task_images(data_root, task, "train")
     if limit is not None:
         x_train, y_train = x_train[:limit], y_train[:limit]
     x_test, y_test = task_images(data_root, task, "test")
-    config = replace(train_config or TrainConfig(), epochs=epochs, seed=seed)
     result = fit(model, x_train, y_train, config, desc=f"{model_name} {task.name}", progress=progress)
     metrics = evaluate(model, x_test, y_test, batch_size=1024)
     seconds = result.seconds

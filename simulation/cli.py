@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_root(p)
     p.add_argument("--out", type=Path, default=DEFAULT_ENCODER, help="artifact directory (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].vae_epochs,
-                   help="VAE epochs on the 60k training images (default: %(default)s)")
+                   help="VAE epochs on the 60k training images (default: %(default)s; at most 10000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_pretrain)
 
@@ -249,14 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_root(p)
     _add_encoder(p)
     p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].bnn_epochs,
-                   help="default: %(default)s")
+                   help="default: %(default)s; at most 10000")
     p.add_argument("--hidden", type=hidden_sizes, default=None,
                    help="binary hidden layer widths, comma-separated (default: 128, the "
                         "paper's, for the pair tasks; 512 for all10)")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="Adam learning rate (default: 0.06)")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="default: 2048")
+                   help="default: 2048; at least 2 (batch norm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="where to save the trained BNN (default: runs/bnn-TASK)")
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", type=task_name, required=True, help=f"one of {', '.join(TASKS)}")
     _add_data_root(p)
     p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].baseline_epochs,
-                   help="default: %(default)s")
+                   help="default: %(default)s; at most 10000")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_baseline)
 

@@ -98,11 +98,16 @@ def check_config(config: FederateConfig) -> None:
     from common.flipcodec import UPLINK_CODECS
     from common.partition import SCHEMES
     from common.tasks import get_task
-    from common.training import TrainConfig
+    from common.training import MAX_EPOCHS, TrainConfig
 
     get_task(config.task)
-    for epochs in (config.local_epochs, config.reference_epochs):  # sizes refused before any work
-        TrainConfig(epochs=epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed)
+    for what, value in (("--rounds", config.rounds), ("--local-epochs", config.local_epochs),
+                        ("the centralized reference's epochs (--centralized-epochs, by default "
+                         "rounds x local epochs)", config.reference_epochs)):
+        if value > MAX_EPOCHS:
+            shown = f"{value:.3g}" if value >= 10**7 else str(value)
+            raise HyBNNError(f"{what} is {shown}; at most {MAX_EPOCHS} can be run. Pass a smaller value.")
+    TrainConfig(epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed)
     check_mode(config.aggregation)
     if config.uplink_codec not in UPLINK_CODECS:
         raise HyBNNError(f"Unknown uplink codec {config.uplink_codec!r}; use {' or '.join(UPLINK_CODECS)}.")
