@@ -176,7 +176,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> None:
     from simulation.federate import describe
 
     check_out(args.out)
-    config = DeployConfig(**_federation_settings(args), min_nodes=args.min_nodes)
+    config = DeployConfig(**_federation_settings(args), min_nodes=args.min_nodes, certs=args.certs,
+                          insecure=args.insecure, fleet_front=args.fleet_front)
     results = deploy_local(config)
     print(describe(results))
     print(f"Results written to {args.out / 'results.json'}")
@@ -208,6 +209,16 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
     _add_encoder(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(default_out), help="output directory (default: %(default)s)")
+
+
+def cmd_certs(args: argparse.Namespace) -> None:
+    from simulation.credentials import make_credentials
+
+    creds = make_credentials(args.out, hosts=args.host, supernodes=args.supernodes, force=args.force)
+    print(f"Credentials written to {creds.root}: CA {creds.ca_cert.name}, SuperLink certificate "
+          f"{creds.server_cert.name}, {creds.superexec_secret.name}, {args.supernodes} SuperNode key pair(s) "
+          f"in {creds.supernode_key(0).parent.name}/. Keep the private keys (mode 0600) where they are used; "
+          f"docs/security.md says which file goes to which machine.")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -291,7 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation_options(p, "runs/deploy-local")
     p.add_argument("--min-nodes", type=positive_int, default=1,
                    help="go on with this many SuperNodes when others are gone (default: %(default)s)")
+    p.add_argument("--certs", type=Path, default=None, metavar="DIR",
+                   help="credentials from `hybnn certs` (default: fresh ones for this run only)")
+    p.add_argument("--fleet-front", action="store_true",
+                   help="SuperNodes connect through the Fleet-only TLS front (needs nginx), as on a real "
+                        "deployment (docs/security.md)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS and no SuperNode authentication (prints what that exposes); only for comparison")
     p.set_defaults(handler=cmd_deploy_local)
+
+    p = sub.add_parser("certs", help="write a private CA, the SuperLink's TLS certificate, the SuperExec "
+                                     "secret and SuperNode key pairs (docs/security.md)")
+    p.add_argument("--out", type=Path, required=True, help="credentials directory")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="a DNS name or IP address the SuperLink/front is reached at, beyond localhost, "
+                        "127.0.0.1, ::1, superlink and fleet-front (repeatable)")
+    p.add_argument("--supernodes", type=int, default=3, help="SuperNode key pairs to write (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing files (the old ones are moved to DIR/replaced-TIME/)")
+    p.set_defaults(handler=cmd_certs)
 
     p = sub.add_parser("export", help="export a trained BNN for devices: C99 source or an npz for the numpy engine")
     p.add_argument("--model", type=Path, required=True,
