@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -106,13 +105,12 @@ def make_dir(path: Path | str, what: str = "") -> Path:
     return path
 
 
-def check_output_dir(path: Path | str, what: str = "--out", *, min_free_bytes: int = 0) -> Path:
+def check_output_dir(path: Path | str, what: str = "--out") -> Path:
     """Check, before any work, that ``path`` is a folder this process can write, or can create.
 
     Creates nothing: it writes and removes a small probe file in ``path`` or, when
     ``path`` does not exist yet, in its nearest existing ancestor (permission bits
     alone say little when running as root; a write says whether the disk takes data).
-    ``min_free_bytes``: also refuse a file system with less free space than this.
     Raises :class:`FileWriteError` naming ``what`` (the option) and the fix.
     """
     path = Path(path)
@@ -146,14 +144,6 @@ def check_output_dir(path: Path | str, what: str = "--out", *, min_free_bytes: i
             os.unlink(probe)
         except OSError:
             pass
-    if min_free_bytes:
-        free = shutil.disk_usage(existing).free
-        if free < min_free_bytes:
-            raise FileWriteError(
-                f"{what} {path}: only {free / 2**20:.1f} MiB are free on its disk, and this "
-                f"command needs about {min_free_bytes / 2**20:.1f} MiB. Free some space or "
-                "write somewhere else."
-            )
     return path
 
 

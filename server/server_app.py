@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
@@ -35,6 +34,7 @@ from common import aggregation as agg
 from common import codec, flipcodec
 from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
+from common.fileio import atomic_write_bytes
 from common.tasks import get_task, select_task
 from common.training import evaluate
 from server.strategy import PackedFedAvg, RoundLog
@@ -178,9 +178,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
     started = time.perf_counter()
 
     def write() -> None:
-        tmp = out_dir / (SERVER_RESULTS + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, out_dir / SERVER_RESULTS)
+        atomic_write_bytes(out_dir / SERVER_RESULTS, json.dumps(results, indent=2).encode())
 
     def on_round(round_log: RoundLog) -> None:
         pending[round_log.round] = round_log

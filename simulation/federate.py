@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common.errors import HyBNNError
+from common.fileio import atomic_write_bytes, make_dir, save_figure
 
 WITHIN_POINTS = 0.5
 """A round "reaches" the centralized accuracy when it is at most this many points below."""
@@ -288,17 +289,15 @@ def plot_rounds(results: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    make_dir(path.parent)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
 
 def write_results(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    make_dir(out)
+    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     plot_rounds(results, out / "federated.png")
 
 
