@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common import aggregation as agg
-from common import codec, flipcodec
+from common import codec, flipcodec, robust
 from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
@@ -72,6 +72,12 @@ class ServerSettings:
     min_train_nodes: int = 1
     node_wait_s: float = 120.0
     round_timeout_s: float = 600.0
+    max_weight_vs_median: float = robust.DEFAULT_MAX_WEIGHT_VS_MEDIAN
+    """A client weighs at most this many times the round's median num-examples (0: no cap)."""
+    max_num_examples: int = 0
+    """A client weighs at most this many examples (0: no cap)."""
+    bn_aggregation: str = robust.DEFAULT_BN_AGGREGATION
+    """``median``: the clients' coordinate-wise median of the batch-norm numbers; ``mean``: weighted mean."""
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "ServerSettings":
@@ -96,6 +102,8 @@ class ServerSettings:
                              f"use one of {', '.join(flipcodec.UPLINK_CODECS)}.")
         if settings.lr_schedule not in ("cosine", "constant"):
             raise HyBNNError(f"Run config lr-schedule={settings.lr_schedule!r}; use cosine or constant.")
+        robust.check_weight_bounds(settings.max_weight_vs_median, settings.max_num_examples,
+                                   settings.bn_aggregation)
         if settings.num_server_rounds < 1 or settings.local_epochs < 1 or settings.batch_size < 2:
             raise HyBNNError("Run config num-server-rounds and local-epochs must be >= 1, batch-size >= 2.")
         return settings
@@ -203,6 +211,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
                 "downlink_bytes": round_log.downlink_bytes,
                 "clients": clients,
                 "dropped": round_log.dropped,
+                "capped": round_log.capped,
                 "seconds": time.perf_counter() - started,
             })
             save_bnn(model, out_dir / "global", meta={
@@ -222,6 +231,9 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
         node_wait_s=settings.node_wait_s,
         on_round=on_round,
         lr_for_round=settings.lr_for_round,
+        max_weight_vs_median=settings.max_weight_vs_median,
+        max_num_examples=settings.max_num_examples,
+        bn_aggregation=settings.bn_aggregation,
     )
     initial_arrays = strategy.encode_global(codec.binary_latents(initial), codec.bn_vector(initial, layout))
     strategy.start(

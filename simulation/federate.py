@@ -178,13 +178,16 @@ def simulation_apps(run_config: dict):
     return server_app, client_app
 
 
-def run_federation(run_config: dict, clients: int) -> None:
-    """Flower's simulation engine, Ray backend, one CPU per simulated client."""
+def run_federation(run_config: dict, clients: int, apps: tuple | None = None) -> None:
+    """Flower's simulation engine, Ray backend, one CPU per simulated client.
+
+    ``apps`` is ``(server_app, client_app)``, by default :func:`simulation_apps`.
+    """
     import logging
 
     from flwr.simulation import run_simulation
 
-    server_app, client_app = simulation_apps(run_config)
+    server_app, client_app = apps or simulation_apps(run_config)
     cpus = max(1, os.cpu_count() or 1)
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -217,6 +220,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
             "downlink_bytes": r["downlink_bytes"],
             "clients": r["clients"],
             "dropped": r["dropped"],
+            "capped": r.get("capped", []),
         }
         for r in server.get("rounds", [])
     ]
@@ -268,11 +272,12 @@ def plot_rounds(results: dict, path: Path) -> Path:
     per_client: dict[str, dict[str, list]] = {}
     for r in rounds:
         for c in r["clients"]:
-            name = f"client {int(c.get('partition_id', c['node_id']))}"
+            reported = c.get("reported", {})
+            name = f"client {int(reported.get('partition_id', c['node_id']))}"
             d = per_client.setdefault(name, {"round": [], "acc": [], "loss": []})
             d["round"].append(r["round"])
-            d["acc"].append(c.get("train_acc"))
-            d["loss"].append(c.get("train_loss"))
+            d["acc"].append(reported.get("train_acc"))
+            d["loss"].append(reported.get("train_loss"))
     for name, d in sorted(per_client.items()):
         ax_acc.plot(d["round"], d["acc"], marker=".", label=f"{name} (local train)")
         ax_loss.plot(d["round"], d["loss"], marker=".", label=f"{name} (local train)")
