@@ -300,3 +300,13 @@ def _earlier_record(checkpoint: resume.Checkpoint) -> dict:
                          f"rounds 1 to {checkpoint.round}.")
     return {"rounds": rounds, "initial": record.get("initial", {}),
             "resumed_after_rounds": list(record.get("resumed_after_rounds", []))}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        settings = ServerSettings.from_run_config(dict(context.run_config))
+        run_server(grid, settings)
+    except HyBNNError as exc:
+        log(WARNING, "FedHyBNN server stopped: %s", exc)
+        raise
