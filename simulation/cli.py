@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -158,6 +160,7 @@ def _federation_settings(args: argparse.Namespace) -> dict:
         partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
         uplink_codec=args.uplink_codec, encoder=args.encoder, data_root=args.data_root, out=args.out,
         seed=args.seed, batch_size=args.batch_size, centralized_epochs=args.centralized_epochs,
+        resume=args.resume,
     )
 
 
@@ -208,7 +211,13 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
     _add_data_root(p)
     _add_encoder(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(default_out), help="output directory (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path(default_out),
+                   help="output directory (default: %(default)s). The run writes into a new folder inside "
+                        "it and replaces the earlier results only once it has a round of its own. Ctrl-C "
+                        "stops it within seconds, keeps the rounds completed (status 'stopped') and exits 130")
+    p.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                   help="go on with a stopped or crashed run from its last saved round: give the run's "
+                        "--out folder and the same options as the run that saved it")
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
@@ -341,7 +350,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hybnn {args.command}: interrupted", file=sys.stderr)
+        # The run has stopped and written what it reached; a further Ctrl-C must not end in a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"hybnn {args.command}: interrupted", file=sys.stderr, flush=True)
+        if argv is None:
+            # As the program: what the run reached is written; skip the interpreter's slow teardown
+            # (torch, gRPC) so that an interrupted run ends within seconds.
+            sys.stdout.flush()
+            os._exit(130)
         return 130
     return 0
 

@@ -7,20 +7,27 @@ The run has three parts, all in this process:
 2. a centralized HyBNN on the same encoder and task, the reference the federation is
    measured against (``centralized_acc``);
 3. the federation: the real ServerApp and ClientApp of ``server/`` and ``client/``,
-   run by ``flwr.simulation.run_simulation`` on Ray, one CPU per simulated client.
+   run by ``flwr.simulation.run_simulation`` on Ray, one CPU per simulated client, in
+   a child process (``python -m simulation.federate --worker SPEC``) in its own
+   session. This process owns the signals: on Ctrl-C or SIGTERM it stops the child
+   and every process below it (Ray's included) and keeps the rounds completed so far.
    ``run_simulation`` does not read pyproject's run config, so the run config is
    handed to both apps here; node config (partition-id, num-partitions) is set per
    simulated node by Flower.
 
 It writes ``<out>/results.json``, ``<out>/server.json`` (the ServerApp's own record),
-``<out>/global/`` (the final global BNN) and ``<out>/federated.png`` (accuracy and
-loss per round per client, the paper's Figure 7).
+``<out>/global/`` (the final global BNN), ``<out>/checkpoint/`` (for ``--resume``),
+``<out>/logs/simulation.log`` and ``<out>/federated.png`` (accuracy and loss per round
+per client, the paper's Figure 7), first into a staging folder, published into
+``<out>`` once the run has a round of its own (:mod:`simulation.runs`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -56,6 +63,8 @@ class FederateConfig:
     """Epochs of the centralized reference; ``None``: rounds x local epochs, the same data passes."""
     vote_latent_scale: float = 0.1
     progress: bool = True
+    resume: Path | None = None
+    """A stopped run's folder: go on after its last saved round (the same settings are required)."""
 
     @property
     def reference_epochs(self) -> int:
@@ -259,6 +268,13 @@ def _mean_after_first(rounds: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def import_plotting() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def plot_rounds(results: dict, path: Path) -> Path:
     """Accuracy and loss per round, per client (local training) and global (test)."""
     import matplotlib
@@ -306,37 +322,127 @@ def write_results(results: dict, out: Path) -> None:
     plot_rounds(results, out / "federated.png")
 
 
+def finish_run(server_json: Path, staging: Path, out: Path, centralized: dict, config: dict,
+               started: float, stopped: bool, source: Path | None, total_rounds: int) -> dict:
+    """Summarize the staging folder's server.json; publish it into ``out`` if the run has a round.
+
+    Raises ``KeyboardInterrupt`` after publishing when the run was ``stopped``, and a
+    :class:`HyBNNError` when it ended early or aggregated nothing (earlier results kept).
+    """
+    from simulation import runs
+
+    try:
+        server = json.loads(server_json.read_text())
+    except (OSError, ValueError):
+        server = {}
+    if not runs.has_aggregated_round(server):
+        if stopped:
+            print(f"Stopped before the first round completed; nothing written, {out} is as it was.",
+                  file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        if not server:
+            raise HyBNNError(f"The federated run ended without writing {server_json}; read "
+                             f"{staging / 'logs'} for the cause. Earlier results in {out} are kept.")
+        raise HyBNNError(f"The run aggregated nothing: {runs.failure_message(server)}. Earlier results in "
+                         f"{out} are kept; this run's record and logs are in {staging}.")
+    results = summarize(server, centralized, config, time.perf_counter() - started)
+    if server.get("status") != "finished":
+        results["status"] = "stopped"
+    done = len(results["rounds"])
+    write_results(results, staging)
+    runs.publish(staging, out)
+    runs.forget_source(source, out)
+    if results["status"] != "finished":
+        print(f"Stopped after round {done} of {total_rounds}; results in {out / 'results.json'}. "
+              f"Go on with the same command and --resume {out}.", file=sys.stderr, flush=True)
+        if stopped:
+            raise KeyboardInterrupt
+        raise HyBNNError(f"The run stopped after round {done} of {total_rounds}; partial results are in {out}; "
+                         f"go on with the same command and --resume {out}.")
+    return results
+
+
 def federate(config: FederateConfig) -> dict:
-    """Run the experiment of ``config``; write and return results.json's content."""
+    """Run the experiment of ``config``; write and return results.json's content.
+
+    Ctrl-C or SIGTERM stops it within seconds: the rounds completed so far are published
+    with status ``stopped`` and ``KeyboardInterrupt`` is raised.
+    """
     from common.encoder import load_encoder_artifact
     from common.features import load_codes
     from server.server_app import SERVER_RESULTS
+    from simulation import runs
 
     check_config(config)
     started = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SERVER_RESULTS).unlink(missing_ok=True)
-    artifact = load_encoder_artifact(config.encoder)
-    _say(config, f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features")
-    for split in ("train", "test"):
-        load_codes(artifact, config.data_root, split, progress=config.progress)
-    _say(config, f"Centralized HyBNN on {config.task}, "
-                 f"{config.reference_epochs} epochs")
-    centralized = centralized_reference(artifact, config)
-    _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}")
-    _say(config, f"FedHyBNN: {config.clients} simulated clients, {config.rounds} rounds, "
-                 f"{config.partition} partition, {config.aggregation} aggregation (Flower simulation, Ray)")
-    run_federation(config.run_config(artifact.sha256), config.clients)
-    server_path = out / SERVER_RESULTS
-    if not server_path.exists():
-        raise HyBNNError(f"The federated run ended without writing {server_path}; read the log above for the cause.")
-    server = json.loads(server_path.read_text())
-    results = summarize(server, centralized, config.to_dict(), time.perf_counter() - started)
-    write_results(results, out)
-    if server.get("status") != "finished":
-        raise HyBNNError(f"The federated run stopped before its last round; partial results are in {out}.")
-    return results
+    with runs.StopSignals():
+        source = runs.resume_source(config.resume)
+        artifact = load_encoder_artifact(config.encoder)
+        run_config = config.run_config(artifact.sha256)
+        if source is not None:
+            run_config["resume-dir"] = str(source.resolve())
+            done = runs.check_resumable(source, run_config)
+            _say(config, f"Resuming {source} after round {done} of {config.rounds}")
+        _say(config, f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features")
+        for split in ("train", "test"):
+            load_codes(artifact, config.data_root, split, progress=config.progress)
+        _say(config, f"Centralized HyBNN on {config.task}, "
+                     f"{config.reference_epochs} epochs")
+        centralized = centralized_reference(artifact, config)
+        _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}")
+        _say(config, f"FedHyBNN: {config.clients} simulated clients, {config.rounds} rounds, "
+                     f"{config.partition} partition, {config.aggregation} aggregation (Flower simulation, Ray)")
+        import_plotting()  # now, not in the seconds a stopped run has to write its results
+        staging = runs.staging_dir(out)
+        run_config["out-dir"] = str(staging.resolve())
+        stopped = False
+        worker = None
+        try:
+            worker = start_federation_worker(run_config, config.clients, staging)
+            _watch_worker(config, worker, staging)
+        except KeyboardInterrupt:
+            stopped = True
+            print("Stopping the federation ...", file=sys.stderr, flush=True)
+        finally:
+            if worker is not None:
+                runs.stop_process_tree(worker)
+        return finish_run(staging / SERVER_RESULTS, staging, out, centralized, config.to_dict(), started,
+                          stopped, source, config.rounds)
+
+
+def start_federation_worker(run_config: dict, clients: int, staging: Path) -> subprocess.Popen:
+    """:func:`run_federation` in a child process in its own session, logging to ``staging/logs``."""
+    logs = staging / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    spec = logs / "simulation.json"
+    atomic_write_bytes(spec, json.dumps({"run_config": run_config, "clients": clients}).encode())
+    project = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    with open(logs / "simulation.log", "wb") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "simulation.federate", "--worker", str(spec)],
+                                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=project, env=env, start_new_session=True)
+
+
+def _watch_worker(config: FederateConfig, worker: subprocess.Popen, staging: Path) -> None:
+    """Wait for the worker; echo its log (with ``progress``)."""
+    log_path = staging / "logs" / "simulation.log"
+    position = 0
+    while True:
+        finished = worker.poll() is not None
+        if config.progress:
+            with open(log_path, "rb") as f:
+                f.seek(position)
+                chunk = f.read()
+            position += len(chunk)
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+        if finished:
+            return
+        time.sleep(0.3)
 
 
 def describe(results: dict) -> str:
@@ -359,3 +465,16 @@ def describe(results: dict) -> str:
         f"wall time {results['seconds']:.1f} s",
     ]
     return "\n".join(lines)
+
+
+def _worker_main(spec_path: str) -> int:
+    """The child process of :func:`federate`: the Ray simulation of one run."""
+    spec = json.loads(Path(spec_path).read_text())
+    run_federation(spec["run_config"], int(spec["clients"]))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[2]))
+    sys.exit("usage: python -m simulation.federate --worker SPEC.json (started by `hybnn federate`)")

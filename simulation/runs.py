@@ -1,0 +1,216 @@
+"""What `federate` and `deploy-local` share around a run: its folder, stopping, resuming.
+
+* Output folder: a run writes into a fresh staging folder ``<out>/.run-<time>-<pid>/``.
+  Its files replace the earlier ones in ``<out>`` only once it has a round of its own
+  (:func:`publish`); a run that reached nothing leaves ``<out>`` as it was. A run cut off
+  before publishing (the machine stopped) keeps its checkpoint in the staging folder,
+  where ``--resume <out>`` finds it.
+* Stopping: :class:`StopSignals` turns the first SIGINT or SIGTERM into
+  ``KeyboardInterrupt`` and ignores the ones that follow while the run stops, so a
+  second Ctrl-C never interrupts the clean-up.
+* Process trees: :func:`stop_process_tree` stops a child and every process it started,
+  including those that moved to their own session (Ray's raylet and workers).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common.errors import HyBNNError
+
+STAGING_PREFIX = ".run-"
+STOPPED_EXIT_STATUS = 130
+PUBLISH_LAST = "results.json"
+"""Moved into place last: while it is the earlier run's, the others may already be new."""
+
+
+def staging_dir(out: Path) -> Path:
+    """A new, empty staging folder inside ``out`` (same file system, so publishing is a rename)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{STAGING_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    path.mkdir()
+    return path
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move everything in ``staging`` into ``out``, each entry replacing its earlier namesake,
+    ``results.json`` last; then remove ``staging``."""
+    staging, out = Path(staging), Path(out)
+    names = sorted(p.name for p in staging.iterdir())
+    names.sort(key=lambda name: name == PUBLISH_LAST)
+    for name in names:
+        source, target = staging / name, out / name
+        if source.is_dir():
+            # A folder cannot replace a non-empty folder in one rename: move the old one aside first.
+            old = staging / f".old-{name}"
+            if target.exists():
+                os.replace(target, old)
+            os.replace(source, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(source, target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def has_aggregated_round(server: dict) -> bool:
+    """Whether a run aggregated at least one reply: only then are its results its own."""
+    return any(r.get("clients") for r in server.get("rounds", []))
+
+
+def failure_message(server: dict) -> str:
+    """Why a run aggregated nothing, with the clients' reasons."""
+    from server.server_app import failure_reasons
+
+    if server.get("failure"):
+        return str(server["failure"])
+    reasons = failure_reasons(server.get("rounds", []))
+    if not server.get("rounds"):
+        return "no round completed"
+    return ("no client reply could be aggregated in any round; the clients' reasons: "
+            + ("; ".join(reasons) if reasons else "none replied"))
+
+
+def resume_source(resume: Path | None) -> Path | None:
+    """The run folder ``--resume DIR`` continues: DIR, or its unpublished run saved last."""
+    if resume is None:
+        return None
+    from server.resume import latest_run_dir
+
+    if not Path(resume).is_dir():
+        raise HyBNNError(f"--resume {resume}: no such folder.")
+    return latest_run_dir(Path(resume))
+
+
+def check_resumable(source: Path, run_config: dict) -> int:
+    """Refuse, before anything starts, a checkpoint the run could not continue; its round."""
+    from dataclasses import asdict
+
+    from common import codec
+    from common.bnn import BNNConfig
+    from common.encoder import load_encoder_artifact
+    from common.tasks import get_task
+    from server import resume
+    from server.server_app import ServerSettings
+
+    settings = ServerSettings.from_run_config(run_config)
+    state = resume.load_checkpoint(source).state
+    artifact = load_encoder_artifact(settings.encoder_path)
+    config = BNNConfig.for_task(int(artifact.config.latent_bits), get_task(settings.task).num_classes)
+    layout = codec.layout_for(config)
+    bnn = {"config": config.to_dict(), "binary_weights": layout.n_binary, "bn_numbers": layout.n_bn}
+    resume.check_matches(state, resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION, bnn))
+    return int(state["round"])
+
+
+def forget_source(source: Path | None, out: Path) -> None:
+    """After a resumed run is published, the unpublished run it continued is superseded."""
+    if source is not None and source.name.startswith(STAGING_PREFIX) and source.parent == Path(out):
+        shutil.rmtree(source, ignore_errors=True)
+
+
+class StopSignals:
+    """While active (main thread only), the first SIGINT/SIGTERM raises ``KeyboardInterrupt``;
+    later ones only print that the run is stopping."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise KeyboardInterrupt
+        print("Stopping; the results reached so far are being written.", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> set[int]:
+    """Every living process below ``pid``."""
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _signal_all(pids: set[int], groups: set[int], signum: int) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_process_tree(procs: subprocess.Popen | list[subprocess.Popen], grace_s: float = 1.0) -> None:
+    """SIGTERM each of ``procs`` (each started in its own session) and everything below them;
+    SIGKILL what is left after ``grace_s``. Processes that left a tree (a daemon reparented
+    to init) are still caught by the pids seen earlier."""
+    procs = [procs] if isinstance(procs, subprocess.Popen) else list(procs)
+    groups = {proc.pid for proc in procs if proc.poll() is None}
+    seen: set[int] = set()
+    for proc in procs:
+        seen |= descendants(proc.pid)
+    _signal_all(seen | groups, groups, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            seen |= descendants(proc.pid)
+        if all(proc.poll() is not None for proc in procs) and not any(_alive(pid) for pid in seen):
+            return
+        time.sleep(0.1)
+    for proc in procs:
+        seen |= descendants(proc.pid)
+    _signal_all({pid for pid in seen if _alive(pid)} | {p.pid for p in procs if p.poll() is None},
+                {p.pid for p in procs if p.poll() is None}, signal.SIGKILL)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
