@@ -14,14 +14,17 @@ last ``k`` of the ``--clients``. Attacks (``ATTACKS``):
 
 ``sign-flip``      every sign negated
 ``random-bits``    the sign bits replaced by random bits (batch norm kept)
-``weight-hijack``  the output layer's signs negated, and ``num-examples = 10**18``
+``weight-hijack``  the output layer's signs oriented to do worst on the client's own data
+                   (its trained output layer or the negation, whichever scores lower there),
+                   and ``num-examples = 10**18``
 ``bn-poison``      every batch-norm number 60000 (finite, fits float16)
 ``bn-overflow``    every batch-norm number 1e6, sent as float32 (overflows the float16 downlink)
 ``metric-forgery`` the server's own fields as metrics: ``node-id``, ``uplink-bytes``, ``sign-flips``...
 ``bad-metrics``    ``train-loss`` as a list, ``train-acc = 1e308``
 
 For each attack and each ``k`` in ``--adversaries`` it prints the final global test
-accuracy, the drop against the honest run in points, the rounds completed, and the
+accuracy, the drop against the honest run in points, the lowest global accuracy over the
+rounds (an attack can do its damage before the last round), the rounds completed, and the
 replies the server dropped and capped (from server.json). The honest run is repeated with
 ``bn-aggregation = "mean"``, the plain weighted mean, to show what the median costs honest
 clients. ``--undefended`` adds weight-hijack and bn-poison runs with the defences off
@@ -48,8 +51,11 @@ TARGET_POINTS = 1.0
 
 
 # ---------------------------------------------------------------------------- the hostile client
-def corrupt(content, attack: str, layout, seed: int):
-    """The ``RecordDict`` a hostile client sends instead of its honest ``content``."""
+def corrupt(content, attack: str, layout, seed: int, local_data=None):
+    """The ``RecordDict`` a hostile client sends instead of its honest ``content``.
+
+    ``local_data`` is the client's ``(x, y)``, which ``weight-hijack`` uses to aim.
+    """
     import numpy as np
     from flwr.app import MetricRecord, RecordDict
 
@@ -65,8 +71,7 @@ def corrupt(content, attack: str, layout, seed: int):
     elif attack == "random-bits":
         weights = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=weights.shape)
     elif attack == "weight-hijack":
-        rows, cols = layout.binary_shapes[-1]
-        weights[-rows * cols:] *= -1
+        weights = worst_output_layer(weights, bn, layout, *local_data)
         metrics["num-examples"] = 10**18
     elif attack == "bn-poison":
         bn = np.full_like(bn, 60000.0)
@@ -83,6 +88,26 @@ def corrupt(content, attack: str, layout, seed: int):
                        "metrics": MetricRecord(metrics)})
 
 
+def worst_output_layer(weights, bn, layout, x, y):
+    """``weights`` with the output layer's signs as trained or negated, whichever is less accurate on
+    ``(x, y)``. Always negating would undo itself once the global model carries the negation."""
+    from common import aggregation, codec
+    from common.bnn import BNN
+    from common.training import evaluate
+
+    rows, cols = layout.binary_shapes[-1]
+    negated = weights.copy()
+    negated[-rows * cols:] *= -1
+
+    def accuracy(signs):
+        model = BNN(layout.config)
+        codec.load_into_model(model, layout, aggregation.client_start_latent(signs, "signs"), bn)
+        model.eval()
+        return evaluate(model, x, y)["acc"]
+
+    return negated if accuracy(negated) <= accuracy(weights) else weights
+
+
 def adversarial_client_app(run_config: dict, attack: str, hostile: set[int], in_bits: int):
     """The project's ClientApp; partitions in ``hostile`` corrupt their honest reply with ``attack``.
 
@@ -97,6 +122,7 @@ def adversarial_client_app(run_config: dict, attack: str, hostile: set[int], in_
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
+        from client.client_app import ClientSettings, LocalRound, load_client_encoder, local_training_data
         from common import codec
         from common.bnn import BNNConfig
         from common.tasks import get_task
@@ -106,9 +132,12 @@ def adversarial_client_app(run_config: dict, attack: str, hostile: set[int], in_
         if partition not in hostile or reply.has_error():
             return reply
         layout = codec.layout_for(BNNConfig.for_task(in_bits, get_task(run_config["task"]).num_classes))
-        server_round = int(msg.content["config"].get("server-round", 0))
-        return Message(content=corrupt(reply.content, attack, layout, seed=1000 * server_round + partition),
-                       reply_to=msg)
+        round_config = LocalRound.from_config(msg.content["config"])
+        artifact = load_client_encoder(ClientSettings.from_context(context, run_config).encoder_path,
+                                       round_config.encoder_sha256)
+        local_data = local_training_data(artifact, ClientSettings.from_context(context, run_config), round_config.task)
+        seed = 1000 * round_config.server_round + partition
+        return Message(content=corrupt(reply.content, attack, layout, seed, local_data), reply_to=msg)
 
     return app
 
@@ -151,6 +180,7 @@ def federation(name: str, attack: str, k: int, args, artifact, extra: dict | Non
     row = {
         "name": name, "attack": attack, "adversaries": k, "extra": extra or {},
         "final_acc": rounds[-1]["test_acc"] if rounds else None,
+        "lowest_acc": min((r["test_acc"] for r in rounds), default=None),
         "rounds": len(rounds), "status": server.get("status"), "exit": status,
         "dropped": sum(len(r["dropped"]) for r in rounds),
         "capped": sum(len(r.get("capped", [])) for r in rounds),
@@ -205,17 +235,19 @@ def main() -> None:
           f"{args.local_epochs} local epoch(s), vote, encoder {args.encoder} (sha256 {artifact.sha256[:12]}...), "
           f"seed {args.seed}; {time.perf_counter() - started:.0f} s in all")
     print()
-    print("| attack | adversaries | final acc | drop vs honest (points) | rounds completed | replies dropped | "
-          "replies capped |")
-    print("|---|---|---|---|---|---|---|")
+    print("| attack | adversaries | final acc | drop vs honest (points) | lowest acc over the rounds | "
+          "rounds completed | replies dropped | replies capped |")
+    print("|---|---|---|---|---|---|---|---|")
 
     def line(row: dict, label: str) -> None:
         acc = row["final_acc"]
         drop = "n/a" if acc is None or base is None else f"{(base - acc) * 100:+.2f}"
         done = f"{row['rounds']}/{args.rounds}" + ("" if row["status"] == "finished" and row["exit"] == 0
                                                   else f" ({row['status']}, exit {row['exit']})")
+        lowest = row["lowest_acc"]
         print(f"| {label} | {row['adversaries']} of {args.clients} | {'n/a' if acc is None else f'{acc:.4f}'} | "
-              f"{drop} | {done} | {row['dropped']} | {row['capped']} |")
+              f"{drop} | {'n/a' if lowest is None else f'{lowest:.4f}'} | {done} | {row['dropped']} | "
+              f"{row['capped']} |")
 
     line(honest, "none (honest)")
     for row in rows:
