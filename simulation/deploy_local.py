@@ -285,11 +285,11 @@ def deploy_local(config: DeployConfig) -> dict:
     check_security_options(config)
     started = time.perf_counter()
     out = Path(config.out).resolve()
-    with runs.StopSignals():
-        return _deploy_local(config, out, started)
+    with runs.StopSignals() as signals:
+        return _deploy_local(config, out, started, signals)
 
 
-def _deploy_local(config: DeployConfig, out: Path, started: float) -> dict:
+def _deploy_local(config: DeployConfig, out: Path, started: float, signals: runs.StopSignals) -> dict:
     from common.encoder import load_encoder_artifact
     from common.features import load_codes
     from server.server_app import SERVER_RESULTS
@@ -316,7 +316,6 @@ def _deploy_local(config: DeployConfig, out: Path, started: float) -> dict:
     server_json = staging / SERVER_RESULTS
     log_dir = Path(config.log_dir or staging / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
-    stopped = False
     with tempfile.TemporaryDirectory(prefix="hybnn-flwr-") as tmp:
         env = dict(os.environ)
         # The SuperLink and SuperNodes start helpers (flower-superexec, flwr-clientapp) by name.
@@ -353,14 +352,14 @@ def _deploy_local(config: DeployConfig, out: Path, started: float) -> dict:
             runner = procs.start("flwr-run", run_cmd, env)
             _watch(config, procs, runner, server_json, started)
         except KeyboardInterrupt:
-            stopped = True
             print("Stopping the deployment ...", file=sys.stderr, flush=True)
         except HyBNNError as exc:
             print(f"The run did not end normally: {exc}", file=sys.stderr, flush=True)
         finally:
+            signals.defer()
             procs.stop_all(config.stop_grace_s)
     return finish_run(server_json, staging, out, centralized, {**config.to_dict(), "mode": "deploy-local"},
-                      started, stopped, source, config.rounds)
+                      started, signals.stopped, source, config.rounds)
 
 
 def check_security_options(config: DeployConfig) -> None:

@@ -376,7 +376,7 @@ def federate(config: FederateConfig) -> dict:
     check_config(config)
     started = time.perf_counter()
     out = Path(config.out)
-    with runs.StopSignals():
+    with runs.StopSignals() as signals:
         source = runs.resume_source(config.resume)
         artifact = load_encoder_artifact(config.encoder)
         run_config = config.run_config(artifact.sha256)
@@ -396,19 +396,18 @@ def federate(config: FederateConfig) -> dict:
         import_plotting()  # now, not in the seconds a stopped run has to write its results
         staging = runs.staging_dir(out)
         run_config["out-dir"] = str(staging.resolve())
-        stopped = False
         worker = None
         try:
             worker = start_federation_worker(run_config, config.clients, staging)
             _watch_worker(config, worker, staging)
         except KeyboardInterrupt:
-            stopped = True
             print("Stopping the federation ...", file=sys.stderr, flush=True)
         finally:
+            signals.defer()
             if worker is not None:
                 runs.stop_process_tree(worker)
         return finish_run(staging / SERVER_RESULTS, staging, out, centralized, config.to_dict(), started,
-                          stopped, source, config.rounds)
+                          signals.stopped, source, config.rounds)
 
 
 def start_federation_worker(run_config: dict, clients: int, staging: Path) -> subprocess.Popen:

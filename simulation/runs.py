@@ -118,16 +118,26 @@ def forget_source(source: Path | None, out: Path) -> None:
 
 class StopSignals:
     """While active (main thread only), the first SIGINT/SIGTERM raises ``KeyboardInterrupt``;
-    later ones only print that the run is stopping."""
+    later ones only print that the run is stopping. After :meth:`defer` no signal raises: it is
+    only recorded in ``signum``, so that writing the results is never cut short."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._deferred = False
         self._previous: dict[int, object] = {}
 
+    def defer(self) -> None:
+        self._deferred = True
+
+    @property
+    def stopped(self) -> bool:
+        return self.signum is not None
+
     def _handle(self, signum, frame) -> None:
-        if self.signum is None:
+        if self.signum is None and not self._deferred:
             self.signum = signum
             raise KeyboardInterrupt
+        self.signum = self.signum or signum
         print("Stopping; the results reached so far are being written.", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopSignals":

@@ -1,4 +1,5 @@
-"""Stopping `hybnn federate` with Ctrl-C, keeping earlier results, resuming, and a run that aggregated nothing."""
+"""Stopping `hybnn federate` (Ctrl-C) and `hybnn deploy-local` (SIGTERM), keeping earlier results,
+resuming, and a run that aggregated nothing."""
 
 from __future__ import annotations
 
@@ -112,3 +113,33 @@ def test_a_run_that_aggregated_nothing_fails_and_keeps_earlier_results(tmp_path,
     server = json.loads((staged[0] / "server.json").read_text())
     assert server["status"] == "failed" and "could not split" in server["failure"]
     assert "ERROR" in (staged[0] / "logs" / "simulation.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_stops_deploy_local_and_every_process_it_started(tmp_path, mnist_root):
+    from simulation.runs import descendants
+
+    out = tmp_path / "run"
+    cmd = [HYBNN, "deploy-local", "--task", "0v1", "--clients", "2", "--rounds", "5", "--local-epochs", "1",
+           "--centralized-epochs", "1", "--encoder", str(fixed_encoder(tmp_path / "encoder")),
+           "--data-root", str(mnist_root), "--out", str(out)]
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO)
+        deadline = time.monotonic() + 300
+        while _staged_rounds(out) < 1:
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no round completed"
+            time.sleep(0.2)
+        below = descendants(proc.pid)  # SuperLink, SuperExec, ServerApp, SuperNodes, flwr run
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - sent
+    err = (tmp_path / "stderr").read_text()
+    assert rc == 130 and took <= 10.0, (rc, took, err[-3000:])
+    assert "Traceback" not in err
+    assert not [pid for pid in below if _alive(pid)], "processes of the run were left behind"
+    stopped = json.loads((out / "results.json").read_text())
+    assert stopped["status"] == "stopped" and len(stopped["rounds"]) >= 1
+    assert (out / "checkpoint" / "state.json").exists() and (out / "logs" / "superlink.log").exists()
