@@ -122,3 +122,20 @@ def test_a_consistent_set_passes_the_check(tmp_path):
     from simulation.credentials import Credentials
 
     Credentials(_certs(tmp_path / "c", supernodes=2)).check(2)
+
+
+# ------------------------------------------------------------------ values at the edge of their range
+@pytest.mark.parametrize("lr", ["1e308", "1e39", "11"])
+@pytest.mark.parametrize("command", ["train", "federate"])
+def test_a_huge_learning_rate_is_refused_before_the_work(command, lr, capsys, tmp_path, monkeypatch):
+    """1e308 overflowed inside the optimizer (a traceback); any rate above 10 is a typo."""
+    import common.pipeline
+
+    from tests.conftest import fixed_encoder
+
+    monkeypatch.setattr(common.pipeline, "fit", lambda *a, **k: pytest.fail("training started"))
+    task = ["--task", "0v1"]
+    extra = ["--rounds", "1", "--clients", "2"] if command == "federate" else []
+    rc, error = cli(capsys, command, *task, *extra, "--lr", lr, "--encoder", fixed_encoder(tmp_path / "enc"),
+                    "--out", tmp_path / "out")
+    assert rc == 2 and "learning rate (--lr)" in error and "at most 10" in error
