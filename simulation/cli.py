@@ -223,6 +223,7 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
 def cmd_certs(args: argparse.Namespace) -> None:
     from simulation.credentials import make_credentials
 
+    check_out(args.out)
     creds = make_credentials(args.out, hosts=args.host, supernodes=args.supernodes, force=args.force)
     print(f"Credentials written to {creds.root}: CA {creds.ca_cert.name}, SuperLink certificate "
           f"{creds.server_cert.name}, {creds.superexec_secret.name}, {args.supernodes} SuperNode key pair(s) "

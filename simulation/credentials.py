@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import HyBNNError
-from common.fileio import atomic_write_bytes
+from common.fileio import atomic_write_bytes, check_output_dir, make_dir, write_error
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -54,6 +54,7 @@ FLEET_API_ROUTES = (
     "confirm-message-received",
 )
 
+_SUPERNODE_FILE = re.compile(r"^supernode-[0-9]+(\.pub)?$")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -104,6 +105,55 @@ class Credentials:
         for key in [self.server_key] + [self.supernode_key(i) for i in range(supernodes)]:
             if key.stat().st_mode & 0o077:
                 raise HyBNNError(f"{key} is readable by other users; `chmod 600 {key}`.")
+        self._check_contents(supernodes)
+
+    def _check_contents(self, supernodes: int) -> None:
+        """The files belong together: the server certificate is current, signed by the CA and
+        covers 127.0.0.1, its key is its own, and every SuperNode key matches its ``.pub``."""
+        from cryptography import x509
+        from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+        from cryptography.hazmat.primitives import serialization
+
+        fix = f"Write a consistent set with `hybnn certs --out DIR --supernodes {supernodes}`."
+
+        def load(path: Path, loader, what: str):
+            try:
+                return loader(path.read_bytes())
+            except (ValueError, TypeError, OSError, UnsupportedAlgorithm) as exc:
+                raise HyBNNError(f"{path} is not a readable {what} ({exc}). {fix}") from exc
+
+        ca = load(self.ca_cert, x509.load_pem_x509_certificate, "PEM certificate")
+        server = load(self.server_cert, x509.load_pem_x509_certificate, "PEM certificate")
+        server_key = load(self.server_key, lambda b: serialization.load_pem_private_key(b, None), "PEM private key")
+        public = serialization.PublicFormat.SubjectPublicKeyInfo
+        as_der = lambda key: key.public_bytes(serialization.Encoding.DER, public)  # noqa: E731
+        if as_der(server_key.public_key()) != as_der(server.public_key()):
+            raise HyBNNError(f"{self.server_key} is not the private key of {self.server_cert}. {fix}")
+        try:
+            server.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise HyBNNError(f"{self.server_cert} was not signed by the CA in {self.ca_cert} ({exc or 'bad signature'}); "
+                             f"SuperNodes would refuse the SuperLink. {fix}") from exc
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for path, cert in ((self.ca_cert, ca), (self.server_cert, server)):
+            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+                raise HyBNNError(f"{path} is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                                 f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now. {fix}")
+        try:
+            san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            ips = san.get_values_for_type(x509.IPAddress)
+        except x509.ExtensionNotFound:
+            ips = []
+        if ipaddress.ip_address("127.0.0.1") not in ips:
+            raise HyBNNError(f"{self.server_cert} does not cover 127.0.0.1, where this machine's SuperNodes "
+                             f"connect. {fix}")
+        for i in range(supernodes):
+            key = load(self.supernode_key(i), lambda b: serialization.load_ssh_private_key(b, None),
+                       "OpenSSH private key")
+            pub = load(self.supernode_public_key(i), serialization.load_ssh_public_key, "OpenSSH public key")
+            if as_der(key.public_key()) != as_der(pub):
+                raise HyBNNError(f"{self.supernode_key(i)} is not the private key of "
+                                 f"{self.supernode_public_key(i)}. {fix}")
 
 
 def _split_hosts(hosts: tuple[str, ...] | list[str]) -> tuple[list[str], list[ipaddress._BaseAddress]]:
@@ -210,6 +260,7 @@ def make_credentials(out: Path | str, hosts: tuple[str, ...] | list[str] = (), s
     if root.exists() and not root.is_dir():
         raise HyBNNError(f"{root} exists and is not a directory.")
     names, ips = _split_hosts(hosts)
+    check_output_dir(root)
 
     files = _certificates(names, ips, valid_days)
     files[SUPEREXEC_SECRET] = secrets.token_hex(32).encode()  # read as exact bytes: no newline
@@ -220,25 +271,33 @@ def make_credentials(out: Path | str, hosts: tuple[str, ...] | list[str] = (), s
         files[f"{SUPERNODES_DIR}/{supernode_key_name(i)}.pub"] = pub
         private.add(f"{SUPERNODES_DIR}/{supernode_key_name(i)}")
 
-    existing = sorted(name for name in files if (root / name).exists())
+    # Every earlier SuperNode key counts, not only those of the new set's size: a --force
+    # with fewer SuperNodes must not leave keys of the old set beside the new ones.
+    earlier_keys = (sorted(f"{SUPERNODES_DIR}/{p.name}" for p in (root / SUPERNODES_DIR).iterdir()
+                           if _SUPERNODE_FILE.match(p.name))
+                    if (root / SUPERNODES_DIR).is_dir() else [])
+    existing = sorted({name for name in files if (root / name).exists()} | set(earlier_keys))
     if existing and not force:
         raise HyBNNError(f"{root} already holds {', '.join(existing)}; refusing to overwrite them. "
                          "Use another --out, or --force to move the old files aside first.")
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
-    (root / SUPERNODES_DIR).mkdir(exist_ok=True)
-    os.chmod(root / SUPERNODES_DIR, 0o700)
-    if existing:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        backup = root / f"replaced-{stamp}"
-        for name in existing:
-            (backup / name).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.replace(root / name, backup / name)
-        print(f"Moved the earlier {', '.join(existing)} to {backup}")
-    for name, data in files.items():
-        path = root / name
-        atomic_write_bytes(path, data)  # created 0600 (mkstemp); public files are opened up below
-        os.chmod(path, 0o600 if name in private else 0o644)
+    try:
+        make_dir(root)
+        os.chmod(root, 0o700)
+        make_dir(root / SUPERNODES_DIR)
+        os.chmod(root / SUPERNODES_DIR, 0o700)
+        if existing:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            backup = root / f"replaced-{stamp}"
+            for name in existing:
+                (backup / name).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.replace(root / name, backup / name)
+            print(f"Moved the earlier {', '.join(existing)} to {backup}")
+        for name, data in files.items():
+            path = root / name
+            atomic_write_bytes(path, data)  # created 0600 (mkstemp); public files are opened up below
+            os.chmod(path, 0o600 if name in private else 0o644)
+    except OSError as exc:
+        raise write_error(root, exc, "the credentials folder") from exc
     return Credentials(root)
 
 

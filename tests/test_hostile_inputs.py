@@ -1,0 +1,141 @@
+"""Hostile and careless inputs met through the command line: files that are not files,
+credentials that do not belong together, values at the edge of their range.
+
+Each case expects one clear error line and exit status 2 (``cli`` asserts no traceback),
+or the correct result; never a hang, a silent wrong answer or a lost earlier file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from common import data
+from tests.test_inputs import cli, data_root_with
+
+
+# ------------------------------------------------------------------ MNIST files that are not files
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+@pytest.mark.parametrize("key", ["test-images", "train-labels"])
+def test_an_idx_path_that_is_not_a_regular_file_is_refused_without_reading_it(kind, key, tmp_path, mnist_root, capsys):
+    """A folder would be a traceback; a pipe (or a link to /dev/zero) would block or read forever."""
+    name = data.IDX_FILES[key]
+    root = data_root_with(tmp_path, mnist_root, {})
+    target = data.raw_dir(root) / name
+    target.unlink()
+    if kind == "folder":
+        target.mkdir()
+    else:
+        os.mkfifo(target)
+    rc, error = cli(capsys, "data", "--data-root", root)
+    assert rc == 2
+    assert str(target) in error and "not a regular file" in error
+    assert f"hybnn data --data-root {root}" in error
+
+
+# ------------------------------------------------------------------ hybnn certs and deploy-local --certs
+@pytest.mark.parametrize("make_out", [
+    lambda tmp: tmp / "a-file" / "creds",       # a path under a file
+    lambda tmp: Path("/dev/full") / "creds",    # under a device
+])
+def test_certs_into_a_folder_that_cannot_be_made_is_a_clear_error(make_out, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    rc, error = cli(capsys, "certs", "--out", make_out(tmp_path))
+    assert rc == 2 and str(make_out(tmp_path)) in error
+
+
+def test_certs_on_a_read_only_folder_is_a_clear_error(tmp_path, capsys):
+    from tests.test_inputs import SmallDisk
+
+    disk = SmallDisk(tmp_path, pytest.MonkeyPatch())
+    try:
+        ro = disk.make("ro", 64, read_only=True)
+        rc, error = cli(capsys, "certs", "--out", ro / "creds")
+        assert rc == 2 and "read-only" in error
+    finally:
+        disk.close()
+
+
+def test_certs_force_with_fewer_supernodes_moves_every_earlier_key_aside(tmp_path, capsys):
+    out = tmp_path / "creds"
+    assert cli(capsys, "certs", "--out", out, "--supernodes", "3")[0] == 0
+    old_keys = {i: (out / "supernodes" / f"supernode-{i}").read_bytes() for i in range(3)}
+    assert cli(capsys, "certs", "--out", out, "--supernodes", "1", "--force")[0] == 0
+    assert sorted(p.name for p in (out / "supernodes").iterdir()) == ["supernode-0", "supernode-0.pub"]
+    (backup,) = out.glob("replaced-*")
+    for i in range(3):
+        assert (backup / "supernodes" / f"supernode-{i}").read_bytes() == old_keys[i]
+        assert (backup / "supernodes" / f"supernode-{i}.pub").is_file()
+
+
+def _certs(root: Path, supernodes: int = 2, **kwargs) -> Path:
+    from simulation.credentials import make_credentials
+
+    return make_credentials(root, supernodes=supernodes, **kwargs).root
+
+
+def _swap(dest: Path, source: Path, name: str) -> None:
+    (dest / name).write_bytes((source / name).read_bytes())
+    os.chmod(dest / name, 0o600)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda good, other: _swap(good, other, "server.key"), "is not the private key of"),
+    (lambda good, other: _swap(good, other, "ca.crt"), "was not signed by the CA"),
+    (lambda good, other: _swap(good, other, "supernodes/supernode-1"), "supernode-1 is not the private key of"),
+    (lambda good, other: (good / "server.pem").write_text("not a certificate"), "not a readable PEM certificate"),
+    (lambda good, other: (good / "supernodes" / "supernode-0.pub").write_text("ssh-ed"), "not a readable OpenSSH"),
+])
+def test_deploy_local_refuses_credentials_that_do_not_belong_together_before_the_work(
+        damage, expected, tmp_path, capsys, monkeypatch):
+    import simulation.deploy_local as deploy_local
+
+    monkeypatch.setattr(deploy_local, "_deploy_local", lambda *a: pytest.fail("the run started"))
+    good, other = _certs(tmp_path / "good"), _certs(tmp_path / "other")
+    damage(good, other)
+    rc, error = cli(capsys, "deploy-local", "--certs", good, "--clients", "2", "--out", tmp_path / "run")
+    assert rc == 2 and expected in error and "hybnn certs" in error
+
+
+def test_deploy_local_refuses_an_expired_certificate(tmp_path, capsys, monkeypatch):
+    import simulation.deploy_local as deploy_local
+
+    monkeypatch.setattr(deploy_local, "_deploy_local", lambda *a: pytest.fail("the run started"))
+    expired = _certs(tmp_path / "expired", valid_days=0)  # its validity ends as it is written
+    rc, error = cli(capsys, "deploy-local", "--certs", expired, "--clients", "2", "--out", tmp_path / "run")
+    assert rc == 2 and "not now" in error
+
+
+def test_deploy_local_refuses_fewer_supernode_keys_than_clients(tmp_path, capsys, monkeypatch):
+    import simulation.deploy_local as deploy_local
+
+    monkeypatch.setattr(deploy_local, "_deploy_local", lambda *a: pytest.fail("the run started"))
+    rc, error = cli(capsys, "deploy-local", "--certs", _certs(tmp_path / "c", supernodes=2), "--clients", "3",
+                    "--out", tmp_path / "run")
+    assert rc == 2 and "supernode-2" in error and "--supernodes 3" in error
+
+
+def test_a_consistent_set_passes_the_check(tmp_path):
+    from simulation.credentials import Credentials
+
+    Credentials(_certs(tmp_path / "c", supernodes=2)).check(2)
+
+
+# ------------------------------------------------------------------ values at the edge of their range
+@pytest.mark.parametrize("lr", ["1e308", "1e39", "11"])
+@pytest.mark.parametrize("command", ["train", "federate"])
+def test_a_huge_learning_rate_is_refused_before_the_work(command, lr, capsys, tmp_path, monkeypatch):
+    """1e308 overflowed inside the optimizer (a traceback); any rate above 10 is a typo."""
+    import common.pipeline
+
+    from tests.conftest import fixed_encoder
+
+    monkeypatch.setattr(common.pipeline, "fit", lambda *a, **k: pytest.fail("training started"))
+    task = ["--task", "0v1"]
+    extra = ["--rounds", "1", "--clients", "2"] if command == "federate" else []
+    rc, error = cli(capsys, command, *task, *extra, "--lr", lr, "--encoder", fixed_encoder(tmp_path / "enc"),
+                    "--out", tmp_path / "out")
+    assert rc == 2 and "learning rate (--lr)" in error and "at most 10" in error
