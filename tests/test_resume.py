@@ -151,5 +151,5 @@ def test_deploy_local_resumes_after_the_superlink_is_killed(tmp_path, mnist_root
         assert abs(a["test_acc"] - b["test_acc"]) <= 0.002, (a["round"], a["test_acc"], b["test_acc"])
     # Clients' training depends only on (seed, round, partition): the same per-client losses.
     for a, b in zip(whole["rounds"][1:], resumed["rounds"][1:]):
-        assert [round(c["train_loss"], 4) for c in a["clients"]] == [round(c["train_loss"], 4) for c in b["clients"]]
+        assert [round(c["reported"]["train_loss"], 4) for c in a["clients"]] == [round(c["reported"]["train_loss"], 4) for c in b["clients"]]
     assert not list(out.glob(".run-*"))
