@@ -16,6 +16,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared folder
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
