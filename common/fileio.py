@@ -64,6 +64,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     except OSError as exc:
         raise write_error(path, exc) from exc
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared folder
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
