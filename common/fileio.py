@@ -51,12 +51,13 @@ def write_error(path: Path | str, exc: OSError, what: str = "") -> FileWriteErro
     )
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to a temporary file beside ``path``, sync it, then rename it into place.
 
     Readers see either the old file or the whole new one. A failure (the disk full,
     a read-only file system) removes the temporary file, leaves ``path`` as it was and
-    raises :class:`FileWriteError`.
+    raises :class:`FileWriteError`. ``mode``: the file's permissions (0o600 for a secret),
+    set before any byte is written.
     """
     path = Path(path)
     try:
@@ -64,7 +65,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     except OSError as exc:
         raise write_error(path, exc) from exc
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared folder
+        os.fchmod(fd, mode)  # mkstemp's 0600 would hide results from the other users of a shared folder
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

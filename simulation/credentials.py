@@ -294,8 +294,7 @@ def make_credentials(out: Path | str, hosts: tuple[str, ...] | list[str] = (), s
             print(f"Moved the earlier {', '.join(existing)} to {backup}")
         for name, data in files.items():
             path = root / name
-            atomic_write_bytes(path, data)  # created 0600 (mkstemp); public files are opened up below
-            os.chmod(path, 0o600 if name in private else 0o644)
+            atomic_write_bytes(path, data, mode=0o600 if name in private else 0o644)
     except OSError as exc:
         raise write_error(root, exc, "the credentials folder") from exc
     return Credentials(root)
