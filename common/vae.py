@@ -57,6 +57,11 @@ class VAEConfig:
             )
         if self.latent_bits <= 0 or not self.channels:
             raise HyBNNError("A VAE needs latent_bits > 0 and at least one conv layer.")
+        if not (isinstance(self.leaky_slope, (int, float)) and 0 <= self.leaky_slope < 1):
+            raise HyBNNError(f"The VAE's leaky_slope is {self.leaky_slope!r}; it must be a number from 0 "
+                             "up to (not including) 1.")
+        if not (isinstance(self.kl_weight, (int, float)) and 0 <= self.kl_weight < float("inf")):
+            raise HyBNNError(f"The VAE's kl_weight is {self.kl_weight!r}; it must be a finite number >= 0.")
 
     @property
     def spatial(self) -> int:
