@@ -122,6 +122,11 @@ def check_output_dir(path: Path | str, what: str = "--out") -> Path:
         )
     existing = path
     while not existing.exists():
+        if existing.is_symlink():  # a link to nothing: mkdir would find "a file" in the way
+            raise FileWriteError(
+                f"{what} {path} cannot be created: {existing} is a symbolic link to "
+                f"{os.readlink(existing)}, which does not exist. Create that folder, or remove the link."
+            )
         if existing.parent == existing:
             break
         existing = existing.parent

@@ -44,6 +44,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def path_arg(text: str) -> Path:
+    """A file or folder path; an empty one (an unset shell variable) would mean the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string (an unset variable?)")
+    return Path(text)
+
+
 def hidden_sizes(text: str) -> tuple[int, ...]:
     """``"128"`` or ``"256,128"``: one binary hidden layer per number."""
     try:
@@ -64,7 +71,7 @@ def task_name(text: str) -> str:
 def _add_data_root(p: argparse.ArgumentParser) -> None:
     from common.data import DEFAULT_DATA_ROOT
 
-    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+    p.add_argument("--data-root", type=path_arg, default=DEFAULT_DATA_ROOT,
                    help="where MNIST and the feature cache live (default: %(default)s, or $HYBNN_DATA_ROOT)")
 
 
@@ -76,7 +83,7 @@ def check_out(path: Path, what: str = "--out") -> Path:
 
 
 def _add_encoder(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder", type=Path, default=DEFAULT_ENCODER,
+    p.add_argument("--encoder", type=path_arg, default=DEFAULT_ENCODER,
                    help="encoder artifact directory written by `hybnn pretrain` (default: %(default)s)")
 
 
@@ -211,11 +218,11 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
     _add_data_root(p)
     _add_encoder(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(default_out),
+    p.add_argument("--out", type=path_arg, default=Path(default_out),
                    help="output directory (default: %(default)s). The run writes into a new folder inside "
                         "it and replaces the earlier results only once it has a round of its own. Ctrl-C "
                         "stops it within seconds, keeps the rounds completed (status 'stopped') and exits 130")
-    p.add_argument("--resume", type=Path, default=None, metavar="DIR",
+    p.add_argument("--resume", type=path_arg, default=None, metavar="DIR",
                    help="go on with a stopped or crashed run from its last saved round: give the run's "
                         "--out folder and the same options as the run that saved it")
 
@@ -254,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train the binary-latent VAE and write the frozen encoder")
     _add_data_root(p)
-    p.add_argument("--out", type=Path, default=DEFAULT_ENCODER, help="artifact directory (default: %(default)s)")
+    p.add_argument("--out", type=path_arg, default=DEFAULT_ENCODER, help="artifact directory (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].vae_epochs,
                    help="VAE epochs on the 60k training images (default: %(default)s; at most 10000)")
     p.add_argument("--seed", type=int, default=0)
@@ -279,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="default: 2048; at least 2 (batch norm)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=path_arg, default=None,
                    help="where to save the trained BNN (default: runs/bnn-TASK)")
     p.set_defaults(handler=cmd_train)
 
@@ -295,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="the paper's experiment end to end: results.json, report.md, plots")
     p.add_argument("--profile", choices=list(PROFILES), default="paper",
                    help="quick: a first look in minutes; paper: the paper's epochs (default: %(default)s)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=path_arg, required=True, help="output directory")
     _add_data_root(p)
-    p.add_argument("--encoder-dir", type=Path, default=None,
+    p.add_argument("--encoder-dir", type=path_arg, default=None,
                    help="encoder artifact to reuse or create (default: artifacts/encoder-PROFILE)")
     p.add_argument("--tasks", type=task_name, nargs="+", default=list(TASKS),
                    help="tasks to run (default: all six)")
@@ -312,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation_options(p, "runs/deploy-local")
     p.add_argument("--min-nodes", type=positive_int, default=1,
                    help="go on with this many SuperNodes when others are gone (default: %(default)s)")
-    p.add_argument("--certs", type=Path, default=None, metavar="DIR",
+    p.add_argument("--certs", type=path_arg, default=None, metavar="DIR",
                    help="credentials from `hybnn certs` (default: fresh ones for this run only)")
     p.add_argument("--fleet-front", action="store_true",
                    help="SuperNodes connect through the Fleet-only TLS front (needs nginx), as on a real "
@@ -323,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certs", help="write a private CA, the SuperLink's TLS certificate, the SuperExec "
                                      "secret and SuperNode key pairs (docs/security.md)")
-    p.add_argument("--out", type=Path, required=True, help="credentials directory")
+    p.add_argument("--out", type=path_arg, required=True, help="credentials directory")
     p.add_argument("--host", action="append", default=[], metavar="NAME",
                    help="a DNS name or IP address the SuperLink/front is reached at, beyond localhost, "
                         "127.0.0.1, ::1, superlink and fleet-front (repeatable)")
@@ -333,10 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_certs)
 
     p = sub.add_parser("export", help="export a trained BNN for devices: C99 source or an npz for the numpy engine")
-    p.add_argument("--model", type=Path, required=True,
+    p.add_argument("--model", type=path_arg, required=True,
                    help="a BNN directory written by `hybnn train` (or runs/.../models/TASK from reproduce)")
     p.add_argument("--format", choices=["c", "npz"], default="c", help="default: %(default)s")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=path_arg, required=True, help="output directory")
     p.set_defaults(handler=cmd_export)
 
     return parser

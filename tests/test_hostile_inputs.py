@@ -139,3 +139,34 @@ def test_a_huge_learning_rate_is_refused_before_the_work(command, lr, capsys, tm
     rc, error = cli(capsys, command, *task, *extra, "--lr", lr, "--encoder", fixed_encoder(tmp_path / "enc"),
                     "--out", tmp_path / "out")
     assert rc == 2 and "learning rate (--lr)" in error and "at most 10" in error
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--task", "0v1", "--out", ""],
+    ["export", "--model", "", "--out", "x"],
+    ["export", "--model", "x", "--out", ""],
+    ["certs", "--out", ""],
+    ["federate", "--data-root", ""],
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        from simulation.cli import main
+
+        main(args)
+    assert stop.value.code == 2
+    assert "expected a path, got an empty string" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_an_out_through_a_dangling_link_stops_train_before_the_work(below, capsys, tmp_path, monkeypatch):
+    import common.pipeline
+
+    from tests.conftest import fixed_encoder
+
+    monkeypatch.setattr(common.pipeline, "fit", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    out = tmp_path / "link" / below if below else tmp_path / "link"
+    rc, error = cli(capsys, "train", "--task", "0v1", "--encoder", fixed_encoder(tmp_path / "enc"), "--out", out)
+    assert rc == 2 and "symbolic link" in error and str(tmp_path / "gone") in error
