@@ -164,9 +164,12 @@ def _split_hosts(hosts: tuple[str, ...] | list[str]) -> tuple[list[str], list[ip
         try:
             ip = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
-            labels = host.rstrip(".").split(".")
+            host = host[:-1] if host.endswith(".") else host  # a certificate names hosts without the root dot
+            labels = host.split(".")
             if not host or len(host) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
                 raise HyBNNError(f"--host {host!r} is neither an IP address nor a DNS name.") from None
+            if labels[-1].isdigit():  # 010.0.0.1, 999.1.1.1: no DNS name ends in a number
+                raise HyBNNError(f"--host {host!r} looks like an IP address but is not a valid one.") from None
             if host.lower() not in (n.lower() for n in names):
                 names.append(host)
         else:

@@ -170,3 +170,26 @@ def test_an_out_through_a_dangling_link_stops_train_before_the_work(below, capsy
     out = tmp_path / "link" / below if below else tmp_path / "link"
     rc, error = cli(capsys, "train", "--task", "0v1", "--encoder", fixed_encoder(tmp_path / "enc"), "--out", out)
     assert rc == 2 and "symbolic link" in error and str(tmp_path / "gone") in error
+
+
+@pytest.mark.parametrize("host, expected", [
+    ("010.0.0.1", "looks like an IP address"), ("999.1.1.1", "looks like an IP address"),
+    ("1.2.3", "looks like an IP address"), ("", "neither an IP address nor a DNS name"),
+    ("*.example.org", "neither an IP address nor a DNS name"), ("a" * 64, "neither an IP address nor a DNS name"),
+])
+def test_certs_refuses_hosts_a_certificate_cannot_name(host, expected, tmp_path, capsys):
+    rc, error = cli(capsys, "certs", "--out", tmp_path / "c", "--host", host)
+    assert rc == 2 and expected in error
+    assert not (tmp_path / "c").exists()
+
+
+def test_certs_names_a_host_without_its_root_dot_once(tmp_path):
+    from cryptography import x509
+
+    from simulation.credentials import make_credentials
+
+    creds = make_credentials(tmp_path / "c", hosts=["fl.example.org.", "FL.example.org", "fl.example.org"],
+                             supernodes=0)
+    cert = x509.load_pem_x509_certificate(creds.server_cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == ["localhost", "superlink", "fleet-front", "fl.example.org"]
