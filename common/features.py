@@ -201,10 +201,12 @@ def load_codes(
     images, labels = load_mnist(data_root, split)
     n_bytes = packed_length(artifact.config.latent_bits)
     path = cache_path(artifact, data_root, split)
-    if path.exists():
+    if path.is_file():
         codes = _read_cache(path, len(labels), n_bytes, labels, cache_architecture(artifact))
         if codes is not None:
             return codes, labels
+    elif path.exists() or path.is_symlink():  # a folder, a pipe (reading it would block), a dead link
+        log.warning("Feature cache %s is not a regular file; computing the codes and replacing it.", path)
     codes = encode_images(artifact.encoder, images, progress=progress)
     _write_cache(path, codes, labels, cache_architecture(artifact))
     return codes, labels

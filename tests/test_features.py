@@ -178,3 +178,27 @@ def test_a_manifest_slope_outside_its_range_is_refused(tmp_path: Path, slope: fl
     (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(HyBNNError, match="leaky_slope"):
         load_encoder_artifact(tmp_path / "a")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dead-link"])
+def test_a_cache_that_is_not_a_regular_file_is_replaced_not_read(tmp_path: Path, fake_data: dict, kind: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Reading a pipe would block for ever; a folder or a dead link is not a cache either."""
+    import os
+
+    art = make_artifact(tmp_path / "a")
+    path = cache_path(art, tmp_path / "data", "test")
+    path.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "gone")
+    with caplog.at_level(logging.WARNING, logger="common.features"):
+        codes, _ = load_codes(art, tmp_path / "data", "test", progress=False)
+    assert codes.shape[1] == 25 and fake_data["encode"] == 1
+    assert str(path) in caplog.text
+    if kind != "folder":  # a folder cannot be replaced by a file; the codes are returned all the same
+        assert path.is_file() and not path.is_symlink()
