@@ -96,15 +96,19 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from common.data import dataset_sha256, load_mnist
-    from common.encoder import save_encoder_artifact
+    from common.encoder import MANIFEST_FILE, WEIGHTS_FILE, save_encoder_artifact
+    from common.fileio import keeping_earlier
     from common.vae import VAEConfig, VAETrainConfig, train_vae
 
     check_out(args.out)
     train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed)
     images, labels = load_mnist(args.data_root, "train")
     vae, history = train_vae(images, VAEConfig(), train_config)
-    artifact = save_encoder_artifact(vae, args.out, data_sha256=dataset_sha256(images, labels),
-                                     train_config=train_config.to_dict(), history=history)
+    with keeping_earlier(args.out, (MANIFEST_FILE, WEIGHTS_FILE)) as kept:
+        artifact = save_encoder_artifact(vae, args.out, data_sha256=dataset_sha256(images, labels),
+                                         train_config=train_config.to_dict(), history=history)
+    if kept is not None:
+        print(f"The earlier encoder in {args.out} is kept in {kept}")
     print(f"Frozen encoder written to {artifact.path} (sha256 {artifact.sha256})")
 
 
@@ -119,7 +123,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from common.bnn_io import save_bnn
+    from common.bnn_io import META_NAME, WEIGHTS_NAME, save_bnn
+    from common.fileio import keeping_earlier
     from common.encoder import load_encoder_artifact
     from common.pipeline import train_hybnn
     from common.tasks import get_task
@@ -134,9 +139,12 @@ def cmd_train(args: argparse.Namespace) -> None:
                      batch_size=args.batch_size or HYBNN_TRAIN_CONFIG.batch_size)
     artifact = load_encoder_artifact(args.encoder)
     run = train_hybnn(artifact, task, args.data_root, config, hidden=args.hidden)
-    save_bnn(run.model, out, meta={"task": task.name, "encoder_sha256": artifact.sha256,
-                                   "test_acc": run.test_acc, "train": config.to_dict(),
-                                   "train_seconds": run.train.seconds})
+    with keeping_earlier(out, (META_NAME, WEIGHTS_NAME)) as kept:
+        save_bnn(run.model, out, meta={"task": task.name, "encoder_sha256": artifact.sha256,
+                                       "test_acc": run.test_acc, "train": config.to_dict(),
+                                       "train_seconds": run.train.seconds})
+    if kept is not None:
+        print(f"The earlier model in {out} is kept in {kept}")
     print(f"HyBNN {task.name}: test accuracy {run.test_acc:.4f} after {config.epochs} epochs "
           f"({run.train.seconds:.1f} s). Model written to {out}")
 

@@ -193,3 +193,35 @@ def test_certs_names_a_host_without_its_root_dot_once(tmp_path):
     cert = x509.load_pem_x509_certificate(creds.server_cert.read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     assert names == ["localhost", "superlink", "fleet-front", "fl.example.org"]
+
+
+# ------------------------------------------------------------------ earlier results
+def test_train_again_into_the_same_out_keeps_the_earlier_model(tmp_path, mnist_root, capsys):
+    from tests.conftest import fixed_encoder
+
+    encoder, out = fixed_encoder(tmp_path / "enc"), tmp_path / "bnn"
+    common = ["train", "--task", "0v1", "--epochs", "1", "--encoder", encoder, "--data-root", mnist_root, "--out", out]
+    assert cli(capsys, *common, "--seed", "1")[0] == 0
+    first = {name: (out / name).read_bytes() for name in ("model.json", "model.safetensors")}
+    assert cli(capsys, *common, "--seed", "2")[0] == 0
+    (kept,) = out.glob("replaced-*")
+    assert {name: (kept / name).read_bytes() for name in first} == first
+    assert (out / "model.safetensors").read_bytes() != first["model.safetensors"]
+
+
+def test_pretrain_again_into_the_same_out_keeps_the_earlier_encoder(tmp_path, mnist_root, capsys, monkeypatch):
+    """The VAE's training is replaced by an untrained VAE here (an epoch takes minutes); the files are real."""
+    import torch
+
+    import common.vae
+    from common.vae import BinaryVAE, VAEConfig
+    from tests.conftest import fixed_encoder
+
+    out = fixed_encoder(tmp_path / "enc")
+    first = {name: (out / name).read_bytes() for name in ("manifest.json", "encoder.safetensors")}
+    torch.manual_seed(99)
+    monkeypatch.setattr(common.vae, "train_vae", lambda *a, **k: (BinaryVAE(VAEConfig()), []))
+    assert cli(capsys, "pretrain", "--epochs", "1", "--data-root", mnist_root, "--out", out)[0] == 0
+    (kept,) = out.glob("replaced-*")
+    assert {name: (kept / name).read_bytes() for name in first} == first
+    assert (out / "encoder.safetensors").read_bytes() != first["encoder.safetensors"]
