@@ -39,6 +39,9 @@ SERVER_KEY = "server.key"
 SUPEREXEC_SECRET = "superexec.secret"
 SUPERNODES_DIR = "supernodes"
 DEFAULT_SUPERNODES = 3
+MAX_SUPERNODES = 10_000
+"""More key pairs than any deployment here registers; each takes about a millisecond to make
+and all are held in memory until written, so a larger count is a typo that would run for hours."""
 # Names every certificate covers: loopback, and the compose services that serve it.
 DEFAULT_DNS_NAMES = ("localhost", "superlink", "fleet-front")
 DEFAULT_IPS = ("127.0.0.1", "::1")
@@ -257,8 +260,8 @@ PRIVATE_FILES = (CA_KEY, SERVER_KEY, SUPEREXEC_SECRET)
 def make_credentials(out: Path | str, hosts: tuple[str, ...] | list[str] = (), supernodes: int = DEFAULT_SUPERNODES,
                      force: bool = False, valid_days: int = CERT_VALID_DAYS) -> Credentials:
     """Write a fresh credentials directory (see the module docstring) and return its paths."""
-    if supernodes < 0:
-        raise HyBNNError(f"--supernodes must be 0 or more, got {supernodes}.")
+    if not 0 <= supernodes <= MAX_SUPERNODES:
+        raise HyBNNError(f"--supernodes must be from 0 to {MAX_SUPERNODES}, got {supernodes}.")
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise HyBNNError(f"{root} exists and is not a directory.")

@@ -225,3 +225,11 @@ def test_pretrain_again_into_the_same_out_keeps_the_earlier_encoder(tmp_path, mn
     (kept,) = out.glob("replaced-*")
     assert {name: (kept / name).read_bytes() for name in first} == first
     assert (out / "encoder.safetensors").read_bytes() != first["encoder.safetensors"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("count", ["-1", "10001", str(10**12)])
+def test_certs_refuses_a_supernode_count_out_of_range_at_once(count, tmp_path, capsys):
+    rc, error = cli(capsys, "certs", "--out", tmp_path / "c", "--supernodes", count)
+    assert rc == 2 and "--supernodes must be from 0 to 10000" in error
+    assert not (tmp_path / "c").exists()
