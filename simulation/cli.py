@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="append", default=[], metavar="NAME",
                    help="a DNS name or IP address the SuperLink/front is reached at, beyond localhost, "
                         "127.0.0.1, ::1, superlink and fleet-front (repeatable)")
-    p.add_argument("--supernodes", type=int, default=3, help="SuperNode key pairs to write, 0 to 10000 (default: %(default)s)")
+    p.add_argument("--supernodes", type=int, default=3,
+                   help="SuperNode key pairs to write, 0 to 10000 (default: %(default)s)")
     p.add_argument("--force", action="store_true",
                    help="replace existing files (the old ones are moved to DIR/replaced-TIME/)")
     p.set_defaults(handler=cmd_certs)

@@ -135,8 +135,8 @@ class Credentials:
         try:
             server.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature) as exc:
-            raise HyBNNError(f"{self.server_cert} was not signed by the CA in {self.ca_cert} ({exc or 'bad signature'}); "
-                             f"SuperNodes would refuse the SuperLink. {fix}") from exc
+            raise HyBNNError(f"{self.server_cert} was not signed by the CA in {self.ca_cert} "
+                             f"({exc or 'bad signature'}); SuperNodes would refuse the SuperLink. {fix}") from exc
         now = datetime.datetime.now(datetime.timezone.utc)
         for path, cert in ((self.ca_cert, ca), (self.server_cert, server)):
             if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
