@@ -286,11 +286,17 @@ def make_credentials(out: Path | str, hosts: tuple[str, ...] | list[str] = (), s
     if existing and not force:
         raise HyBNNError(f"{root} already holds {', '.join(existing)}; refusing to overwrite them. "
                          "Use another --out, or --force to move the old files aside first.")
+    for folder in (root, root / SUPERNODES_DIR):
+        # An existing folder keeps its mode (`--out /tmp` must not close /tmp to everyone else),
+        # but one that other users may write to would let them swap the CA or a key.
+        if folder.is_dir() and folder.stat().st_mode & 0o022:
+            raise HyBNNError(f"{folder} is writable by other users, who could replace the credentials in it. "
+                             "Use a folder of your own (a new --out is created with mode 0700).")
     try:
-        make_dir(root)
-        os.chmod(root, 0o700)
-        make_dir(root / SUPERNODES_DIR)
-        os.chmod(root / SUPERNODES_DIR, 0o700)
+        for folder in (root, root / SUPERNODES_DIR):
+            if not folder.is_dir():
+                make_dir(folder)
+                os.chmod(folder, 0o700)
         if existing:
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
             backup = root / f"replaced-{stamp}"

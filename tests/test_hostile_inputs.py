@@ -233,3 +233,27 @@ def test_certs_refuses_a_supernode_count_out_of_range_at_once(count, tmp_path, c
     rc, error = cli(capsys, "certs", "--out", tmp_path / "c", "--supernodes", count)
     assert rc == 2 and "--supernodes must be from 0 to 10000" in error
     assert not (tmp_path / "c").exists()
+
+
+def test_certs_into_a_shared_folder_is_refused_and_leaves_its_mode(tmp_path, capsys):
+    """`--out /tmp` once made /tmp mode 0700 (and let anyone swap files in it before that)."""
+    import stat as stat_mod
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    rc, error = cli(capsys, "certs", "--out", shared)
+    assert rc == 2 and "writable by other users" in error
+    assert stat_mod.S_IMODE(shared.stat().st_mode) == 0o1777 and list(shared.iterdir()) == []
+
+
+def test_certs_into_an_existing_private_folder_keeps_its_mode(tmp_path, capsys):
+    import stat as stat_mod
+
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    os.chmod(mine, 0o755)
+    assert cli(capsys, "certs", "--out", mine, "--supernodes", "1")[0] == 0
+    assert stat_mod.S_IMODE(mine.stat().st_mode) == 0o755
+    assert stat_mod.S_IMODE((mine / "supernodes").stat().st_mode) == 0o700
+    assert stat_mod.S_IMODE((mine / "server.key").stat().st_mode) == 0o600
