@@ -99,6 +99,8 @@ class Credentials:
 
     def check(self, supernodes: int) -> None:
         """Raise :class:`HyBNNError` unless the files a deployment of ``supernodes`` needs are here."""
+        if not self.root.is_dir():
+            raise HyBNNError(f"--certs {self.root} is not a folder; pass the folder `hybnn certs --out` wrote.")
         needed = [self.ca_cert, self.server_cert, self.server_key]
         needed += [p for i in range(supernodes) for p in (self.supernode_key(i), self.supernode_public_key(i))]
         missing = [str(p) for p in needed if not p.is_file()]
@@ -136,7 +138,7 @@ class Credentials:
             server.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature) as exc:
             raise HyBNNError(f"{self.server_cert} was not signed by the CA in {self.ca_cert} "
-                             f"({exc or 'bad signature'}); SuperNodes would refuse the SuperLink. {fix}") from exc
+                             f"({str(exc) or 'its signature does not verify with the CA key'}); SuperNodes would refuse the SuperLink. {fix}") from exc
         now = datetime.datetime.now(datetime.timezone.utc)
         for path, cert in ((self.ca_cert, ca), (self.server_cert, server)):
             if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:

@@ -84,7 +84,7 @@ def _swap(dest: Path, source: Path, name: str) -> None:
 
 @pytest.mark.parametrize("damage, expected", [
     (lambda good, other: _swap(good, other, "server.key"), "is not the private key of"),
-    (lambda good, other: _swap(good, other, "ca.crt"), "was not signed by the CA"),
+    (lambda good, other: _swap(good, other, "ca.crt"), "its signature does not verify with the CA key"),
     (lambda good, other: _swap(good, other, "supernodes/supernode-1"), "supernode-1 is not the private key of"),
     (lambda good, other: (good / "server.pem").write_text("not a certificate"), "not a readable PEM certificate"),
     (lambda good, other: (good / "supernodes" / "supernode-0.pub").write_text("ssh-ed"), "not a readable OpenSSH"),
@@ -257,3 +257,9 @@ def test_certs_into_an_existing_private_folder_keeps_its_mode(tmp_path, capsys):
     assert stat_mod.S_IMODE(mine.stat().st_mode) == 0o755
     assert stat_mod.S_IMODE((mine / "supernodes").stat().st_mode) == 0o700
     assert stat_mod.S_IMODE((mine / "server.key").stat().st_mode) == 0o600
+
+
+def test_deploy_local_refuses_certs_that_name_a_file(tmp_path, capsys):
+    ca = _certs(tmp_path / "c") / "ca.crt"
+    rc, error = cli(capsys, "deploy-local", "--certs", ca, "--clients", "2", "--out", tmp_path / "run")
+    assert rc == 2 and "is not a folder" in error
