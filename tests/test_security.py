@@ -321,7 +321,7 @@ def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnis
     config = DeployConfig(
         task="0v1", clients=2, rounds=2, encoder=fixed_encoder(tmp_path / "encoder"), data_root=mnist_root,
         out=tmp_path / "run", centralized_epochs=1, node_wait_s=60.0, round_timeout_s=90.0, timeout_s=200.0,
-        progress=False, certs=creds.root, fleet_front=True)
+        progress=False, certs=creds.root, fleet_front=True, log_dir=tmp_path / "logs")
     outcome: dict = {}
 
     def run() -> None:
@@ -333,7 +333,7 @@ def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnis
     worker = threading.Thread(target=run)
     worker.start()
     try:
-        front_dir = tmp_path / "run" / "logs" / "fleet-front"
+        front_dir = tmp_path / "logs" / "fleet-front"  # the live front's, not the published copy
         access_log = front_dir / "access.log"
         deadline = time.monotonic() + 150
         while not (access_log.exists() and "/v1/fleet/pull-messages" in access_log.read_text()):
