@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +95,14 @@ def read_state(run_dir: Path) -> dict | None:
     return state if isinstance(state, dict) and state.get("format") == FORMAT else None
 
 
+def saved_at(state: dict) -> float:
+    """When a checkpoint was saved (seconds since the epoch); 0 for a value that is not a finite number."""
+    value = state.get("saved_at")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0.0
+    return float(value)
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """The checkpoint in ``run_dir``; a :class:`HyBNNError` says what is missing or damaged."""
     directory = Path(run_dir) / CHECKPOINT_DIR
@@ -104,13 +113,19 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     state = read_state(run_dir)
     if state is None:
         raise HyBNNError(f"{state_path} is not a FedHyBNN checkpoint ({FORMAT}).")
+    server_round, name = state.get("round"), state.get("arrays")
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
+        raise HyBNNError(f"{state_path} names round {server_round!r}; a checkpoint is saved after a round "
+                         "1, 2, ..., so the file was edited or damaged.")
+    if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+        raise HyBNNError(f"{state_path} names the arrays file {name!r}; it must be a file name inside "
+                         f"{directory}, so the file was edited or damaged.")
+    arrays_path = directory / name
     try:
-        server_round = int(state["round"])
-        arrays_path = directory / str(state["arrays"])
         data = arrays_path.read_bytes()
-    except (KeyError, TypeError, ValueError, OSError) as exc:
+    except OSError as exc:
         raise HyBNNError(f"The checkpoint in {directory} is incomplete ({exc}).") from exc
-    if hashlib.sha256(data).hexdigest() != state.get("arrays_sha256") or Path(state["arrays"]).name != state["arrays"]:
+    if hashlib.sha256(data).hexdigest() != state.get("arrays_sha256"):
         raise HyBNNError(f"The checkpoint arrays {arrays_path} do not match the sha256 in {state_path}; "
                          "the file is damaged.")
     try:
@@ -120,13 +135,25 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     return Checkpoint(round=server_round, payload=payload, state=state, directory=directory)
 
 
+def check_payload(checkpoint: Checkpoint, layout) -> None:
+    """Refuse checkpoint arrays that are not a global model of this BNN (``layout``, :mod:`common.codec`)."""
+    from common.codec import CodecError, decode
+
+    try:
+        decode(checkpoint.payload, layout)
+    except CodecError as exc:
+        raise HyBNNError(f"The checkpoint arrays in {checkpoint.directory} are not a global model of this "
+                         f"run's BNN ({exc}).") from exc
+
+
 def check_matches(state: dict, ident: dict) -> None:
     """Refuse a checkpoint taken by another run: every difference is named."""
     differences = []
     for key in ("encoder_sha256", "codec_version", "bnn"):
         if state.get(key) != ident[key]:
             differences.append(f"{key.replace('_', ' ')}: checkpoint {state.get(key)!r}, this run {ident[key]!r}")
-    saved = state.get("settings") or {}
+    saved = state.get("settings")
+    saved = saved if isinstance(saved, dict) else {}
     for key, value in ident["settings"].items():
         if saved.get(key) != value:
             differences.append(f"{key.replace('_', '-')}: checkpoint {saved.get(key)!r}, this run {value!r}")
@@ -144,7 +171,7 @@ def latest_run_dir(directory: Path) -> Path:
     checkpoint in its staging folder."""
     directory = Path(directory)
     candidates = [directory, *sorted(directory.glob(".run-*"))]
-    saved = [(float(state.get("saved_at", 0.0)), path) for path in candidates
+    saved = [(saved_at(state), path) for path in candidates
              if (state := read_state(path)) is not None]
     if not saved:
         raise HyBNNError(f"No checkpoint to resume from in {directory} (looked for {CHECKPOINT_DIR}/{STATE_NAME} "

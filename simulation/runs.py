@@ -100,14 +100,19 @@ def check_resumable(source: Path, run_config: dict) -> int:
     from server import resume
     from server.server_app import ServerSettings
 
+    from server.server_app import earlier_record
+
     settings = ServerSettings.from_run_config(run_config)
-    state = resume.load_checkpoint(source).state
+    checkpoint = resume.load_checkpoint(source)
+    state = checkpoint.state
     artifact = load_encoder_artifact(settings.encoder_path)
     config = BNNConfig.for_task(int(artifact.config.latent_bits), get_task(settings.task).num_classes)
     layout = codec.layout_for(config)
     bnn = {"config": config.to_dict(), "binary_weights": layout.n_binary, "bn_numbers": layout.n_bn}
     resume.check_matches(state, resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION, bnn))
-    return int(state["round"])
+    resume.check_payload(checkpoint, layout)
+    earlier_record(checkpoint)
+    return checkpoint.round
 
 
 def forget_source(source: Path | None, out: Path) -> None:
