@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -337,6 +338,8 @@ def finish_run(server_json: Path, staging: Path, out: Path, centralized: dict, c
         server = {}
     if not runs.has_aggregated_round(server):
         if stopped:
+            # Nothing of the run's own to keep or resume from (a checkpoint follows an aggregated round).
+            shutil.rmtree(staging, ignore_errors=True)
             print(f"Stopped before the first round completed; nothing written, {out} is as it was.",
                   file=sys.stderr, flush=True)
             raise KeyboardInterrupt
