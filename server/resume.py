@@ -20,8 +20,10 @@ place that turns its rounds into the run's rounds.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import math
 import time
 from collections.abc import Callable
@@ -165,12 +167,27 @@ def check_matches(state: dict, ident: dict) -> None:
                          f"{ident['settings']['num_server_rounds']}: the run is complete, nothing to resume.")
 
 
+def run_in_progress(staging: Path) -> bool:
+    """Whether a live process holds the lock of the staging folder ``staging`` (its run goes on)."""
+    try:
+        fd = os.open(Path(staging) / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def latest_run_dir(directory: Path) -> Path:
     """The run folder under ``directory`` (itself or an unpublished ``.run-*`` folder in it)
     whose checkpoint was saved last: a run cut off before publishing its results keeps its
-    checkpoint in its staging folder."""
+    checkpoint in its staging folder. The staging folder of a run still going on is not one."""
     directory = Path(directory)
-    candidates = [directory, *sorted(directory.glob(".run-*"))]
+    candidates = [directory, *(path for path in sorted(directory.glob(".run-*")) if not run_in_progress(path))]
     saved = [(saved_at(state), path) for path in candidates
              if (state := read_state(path)) is not None]
     if not saved:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -26,25 +27,45 @@ from pathlib import Path
 from common.errors import HyBNNError
 
 STAGING_PREFIX = ".run-"
+LOCK_NAME = ".lock"
+"""In a staging folder: locked (flock) by the process whose run it is, while it lives."""
+PUBLISH_LOCK_NAME = ".publish.lock"
+"""In an output folder: locked while a run publishes into it."""
 STOPPED_EXIT_STATUS = 130
 PUBLISH_LAST = "results.json"
 """Moved into place last: while it is the earlier run's, the others may already be new."""
 
 
+_held_locks: dict[Path, int] = {}
+"""Staging folders of this process and their lock's file descriptor, held until the process ends."""
+
+
 def staging_dir(out: Path) -> Path:
-    """A new, empty staging folder inside ``out`` (same file system, so publishing is a rename)."""
+    """A new, empty staging folder inside ``out`` (same file system, so publishing is a rename),
+    locked by this process (:data:`LOCK_NAME`) for as long as it lives, so that ``--resume``
+    and publishing never take the folder of a run still going on."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{STAGING_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     path.mkdir()
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _held_locks[path] = fd
     return path
 
 
 def publish(staging: Path, out: Path) -> None:
     """Move everything in ``staging`` into ``out``, each entry replacing its earlier namesake,
-    ``results.json`` last; then remove ``staging``."""
+    ``results.json`` last; then remove ``staging``. Two runs publishing into one ``out`` at
+    once take turns, so ``out`` holds one run's complete set, never a mix or a crash."""
     staging, out = Path(staging), Path(out)
-    names = sorted(p.name for p in staging.iterdir())
+    with open(out / PUBLISH_LOCK_NAME, "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        _publish(staging, out)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    names = sorted(p.name for p in staging.iterdir() if p.name != LOCK_NAME)
     names.sort(key=lambda name: name == PUBLISH_LAST)
     for name in names:
         source, target = staging / name, out / name
@@ -58,6 +79,9 @@ def publish(staging: Path, out: Path) -> None:
         else:
             os.replace(source, target)
     shutil.rmtree(staging, ignore_errors=True)
+    fd = _held_locks.pop(staging, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def has_aggregated_round(server: dict) -> bool:

@@ -43,3 +43,41 @@ def test_a_run_that_aggregated_nothing_keeps_its_logs_where_the_error_says(tmp_p
     with pytest.raises(HyBNNError, match=str(staging)):
         finish_run(staging / "server.json", staging, out, {}, {}, time.perf_counter(), False, None, 3)
     assert (staging / "logs" / "simulation.log").exists()
+
+
+def _checkpoint(folder, server_round: int) -> None:
+    import numpy as np
+
+    from server import resume
+    from server.server_app import ServerSettings
+    from dataclasses import asdict
+
+    ident = resume.identity(asdict(ServerSettings(task="0v1", num_server_rounds=5)), "ab" * 32, 1, {})
+    resume.save_checkpoint(folder, server_round, {"bnn": np.zeros(8, dtype=np.uint8)}, ident)
+
+
+def test_resume_never_takes_the_staging_folder_of_a_run_still_going_on(tmp_path):
+    """`--resume OUT` while another run writes into OUT: resuming from that run's folder would
+    race it, and publishing the resumed run would delete its folder under it."""
+    import os
+
+    from simulation import runs
+
+    out = tmp_path / "out"
+    _checkpoint(out, 1)
+    live = runs.staging_dir(out)
+    _checkpoint(live, 2)  # saved later than out's
+    assert runs.resume_source(out) == out
+    os.close(runs._held_locks.pop(live))  # the run's process ends (killed): its lock goes with it
+    assert runs.resume_source(out) == live
+
+
+def test_publishing_leaves_no_lock_of_the_staging_folder_behind(tmp_path):
+    from simulation import runs
+
+    out = tmp_path / "out"
+    staging = runs.staging_dir(out)
+    (staging / "results.json").write_text("{}")
+    runs.publish(staging, out)
+    assert sorted(p.name for p in out.iterdir()) == [runs.PUBLISH_LOCK_NAME, "results.json"]
+    assert staging not in runs._held_locks
