@@ -113,7 +113,8 @@ def averaged_metrics(metrics: Sequence[Mapping[str, float]], weights: Sequence[f
         pairs = [(float(m[key]), float(w)) for m, w in zip(metrics, weights) if key in m]
         total = sum(w for _, w in pairs)
         if pairs and total > 0:
-            out[key] = sum(v * w for v, w in pairs) / total
+            # A convex combination: never past the largest value (v * w alone overflows near 1e308).
+            out[key] = sum(v * (w / total) for v, w in pairs)
     return out
 
 

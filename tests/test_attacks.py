@@ -317,3 +317,12 @@ def test_an_error_reply_cannot_flood_or_escape_the_log_and_results():
     assert not any(ch in reason for ch in "\x1b\x07\n\r")
     assert "\\x1b[2J" in reason and reason.endswith(f"({len('error code 0: ' + evil)} characters)")
     assert [c["node_id"] for c in strategy.rounds[1].clients] == [1, 2, 3, 4]
+
+
+def test_averaged_metrics_stay_finite_for_the_largest_finite_claims():
+    from common import robust
+
+    big = float(np.finfo(np.float64).max)
+    averaged = robust.averaged_metrics([{"train-loss": big}, {"train-loss": big, "train-seconds": 1.0}], [2500, 2000])
+    assert np.isfinite(averaged["train-loss"]) and averaged["train-loss"] <= big
+    assert averaged["train-seconds"] == 1.0
