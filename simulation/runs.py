@@ -69,10 +69,11 @@ def _publish(staging: Path, out: Path) -> None:
     names.sort(key=lambda name: name == PUBLISH_LAST)
     for name in names:
         source, target = staging / name, out / name
-        if source.is_dir():
-            # A folder cannot replace a non-empty folder in one rename: move the old one aside first.
+        if source.is_dir() or (target.is_dir() and not target.is_symlink()):
+            # A rename cannot replace a non-empty folder, nor a folder by a file or the other way
+            # round: move the old one aside first.
             old = staging / f".old-{name}"
-            if target.exists():
+            if target.exists() or target.is_symlink():
                 os.replace(target, old)
             os.replace(source, target)
             shutil.rmtree(old, ignore_errors=True)

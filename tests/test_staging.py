@@ -81,3 +81,21 @@ def test_publishing_leaves_no_lock_of_the_staging_folder_behind(tmp_path):
     runs.publish(staging, out)
     assert sorted(p.name for p in out.iterdir()) == [runs.PUBLISH_LOCK_NAME, "results.json"]
     assert staging not in runs._held_locks
+
+
+def test_publishing_replaces_a_folder_where_a_file_goes_and_the_other_way_round(tmp_path):
+    """An OUT with a folder named results.json (or a file named global) does not end the run in a traceback."""
+    from simulation import runs
+
+    out = tmp_path / "out"
+    (out / "results.json").mkdir(parents=True)
+    (out / "results.json" / "old.txt").write_text("old")
+    (out / "global").write_text("old file")
+    staging = runs.staging_dir(out)
+    (staging / "results.json").write_text('{"run": "new"}')
+    (staging / "global").mkdir()
+    (staging / "global" / "model.bin").write_text("new")
+    runs.publish(staging, out)
+    assert json.loads((out / "results.json").read_text()) == {"run": "new"}
+    assert (out / "global" / "model.bin").read_text() == "new"
+    assert not staging.exists()
