@@ -76,6 +76,20 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+MAX_REASON_CHARS = 500
+"""Why a reply was left out, which may hold a client's own words (an error reply's reason), is cut to this length in logs and results."""
+
+
+def printable(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` safe to print and store: control characters (newlines, terminal escapes) and other
+    unprintable ones escaped, at most ``limit`` characters, with the original length when cut."""
+    text = str(text)
+    cleaned = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: 4 * limit])
+    if len(cleaned) <= limit:
+        return cleaned
+    return f"{cleaned[:limit]}... ({len(text)} characters)"
+
+
 def check_client_metrics(metrics: Mapping[str, object]) -> tuple[dict[str, int | float], list[str]]:
     """``(checked metrics, unknown keys)``; :class:`ReplyError` on a missing or bad known key."""
     checked: dict[str, int | float] = {}
@@ -99,7 +113,8 @@ def averaged_metrics(metrics: Sequence[Mapping[str, float]], weights: Sequence[f
         pairs = [(float(m[key]), float(w)) for m, w in zip(metrics, weights) if key in m]
         total = sum(w for _, w in pairs)
         if pairs and total > 0:
-            out[key] = sum(v * w for v, w in pairs) / total
+            # A convex combination: never past the largest value (v * w alone overflows near 1e308).
+            out[key] = sum(v * (w / total) for v, w in pairs)
     return out
 
 

@@ -20,8 +20,11 @@ place that turns its rounds into the run's rounds.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +97,14 @@ def read_state(run_dir: Path) -> dict | None:
     return state if isinstance(state, dict) and state.get("format") == FORMAT else None
 
 
+def saved_at(state: dict) -> float:
+    """When a checkpoint was saved (seconds since the epoch); 0 for a value that is not a finite number."""
+    value = state.get("saved_at")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0.0
+    return float(value)
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """The checkpoint in ``run_dir``; a :class:`HyBNNError` says what is missing or damaged."""
     directory = Path(run_dir) / CHECKPOINT_DIR
@@ -104,13 +115,19 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     state = read_state(run_dir)
     if state is None:
         raise HyBNNError(f"{state_path} is not a FedHyBNN checkpoint ({FORMAT}).")
+    server_round, name = state.get("round"), state.get("arrays")
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
+        raise HyBNNError(f"{state_path} names round {server_round!r}; a checkpoint is saved after a round "
+                         "1, 2, ..., so the file was edited or damaged.")
+    if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+        raise HyBNNError(f"{state_path} names the arrays file {name!r}; it must be a file name inside "
+                         f"{directory}, so the file was edited or damaged.")
+    arrays_path = directory / name
     try:
-        server_round = int(state["round"])
-        arrays_path = directory / str(state["arrays"])
         data = arrays_path.read_bytes()
-    except (KeyError, TypeError, ValueError, OSError) as exc:
+    except OSError as exc:
         raise HyBNNError(f"The checkpoint in {directory} is incomplete ({exc}).") from exc
-    if hashlib.sha256(data).hexdigest() != state.get("arrays_sha256") or Path(state["arrays"]).name != state["arrays"]:
+    if hashlib.sha256(data).hexdigest() != state.get("arrays_sha256"):
         raise HyBNNError(f"The checkpoint arrays {arrays_path} do not match the sha256 in {state_path}; "
                          "the file is damaged.")
     try:
@@ -120,13 +137,25 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     return Checkpoint(round=server_round, payload=payload, state=state, directory=directory)
 
 
+def check_payload(checkpoint: Checkpoint, layout) -> None:
+    """Refuse checkpoint arrays that are not a global model of this BNN (``layout``, :mod:`common.codec`)."""
+    from common.codec import CodecError, decode
+
+    try:
+        decode(checkpoint.payload, layout)
+    except CodecError as exc:
+        raise HyBNNError(f"The checkpoint arrays in {checkpoint.directory} are not a global model of this "
+                         f"run's BNN ({exc}).") from exc
+
+
 def check_matches(state: dict, ident: dict) -> None:
     """Refuse a checkpoint taken by another run: every difference is named."""
     differences = []
     for key in ("encoder_sha256", "codec_version", "bnn"):
         if state.get(key) != ident[key]:
             differences.append(f"{key.replace('_', ' ')}: checkpoint {state.get(key)!r}, this run {ident[key]!r}")
-    saved = state.get("settings") or {}
+    saved = state.get("settings")
+    saved = saved if isinstance(saved, dict) else {}
     for key, value in ident["settings"].items():
         if saved.get(key) != value:
             differences.append(f"{key.replace('_', '-')}: checkpoint {saved.get(key)!r}, this run {value!r}")
@@ -138,13 +167,28 @@ def check_matches(state: dict, ident: dict) -> None:
                          f"{ident['settings']['num_server_rounds']}: the run is complete, nothing to resume.")
 
 
+def run_in_progress(staging: Path) -> bool:
+    """Whether a live process holds the lock of the staging folder ``staging`` (its run goes on)."""
+    try:
+        fd = os.open(Path(staging) / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def latest_run_dir(directory: Path) -> Path:
     """The run folder under ``directory`` (itself or an unpublished ``.run-*`` folder in it)
     whose checkpoint was saved last: a run cut off before publishing its results keeps its
-    checkpoint in its staging folder."""
+    checkpoint in its staging folder. The staging folder of a run still going on is not one."""
     directory = Path(directory)
-    candidates = [directory, *sorted(directory.glob(".run-*"))]
-    saved = [(float(state.get("saved_at", 0.0)), path) for path in candidates
+    candidates = [directory, *(path for path in sorted(directory.glob(".run-*")) if not run_in_progress(path))]
+    saved = [(saved_at(state), path) for path in candidates
              if (state := read_state(path)) is not None]
     if not saved:
         raise HyBNNError(f"No checkpoint to resume from in {directory} (looked for {CHECKPOINT_DIR}/{STATE_NAME} "

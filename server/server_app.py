@@ -214,7 +214,8 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
     if settings.resume_dir:
         checkpoint = resume.load_checkpoint(Path(settings.resume_dir))
         resume.check_matches(checkpoint.state, ident)
-        results.update(_earlier_record(checkpoint))
+        resume.check_payload(checkpoint, layout)
+        results.update(earlier_record(checkpoint))
         results["resumed_after_rounds"].append(checkpoint.round)
         log(INFO, "Resuming after round %d of %d from %s.", checkpoint.round, settings.num_server_rounds,
             checkpoint.directory)
@@ -303,11 +304,13 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
     return results
 
 
-def _earlier_record(checkpoint: resume.Checkpoint) -> dict:
+def earlier_record(checkpoint: resume.Checkpoint) -> dict:
     """The server.json record of rounds 1 to the checkpoint's, saved with it, to go on from."""
-    record = checkpoint.state.get("record") or {}
-    rounds = record.get("rounds", [])
-    if [r.get("round") for r in rounds if isinstance(r, dict)] != list(range(1, checkpoint.round + 1)):
+    record = checkpoint.state.get("record")
+    record = record if isinstance(record, dict) else {}
+    rounds = record.get("rounds")
+    rounds = rounds if isinstance(rounds, list) else []
+    if [r.get("round") if isinstance(r, dict) else None for r in rounds] != list(range(1, checkpoint.round + 1)):
         raise HyBNNError(f"Cannot resume: the checkpoint in {checkpoint.directory} does not hold the record of "
                          f"rounds 1 to {checkpoint.round}.")
     return {"rounds": rounds, "initial": record.get("initial", {}),

@@ -238,6 +238,7 @@ class PackedFedAvg(FedAvg):
         round_log = self.rounds.setdefault(server_round, RoundLog(server_round))
 
         def drop(node: int, reason: str, hint: str) -> None:
+            reason = robust.printable(reason)  # may hold the client's own words: no terminal escapes, bounded
             log(WARNING, "Round %d: the reply of node %d is left out of this round: %s. %s",
                 server_round, node, reason, hint)
             round_log.dropped.append({"node_id": node, "reason": reason})

@@ -338,6 +338,7 @@ def finish_run(server_json: Path, staging: Path, out: Path, centralized: dict, c
         server = {}
     if not runs.has_aggregated_round(server):
         if stopped:
+            # Nothing of the run's own to keep or resume from (a checkpoint follows an aggregated round).
             shutil.rmtree(staging, ignore_errors=True)
             print(f"Stopped before the first round completed; nothing written, {out} is as it was.",
                   file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -26,38 +27,62 @@ from pathlib import Path
 from common.errors import HyBNNError
 
 STAGING_PREFIX = ".run-"
+LOCK_NAME = ".lock"
+"""In a staging folder: locked (flock) by the process whose run it is, while it lives."""
+PUBLISH_LOCK_NAME = ".publish.lock"
+"""In an output folder: locked while a run publishes into it."""
 STOPPED_EXIT_STATUS = 130
 PUBLISH_LAST = "results.json"
 """Moved into place last: while it is the earlier run's, the others may already be new."""
 
 
+_held_locks: dict[Path, int] = {}
+"""Staging folders of this process and their lock's file descriptor, held until the process ends."""
+
+
 def staging_dir(out: Path) -> Path:
-    """A new, empty staging folder inside ``out`` (same file system, so publishing is a rename)."""
+    """A new, empty staging folder inside ``out`` (same file system, so publishing is a rename),
+    locked by this process (:data:`LOCK_NAME`) for as long as it lives, so that ``--resume``
+    and publishing never take the folder of a run still going on."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{STAGING_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     path.mkdir()
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _held_locks[path] = fd
     return path
 
 
 def publish(staging: Path, out: Path) -> None:
     """Move everything in ``staging`` into ``out``, each entry replacing its earlier namesake,
-    ``results.json`` last; then remove ``staging``."""
+    ``results.json`` last; then remove ``staging``. Two runs publishing into one ``out`` at
+    once take turns, so ``out`` holds one run's complete set, never a mix or a crash."""
     staging, out = Path(staging), Path(out)
-    names = sorted(p.name for p in staging.iterdir())
+    with open(out / PUBLISH_LOCK_NAME, "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        _publish(staging, out)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    names = sorted(p.name for p in staging.iterdir() if p.name != LOCK_NAME)
     names.sort(key=lambda name: name == PUBLISH_LAST)
     for name in names:
         source, target = staging / name, out / name
-        if source.is_dir():
-            # A folder cannot replace a non-empty folder in one rename: move the old one aside first.
+        if source.is_dir() or (target.is_dir() and not target.is_symlink()):
+            # A rename cannot replace a non-empty folder, nor a folder by a file or the other way
+            # round: move the old one aside first.
             old = staging / f".old-{name}"
-            if target.exists():
+            if target.exists() or target.is_symlink():
                 os.replace(target, old)
             os.replace(source, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(source, target)
     shutil.rmtree(staging, ignore_errors=True)
+    fd = _held_locks.pop(staging, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def has_aggregated_round(server: dict) -> bool:
@@ -100,14 +125,19 @@ def check_resumable(source: Path, run_config: dict) -> int:
     from server import resume
     from server.server_app import ServerSettings
 
+    from server.server_app import earlier_record
+
     settings = ServerSettings.from_run_config(run_config)
-    state = resume.load_checkpoint(source).state
+    checkpoint = resume.load_checkpoint(source)
+    state = checkpoint.state
     artifact = load_encoder_artifact(settings.encoder_path)
     config = BNNConfig.for_task(int(artifact.config.latent_bits), get_task(settings.task).num_classes)
     layout = codec.layout_for(config)
     bnn = {"config": config.to_dict(), "binary_weights": layout.n_binary, "bn_numbers": layout.n_bn}
     resume.check_matches(state, resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION, bnn))
-    return int(state["round"])
+    resume.check_payload(checkpoint, layout)
+    earlier_record(checkpoint)
+    return checkpoint.round
 
 
 def forget_source(source: Path | None, out: Path) -> None:

@@ -299,3 +299,30 @@ def test_median_batch_norm_equals_mean_for_identical_clients():
     _, _, median_bn = run_round(fed.replies({}))
     _, _, mean_bn = run_round(fed.replies({}), bn_aggregation="mean")
     np.testing.assert_allclose(median_bn, mean_bn, rtol=1e-3)
+
+
+def test_an_error_reply_cannot_flood_or_escape_the_log_and_results():
+    """A SuperNode chooses its error reason: terminal escapes, forged log lines, megabytes of text."""
+    from flwr.app import Error
+
+    fed = Federation()
+    replies = fed.replies({})
+    evil = "\x1b[2J\x1b]0;pwned\x07\nINFO: Round 1: global test accuracy 1.0000\r" + "A" * 1_000_000
+    ins = Message(content=RecordDict(), dst_node_id=5, message_type="train")
+    replies[4] = Message(Error(code=0, reason=evil), reply_to=ins)
+    strategy, _, _ = run_round(replies)
+    (dropped,) = strategy.rounds[1].dropped
+    reason = dropped["reason"]
+    assert dropped["node_id"] == 5 and len(reason) < 1000
+    assert not any(ch in reason for ch in "\x1b\x07\n\r")
+    assert "\\x1b[2J" in reason and reason.endswith(f"({len('error code 0: ' + evil)} characters)")
+    assert [c["node_id"] for c in strategy.rounds[1].clients] == [1, 2, 3, 4]
+
+
+def test_averaged_metrics_stay_finite_for_the_largest_finite_claims():
+    from common import robust
+
+    big = float(np.finfo(np.float64).max)
+    averaged = robust.averaged_metrics([{"train-loss": big}, {"train-loss": big, "train-seconds": 1.0}], [2500, 2000])
+    assert np.isfinite(averaged["train-loss"]) and averaged["train-loss"] <= big
+    assert averaged["train-seconds"] == 1.0

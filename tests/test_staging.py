@@ -1,0 +1,101 @@
+"""What a run leaves in its --out folder when it stops or fails before its first round (no processes)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from common.errors import HyBNNError
+
+
+def _unfinished_staging(out, server: dict):
+    from simulation import runs
+
+    staging = runs.staging_dir(out)
+    (staging / "logs").mkdir()
+    (staging / "logs" / "simulation.log").write_text("round 1 ...\n")
+    (staging / "server.json").write_text(json.dumps(server))
+    return staging
+
+
+def test_a_run_stopped_before_its_first_round_leaves_no_staging_folder(tmp_path):
+    from simulation.federate import finish_run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}')
+    staging = _unfinished_staging(out, {"status": "running", "rounds": []})
+    with pytest.raises(KeyboardInterrupt):
+        finish_run(staging / "server.json", staging, out, {}, {}, time.perf_counter(), True, None, 3)
+    # "nothing written": no .run-* folder piles up with each stopped attempt; earlier results kept.
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+    assert json.loads((out / "results.json").read_text()) == {"earlier": True}
+
+
+def test_a_run_that_aggregated_nothing_keeps_its_logs_where_the_error_says(tmp_path):
+    from simulation.federate import finish_run
+
+    out = tmp_path / "out"
+    staging = _unfinished_staging(out, {"status": "failed", "rounds": [{"round": 1, "clients": [], "dropped": [
+        {"node_id": 1, "reason": "malformed: bad"}]}]})
+    with pytest.raises(HyBNNError, match=str(staging)):
+        finish_run(staging / "server.json", staging, out, {}, {}, time.perf_counter(), False, None, 3)
+    assert (staging / "logs" / "simulation.log").exists()
+
+
+def _checkpoint(folder, server_round: int) -> None:
+    import numpy as np
+
+    from server import resume
+    from server.server_app import ServerSettings
+    from dataclasses import asdict
+
+    ident = resume.identity(asdict(ServerSettings(task="0v1", num_server_rounds=5)), "ab" * 32, 1, {})
+    resume.save_checkpoint(folder, server_round, {"bnn": np.zeros(8, dtype=np.uint8)}, ident)
+
+
+def test_resume_never_takes_the_staging_folder_of_a_run_still_going_on(tmp_path):
+    """`--resume OUT` while another run writes into OUT: resuming from that run's folder would
+    race it, and publishing the resumed run would delete its folder under it."""
+    import os
+
+    from simulation import runs
+
+    out = tmp_path / "out"
+    _checkpoint(out, 1)
+    live = runs.staging_dir(out)
+    _checkpoint(live, 2)  # saved later than out's
+    assert runs.resume_source(out) == out
+    os.close(runs._held_locks.pop(live))  # the run's process ends (killed): its lock goes with it
+    assert runs.resume_source(out) == live
+
+
+def test_publishing_leaves_no_lock_of_the_staging_folder_behind(tmp_path):
+    from simulation import runs
+
+    out = tmp_path / "out"
+    staging = runs.staging_dir(out)
+    (staging / "results.json").write_text("{}")
+    runs.publish(staging, out)
+    assert sorted(p.name for p in out.iterdir()) == [runs.PUBLISH_LOCK_NAME, "results.json"]
+    assert staging not in runs._held_locks
+
+
+def test_publishing_replaces_a_folder_where_a_file_goes_and_the_other_way_round(tmp_path):
+    """An OUT with a folder named results.json (or a file named global) does not end the run in a traceback."""
+    from simulation import runs
+
+    out = tmp_path / "out"
+    (out / "results.json").mkdir(parents=True)
+    (out / "results.json" / "old.txt").write_text("old")
+    (out / "global").write_text("old file")
+    staging = runs.staging_dir(out)
+    (staging / "results.json").write_text('{"run": "new"}')
+    (staging / "global").mkdir()
+    (staging / "global" / "model.bin").write_text("new")
+    runs.publish(staging, out)
+    assert json.loads((out / "results.json").read_text()) == {"run": "new"}
+    assert (out / "global" / "model.bin").read_text() == "new"
+    assert not staging.exists()
