@@ -197,6 +197,16 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
     p.add_argument("--out", type=Path, default=Path(default_out), help="output directory (default: %(default)s)")
 
 
+def cmd_certs(args: argparse.Namespace) -> None:
+    from simulation.credentials import make_credentials
+
+    creds = make_credentials(args.out, hosts=args.host, supernodes=args.supernodes, force=args.force)
+    print(f"Credentials written to {creds.root}: CA {creds.ca_cert.name}, SuperLink certificate "
+          f"{creds.server_cert.name}, {creds.superexec_secret.name}, {args.supernodes} SuperNode key pair(s) "
+          f"in {creds.supernode_key(0).parent.name}/. Keep the private keys (mode 0600) where they are used; "
+          f"docs/security.md says which file goes to which machine.")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from common.edge import export_model
 
@@ -278,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-nodes", type=positive_int, default=1,
                    help="go on with this many SuperNodes when others are gone (default: %(default)s)")
     p.set_defaults(handler=cmd_deploy_local)
+
+    p = sub.add_parser("certs", help="write a private CA, the SuperLink's TLS certificate, the SuperExec "
+                                     "secret and SuperNode key pairs (docs/security.md)")
+    p.add_argument("--out", type=Path, required=True, help="credentials directory")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="a DNS name or IP address the SuperLink/front is reached at, beyond localhost, "
+                        "127.0.0.1, ::1, superlink and fleet-front (repeatable)")
+    p.add_argument("--supernodes", type=int, default=3, help="SuperNode key pairs to write (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing files (the old ones are moved to DIR/replaced-TIME/)")
+    p.set_defaults(handler=cmd_certs)
 
     p = sub.add_parser("export", help="export a trained BNN for devices: C99 source or an npz for the numpy engine")
     p.add_argument("--model", type=Path, required=True,
