@@ -163,7 +163,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> None:
     from simulation.deploy_local import DeployConfig, deploy_local
     from simulation.federate import describe
 
-    config = DeployConfig(**_federation_settings(args), min_nodes=args.min_nodes)
+    config = DeployConfig(**_federation_settings(args), min_nodes=args.min_nodes, certs=args.certs,
+                          insecure=args.insecure, fleet_front=args.fleet_front)
     results = deploy_local(config)
     print(describe(results))
     print(f"Results written to {args.out / 'results.json'}")
@@ -287,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation_options(p, "runs/deploy-local")
     p.add_argument("--min-nodes", type=positive_int, default=1,
                    help="go on with this many SuperNodes when others are gone (default: %(default)s)")
+    p.add_argument("--certs", type=Path, default=None, metavar="DIR",
+                   help="credentials from `hybnn certs` (default: fresh ones for this run only)")
+    p.add_argument("--fleet-front", action="store_true",
+                   help="SuperNodes connect through the Fleet-only TLS front (needs nginx), as on a real "
+                        "deployment (docs/security.md)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS and no SuperNode authentication (prints what that exposes); only for comparison")
     p.set_defaults(handler=cmd_deploy_local)
 
     p = sub.add_parser("certs", help="write a private CA, the SuperLink's TLS certificate, the SuperExec "

@@ -313,6 +313,7 @@ http {{
             proxy_ssl_server_name on;
             proxy_ssl_session_reuse on;
             proxy_buffering off;
+            proxy_request_buffering off;
             proxy_read_timeout 300s;
             proxy_send_timeout 300s;
         }}

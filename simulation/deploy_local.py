@@ -2,15 +2,21 @@
 
 It starts what a real deployment runs, on one machine:
 
-* one ``flower-superlink`` (Fleet, Control and Runtime API on one free port);
-* one ``flower-supernode`` per client, each with its own ClientAppIo port and a node
-  config naming its ``partition-id``, ``num-partitions``, ``encoder-path`` and
-  ``data-root``;
+* one ``flower-superlink`` (Fleet, Control and Runtime API on one free loopback port),
+  with TLS and SuperNode authentication: its certificate and the SuperNodes' key pairs
+  come from ``--certs DIR`` (written by ``hybnn certs``) or are made fresh for the run;
+* ``flwr supernode register`` of each SuperNode's public key;
+* with ``--fleet-front``, the Fleet-only TLS front (nginx) that SuperNodes connect
+  through, as on a real deployment (docs/security.md);
+* one ``flower-supernode`` per client, each with its own ClientAppIo port, its private
+  key, the CA certificate, and a node config naming its ``partition-id``,
+  ``num-partitions``, ``encoder-path`` and ``data-root``;
 * ``flwr run <project> <connection> --stream``, which builds the app bundle, submits
   it, and streams the ServerApp's log until the run ends.
 
-The CLI connection lives in a temporary ``FLWR_HOME``; runtime dependency
-installation is off (the processes use this environment). Every process it started
+``--insecure`` drops TLS and authentication (a warning says what that exposes). The CLI
+connection lives in a temporary ``FLWR_HOME``; runtime dependency installation is off
+(the processes use this environment). Every process it started
 is stopped when the run ends, fails, or is interrupted (Ctrl-C): SIGTERM, then
 SIGKILL after a grace period. The same commands, one per machine, are in
 docs/federated.md.
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import HyBNNError
+from simulation.credentials import Credentials, fleet_front_config, make_credentials
 from simulation.federate import FederateConfig, centralized_reference, check_config, summarize, write_results
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +58,19 @@ class DeployConfig(FederateConfig):
     kill_client_after_round: int | None = None
     """Fault injection: SIGKILL the last SuperNode once this round is in server.json."""
     log_dir: Path | None = None
+    certs: Path | None = None
+    """Credentials written by ``hybnn certs`` (None: fresh ones for this run, deleted after it)."""
+    insecure: bool = False
+    """No TLS, no SuperNode authentication: only for comparison and debugging."""
+    fleet_front: bool = False
+    """SuperNodes connect through the Fleet-only nginx front instead of the SuperLink's port."""
+
+
+INSECURE_WARNING = (
+    "WARNING: --insecure: the SuperLink and SuperNodes talk plaintext HTTP without SuperNode "
+    "authentication. Anyone who can reach the SuperLink's port can read and alter the model updates, "
+    "join as a SuperNode, and submit a ServerApp that runs as your user on this host (the Control API "
+    "has no account authentication). Here the port is on loopback: every local user of this machine can.")
 
 
 def free_port() -> int:
@@ -79,13 +99,34 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def superlink_command(port: int) -> list[str]:
-    return [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+def superlink_command(port: int, credentials: Credentials | None = None) -> list[str]:
+    """The SuperLink on loopback: TLS and SuperNode authentication with ``credentials``, else insecure."""
+    if credentials is None:
+        security = ["--insecure"]
+    else:
+        security = ["--ssl-certfile", str(credentials.server_cert), "--ssl-keyfile", str(credentials.server_key),
+                    "--ssl-ca-certfile", str(credentials.ca_cert), "--enable-supernode-auth"]
+    return [_bin("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(port),
             "--disable-runtime-dependency-installation"]
 
 
-def supernode_command(superlink_port: int, port: int, node_config: str) -> list[str]:
-    return [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
+def supernode_command(superlink_port: int, port: int, node_config: str, credentials: Credentials | None = None,
+                      index: int = 0, max_retries: int | None = None,
+                      max_wait_time_s: float | None = None) -> list[str]:
+    """SuperNode ``index``: it checks the SuperLink's certificate against the CA and signs in
+    with its private key; without ``credentials``, insecure. ``max_retries``/``max_wait_time_s``:
+    give up connecting after that many tries / seconds (Flower's default: never)."""
+    if credentials is None:
+        security = ["--insecure"]
+    else:
+        security = ["--root-certificates", str(credentials.ca_cert),
+                    "--auth-supernode-private-key", str(credentials.supernode_key(index))]
+    retry = []
+    if max_retries is not None:
+        retry += ["--max-retries", str(max_retries)]
+    if max_wait_time_s is not None:
+        retry += ["--max-wait-time", str(max_wait_time_s)]
+    return [_bin("flower-supernode"), *security, "--superlink", f"127.0.0.1:{superlink_port}", *retry,
             "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
 
 
@@ -108,14 +149,83 @@ def run_config_string(values: dict) -> str:
     return " ".join(parts)
 
 
-def write_cli_config(flwr_home: Path, superlink_port: int, name: str = "hybnn-local") -> str:
-    """``$FLWR_HOME/config.toml`` with one insecure loopback connection; returns its name."""
+def write_cli_config(flwr_home: Path, superlink_port: int, name: str = "hybnn-local",
+                     ca_cert: Path | None = None) -> str:
+    """``$FLWR_HOME/config.toml`` with one loopback connection that checks the SuperLink's
+    certificate against ``ca_cert`` (insecure without one); returns its name."""
     flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f"root-certificates = {json.dumps(str(ca_cert))}" if ca_cert is not None else "insecure = true"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
-        f'address = "127.0.0.1:{superlink_port}"\ninsecure = true\n'
+        f'address = "127.0.0.1:{superlink_port}"\n{security}\n'
     )
     return name
+
+
+def register_supernodes(credentials: Credentials, count: int, connection: str, env: dict, log_dir: Path) -> None:
+    """``flwr supernode register`` each SuperNode's public key, so the SuperLink admits it."""
+    with open(log_dir / "register.log", "w") as log:
+        for i in range(count):
+            cmd = [_bin("flwr"), "supernode", "register", str(credentials.supernode_public_key(i)), connection]
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            try:
+                done = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      timeout=60)
+            except subprocess.TimeoutExpired:
+                raise HyBNNError(f"Registering supernode-{i}'s key took over 60 s; see {log_dir}/register.log.") from None
+            if done.returncode != 0:
+                raise HyBNNError(f"`flwr supernode register` of {credentials.supernode_public_key(i)} failed "
+                                 f"(status {done.returncode}); see {log_dir}/register.log.")
+
+
+def stage_tracked_app(project: Path, dest: Path) -> Path:
+    """A copy of ``project``'s git-tracked files in ``dest`` to build the app bundle from.
+
+    ``flwr run`` bundles what pyproject's ``fab-include`` names; this also keeps out any
+    untracked file inside those folders (a stray ``common/secret.py``). Outside a git
+    checkout (an installed copy, a container image) it returns ``project`` itself.
+    """
+    import shutil
+
+    try:
+        listed = subprocess.run(["git", "-C", str(project), "ls-files", "-z", "--cached"],
+                                capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return project
+    if listed.returncode != 0 or not listed.stdout:
+        return project
+    for rel in filter(None, listed.stdout.decode("utf-8", "surrogateescape").split("\0")):
+        src = project / rel
+        if src.is_file() and not src.is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def nginx_binary() -> str | None:
+    """nginx from PATH or Debian's /usr/sbin, or None."""
+    import shutil
+
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+def start_fleet_front(procs: "Processes", credentials: Credentials, superlink_port: int, env: dict,
+                      state_dir: Path) -> int:
+    """Start the Fleet-only TLS front on a free loopback port in front of the SuperLink; return its port."""
+    nginx = nginx_binary()
+    if nginx is None:
+        raise HyBNNError("--fleet-front needs nginx (Debian: apt-get install -y --no-install-recommends nginx).")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = state_dir / "nginx.conf"
+    conf.write_text(fleet_front_config(
+        listen=f"127.0.0.1:{port}", upstream=f"127.0.0.1:{superlink_port}", certfile=credentials.server_cert.resolve(),
+        keyfile=credentials.server_key.resolve(), upstream_ca_certfile=credentials.ca_cert.resolve(),
+        state_dir=state_dir.resolve(), access_log=str((state_dir / "access.log").resolve())))
+    front = procs.start("fleet-front", [nginx, "-c", str(conf.resolve()), "-e", "stderr", "-g", "daemon off;"], env)
+    wait_for_port(port, front, "Fleet front (nginx)", timeout_s=30)
+    return port
 
 
 class Processes:
@@ -214,16 +324,28 @@ def deploy_local(config: DeployConfig) -> dict:
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
         try:
+            credentials = _deployment_credentials(config, Path(tmp))
             link_port = free_port()
-            link = procs.start("superlink", superlink_command(link_port), env)
+            link = procs.start("superlink", superlink_command(link_port, credentials), env)
             wait_for_port(link_port, link, "SuperLink")
-            print(f"SuperLink on 127.0.0.1:{link_port}; logs in {log_dir}", flush=True)
+            print(f"SuperLink on 127.0.0.1:{link_port} "
+                  f"({'insecure' if credentials is None else 'TLS, SuperNode authentication'}); "
+                  f"logs in {log_dir}", flush=True)
+            connection = write_cli_config(Path(env["FLWR_HOME"]), link_port,
+                                          ca_cert=None if credentials is None else credentials.ca_cert.resolve())
+            fleet_port = link_port
+            if credentials is not None:
+                register_supernodes(credentials, config.clients, connection, env, log_dir)
+                if config.fleet_front:
+                    fleet_port = start_fleet_front(procs, credentials, link_port, env, log_dir / "fleet-front")
+                    print(f"Fleet-only TLS front on 127.0.0.1:{fleet_port}", flush=True)
             for i in range(config.clients):
-                cmd = supernode_command(link_port, free_port(),
-                                        node_config(i, config.clients, config.encoder, config.data_root))
+                cmd = supernode_command(fleet_port, free_port(),
+                                        node_config(i, config.clients, config.encoder, config.data_root),
+                                        credentials, index=i)
                 procs.start(f"supernode-{i}", cmd, env)
-            connection = write_cli_config(Path(env["FLWR_HOME"]), link_port)
-            run_cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), connection,
+            app_dir = stage_tracked_app(PROJECT_ROOT, Path(tmp) / "app")
+            run_cmd = [_bin("flwr"), "run", str(app_dir), connection,
                        "--run-config", run_config_string(run_config), "--stream"]
             print(f"Submitting: {shlex.join(run_cmd[:4])} --run-config ... --stream", flush=True)
             runner = procs.start("flwr-run", run_cmd, env)
@@ -243,6 +365,20 @@ def deploy_local(config: DeployConfig) -> dict:
         raise HyBNNError(f"The run stopped after {len(server.get('rounds', []))} of {config.rounds} rounds; "
                          f"partial results are in {out}; logs in {log_dir}.")
     return results
+
+
+def _deployment_credentials(config: DeployConfig, tmp: Path) -> Credentials | None:
+    """The run's credentials: None with --insecure, --certs if given, else fresh ones in ``tmp``."""
+    if config.insecure:
+        if config.certs is not None or config.fleet_front:
+            raise HyBNNError("--insecure cannot be combined with --certs or --fleet-front.")
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        return None
+    if config.certs is not None:
+        credentials = Credentials(Path(config.certs).resolve())
+        credentials.check(config.clients)
+        return credentials
+    return make_credentials(tmp / "credentials", supernodes=config.clients)
 
 
 def _watch(config: DeployConfig, procs: Processes, runner: subprocess.Popen, server_json: Path,

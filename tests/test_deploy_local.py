@@ -1,4 +1,5 @@
-"""FedHyBNN as real processes: a SuperLink and two SuperNodes on loopback, one killed mid-run."""
+"""FedHyBNN as real processes: a SuperLink and two SuperNodes on loopback (TLS, SuperNode
+authentication), one killed mid-run."""
 
 from __future__ import annotations
 
@@ -28,7 +29,13 @@ def test_deploy_local_survives_a_killed_supernode(tmp_path, mnist_root):
     assert len(rounds[1]["clients"]) == 1  # the killed SuperNode is left out, the other goes on
     assert json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][1]["test_acc"] > 0
     logs = tmp_path / "run" / "logs"
-    assert {p.name for p in logs.iterdir()} >= {"superlink.log", "supernode-0.log", "supernode-1.log", "flwr-run.log"}
+    assert {p.name for p in logs.iterdir()} >= {"superlink.log", "supernode-0.log", "supernode-1.log", "flwr-run.log",
+                                                "register.log"}
+    # The secure default: TLS, and each SuperNode's key registered before it joined.
+    link_cmd = (logs / "superlink.log").read_text().splitlines()[0]
+    assert "--enable-supernode-auth" in link_cmd and "--ssl-certfile" in link_cmd and "--insecure" not in link_cmd
+    assert (logs / "register.log").read_text().count("registered successfully") == 2
+    assert "--auth-supernode-private-key" in (logs / "supernode-0.log").read_text().splitlines()[0]
 
 
 def test_run_config_and_node_config_syntax():

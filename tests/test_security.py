@@ -120,3 +120,263 @@ def test_fleet_front_config_passes_nginx_syntax_check(tmp_path):
     check = subprocess.run([NGINX, "-t", "-c", str(conf), "-e", str(state / "error.log")],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
+
+
+# ------------------------------------------------------------------ real processes
+NODE_CONFIG = "partition-id=0 num-partitions=1"
+
+
+def _env(flwr_home: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update({"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def _run_node(cmd: list[str], env: dict, log: Path, timeout_s: float = 60) -> tuple[int, str]:
+    """Run a SuperNode that is expected to give up; return its exit status and log."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            pytest.fail(f"the SuperNode did not give up within {timeout_s} s: {log.read_text()[-2000:]}")
+    return code, log.read_text()
+
+
+@pytest.fixture(scope="module")
+def tls_superlink(tmp_path_factory):
+    """A SuperLink on loopback with TLS and SuperNode authentication; supernode-0's key registered."""
+    from simulation.deploy_local import Processes, free_port, register_supernodes, superlink_command, wait_for_port
+    from simulation.deploy_local import write_cli_config
+    from simulation.credentials import make_credentials
+
+    root = tmp_path_factory.mktemp("tls-superlink")
+    creds = make_credentials(root / "creds", supernodes=2)
+    env = _env(root / "flwr-home")
+    procs = Processes(root)
+    try:
+        port = free_port()
+        link = procs.start("superlink", superlink_command(port, creds), env)
+        wait_for_port(port, link, "SuperLink")
+        connection = write_cli_config(root / "flwr-home", port, ca_cert=creds.ca_cert)
+        register_supernodes(creds, 1, connection, env, root)  # supernode-0 only
+        yield creds, port, env, root
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_registered_supernode_joins_and_unregistered_one_is_refused(tls_superlink):
+    from simulation.deploy_local import Processes, free_port, supernode_command
+
+    creds, port, env, root = tls_superlink
+    procs = Processes(root)
+    try:  # the registered key is admitted: the refusal below is about the key, not the setup
+        procs.start("supernode-0", supernode_command(port, free_port(), NODE_CONFIG, creds, index=0), env)
+        log0 = root / "supernode-0.log"
+        for _ in range(100):
+            if "SuperNode ID:" in log0.read_text():
+                break
+            __import__("time").sleep(0.3)
+        else:
+            pytest.fail(f"the registered SuperNode did not join: {log0.read_text()[-2000:]}")
+    finally:
+        procs.stop_all()
+
+    code, log = _run_node(supernode_command(port, free_port(), NODE_CONFIG, creds, index=1, max_retries=1,
+                                            max_wait_time_s=10), env, root / "supernode-1.log")
+    assert code != 0
+    assert "Failed to activate SuperNode" in log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_plaintext_supernode_is_refused_by_the_tls_superlink(tls_superlink):
+    from simulation.deploy_local import free_port, supernode_command
+
+    _, port, env, root = tls_superlink
+    code, log = _run_node(supernode_command(port, free_port(), NODE_CONFIG, None, max_retries=1, max_wait_time_s=10),
+                          env, root / "plaintext.log")
+    assert code != 0
+    assert "could not establish a connection to the SuperLink" in log
+    assert "SuperNode ID:" not in log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_supernode_gives_up_when_the_superlink_never_answers(tmp_path):
+    from simulation.credentials import make_credentials
+    from simulation.deploy_local import free_port, supernode_command
+
+    creds = make_credentials(tmp_path / "creds", supernodes=1)
+    silent = free_port()  # nothing listens there
+    code, log = _run_node(supernode_command(silent, free_port(), NODE_CONFIG, creds, max_retries=2, max_wait_time_s=10),
+                          _env(tmp_path / "flwr-home"), tmp_path / "node.log", timeout_s=45)
+    assert code != 0
+    assert "Giving up reconnection" in log
+    assert "could not establish a connection to the SuperLink" in log
+
+
+FOREIGN_APP = '''
+from pathlib import Path
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid, context):
+    Path({marker!r}).write_text("a stranger's ServerApp ran on the server host")
+'''
+
+
+def _foreign_app(root: Path, marker: Path) -> Path:
+    app = root / "foreign"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "foreign"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "stranger"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "foreign_app:server"\nclientapp = "foreign_app:client"\n')
+    (app / "foreign_app.py").write_text(FOREIGN_APP.format(marker=str(marker)))
+    return app
+
+
+@needs_nginx
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnist_root):
+    """deploy-local with the Fleet-only front: SuperNodes train through it; a stranger who reaches
+    only the front can neither start a run, nor register a key, nor reach the Runtime API."""
+    import re
+    import ssl
+    import threading
+    import time
+    import http.client
+
+    from simulation.credentials import make_credentials
+    from simulation.deploy_local import DeployConfig, _bin, deploy_local, write_cli_config
+    from tests.conftest import fixed_encoder
+
+    creds = make_credentials(tmp_path / "creds", supernodes=2)
+    config = DeployConfig(
+        task="0v1", clients=2, rounds=2, encoder=fixed_encoder(tmp_path / "encoder"), data_root=mnist_root,
+        out=tmp_path / "run", centralized_epochs=1, node_wait_s=60.0, round_timeout_s=90.0, timeout_s=200.0,
+        progress=False, certs=creds.root, fleet_front=True)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["results"] = deploy_local(config)
+        except BaseException as exc:  # reported by the main thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        front_dir = tmp_path / "run" / "logs" / "fleet-front"
+        access_log = front_dir / "access.log"
+        deadline = time.monotonic() + 150
+        while not (access_log.exists() and "/v1/fleet/pull-messages" in access_log.read_text()):
+            assert worker.is_alive() and time.monotonic() < deadline, f"no SuperNode reached the front: {outcome}"
+            time.sleep(0.5)
+        port = int(re.search(r"listen 127\.0\.0\.1:(\d+) ssl;", (front_dir / "nginx.conf").read_text()).group(1))
+
+        # A stranger who reaches only the front, with the CA certificate (public) in hand.
+        marker = tmp_path / "foreign-ran"
+        home = tmp_path / "stranger-home"
+        connection = write_cli_config(home, port, name="front", ca_cert=creds.ca_cert)
+        env = _env(home)
+        submit = subprocess.run([_bin("flwr"), "run",
+                                 str(_foreign_app(tmp_path, marker)), connection],
+                                capture_output=True, text=True, env=env, timeout=60)
+        assert submit.returncode != 0
+        assert "403" in submit.stdout + submit.stderr
+        register = subprocess.run([_bin("flwr"), "supernode", "register",
+                                   str(creds.supernode_public_key(1)), connection],
+                                  capture_output=True, text=True, env=env, timeout=60)
+        assert register.returncode != 0
+        context = ssl.create_default_context(cafile=str(creds.ca_cert))
+        for path in ("/v1/runtime/pull-messages", "/v1/control/list-runs", "/docs", "/health",
+                     "/v1/fleet/../control/start-run", "/v1/fleet/%2e%2e/control/start-run"):
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+            conn.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+            status = conn.getresponse().status
+            conn.close()
+            assert status in (400, 403), (path, status)
+    finally:
+        worker.join(timeout=220)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["results"]["status"] == "finished"
+    assert [len(r["clients"]) for r in outcome["results"]["rounds"]] == [2, 2]
+    assert not marker.exists()
+    log = access_log.read_text()
+    assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in log
+    assert '"POST /v1/control/start-run HTTP/1.1" 403' in log
+
+
+# ------------------------------------------------------------------ the app bundle
+def _fab_names(app: Path, workdir: Path) -> set[str]:
+    """Build the app bundle with `flwr build` as `flwr run` does, and list what it carries."""
+    import zipfile
+
+    from simulation.deploy_local import _bin
+
+    workdir.mkdir()
+    built = subprocess.run([_bin("flwr"), "build", "--app", str(app)], cwd=workdir, capture_output=True,
+                           text=True, timeout=120)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (fab,) = workdir.glob("*.fab")
+    with zipfile.ZipFile(fab) as z:
+        return set(z.namelist())
+
+
+@pytest.mark.timeout(240)
+def test_app_bundle_carries_only_the_tracked_app(tmp_path):
+    from simulation.deploy_local import PROJECT_ROOT, stage_tracked_app
+
+    if not (PROJECT_ROOT / ".git").exists():
+        pytest.skip("the project is not a git checkout here; the fab-include half is checked by the next step")
+    repo = stage_tracked_app(PROJECT_ROOT, tmp_path / "repo")
+    assert repo != PROJECT_ROOT
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True, timeout=30)
+    subprocess.run(git + ["add", "-A"], check=True, timeout=30)
+    subprocess.run(git + ["commit", "-qm", "app"], check=True, timeout=60)
+    tracked = set(subprocess.run(git + ["ls-files"], capture_output=True, text=True, check=True).stdout.split())
+    strays = {"secret.py": "TOKEN = 'x'\n", "notes.md": "private\n", "runs/fedhybnn/server.json": "{}\n",
+              "common/secret.py": "TOKEN = 'x'\n", "tests/conftest_local.py": "x = 1\n"}
+    for rel, text in strays.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+
+    expected = {f for f in tracked if f == "README.md" or (f.split("/")[0] in ("common", "server", "client",
+                                                                                 "simulation") and f.endswith(".py"))}
+    assert {"common/__init__.py", "server/server_app.py", "client/client_app.py", "README.md"} <= expected
+
+    # pyproject's fab-include keeps everything outside the app's folders out ...
+    in_place = _fab_names(repo, tmp_path / "fab-in-place")
+    assert in_place - {"pyproject.toml", ".info/CONTENT"} == expected | {"common/secret.py"}
+    # ... and deploy-local's copy of the tracked files keeps out the stray inside them too.
+    staged = _fab_names(stage_tracked_app(repo, tmp_path / "staged"), tmp_path / "fab-staged")
+    assert staged - {"pyproject.toml", ".info/CONTENT"} == expected
+
+
+def test_insecure_is_explicit_and_says_what_it_exposes(tmp_path, capsys):
+    from simulation.deploy_local import DeployConfig, _deployment_credentials, superlink_command, supernode_command
+
+    assert _deployment_credentials(DeployConfig(insecure=True), tmp_path) is None
+    assert "submit a ServerApp" in capsys.readouterr().err
+    with pytest.raises(HyBNNError, match="cannot be combined"):
+        _deployment_credentials(DeployConfig(insecure=True, fleet_front=True), tmp_path)
+    secure = _deployment_credentials(DeployConfig(clients=2), tmp_path)  # the default: fresh credentials
+    assert secure is not None and secure.supernode_key(1).is_file()
+    assert "--insecure" not in superlink_command(9093, secure)
+    assert "--insecure" not in supernode_command(9092, 9094, NODE_CONFIG, secure, index=1)
