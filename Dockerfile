@@ -15,10 +15,12 @@
 #   secret pip-ca    a CA bundle for pip, needed behind a TLS-intercepting proxy:
 #                    `--secret id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt`.
 #                    Used by the build only; not stored in the image.
-# pip's cache is a build cache mount, so a rebuild does not download torch again; torch
-# is installed before the project's files are copied, so editing them does not
-# reinstall it. flwr is already in the base image, so the project's own
-# `flwr[simulation]` pin is not reinstalled.
+# pip's cache is a build cache mount. torch and its dependencies are downloaded into a
+# wheelhouse there and installed from it, so a rebuild does not download them again
+# (`pip download` skips the files it already has; pip's own HTTP cache does not help
+# behind a proxy that strips the caching headers). torch is installed before the
+# project's files are copied, so editing them does not reinstall it. flwr is already
+# in the base image, so the project's own `flwr[simulation]` pin is not reinstalled.
 #
 # Flower's images run as the user "app" (uid 49999, home /app). /data is made theirs,
 # so a named volume mounted there is writable; a bind-mounted results folder must be
@@ -35,7 +37,9 @@ RUN --mount=type=secret,id=pip-ca,uid=49999 \
     --mount=type=cache,target=/var/cache/pip,uid=49999,gid=49999 \
     export PIP_CACHE_DIR=/var/cache/pip \
  && if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
- && python -m pip install "torch==2.14.1" "torchvision==0.29.1" --index-url "${TORCH_INDEX_URL}"
+ && python -m pip download -d /var/cache/pip/wheelhouse "torch==2.14.1" "torchvision==0.29.1" \
+        --index-url "${TORCH_INDEX_URL}" \
+ && python -m pip install --no-index --find-links /var/cache/pip/wheelhouse "torch==2.14.1" "torchvision==0.29.1"
 COPY --chown=app:app pyproject.toml README.md ./
 COPY --chown=app:app common ./common
 COPY --chown=app:app client ./client

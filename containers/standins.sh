@@ -83,7 +83,7 @@ if ! has_image "$BASE"; then
     trap 'rm -rf "$ROOTFS"' EXIT
     log "debootstrap --variant=minbase $CODENAME from $MIRROR"
     timed "debootstrap" debootstrap --variant=minbase "$CODENAME" "$ROOTFS" "$MIRROR" >/dev/null
-    timed "podman import" bash -c "tar -C '$ROOTFS' -c . | podman import --change 'CMD [\"/bin/bash\"]' - '$BASE' >/dev/null"
+    timed "podman import" bash -c "tar -C '$ROOTFS' -c . | podman import -q --change 'CMD [\"/bin/bash\"]' - '$BASE' >/dev/null"
     rm -rf "$ROOTFS"
     trap - EXIT
 fi
