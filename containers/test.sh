@@ -56,6 +56,7 @@ for target in supernode superexec; do
     timed "podman build --target $target" podman build -q "${BUILD_ARGS[@]}" --target "$target" \
         -t "localhost/hybnn-$target:1.42.0" . >/dev/null
 done
+podman image prune -f >/dev/null  # the previous build's last layers, once replaced
 
 # 3. Inputs on the host.
 WORK=$(mktemp -d /var/tmp/hybnn-container-test.XXXXXX)
