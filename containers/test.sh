@@ -15,8 +15,9 @@
 #
 # Run as root from the repository root after `make install`. Environment:
 #   PYTHON              the project's Python (default .venv/bin/python)
-#   TORCH_INDEX_URL     passed to the Dockerfile (default https://pypi.org/simple: the
-#                       CPU wheel index is not reachable from every machine)
+#   TORCH_INDEX_URL     passed to the Dockerfile (default: PyTorch's CPU wheel index when
+#                       it answers, else https://pypi.org/simple, whose torch brings
+#                       about 2.7 GB of CUDA libraries)
 #   PIP_CA_BUNDLE       CA bundle for pip in builds (see containers/standins.sh)
 #   HYBNN_DATA_ROOT     where MNIST is (default: data, as for the tests)
 #   KEEP_WORK=1         keep the work folder (logs, credentials, results) after success
@@ -26,7 +27,11 @@ cd "$REPO"
 PYTHON=${PYTHON:-.venv/bin/python}
 BIN="$(cd "$(dirname "$PYTHON")" && pwd)"
 HYBNN=("$PYTHON" -m simulation.cli)
-TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://pypi.org/simple}
+if [ -z "${TORCH_INDEX_URL:-}" ]; then  # the Dockerfile's default (CPU wheels) when reachable
+    TORCH_INDEX_URL=https://pypi.org/simple
+    "$PYTHON" -c 'import urllib.request; urllib.request.urlopen("https://download.pytorch.org/whl/cpu/torch/", timeout=10)' \
+        2>/dev/null && TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+fi
 DATA_ROOT=${HYBNN_DATA_ROOT:-data}
 PROJECT=hybnn-container-test
 ROUNDS=2
@@ -90,7 +95,8 @@ teardown() {
     exit "$status"
 }
 trap teardown EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 "${HYBNN[@]}" certs --out "$HYBNN_CERTS" --supernodes "$CLIENTS" >/dev/null
 chown -R 49999:49999 "$HYBNN_CERTS"        # read by the images' user "app"
