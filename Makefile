@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/paper
 
-.PHONY: install reproduce quick test clean
+.PHONY: install reproduce quick test container-test clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ quick: install
 
 test: install
 	$(PY) -m pytest
+
+## The images and docker-compose.yml with podman, end to end (root; docs/containers.md).
+container-test: install
+	PYTHON=$(PY) containers/test.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
