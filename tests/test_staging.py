@@ -99,3 +99,38 @@ def test_publishing_replaces_a_folder_where_a_file_goes_and_the_other_way_round(
     assert json.loads((out / "results.json").read_text()) == {"run": "new"}
     assert (out / "global" / "model.bin").read_text() == "new"
     assert not staging.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_resume_while_a_run_writes_into_the_same_out_takes_nothing_of_it(tmp_path, mnist_root):
+    """A real run with a checkpoint in its staging folder: `--resume OUT` meanwhile finds no
+    checkpoint (OUT has none of its own) and exits 2; the running run finishes untouched."""
+    import subprocess
+
+    from tests.conftest import fixed_encoder
+    from tests.test_stop import REPO, _federate_cmd
+
+    encoder = fixed_encoder(tmp_path / "encoder")
+    out = tmp_path / "run"
+    cmd = _federate_cmd(encoder, mnist_root, out, "--rounds", "4")
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 400
+            while not list(out.glob(".run-*/checkpoint/state.json")):
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no round completed"
+                time.sleep(0.2)
+            second = subprocess.run([*cmd, "--resume", str(out)], capture_output=True, text=True,
+                                    timeout=300, cwd=REPO)
+            # While the run goes on OUT holds no checkpoint; once it has finished, nothing is left to do.
+            assert second.returncode == 2, second.stderr[-3000:]
+            assert "No checkpoint to resume from" in second.stderr or "nothing to resume" in second.stderr
+            assert proc.wait(timeout=400) == 0, (tmp_path / "stderr").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finished = json.loads((out / "results.json").read_text())
+    assert finished["status"] == "finished" and [r["round"] for r in finished["rounds"]] == [1, 2, 3, 4]
+    assert not list(out.glob(".run-*"))
