@@ -181,6 +181,23 @@ class StopSignals:
             signal.signal(signum, previous)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """In a child process: be sent SIGTERM when ``parent_pid``, which started it, dies, even by
+    SIGKILL (Linux ``PR_SET_PDEATHSIG``), so that no run goes on orphaned, writing into a
+    staging folder that ``--resume`` may then take. Exits at once if the parent is gone already."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent's stop_process_tree is the only guard
+        return
+    if os.getppid() != parent_pid:
+        sys.exit("The command that started this run is gone; stopping.")
+
+
 def _children() -> dict[int, list[int]]:
     """Parent pid -> child pids, from /proc."""
     tree: dict[int, list[int]] = {}

@@ -1,8 +1,10 @@
-"""What a run leaves in its --out folder when it stops or fails before its first round (no processes)."""
+"""A run's --out folder and its staging folders: stopping, failing, publishing, resuming beside a
+run going on, and the processes of a killed command."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -134,3 +136,37 @@ def test_resume_while_a_run_writes_into_the_same_out_takes_nothing_of_it(tmp_pat
     finished = json.loads((out / "results.json").read_text())
     assert finished["status"] == "finished" and [r["round"] for r in finished["rounds"]] == [1, 2, 3, 4]
     assert not list(out.glob(".run-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killing_federate_with_sigkill_leaves_no_simulation_running(tmp_path, mnist_root):
+    """`kill -9` (or the OOM killer) on `hybnn federate`: its simulation child, in a session of
+    its own, must not go on orphaned with Ray and write into a folder `--resume` may take."""
+    import signal
+    import subprocess
+
+    from simulation.runs import descendants
+    from tests.conftest import fixed_encoder
+    from tests.test_stop import REPO, _alive, _federate_cmd
+
+    out = tmp_path / "run"
+    cmd = _federate_cmd(fixed_encoder(tmp_path / "encoder"), mnist_root, out, "--rounds", "20")
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO)
+        deadline = time.monotonic() + 400
+        while not list(out.glob(".run-*/server.json")):  # the ServerApp runs
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the federation did not start"
+            time.sleep(0.2)
+        below = descendants(proc.pid)
+        assert below
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while [pid for pid in below if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [pid for pid in below if _alive(pid)]
+    for pid in left:  # do not leave them running if the check fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "processes of the killed run went on"
