@@ -181,21 +181,26 @@ class StopSignals:
             signal.signal(signum, previous)
 
 
-_PR_SET_PDEATHSIG = 1
+def stop_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """In a child process: once ``parent_pid``, which started it, is gone (killed outright, by
+    SIGKILL or the OOM killer), stop every process below this one and exit, so that no run
+    goes on orphaned, writing into a staging folder that ``--resume`` may then take.
 
+    A watching thread, not a signal: the main thread may sit in a C call (Ray, gRPC) for long."""
 
-def stop_with_parent(parent_pid: int) -> None:
-    """In a child process: be sent SIGTERM when ``parent_pid``, which started it, dies, even by
-    SIGKILL (Linux ``PR_SET_PDEATHSIG``), so that no run goes on orphaned, writing into a
-    staging folder that ``--resume`` may then take. Exits at once if the parent is gone already."""
-    import ctypes
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        print("The command that started this run is gone; stopping.", file=sys.stderr, flush=True)
+        below = descendants(os.getpid())
+        _signal_all(below, set(), signal.SIGTERM)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(_alive(pid) for pid in below):
+            time.sleep(0.1)
+        _signal_all({pid for pid in below | descendants(os.getpid()) if _alive(pid)}, set(), signal.SIGKILL)
+        os._exit(STOPPED_EXIT_STATUS)
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the parent's stop_process_tree is the only guard
-        return
-    if os.getppid() != parent_pid:
-        sys.exit("The command that started this run is gone; stopping.")
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
 
 
 def _children() -> dict[int, list[int]]:

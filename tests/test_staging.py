@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -167,6 +168,7 @@ def test_killing_federate_with_sigkill_leaves_no_simulation_running(tmp_path, mn
     while [pid for pid in below if _alive(pid)] and time.monotonic() < deadline:
         time.sleep(0.5)
     left = [pid for pid in below if _alive(pid)]
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes()[:150] for pid in left]
     for pid in left:  # do not leave them running if the check fails
         os.kill(pid, signal.SIGKILL)
-    assert not left, "processes of the killed run went on"
+    assert not left, f"processes of the killed run went on: {commands}"
