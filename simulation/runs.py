@@ -203,6 +203,58 @@ def stop_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
 
 
+class OrphanGuard:
+    """A small watcher process for processes that run programs of their own (SuperLink,
+    SuperNodes): should this process die without closing the guard (SIGKILL, the OOM killer),
+    the guard stops every process registered with it and every process below them.
+
+    It learns of the death by the end of its stdin: only this process holds the pipe's other end."""
+
+    def __init__(self) -> None:
+        project = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-m", "simulation.runs", "--guard"], stdin=subprocess.PIPE,
+                                     cwd=project, env=env, start_new_session=True, text=True)
+
+    def watch(self, pid: int) -> None:
+        self.proc.stdin.write(f"{pid}\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        """The registered processes were stopped here: the guard leaves them be and exits."""
+        try:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _guard_main() -> int:
+    """:class:`OrphanGuard`'s process: read pids until ``done`` (exit) or the end of stdin (stop them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the command, which closes the guard
+    pids: set[int] = set()
+    for line in sys.stdin:
+        if line.strip() == "done":
+            return 0
+        pids.add(int(line))
+    seen = set(pids)
+    for pid in pids:
+        seen |= descendants(pid)
+    _signal_all({pid for pid in seen if _alive(pid)}, {pid for pid in pids if _alive(pid)}, signal.SIGTERM)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and any(_alive(pid) for pid in seen):
+        time.sleep(0.1)
+        for pid in pids:
+            seen |= descendants(pid)
+    _signal_all({pid for pid in seen if _alive(pid)}, set(), signal.SIGKILL)
+    return 0
+
+
 def _children() -> dict[int, list[int]]:
     """Parent pid -> child pids, from /proc."""
     tree: dict[int, list[int]] = {}
@@ -276,3 +328,9 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--guard"]:
+        sys.exit(_guard_main())
+    sys.exit("usage: python -m simulation.runs --guard (started by `hybnn deploy-local`)")

@@ -141,18 +141,22 @@ def test_resume_while_a_run_writes_into_the_same_out_takes_nothing_of_it(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_killing_federate_with_sigkill_leaves_no_simulation_running(tmp_path, mnist_root):
-    """`kill -9` (or the OOM killer) on `hybnn federate`: its simulation child, in a session of
-    its own, must not go on orphaned with Ray and write into a folder `--resume` may take."""
+@pytest.mark.parametrize("command", ["federate", "deploy-local"])
+def test_a_command_killed_with_sigkill_leaves_no_process_of_its_run(tmp_path, mnist_root, command):
+    """`kill -9` (or the OOM killer) on the command: its simulation child, or its SuperLink and
+    SuperNodes, each in a session of its own, must not go on orphaned (the SuperLink would serve
+    forever) nor write into a folder `--resume` may take."""
     import signal
     import subprocess
 
     from simulation.runs import descendants
     from tests.conftest import fixed_encoder
-    from tests.test_stop import REPO, _alive, _federate_cmd
+    from tests.test_stop import HYBNN, REPO, _alive, _federate_cmd
 
     out = tmp_path / "run"
     cmd = _federate_cmd(fixed_encoder(tmp_path / "encoder"), mnist_root, out, "--rounds", "20")
+    if command == "deploy-local":
+        cmd = [HYBNN, "deploy-local", *cmd[2:], "--insecure"]
     with open(tmp_path / "stderr", "w") as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO)
         deadline = time.monotonic() + 400
@@ -172,3 +176,55 @@ def test_killing_federate_with_sigkill_leaves_no_simulation_running(tmp_path, mn
     for pid in left:  # do not leave them running if the check fails
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes of the killed run went on: {commands}"
+
+
+def _sleeper_tree():
+    """A process in a session of its own with a child below it, as the SuperLink and its SuperExec."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+                             "time.sleep(120)"], start_new_session=True)
+    from simulation.runs import descendants
+
+    deadline = time.monotonic() + 30
+    while not descendants(proc.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc, {proc.pid, *descendants(proc.pid)}
+
+
+def test_orphan_guard_stops_the_registered_processes_when_its_owner_is_gone():
+    from simulation import runs
+    from tests.test_stop import _alive
+
+    proc, tree = _sleeper_tree()
+    guard = runs.OrphanGuard()
+    guard.watch(proc.pid)
+    try:
+        guard.proc.stdin.close()  # as the owner's death closes it, without "done"
+        guard.proc.wait(timeout=15)
+        proc.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in tree if _alive(pid)]
+    finally:
+        runs.stop_process_tree(proc)
+
+
+def test_orphan_guard_closed_by_its_owner_leaves_the_processes_be():
+    from simulation import runs
+    from tests.test_stop import _alive
+
+    proc, tree = _sleeper_tree()
+    guard = runs.OrphanGuard()
+    guard.watch(proc.pid)
+    try:
+        guard.close()
+        assert guard.proc.returncode == 0
+        assert all(_alive(pid) for pid in tree)
+    finally:
+        runs.stop_process_tree(proc)
+    assert not [pid for pid in tree if _alive(pid)]
