@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from common.errors import HyBNNError
+from server.resume import STAGING_LOCK_NAME
 
 STAGING_PREFIX = ".run-"
-LOCK_NAME = ".lock"
-"""In a staging folder: locked (flock) by the process whose run it is, while it lives."""
+LOCK_NAME = STAGING_LOCK_NAME
 PUBLISH_LOCK_NAME = ".publish.lock"
 """In an output folder: locked while a run publishes into it."""
 STOPPED_EXIT_STATUS = 130
