@@ -142,7 +142,8 @@ def check_resumable(source: Path, run_config: dict) -> int:
 
 def forget_source(source: Path | None, out: Path) -> None:
     """After a resumed run is published, the unpublished run it continued is superseded."""
-    if source is not None and source.name.startswith(STAGING_PREFIX) and source.parent == Path(out):
+    if (source is not None and source.name.startswith(STAGING_PREFIX)
+            and source.parent.resolve() == Path(out).resolve()):  # --resume /abs/out --out out alike
         shutil.rmtree(source, ignore_errors=True)
 
 

@@ -228,3 +228,17 @@ def test_orphan_guard_closed_by_its_owner_leaves_the_processes_be():
     finally:
         runs.stop_process_tree(proc)
     assert not [pid for pid in tree if _alive(pid)]
+
+
+def test_a_resumed_run_forgets_its_source_however_the_folder_was_spelled(tmp_path, monkeypatch):
+    from simulation import runs
+
+    monkeypatch.chdir(tmp_path)
+    source = (tmp_path / "out" / ".run-20260101-000000-1")
+    source.mkdir(parents=True)
+    runs.forget_source(source, Path("out"))  # --resume /abs/path/out --out out
+    assert not source.exists()
+    kept = tmp_path / "elsewhere" / ".run-20260101-000000-1"
+    kept.mkdir(parents=True)
+    runs.forget_source(kept, Path("out"))
+    assert kept.exists()
