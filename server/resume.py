@@ -23,8 +23,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +41,8 @@ from common.fileio import atomic_write_bytes
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "state.json"
 FORMAT = "hybnn-fed-checkpoint/1"
+STAGING_LOCK_NAME = ".lock"
+"""In an unpublished run folder (``.run-*``): locked (flock) by the process whose run it is, while it lives."""
 
 DETERMINING_SETTINGS = (
     "task", "num_server_rounds", "local_epochs", "lr", "lr_schedule", "batch_size", "aggregation",
@@ -170,7 +172,7 @@ def check_matches(state: dict, ident: dict) -> None:
 def run_in_progress(staging: Path) -> bool:
     """Whether a live process holds the lock of the staging folder ``staging`` (its run goes on)."""
     try:
-        fd = os.open(Path(staging) / ".lock", os.O_RDONLY)
+        fd = os.open(Path(staging) / STAGING_LOCK_NAME, os.O_RDONLY)
     except OSError:
         return False
     try:

@@ -241,6 +241,7 @@ class Processes:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.guard = runs.OrphanGuard()  # stops them should this command be killed outright
 
     def start(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
         log_file = open(self.log_dir / f"{name}.log", "w")
@@ -250,6 +251,7 @@ class Processes:
                                 cwd=PROJECT_ROOT, start_new_session=True)
         log_file.close()
         self.procs.append((name, proc))
+        self.guard.watch(proc.pid)
         return proc
 
     def kill(self, name: str) -> None:
@@ -268,6 +270,7 @@ class Processes:
         """Stop every process started here and the processes below them: SIGTERM, then
         SIGKILL for what remains after ``grace_s``."""
         runs.stop_process_tree([proc for _, proc in reversed(self.procs)], grace_s)
+        self.guard.close()
 
 
 def _rounds_done(server_json: Path) -> int:

@@ -418,7 +418,8 @@ def start_federation_worker(run_config: dict, clients: int, staging: Path) -> su
     logs = staging / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     spec = logs / "simulation.json"
-    atomic_write_bytes(spec, json.dumps({"run_config": run_config, "clients": clients}).encode())
+    atomic_write_bytes(spec, json.dumps({"run_config": run_config, "clients": clients,
+                                         "parent_pid": os.getpid()}).encode())
     project = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
@@ -471,7 +472,10 @@ def describe(results: dict) -> str:
 
 def _worker_main(spec_path: str) -> int:
     """The child process of :func:`federate`: the Ray simulation of one run."""
+    from simulation.runs import stop_with_parent
+
     spec = json.loads(Path(spec_path).read_text())
+    stop_with_parent(int(spec["parent_pid"]))
     run_federation(spec["run_config"], int(spec["clients"]))
     return 0
 

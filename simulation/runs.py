@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from common.errors import HyBNNError
+from server.resume import STAGING_LOCK_NAME
 
 STAGING_PREFIX = ".run-"
-LOCK_NAME = ".lock"
-"""In a staging folder: locked (flock) by the process whose run it is, while it lives."""
+LOCK_NAME = STAGING_LOCK_NAME
 PUBLISH_LOCK_NAME = ".publish.lock"
 """In an output folder: locked while a run publishes into it."""
 STOPPED_EXIT_STATUS = 130
@@ -142,7 +142,8 @@ def check_resumable(source: Path, run_config: dict) -> int:
 
 def forget_source(source: Path | None, out: Path) -> None:
     """After a resumed run is published, the unpublished run it continued is superseded."""
-    if source is not None and source.name.startswith(STAGING_PREFIX) and source.parent == Path(out):
+    if (source is not None and source.name.startswith(STAGING_PREFIX)
+            and source.parent.resolve() == Path(out).resolve()):  # --resume /abs/out --out out alike
         shutil.rmtree(source, ignore_errors=True)
 
 
@@ -179,6 +180,80 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
+
+
+def stop_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """In a child process: once ``parent_pid``, which started it, is gone (killed outright, by
+    SIGKILL or the OOM killer), stop every process below this one and exit, so that no run
+    goes on orphaned, writing into a staging folder that ``--resume`` may then take.
+
+    A watching thread, not a signal: the main thread may sit in a C call (Ray, gRPC) for long."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        print("The command that started this run is gone; stopping.", file=sys.stderr, flush=True)
+        below = descendants(os.getpid())
+        _signal_all(below, set(), signal.SIGTERM)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(_alive(pid) for pid in below):
+            time.sleep(0.1)
+        _signal_all({pid for pid in below | descendants(os.getpid()) if _alive(pid)}, set(), signal.SIGKILL)
+        os._exit(STOPPED_EXIT_STATUS)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+
+
+class OrphanGuard:
+    """A small watcher process for processes that run programs of their own (SuperLink,
+    SuperNodes): should this process die without closing the guard (SIGKILL, the OOM killer),
+    the guard stops every process registered with it and every process below them.
+
+    It learns of the death by the end of its stdin: only this process holds the pipe's other end."""
+
+    def __init__(self) -> None:
+        project = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-m", "simulation.runs", "--guard"], stdin=subprocess.PIPE,
+                                     cwd=project, env=env, start_new_session=True, text=True)
+
+    def watch(self, pid: int) -> None:
+        self.proc.stdin.write(f"{pid}\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        """The registered processes were stopped here: the guard leaves them be and exits."""
+        try:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _guard_main() -> int:
+    """:class:`OrphanGuard`'s process: read pids until ``done`` (exit) or the end of stdin (stop them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the command, which closes the guard
+    pids: set[int] = set()
+    for line in sys.stdin:
+        if line.strip() == "done":
+            return 0
+        pids.add(int(line))
+    seen = set(pids)
+    for pid in pids:
+        seen |= descendants(pid)
+    _signal_all({pid for pid in seen if _alive(pid)}, {pid for pid in pids if _alive(pid)}, signal.SIGTERM)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and any(_alive(pid) for pid in seen):
+        time.sleep(0.1)
+        for pid in pids:
+            seen |= descendants(pid)
+    _signal_all({pid for pid in seen if _alive(pid)}, set(), signal.SIGKILL)
+    return 0
 
 
 def _children() -> dict[int, list[int]]:
@@ -254,3 +329,9 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--guard"]:
+        sys.exit(_guard_main())
+    sys.exit("usage: python -m simulation.runs --guard (started by `hybnn deploy-local`)")
