@@ -183,7 +183,7 @@ got = server.get("rounds", [])
 if len(got) != rounds:
     problems.append(f"{len(got)} rounds, expected {rounds}")
 for r in got:
-    ids = sorted(c.get("partition_id") for c in r.get("clients", []))
+    ids = sorted(c.get("reported", {}).get("partition_id", -1) for c in r.get("clients", []))  # client-reported
     if ids != list(range(clients)):
         problems.append(f"round {r.get('round')}: clients {ids}, expected {list(range(clients))}")
 if not (out / "global").is_dir() or not any((out / "global").iterdir()):
