@@ -35,7 +35,7 @@ from common import codec, flipcodec
 from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
-from common.tasks import get_task, select_task
+from common.tasks import select_task, task_for_dataset
 from common.training import evaluate
 from server.strategy import PackedFedAvg, RoundLog
 from server.wire import record_nbytes, record_to_payload
@@ -50,6 +50,7 @@ class ServerSettings:
     """The run config, typed. Field ``x_y`` is run-config key ``x-y``."""
 
     task: str = "4v5"
+    dataset: str = "mnist"
     num_server_rounds: int = 20
     local_epochs: int = 2
     lr: float = 0.03
@@ -87,7 +88,7 @@ class ServerSettings:
             except (TypeError, ValueError) as exc:
                 raise HyBNNError(f"Run config {key}={raw!r} is not a {type(default).__name__} ({exc}).") from exc
         settings = cls(**values)
-        get_task(settings.task)
+        task_for_dataset(settings.task, settings.dataset)
         agg.check_mode(settings.aggregation)
         if settings.bn_dtype not in codec.BN_DTYPES:
             raise HyBNNError(f"Run config bn-dtype={settings.bn_dtype!r}; use one of {', '.join(codec.BN_DTYPES)}.")
@@ -152,10 +153,10 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # evaluating a tiny BNN; leave the cores to the clients
-    task = get_task(settings.task)
+    task = task_for_dataset(settings.task, settings.dataset)
     artifact = load_encoder_artifact(settings.encoder_path, expected_sha256=settings.encoder_sha256 or None)
     log(INFO, "Encoder %s, sha256 %s; clients must hold the same.", artifact.path, artifact.sha256)
-    codes, labels = load_codes(artifact, settings.data_root, "test", progress=False)
+    codes, labels = load_codes(artifact, settings.data_root, "test", progress=False, dataset=settings.dataset)
     codes, labels = select_task(codes, labels, task)
     bits = int(artifact.config.latent_bits)
     x_test, y_test = codes_to_inputs(codes, bits), torch.from_numpy(labels)

@@ -301,7 +301,7 @@ def deploy_local(config: DeployConfig) -> dict:
     artifact = load_encoder_artifact(config.encoder)
     print(f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features", flush=True)
     for split in ("train", "test"):  # once, here, so the SuperNodes never race on the cache
-        load_codes(artifact, config.data_root, split, progress=config.progress)
+        load_codes(artifact, config.data_root, split, progress=config.progress, dataset=config.dataset)
     print(f"Centralized HyBNN on {config.task}, "
           f"{config.reference_epochs} epochs", flush=True)
     centralized = centralized_reference(artifact, config)

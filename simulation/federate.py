@@ -38,6 +38,7 @@ class FederateConfig:
     """One federated experiment. Defaults follow the paper: 3 clients, 20 rounds, IID."""
 
     task: str = "4v5"
+    dataset: str = "mnist"
     clients: int = 3
     rounds: int = 20
     local_epochs: int = 2
@@ -69,6 +70,7 @@ class FederateConfig:
         """The ServerApp/ClientApp run config (kebab-case keys) for this experiment."""
         return {
             "task": self.task,
+            "dataset": self.dataset,
             "num-server-rounds": self.rounds,
             "local-epochs": self.local_epochs,
             "lr": self.lr,
@@ -98,10 +100,10 @@ def check_config(config: FederateConfig) -> None:
     from common.aggregation import check_mode
     from common.flipcodec import UPLINK_CODECS
     from common.partition import SCHEMES
-    from common.tasks import get_task
+    from common.tasks import task_for_dataset
     from common.training import MAX_EPOCHS, TrainConfig
 
-    get_task(config.task)
+    task_for_dataset(config.task, config.dataset)
     for what, value in (("--rounds", config.rounds), ("--local-epochs", config.local_epochs),
                         ("the centralized reference's epochs (--centralized-epochs, by default "
                          "rounds x local epochs)", config.reference_epochs)):
@@ -126,15 +128,16 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
 
     from common.bnn import BNN, BNNConfig, codes_to_inputs
     from common.features import load_codes
-    from common.tasks import get_task, select_task
+    from common.tasks import select_task, task_for_dataset
     from common.training import TrainConfig, evaluate, fit
 
-    task = get_task(config.task)
+    task = task_for_dataset(config.task, config.dataset)
     bits = int(artifact.config.latent_bits)
     epochs = config.reference_epochs
     split = {}
     for name in ("train", "test"):
-        codes, labels = load_codes(artifact, config.data_root, name, progress=config.progress)
+        codes, labels = load_codes(artifact, config.data_root, name, progress=config.progress,
+                                   dataset=config.dataset)
         codes, labels = select_task(codes, labels, task)
         split[name] = (codes_to_inputs(codes, bits), torch.from_numpy(labels))
     torch.manual_seed(config.seed)
@@ -161,8 +164,10 @@ def simulation_apps(run_config: dict):
     from flwr.serverapp import Grid, ServerApp
 
     from client.client_app import handle_train
+    from common.datasets import register_all, registered_datasets
     from server.server_app import ServerSettings, run_server
 
+    datasets = registered_datasets()  # the clients may run in other processes (Ray workers)
     server_app = ServerApp()
 
     @server_app.main()
@@ -173,6 +178,7 @@ def simulation_apps(run_config: dict):
 
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
+        register_all(datasets)
         return handle_train(msg, context, defaults=run_config)
 
     return server_app, client_app
@@ -305,6 +311,7 @@ def federate(config: FederateConfig) -> dict:
     """Run the experiment of ``config``; write and return results.json's content."""
     from common.encoder import load_encoder_artifact
     from common.features import load_codes
+    from common.tasks import task_for_dataset
     from server.server_app import SERVER_RESULTS
 
     check_config(config)
@@ -315,7 +322,7 @@ def federate(config: FederateConfig) -> dict:
     artifact = load_encoder_artifact(config.encoder)
     _say(config, f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features")
     for split in ("train", "test"):
-        load_codes(artifact, config.data_root, split, progress=config.progress)
+        load_codes(artifact, config.data_root, split, progress=config.progress, dataset=config.dataset)
     _say(config, f"Centralized HyBNN on {config.task}, "
                  f"{config.reference_epochs} epochs")
     centralized = centralized_reference(artifact, config)
@@ -328,6 +335,7 @@ def federate(config: FederateConfig) -> dict:
         raise HyBNNError(f"The federated run ended without writing {server_path}; read the log above for the cause.")
     server = json.loads(server_path.read_text())
     results = summarize(server, centralized, config.to_dict(), time.perf_counter() - started)
+    results["task"] = task_for_dataset(config.task, config.dataset).to_dict()
     write_results(results, out)
     if server.get("status") != "finished":
         raise HyBNNError(f"The federated run stopped before its last round; partial results are in {out}.")
