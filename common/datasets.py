@@ -268,7 +268,7 @@ def _fashion_local(data_root: Path) -> Splits | None:
 
 def _fashion_debian(data_root: Path) -> Splits | None:
     fix = (f"Reinstall the package: `apt-get install --reinstall {FASHION_DEBIAN_PACKAGE}`.")
-    return _idx_splits(FASHION_DEBIAN_DIR, ".gz", fix)
+    return _idx_splits(Path(FASHION_DEBIAN_DIR), ".gz", fix)
 
 
 def _fashion_torchvision(data_root: Path) -> Splits | None:
@@ -287,12 +287,14 @@ def _fashion_torchvision(data_root: Path) -> Splits | None:
 FASHION_MNIST = DatasetSpec(
     name="fashion-mnist", shape=(28, 28, 1), class_names=FASHION_NAMES,
     sources=(
-        Source("IDX files under DATA_ROOT/FashionMNIST/raw", _fashion_local,
+        # lambdas: the module's functions are looked up at call time
+        Source("IDX files under DATA_ROOT/FashionMNIST/raw", lambda root: _fashion_local(root),
                "put the four IDX files (" + ", ".join(FASHION_FILES) + ", or their .gz) under "
                "DATA_ROOT/FashionMNIST/raw"),
-        Source(f"Debian package {FASHION_DEBIAN_PACKAGE} ({FASHION_DEBIAN_DIR}/*.gz)", _fashion_debian,
+        Source(f"Debian package {FASHION_DEBIAN_PACKAGE} ({FASHION_DEBIAN_DIR}/*.gz)",
+               lambda root: _fashion_debian(root),
                f"install it: `apt-get install {FASHION_DEBIAN_PACKAGE}`"),
-        Source("torchvision download", _fashion_torchvision, "allow network access to "
+        Source("torchvision download", lambda root: _fashion_torchvision(root), "allow network access to "
                "fashion-mnist.s3-website.eu-central-1.amazonaws.com"),
     ),
     train_counts=(6000,) * 10, test_counts=(1000,) * 10,
@@ -490,11 +492,8 @@ class Dataset:
         for source in self.spec.sources:
             try:
                 got = source.load(root)
-            except HyBNNError as exc:
-                if len(self.spec.sources) == 1:
-                    raise
-                failures.append(f"{source.description}: {exc}")
-                continue
+            except HyBNNError:
+                raise  # the source has the data, but they are wrong: never fall back silently
             except Exception as exc:  # a download's network errors of every kind
                 failures.append(f"{source.description}: {type(exc).__name__}: {exc}")
                 continue
