@@ -121,6 +121,14 @@ def register_dataset(spec: DatasetSpec, *, replace_existing: bool = False) -> Da
     return spec
 
 
+def unregister_dataset(name: str) -> None:
+    """Remove a registered data set (built-in ones stay)."""
+    if name in BUILT_IN:
+        raise HyBNNError(f"{name!r} is a built-in data set and cannot be removed.")
+    _REGISTRY.pop(name, None)
+    _RESOLVED.pop(name, None)
+
+
 def registered_datasets() -> dict[str, DatasetSpec]:
     """The registered (not built-in) entries: what a simulation hands to its clients."""
     return {k: v for k, v in _REGISTRY.items() if k not in BUILT_IN}
