@@ -656,10 +656,21 @@ def _resized_folder_spec(root: Path, size: tuple[int, int]) -> DatasetSpec:
 
 
 def split_union(name: str) -> list[str]:
-    """``"mnist+fashion-mnist"`` -> ``["mnist", "fashion-mnist"]``; a single name -> ``[name]``."""
-    if name.startswith(("npz:", "folder:")) or "+" not in name:
-        return [name]
-    parts = [p.strip() for p in name.split("+")]
+    """``"mnist+fashion-mnist"`` -> ``["mnist", "fashion-mnist"]``; a single name -> ``[name]``.
+
+    A ``+`` inside a path stays: the name is cut only before a part that starts a data
+    set name (a registered name, ``npz:`` or ``folder:``).
+    """
+    pieces = name.split("+")
+    parts = [pieces[0]]
+    for piece in pieces[1:]:
+        head = SIZE_SUFFIX.match(piece.strip())
+        head_name = head.group(1) if head else piece.strip()
+        if head_name in _REGISTRY or head_name.startswith(("npz:", "folder:")):
+            parts.append(piece)
+        else:
+            parts[-1] += "+" + piece
+    parts = [p.strip() for p in parts]
     if any(not p for p in parts) or len(set(parts)) != len(parts):
         raise HyBNNError(f"The data set union {name!r} has an empty or repeated part; write it as A+B.")
     return parts

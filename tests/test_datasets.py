@@ -280,3 +280,22 @@ def test_register_refuses_builtin_names_and_bad_specs():
         DatasetSpec("one", (8, 8, 1), ("only",), (source,))
     with pytest.raises(HyBNNError, match="1 \\(grey\\) or 3 \\(RGB\\)"):
         DatasetSpec("four", (8, 8, 4), ("a", "b"), (source,))
+
+
+@pytest.mark.skipif(not datasets.FASHION_DEBIAN_DIR.is_dir(),
+                    reason="needs Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)")
+def test_union_of_mnist_and_fashion_mnist_for_pretraining(mnist_root):
+    images, parts, data_sha = datasets.pretrain_images("mnist+fashion-mnist", mnist_root)
+    assert [d.name for d in parts] == ["mnist", "fashion-mnist"] and images.shape == (120000, 28, 28)
+    mnist_images, _ = get_dataset("mnist").load(mnist_root, "train")
+    assert np.array_equal(images[:60000], mnist_images)
+    assert len(data_sha) == 64
+
+
+def test_union_needs_one_shape(tmp_path):
+    a = make_npz(tmp_path / "a.npz", shape=(16, 16, 3))
+    b = make_npz(tmp_path / "b.npz", shape=(12, 12, 3))
+    with pytest.raises(HyBNNError, match="different image shapes"):
+        datasets.pretrain_images(f"npz:{a}+npz:{b}", tmp_path)
+    images, parts, _ = datasets.pretrain_images(f"npz:{a}+npz:{b}", tmp_path, image_size="8x8")
+    assert images.shape == (120, 8, 8, 3) and [d.shape for d in parts] == [(8, 8, 3)] * 2
