@@ -647,12 +647,27 @@ def _resized_folder_spec(root: Path, size: tuple[int, int]) -> DatasetSpec:
                 for p in sorted(class_dir.iterdir()):
                     if p.name.startswith("."):
                         continue
-                    with Image.open(p) as im:
-                        im.resize((size[1], size[0]), Image.BILINEAR).save(target / (p.name + ".png"))
+                    try:
+                        with Image.open(p) as im:
+                            im.resize((size[1], size[0]), Image.BILINEAR).save(target / (p.name + ".png"))
+                    except (OSError, ValueError) as exc:
+                        raise HyBNNError(f"{p} is not an image PIL can read ({type(exc).__name__}: {exc}). "
+                                         f"Move it out of {p.parent}, or replace it with a PNG or JPEG.") from exc
         spec = _folder_spec(Path(tmp))
         arrays = spec.sources[0].load(Path(tmp))
     return replace(spec, sources=(Source(f"the images under {root}", lambda _r: arrays,
                                          f"Arrange {root} as {FOLDER_LAYOUT}."),))
+
+
+def absolute_dataset(name: str) -> str:
+    """``name`` with the path of an ``npz:``/``folder:`` data set made absolute, for processes
+    that run in another working directory (a simulation's workers, SuperNodes)."""
+    m = SIZE_SUFFIX.match(name)
+    base, suffix = (m.group(1), name[len(m.group(1)):]) if m else (name, "")
+    for prefix in ("npz:", "folder:"):
+        if base.startswith(prefix):
+            return f"{prefix}{Path(base[len(prefix):]).expanduser().resolve()}{suffix}"
+    return name
 
 
 def split_union(name: str) -> list[str]:

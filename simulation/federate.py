@@ -68,9 +68,11 @@ class FederateConfig:
 
     def run_config(self, encoder_sha256: str) -> dict:
         """The ServerApp/ClientApp run config (kebab-case keys) for this experiment."""
+        from common.datasets import absolute_dataset
+
         return {
             "task": self.task,
-            "dataset": self.dataset,
+            "dataset": absolute_dataset(self.dataset),
             "num-server-rounds": self.rounds,
             "local-epochs": self.local_epochs,
             "lr": self.lr,

@@ -174,6 +174,16 @@ def test_bad_folders_are_clear_errors(tmp_path):
     refused(hybnn("data", "--dataset", f"folder:{mixed}"), "different sizes", "--image-size")
     ok = hybnn("data", "--dataset", f"folder:{mixed}", "--image-size", "16x16")
     assert ok.returncode == 0 and "(16, 16, 1)" in ok.stdout, ok.stderr
+    (mixed / "test" / "bee" / "notes.txt").write_text("not an image")
+    refused(hybnn("data", "--dataset", f"folder:{mixed}", "--image-size", "16x16"),
+            f"{mixed / 'test' / 'bee' / 'notes.txt'} is not an image", "Move it out")
+
+
+def test_paths_of_user_data_sets_are_made_absolute_for_other_processes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert datasets.absolute_dataset("npz:d.npz@8x8") == f"npz:{tmp_path / 'd.npz'}@8x8"
+    assert datasets.absolute_dataset("folder:imgs") == f"folder:{tmp_path / 'imgs'}"
+    assert datasets.absolute_dataset("fashion-mnist") == "fashion-mnist"
 
 
 def test_unknown_dataset_lists_the_forms():
