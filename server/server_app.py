@@ -167,6 +167,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
     initial = BNN(config)
     results: dict = {
         "run_config": asdict(settings),
+        "task": task.to_dict(),
         "encoder_sha256": artifact.sha256,
         "codec_version": codec.CODEC_VERSION,
         "bnn": {"binary_weights": layout.n_binary, "bn_numbers": layout.n_bn},
@@ -207,7 +208,8 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
                 "seconds": time.perf_counter() - started,
             })
             save_bnn(model, out_dir / "global", meta={
-                "task": task.name, "encoder_sha256": artifact.sha256, "round": server_round,
+                "task": task.name, "dataset": settings.dataset, "class_names": list(task.class_names),
+                "encoder_sha256": artifact.sha256, "round": server_round,
                 "test_acc": metrics["acc"], "aggregation": settings.aggregation})
             log(INFO, "Round %d: global test accuracy %.4f (%d clients, %d left out)",
                 server_round, metrics["acc"], len(clients), len(round_log.dropped))

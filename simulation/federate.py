@@ -237,6 +237,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
     uplink = max((r["uplink_bytes"] for r in rounds), default=None)
     return {
         "config": config,
+        "task": server.get("task"),
         "encoder_sha256": server.get("encoder_sha256"),
         "codec_version": server.get("codec_version"),
         "centralized_acc": central,
@@ -313,7 +314,6 @@ def federate(config: FederateConfig) -> dict:
     """Run the experiment of ``config``; write and return results.json's content."""
     from common.encoder import load_encoder_artifact
     from common.features import load_codes
-    from common.tasks import task_for_dataset
     from server.server_app import SERVER_RESULTS
 
     check_config(config)
@@ -337,7 +337,6 @@ def federate(config: FederateConfig) -> dict:
         raise HyBNNError(f"The federated run ended without writing {server_path}; read the log above for the cause.")
     server = json.loads(server_path.read_text())
     results = summarize(server, centralized, config.to_dict(), time.perf_counter() - started)
-    results["task"] = task_for_dataset(config.task, config.dataset).to_dict()
     write_results(results, out)
     if server.get("status") != "finished":
         raise HyBNNError(f"The federated run stopped before its last round; partial results are in {out}.")

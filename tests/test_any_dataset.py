@@ -81,3 +81,6 @@ def test_a_registered_dataset_of_another_shape_runs_every_stage(tmp_path, square
     assert 0.0 <= only["test_acc"] <= 1.0
     server = json.loads((out / "server.json").read_text())
     assert server["run_config"]["dataset"] == squares16
+    assert server["task"]["groups"] == [[0], [3]]
+    global_meta = load_bnn(out / "global")[1]["meta"]
+    assert global_meta["dataset"] == squares16 and global_meta["class_names"] == ["north-west", "south-east"]
