@@ -241,24 +241,16 @@ def fashion_raw_dir(data_root: Path) -> Path:
 
 
 def _read_idx_any(path: Path, fix: str) -> np.ndarray:
-    """An IDX file, or its ``.gz`` (read into memory, never unpacked to disk)."""
-    from common.data import read_idx
+    """An IDX file, or its ``.gz`` (decompressed in memory, never unpacked to disk)."""
+    from common.data import parse_idx, read_idx
 
     if path.suffix != ".gz":
         return read_idx(path, fix)
-    import tempfile
-
     try:
         raw = gzip.decompress(path.read_bytes())
     except (OSError, EOFError, zlib.error) as exc:
         raise HyBNNError(f"{path} is not a readable gzip file ({exc}). {fix}") from exc
-    with tempfile.TemporaryDirectory(prefix="hybnn-idx-") as tmp:
-        plain = Path(tmp) / path.stem
-        plain.write_bytes(raw)
-        try:
-            return read_idx(plain, fix).copy()
-        except HyBNNError as exc:
-            raise HyBNNError(str(exc).replace(str(plain), f"{path} (uncompressed)")) from None
+    return parse_idx(raw, f"{path} (uncompressed)", fix)
 
 
 def _idx_splits(folder: Path, suffix: str, fix: str) -> Splits | None:
@@ -466,7 +458,8 @@ class Dataset:
     spec: DatasetSpec
     key: str
     resize: tuple[int, int] | None = None
-    _splits: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+    """Per data root: the loaded arrays, and their fingerprint."""
 
     @property
     def name(self) -> str:
@@ -492,7 +485,7 @@ class Dataset:
     def load_all(self, data_root: Path | str) -> Splits:
         """All four arrays, from the first source that has them (once per process and root)."""
         root = Path(data_root)
-        cached = self._splits.get(root)
+        cached = self._cache.get(root)
         if cached is not None:
             return cached
         failures: list[str] = []
@@ -520,7 +513,7 @@ class Dataset:
         if self.resize:
             splits = (resize_images(splits[0], self.resize), splits[1],
                       resize_images(splits[2], self.resize), splits[3])
-        self._splits[root] = splits
+        self._cache[root] = splits
         return splits
 
     def load(self, data_root: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -533,9 +526,9 @@ class Dataset:
     def fingerprint(self, data_root: Path | str) -> str:
         """sha256 of the shape, the class names and both splits' images and labels."""
         key = ("fingerprint", Path(data_root))
-        if key not in self._splits:
-            self._splits[key] = self._fingerprint(data_root)
-        return self._splits[key]
+        if key not in self._cache:
+            self._cache[key] = self._fingerprint(data_root)
+        return self._cache[key]
 
     def _fingerprint(self, data_root: Path | str) -> str:
         digest = hashlib.sha256()

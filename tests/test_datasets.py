@@ -100,6 +100,24 @@ def test_fashion_mnist_local_files_come_first_and_wrong_ones_are_refused(tmp_pat
     assert "not the standard fashion-mnist files" in str(info.value)
 
 
+def test_a_damaged_gz_file_is_refused_naming_it(tmp_path, monkeypatch):
+    import gzip
+
+    from common.data import write_idx
+
+    raw = datasets.fashion_raw_dir(tmp_path)
+    raw.mkdir(parents=True)
+    for name in datasets.FASHION_FILES:
+        write_idx(tmp_path / name, np.zeros((4, 28, 28) if "images" in name else (4,), np.uint8))
+        data = (tmp_path / name).read_bytes()
+        (raw / f"{name}.gz").write_bytes(gzip.compress(data[:-5] if name.startswith("t10k-images") else data))
+    monkeypatch.setattr(datasets, "_fashion_debian", lambda root: pytest.fail("a wrong local file is refused"))
+    with pytest.raises(HyBNNError, match=r"t10k-images-idx3-ubyte.gz \(uncompressed\) is not a valid uint8 "
+                                         r"IDX file: it is truncated") as info:
+        get_dataset("fashion-mnist").load_all(tmp_path)
+    assert f"Delete the Fashion-MNIST files under {raw}" in str(info.value)
+
+
 def test_fashion_mnist_missing_names_the_apt_command(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "FASHION_DEBIAN_DIR", tmp_path / "no-package")
 
