@@ -137,13 +137,18 @@ def check_encoder_shape(artifact: "EncoderArtifact", dataset) -> None:
     """Refuse a data set whose images are not the shape the encoder was built for."""
     need = tuple(artifact.config.image_shape)
     if tuple(dataset.shape) != need:
+        from common.datasets import SIZE_SUFFIX
+
+        sized = SIZE_SUFFIX.match(dataset.name)
+        as_options = (f"--dataset {sized.group(1)} --image-size {sized.group(2)}x{sized.group(3)}" if sized
+                      else f"--dataset {dataset.name}")
         trained = ", ".join(artifact.manifest.get("datasets", ["mnist"]))
         raise HyBNNError(
             f"The encoder {artifact.path} (trained on {trained}) takes images of {need[0]}x{need[1]} "
             f"with {need[2]} channel(s), but data set {dataset.name!r} has {dataset.shape[0]}x"
             f"{dataset.shape[1]} with {dataset.shape[2]}. Images are never resized silently: pass "
             f"--image-size {need[0]}x{need[1]} to resize them (the channels must agree), or train an "
-            f"encoder for this data set with `hybnn pretrain --dataset {dataset.name}`.")
+            f"encoder for this data set with `hybnn pretrain {as_options}`.")
 
 
 def cache_digest(codes: np.ndarray, labels: np.ndarray) -> str:
