@@ -3,35 +3,55 @@
 #   docker compose build            # builds both targets below
 #
 # target "supernode": flower-supernode plus this project (ClientApp runs in a subprocess)
-# target "superexec": flower-superexec plus this project (runs the ServerApp for the
-#                     SuperLink, which itself runs the stock flwr/superlink image)
+# target "superexec": the same image running flower-superexec (runs the ServerApp for
+#                     the SuperLink, which itself runs the stock flwr/superlink image).
+#                     Flower's images all hold the whole flwr package, so torch and the
+#                     project are installed once, in the supernode stage.
 #
-# Torch comes from the CPU wheel index (no CUDA libraries); flwr is already in the
-# base image, so the project's own `flwr[simulation]` pin is not reinstalled.
+# Build arguments and secrets:
+#   TORCH_INDEX_URL  where torch comes from. The default, PyTorch's CPU wheel index, has
+#                    no CUDA libraries; https://pypi.org/simple works too (its wheel
+#                    brings about 2.7 GB of CUDA libraries).
+#   secret pip-ca    a CA bundle for pip, needed behind a TLS-intercepting proxy:
+#                    `--secret id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt`.
+#                    Used by the build only; not stored in the image.
+# pip's cache is a build cache mount. torch and its dependencies are downloaded into a
+# wheelhouse there and installed from it, so a rebuild does not download them again
+# (`pip download` skips the files it already has; pip's own HTTP cache does not help
+# behind a proxy that strips the caching headers). torch is installed before the
+# project's files are copied, so editing them does not reinstall it. flwr is already
+# in the base image, so the project's own `flwr[simulation]` pin is not reinstalled.
+#
+# Flower's images run as the user "app" (uid 49999, home /app). /data is made theirs,
+# so a named volume mounted there is writable; a bind-mounted results folder must be
+# writable by uid 49999 on the host.
 ARG FLWR_VERSION=1.42.0
 
 FROM flwr/supernode:${FLWR_VERSION} AS supernode
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+USER root
+RUN install -d -o 49999 -g 49999 /data
+USER app
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY common ./common
-COPY client ./client
-COPY server ./server
-COPY simulation ./simulation
-RUN python -m pip install --no-cache-dir "torch==2.14.1" "torchvision==0.29.1" \
-        --index-url https://download.pytorch.org/whl/cpu \
+RUN --mount=type=secret,id=pip-ca,uid=49999 \
+    --mount=type=cache,target=/var/cache/pip,uid=49999,gid=49999 \
+    export PIP_CACHE_DIR=/var/cache/pip \
+ && if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && python -m pip download -d /var/cache/pip/wheelhouse "torch==2.14.1" "torchvision==0.29.1" \
+        --index-url "${TORCH_INDEX_URL}" \
+ && python -m pip install --no-index --find-links /var/cache/pip/wheelhouse "torch==2.14.1" "torchvision==0.29.1"
+COPY --chown=app:app pyproject.toml README.md ./
+COPY --chown=app:app common ./common
+COPY --chown=app:app client ./client
+COPY --chown=app:app server ./server
+COPY --chown=app:app simulation ./simulation
+RUN --mount=type=secret,id=pip-ca,uid=49999 \
+    --mount=type=cache,target=/var/cache/pip,uid=49999,gid=49999 \
+    export PIP_CACHE_DIR=/var/cache/pip \
+ && if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && sed -i 's/.*"flwr\[simulation\]==.*//' pyproject.toml \
- && python -m pip install --no-cache-dir .
+ && python -m pip install .
 ENTRYPOINT ["flower-supernode"]
 
-FROM flwr/superexec:${FLWR_VERSION} AS superexec
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY common ./common
-COPY client ./client
-COPY server ./server
-COPY simulation ./simulation
-RUN python -m pip install --no-cache-dir "torch==2.14.1" "torchvision==0.29.1" \
-        --index-url https://download.pytorch.org/whl/cpu \
- && sed -i 's/.*"flwr\[simulation\]==.*//' pyproject.toml \
- && python -m pip install --no-cache-dir .
+FROM supernode AS superexec
 ENTRYPOINT ["flower-superexec"]

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/paper
 
-.PHONY: install reproduce quick test clean fashion-mnist
+.PHONY: install reproduce quick test container-test clean fashion-mnist
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: install
 ## under the data root, or downloads them; docs/datasets.md).
 fashion-mnist:
 	apt-get install -y --no-install-recommends dataset-fashion-mnist
+
+## The images and docker-compose.yml with podman, end to end (root; docs/containers.md).
+container-test: install
+	PYTHON=$(PY) containers/test.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

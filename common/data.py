@@ -25,6 +25,7 @@ import os
 import pickle
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -76,6 +77,24 @@ def _supply_hint(data_root: Path) -> str:
     return SUPPLY_HINT.format(files=", ".join(IDX_FILES.values()), raw=raw_dir(data_root))
 
 
+def _file_kind(mode: int) -> str:
+    return ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+
+
+def check_regular_file(path: Path, fix: str) -> os.stat_result:
+    """``os.stat(path)`` of a regular file (symlinks followed); a folder, a pipe or a device
+    (which would block or never end when read) is a :class:`HyBNNError` naming it and ``fix``."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise HyBNNError(f"{path} could not be read ({exc.strerror or exc}). {fix}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise HyBNNError(f"{path} is {_file_kind(st.st_mode)}, not a regular file, so it is not read. {fix}")
+    return st
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -109,6 +128,7 @@ def read_idx(path: Path, fix: str = "") -> np.ndarray:
     path = Path(path)
     fix = fix or (f"Delete it and run `hybnn data --data-root {_data_root_of(path)}` to fetch "
                   "MNIST again, or replace it with a valid IDX file.")
+    check_regular_file(path, fix)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -313,7 +333,7 @@ def check_idx_hashes(data_root: Path | str) -> None:
     data_root = Path(data_root)
     for name, expected in IDX_SHA256.items():
         path = raw_dir(data_root) / name
-        st = path.stat()
+        st = check_regular_file(path, f"Delete it and run `hybnn data --data-root {data_root}` to fetch MNIST again.")
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if _verified.get(path.resolve()) == stamp:
             continue

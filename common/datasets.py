@@ -23,10 +23,13 @@ Names a command accepts (``--dataset``):
 Images come back as uint8 ``(N, H, W)`` for one channel and ``(N, H, W, C)`` for
 more; labels as int64 ``(N,)`` in ``0 .. len(class_names) - 1``.
 
-A registered data set lives in the process that registered it. The federated
-simulation carries the registered entries to its clients; processes started
-separately (``deploy-local``'s SuperNodes) see only the built-in names, ``npz:``
-and ``folder:``.
+A registered data set lives in the process that registered it. ``hybnn federate``
+(:func:`simulation.federate.federate`) runs its simulation in a child process: it
+writes the registered data set's checked arrays to a temporary ``.npz`` file and
+names it in the child's spec (:func:`carry_registered`, :func:`receive_carried`),
+so the child and its clients read the same images without pickled code. Processes
+started separately (``deploy-local``'s SuperNodes) see only the built-in names,
+``npz:`` and ``folder:``.
 """
 
 from __future__ import annotations
@@ -139,6 +142,82 @@ def register_all(specs: dict[str, DatasetSpec]) -> None:
     for name, spec in specs.items():
         if _REGISTRY.get(name) is not spec:
             register_dataset(spec, replace_existing=True)
+
+
+CARRIED_FORMAT = "hybnn-carried-dataset/1"
+
+
+def carry_registered(name: str, data_root: Path | str, folder: Path) -> list[dict]:
+    """What another process needs to use ``name`` if it is a registered data set.
+
+    A registered entry may hold code (its sources), which only lives in this process.
+    Its checked arrays are written to ``folder/<name>.npz`` (plain arrays, no pickle)
+    and described in a JSON-safe dict for :func:`receive_carried`. Built-in names,
+    ``npz:`` and ``folder:`` need nothing: every process can read them. Returns the
+    descriptions (empty when there is nothing to carry).
+    """
+    import io
+
+    from common.fileio import atomic_write_bytes, make_dir
+
+    carried = []
+    for part in split_union(name):
+        m = SIZE_SUFFIX.match(part)
+        base = m.group(1) if m else part
+        spec = registered_datasets().get(base)
+        if spec is None:
+            continue
+        x_train, y_train, x_test, y_test = Dataset(spec=spec, key=base).load_all(data_root)
+        buffer = io.BytesIO()
+        np.savez(buffer, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+        data = buffer.getvalue()
+        make_dir(Path(folder), "the folder of the carried data sets")
+        path = Path(folder) / f"{base}.npz"
+        atomic_write_bytes(path, data, mode=0o600)
+        carried.append({"format": CARRIED_FORMAT, "name": spec.name, "shape": list(spec.shape),
+                        "class_names": list(spec.class_names), "description": spec.description,
+                        "train_counts": list(spec.train_counts) if spec.train_counts else None,
+                        "test_counts": list(spec.test_counts) if spec.test_counts else None,
+                        "path": str(Path(path).resolve()), "sha256": hashlib.sha256(data).hexdigest()})
+    return carried
+
+
+def _load_carried(path: str, sha256: str, _data_root: Path) -> Splits:
+    """The arrays :func:`carry_registered` wrote, refused if the file changed since."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise HyBNNError(f"The carried data set {path} could not be read ({exc.strerror or exc}).") from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise HyBNNError(f"The carried data set {path} changed after it was written (sha256 mismatch).")
+    import io
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return tuple(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))  # type: ignore[return-value]
+
+
+def receive_carried(entries: list) -> None:
+    """Register the data sets :func:`carry_registered` described (in another process)."""
+    from functools import partial
+
+    if not isinstance(entries, list):
+        raise HyBNNError(f"The carried data sets must be a list; got {type(entries).__name__}.")
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("format") != CARRIED_FORMAT:
+            raise HyBNNError(f"A carried data set is not a {CARRIED_FORMAT} entry: {entry!r:.200}.")
+        try:
+            counts = {k: tuple(int(c) for c in entry[k]) if entry.get(k) else None
+                      for k in ("train_counts", "test_counts")}
+            spec = DatasetSpec(
+                name=str(entry["name"]), shape=tuple(int(v) for v in entry["shape"]),
+                class_names=tuple(str(c) for c in entry["class_names"]),
+                sources=(Source(f"the arrays of {entry['name']} carried from the registering process "
+                                f"({entry['path']})", partial(_load_carried, str(entry["path"]),
+                                                               str(entry["sha256"]))),),
+                description=str(entry.get("description", "")), **counts)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HyBNNError(f"A carried data set entry is malformed ({type(exc).__name__}: {exc}).") from exc
+        register_dataset(spec, replace_existing=True)
 
 
 def dataset_names() -> list[str]:

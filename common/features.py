@@ -8,9 +8,11 @@ Codes are cached on disk under ``<data_root>/features/<encoder sha256>/<split>.n
 MNIST (whose files are pinned by their sha256, so the encoder's hash is the whole key)
 and under ``<data_root>/features/<encoder sha256>/<data set fingerprint>/<split>.npz``
 for every other data set. The key is (encoder, data), so a new encoder never reuses
-the codes of an old one, nor one data set the codes of another. A cache file is written atomically and records the
-sha256 of its codes and labels; one that cannot be read, holds the wrong shape or
-dtype, or whose contents no longer match its recorded hash (a changed file), is
+the codes of an old one, nor one data set the codes of another. A cache file is written
+atomically and records the sha256 of its codes and labels and the manifest's architecture
+(the activation's slope and the image shape are not in the weights); one that cannot be
+read, holds the wrong shape or dtype, was computed under another architecture, or whose
+contents no longer match its recorded hash (a changed file), is
 rebuilt with a logged warning. A cache that cannot be written (a read-only data root,
 a full disk) is skipped with a warning: the codes are still returned.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 import logging
 import zipfile
 from pathlib import Path
@@ -42,8 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 2
-"""Version 2 added the content hash; older caches are rebuilt once."""
+CACHE_FORMAT_VERSION = 4
+"""Version 2 added the content hash, 3 the architecture, 4 the image shape in the architecture
+and data sets other than MNIST keyed by their fingerprint; older caches are rebuilt once."""
 DEFAULT_BATCH_SIZE = 1024
 
 
@@ -159,7 +163,14 @@ def cache_digest(codes: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray) -> np.ndarray | None:
+def cache_architecture(artifact: "EncoderArtifact") -> str:
+    """The architecture the codes were computed with, as the cache records it. The cache's folder
+    is named by the weights' sha256 alone, and the manifest's architecture (the activation's slope)
+    changes the codes too."""
+    return json.dumps(artifact.config.to_dict(), sort_keys=True)
+
+
+def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray, architecture: str) -> np.ndarray | None:
     """The cached codes, or ``None`` (with a warning) if the file is unusable."""
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -167,6 +178,7 @@ def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray) -> np.ndar
             cached_labels = data["labels"]
             version = int(data["version"])
             recorded = str(data["sha256"]) if "sha256" in data.files else None
+            cached_architecture = str(data["architecture"]) if "architecture" in data.files else None
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("Feature cache %s is unreadable (%s); rebuilding it.", path, exc)
         return None
@@ -177,6 +189,9 @@ def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray) -> np.ndar
         problem = f"codes are {codes.dtype} {codes.shape}, expected uint8 {(n, n_bytes)}"
     elif cached_labels.shape != labels.shape or not np.array_equal(cached_labels, labels):
         problem = "its labels differ from the data set's"
+    elif cached_architecture != architecture:
+        problem = (f"it was computed with the encoder architecture {cached_architecture}, "
+                   f"the encoder's manifest now says {architecture}")
     elif recorded != cache_digest(codes, cached_labels):
         problem = (f"its contents have sha256 {cache_digest(codes, cached_labels)}, but it records "
                    f"{recorded}: the file was changed after it was written")
@@ -186,12 +201,12 @@ def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray) -> np.ndar
     return codes
 
 
-def _write_cache(path: Path, codes: np.ndarray, labels: np.ndarray) -> None:
+def _write_cache(path: Path, codes: np.ndarray, labels: np.ndarray, architecture: str) -> None:
     """Write the cache; if that fails, say so and go on without it (it only saves time)."""
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     buffer = io.BytesIO()
     np.savez(buffer, codes=codes, labels=labels, version=np.int64(CACHE_FORMAT_VERSION),
-             sha256=np.str_(cache_digest(codes, labels)))
+             sha256=np.str_(cache_digest(codes, labels)), architecture=np.str_(architecture))
     try:
         make_dir(path.parent, "the feature cache folder")
         atomic_write_bytes(path, buffer.getvalue())
@@ -225,10 +240,12 @@ def load_codes(
         fingerprint = data.fingerprint(data_root)
     n_bytes = packed_length(artifact.config.latent_bits)
     path = cache_path(artifact, data_root, split, fingerprint)
-    if path.exists():
-        codes = _read_cache(path, len(labels), n_bytes, labels)
+    if path.is_file():
+        codes = _read_cache(path, len(labels), n_bytes, labels, cache_architecture(artifact))
         if codes is not None:
             return codes, labels
+    elif path.exists() or path.is_symlink():  # a folder, a pipe (reading it would block), a dead link
+        log.warning("Feature cache %s is not a regular file; computing the codes and replacing it.", path)
     codes = encode_images(artifact.encoder, images, progress=progress)
-    _write_cache(path, codes, labels)
+    _write_cache(path, codes, labels, cache_architecture(artifact))
     return codes, labels

@@ -9,10 +9,12 @@ A failed write (a full disk, a read-only file system, a path under a file) is a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from common.errors import HyBNNError
 
@@ -51,12 +53,13 @@ def write_error(path: Path | str, exc: OSError, what: str = "") -> FileWriteErro
     )
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to a temporary file beside ``path``, sync it, then rename it into place.
 
     Readers see either the old file or the whole new one. A failure (the disk full,
     a read-only file system) removes the temporary file, leaves ``path`` as it was and
-    raises :class:`FileWriteError`.
+    raises :class:`FileWriteError`. ``mode``: the file's permissions (0o600 for a secret),
+    set before any byte is written.
     """
     path = Path(path)
     try:
@@ -64,6 +67,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     except OSError as exc:
         raise write_error(path, exc) from exc
     try:
+        os.fchmod(fd, mode)  # mkstemp's 0600 would hide results from the other users of a shared folder
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -120,6 +124,11 @@ def check_output_dir(path: Path | str, what: str = "--out") -> Path:
         )
     existing = path
     while not existing.exists():
+        if existing.is_symlink():  # a link to nothing: mkdir would find "a file" in the way
+            raise FileWriteError(
+                f"{what} {path} cannot be created: {existing} is a symbolic link to "
+                f"{os.readlink(existing)}, which does not exist. Create that folder, or remove the link."
+            )
         if existing.parent == existing:
             break
         existing = existing.parent
@@ -157,3 +166,36 @@ def _probe_error(path: Path, existing: Path, what: str, exc: OSError) -> FileWri
         f"{what} {path} is not writable{where}: {cause} "
         f"({exc.strerror or exc}). {fix} Nothing was started."
     )
+
+
+@contextlib.contextmanager
+def keeping_earlier(out_dir: Path | str, names: tuple[str, ...]) -> Iterator[Path | None]:
+    """Around writing the files ``names`` into ``out_dir``: the earlier ones are first moved into
+    ``out_dir/replaced-<UTC time>/`` (yielded; ``None`` when there were none), so that a new result
+    never destroys an earlier one. If the writing fails, they are moved back in place."""
+    import datetime
+
+    out_dir = Path(out_dir)
+    earlier = [name for name in names if (out_dir / name).is_file()]
+    if not earlier:
+        yield None
+        return
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    kept = make_dir(out_dir / f"replaced-{stamp}", "for the earlier files")
+    moved: list[str] = []
+    try:
+        for name in earlier:
+            os.replace(out_dir / name, kept / name)
+            moved.append(name)
+        yield kept
+    except BaseException as exc:
+        for name in moved:  # the earlier files come back over any new one
+            os.replace(kept / name, out_dir / name)
+        for name in set(names) - set(earlier):  # a new file that had no earlier namesake goes
+            (out_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            kept.rmdir()  # only when empty: nothing earlier is ever deleted
+        if isinstance(exc, OSError):
+            raise write_error(out_dir, exc, "the earlier results in") from exc
+        raise
+

@@ -28,6 +28,10 @@ MAX_EPOCHS = 10_000
 seconds an epoch, 10,000 is already days of training, and a larger count is a typo."""
 MIN_BATCH_SIZE = 2
 """Batch norm in training mode needs at least two samples per batch."""
+MAX_LR = 10.0
+"""The largest learning rate one run may ask for. The recipes use 0.001 to 0.06; latent
+weights live in [-1, 1], so a larger step only flips signs at random, and a rate beyond
+float32's range breaks the optimizer: a larger value is a typo."""
 SEED_RANGE = (-(2**63), 2**64)
 """The seeds torch accepts (``torch.manual_seed``)."""
 
@@ -57,8 +61,9 @@ def check_training_options(*, epochs, batch_size, lr, seed, final_lr_fraction=0.
             f"{MIN_BATCH_SIZE}, because batch norm needs two samples per batch to train. "
             "Pass --batch-size 2 or more."
         )
-    if not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
-        raise HyBNNError(f"learning rate (--lr) is {_show(lr)}; it must be a positive finite number.")
+    if not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise HyBNNError(f"learning rate (--lr) is {_show(lr)}; it must be a positive number of at most "
+                         f"{MAX_LR:g}.")
     if not isinstance(final_lr_fraction, numbers.Real) or not 0 <= final_lr_fraction <= 1:
         raise HyBNNError(f"final_lr_fraction is {_show(final_lr_fraction)}; it must be from 0 to 1.")
     if not isinstance(weight_decay, numbers.Real) or not (math.isfinite(weight_decay) and weight_decay >= 0):

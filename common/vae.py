@@ -65,6 +65,11 @@ class VAEConfig:
             )
         if self.latent_bits <= 0 or not self.channels:
             raise HyBNNError("A VAE needs latent_bits > 0 and at least one conv layer.")
+        if not (isinstance(self.leaky_slope, (int, float)) and 0 <= self.leaky_slope < 1):
+            raise HyBNNError(f"The VAE's leaky_slope is {self.leaky_slope!r}; it must be a number from 0 "
+                             "up to (not including) 1.")
+        if not (isinstance(self.kl_weight, (int, float)) and 0 <= self.kl_weight < float("inf")):
+            raise HyBNNError(f"The VAE's kl_weight is {self.kl_weight!r}; it must be a finite number >= 0.")
         shape = tuple(int(v) for v in self.image_shape)
         object.__setattr__(self, "image_shape", shape)  # a list from JSON compares equal to the tuple
         if len(shape) != 3 or min(shape) < 1 or shape[2] not in (1, 3):

@@ -8,7 +8,13 @@ It writes, after every round, so that a stopped run leaves what it reached:
 * ``<out-dir>/server.json``: run config, encoder hash, per round the global test
   accuracy and loss, the bytes each client sent and received, dropped replies;
 * ``<out-dir>/global/``: the global BNN (:func:`common.bnn_io.save_bnn`), its latent
-  weights being the vote or the mean the clients restart from.
+  weights being the vote or the mean the clients restart from;
+* ``<out-dir>/checkpoint/``: what ``resume-dir`` needs to go on from that round
+  (:mod:`server.resume`).
+
+A round in which no reply could be aggregated is logged as an error; a run that ends
+without any aggregated round is marked ``failed`` in ``server.json``, with the reasons
+the clients gave, and the ServerApp raises.
 
 Run config keys are kebab-case, declared with their defaults in pyproject.toml's
 ``[tool.flwr.app.config]``; relative paths are taken from the ServerApp's working
@@ -19,9 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +38,15 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common import aggregation as agg
-from common import codec, flipcodec
+from common import codec, flipcodec, robust
 from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
 from common.tasks import select_task, task_for_dataset
 from common.training import evaluate
+from server import resume
 from server.strategy import PackedFedAvg, RoundLog
-from server.wire import record_nbytes, record_to_payload
+from server.wire import payload_to_record, record_nbytes, record_to_payload
 
 SERVER_RESULTS = "server.json"
 
@@ -73,6 +81,14 @@ class ServerSettings:
     min_train_nodes: int = 1
     node_wait_s: float = 120.0
     round_timeout_s: float = 600.0
+    max_weight_vs_median: float = robust.DEFAULT_MAX_WEIGHT_VS_MEDIAN
+    """A client weighs at most this many times the round's median num-examples (0: no cap)."""
+    max_num_examples: int = 0
+    """A client weighs at most this many examples (0: no cap)."""
+    bn_aggregation: str = robust.DEFAULT_BN_AGGREGATION
+    """``median``: the clients' coordinate-wise median of the batch-norm numbers; ``mean``: weighted mean."""
+    resume_dir: str = ""
+    """A run folder with a checkpoint (``server.resume``): go on after its last saved round."""
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "ServerSettings":
@@ -97,6 +113,8 @@ class ServerSettings:
                              f"use one of {', '.join(flipcodec.UPLINK_CODECS)}.")
         if settings.lr_schedule not in ("cosine", "constant"):
             raise HyBNNError(f"Run config lr-schedule={settings.lr_schedule!r}; use cosine or constant.")
+        robust.check_weight_bounds(settings.max_weight_vs_median, settings.max_num_examples,
+                                   settings.bn_aggregation)
         if settings.num_server_rounds < 1 or settings.local_epochs < 1 or settings.batch_size < 2:
             raise HyBNNError("Run config num-server-rounds and local-epochs must be >= 1, batch-size >= 2.")
         return settings
@@ -144,6 +162,22 @@ def float_fedavg_record(config: BNNConfig) -> ArrayRecord:
     return ArrayRecord(BNN(config).state_dict())
 
 
+class ResumablePackedFedAvg(resume.RoundOffset, PackedFedAvg):
+    """PackedFedAvg that can start after round ``round_offset`` of the run."""
+
+
+def failure_reasons(rounds: list[dict]) -> list[str]:
+    """The distinct reasons the clients' replies were left out, most frequent first, each with
+    its count; reasons that differ only in the client's partition number count as one."""
+    counts: dict[str, int] = {}
+    for r in rounds:
+        for dropped in r.get("dropped", []):
+            reason = re.sub(r"client partition \d+/(\d+)", r"client partition i/\1", str(dropped.get("reason", "")))
+            counts[reason or "no reason given"] = counts.get(reason or "no reason given", 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return [f"{reason} ({n} {'reply' if n == 1 else 'replies'})" for reason, n in ranked]
+
+
 def run_server(grid: Grid, settings: ServerSettings) -> dict:
     """The whole federated run; returns what it wrote to ``server.json``."""
     from common.bnn_io import save_bnn
@@ -176,6 +210,17 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
         "rounds": [],
         "status": "running",
     }
+    ident = resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION,
+                            {"config": config.to_dict(), **results["bnn"]})
+    checkpoint = None
+    if settings.resume_dir:
+        checkpoint = resume.load_checkpoint(Path(settings.resume_dir))
+        resume.check_matches(checkpoint.state, ident)
+        resume.check_payload(checkpoint, layout)
+        results.update(earlier_record(checkpoint))
+        results["resumed_after_rounds"].append(checkpoint.round)
+        log(INFO, "Resuming after round %d of %d from %s.", checkpoint.round, settings.num_server_rounds,
+            checkpoint.directory)
     pending: dict[int, RoundLog] = {}
     started = time.perf_counter()
 
@@ -205,8 +250,12 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
                 "downlink_bytes": round_log.downlink_bytes,
                 "clients": clients,
                 "dropped": round_log.dropped,
+                "capped": round_log.capped,
                 "seconds": time.perf_counter() - started,
             })
+            if not clients:
+                log(ERROR, "Round %d: no reply could be aggregated (%s); the global model stays as it was.",
+                    server_round, "; ".join(failure_reasons([results["rounds"][-1]])) or "no client replied")
             save_bnn(model, out_dir / "global", meta={
                 "task": task.name, "dataset": settings.dataset, "class_names": list(task.class_names),
                 "encoder_sha256": artifact.sha256, "round": server_round,
@@ -214,9 +263,12 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
             log(INFO, "Round %d: global test accuracy %.4f (%d clients, %d left out)",
                 server_round, metrics["acc"], len(clients), len(round_log.dropped))
         write()
+        if server_round and any(r["clients"] for r in results["rounds"]):
+            resume.save_checkpoint(out_dir, server_round, record_to_payload(arrays), ident, record={
+                key: results.get(key, []) for key in ("initial", "rounds", "resumed_after_rounds")})
         return MetricRecord({"test-acc": metrics["acc"], "test-loss": metrics["loss"]})
 
-    strategy = PackedFedAvg(
+    strategy = ResumablePackedFedAvg(
         layout,
         mode=settings.aggregation,
         bn_dtype=settings.bn_dtype,
@@ -225,8 +277,15 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
         node_wait_s=settings.node_wait_s,
         on_round=on_round,
         lr_for_round=settings.lr_for_round,
+        max_weight_vs_median=settings.max_weight_vs_median,
+        max_num_examples=settings.max_num_examples,
+        bn_aggregation=settings.bn_aggregation,
     )
-    initial_arrays = strategy.encode_global(codec.binary_latents(initial), codec.bn_vector(initial, layout))
+    if checkpoint is None:
+        initial_arrays = strategy.encode_global(codec.binary_latents(initial), codec.bn_vector(initial, layout))
+    else:
+        initial_arrays = payload_to_record(checkpoint.payload)
+        strategy.round_offset = checkpoint.round
     strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
@@ -235,10 +294,30 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
         train_config=settings.train_config(artifact.sha256),
         evaluate_fn=evaluate_fn,
     )
-    results["status"] = "finished"
     results["seconds"] = time.perf_counter() - started
+    if not any(r["clients"] for r in results["rounds"]):
+        reasons = failure_reasons(results["rounds"])
+        results["status"] = "failed"
+        results["failure"] = ("no client reply could be aggregated in any round; the clients' reasons: "
+                              + ("; ".join(reasons) if reasons else "none replied"))
+        write()
+        raise HyBNNError(f"The run aggregated nothing: {results['failure']}")
+    results["status"] = "finished"
     write()
     return results
+
+
+def earlier_record(checkpoint: resume.Checkpoint) -> dict:
+    """The server.json record of rounds 1 to the checkpoint's, saved with it, to go on from."""
+    record = checkpoint.state.get("record")
+    record = record if isinstance(record, dict) else {}
+    rounds = record.get("rounds")
+    rounds = rounds if isinstance(rounds, list) else []
+    if [r.get("round") if isinstance(r, dict) else None for r in rounds] != list(range(1, checkpoint.round + 1)):
+        raise HyBNNError(f"Cannot resume: the checkpoint in {checkpoint.directory} does not hold the record of "
+                         f"rounds 1 to {checkpoint.round}.")
+    return {"rounds": rounds, "initial": record.get("initial", {}),
+            "resumed_after_rounds": list(record.get("resumed_after_rounds", []))}
 
 
 @app.main()

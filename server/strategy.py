@@ -4,12 +4,21 @@ The stock ``FedAvg`` would multiply the packed uint8 bits by float weights, and 
 raises an uncaught ``InconsistentMessageReplies`` when one reply is odd, which ends
 the whole run. This strategy
 
-* validates every reply on its own (error replies, record layout, ``num-examples``,
-  codec version, payload size, NaN) and drops a bad one with a log line that says
-  what happened and what to do, so the other clients' round goes on;
+* validates every reply completely before it is used (error replies, a second reply
+  from the same node, record layout, the metrics against :data:`common.robust.CLIENT_METRICS`,
+  codec version, payload size, batch-norm numbers finite, within the downlink's dtype
+  and with positive variances) and drops a bad one with a log line that says what
+  happened and what to do, so the other clients' round goes on; anything that still
+  fails on one reply drops that reply, never the round;
+* bounds every client's weight (:func:`common.robust.capped_weights`: ``num-examples``
+  at most ``max_weight_vs_median`` times the round's median, and ``max_num_examples``),
+  logs each capped reply and records it in the round's log;
 * unpacks each good reply's sign bits to +-1 and lets Flower's own FedAvg arithmetic
-  (``aggregate_arrayrecords``) take the ``num-examples``-weighted mean, of the signs
-  and of the batch-norm numbers alike;
+  (``aggregate_arrayrecords``) take the weighted mean of the signs; the batch-norm
+  numbers are the clients' coordinate-wise median (``bn_aggregation="median"``) or the
+  weighted mean (``"mean"``);
+* keeps what it measures (node id, bytes, flips, weight) apart from what a client
+  reports (``reported``), so that a client's metrics cannot overwrite them;
 * sends back the vote (1 bit per weight) or the quantized mean (``common.aggregation``);
 * accepts an update as full sign bits or as the sign flips against the round's global
   model (``common.flipcodec``): it keeps the signs it sent each round as the reference,
@@ -22,20 +31,19 @@ the whole run. This strategy
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
-from common import aggregation, codec, flipcodec
+from common import aggregation, codec, flipcodec, robust
 from server.wire import payload_to_record, record_nbytes, record_to_payload
 
 ARRAYS_KEY = "arrays"
@@ -43,7 +51,6 @@ METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 NUM_EXAMPLES_KEY = "num-examples"
 VERSION_KEY = "codec-version"
-NOT_AVERAGED = (VERSION_KEY, "partition-id")
 
 
 @dataclass
@@ -52,20 +59,25 @@ class CheckedReply:
     weights: np.ndarray
     bn: np.ndarray
     num_examples: int
-    metrics: MetricRecord
+    metrics: dict[str, int | float]
+    """The client's metrics that passed :func:`common.robust.check_client_metrics`."""
     uplink_bytes: int
     reply_bytes: int
     sign_bits: int = 0
     """Bits the binary weights took on the wire (flip header and body, or the packed signs)."""
     flips: int | None = None
     """Signs that differ from the round's reference (the global model sent), when known."""
+    ignored_metrics: list[str] = field(default_factory=list)
+    """Metric keys the schema does not know: left out, logged."""
 
 
-def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None = None) -> CheckedReply:
-    """Validate one training reply; :class:`codec.CodecError` says what is wrong.
+def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None = None,
+                bn_dtype: str = "float16") -> CheckedReply:
+    """Validate one training reply completely; :class:`codec.CodecError` says what is wrong.
 
     ``reference`` is the global model's weights sent this round: a flip update is decoded
     against it (and refused without one), and every update's flips are counted against it.
+    ``bn_dtype`` is the downlink's batch-norm dtype: every batch-norm number must fit it.
     """
     content = msg.content
     if set(content.array_records) != {ARRAYS_KEY} or set(content.metric_records) != {METRICS_KEY}:
@@ -75,15 +87,9 @@ def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None
         )
     if len(content.config_records):
         raise codec.CodecError(f"the reply carries unexpected config records {sorted(content.config_records)}")
-    metrics = content.metric_records[METRICS_KEY]
-    codec.check_version(metrics.get(VERSION_KEY))
-    n = metrics.get(NUM_EXAMPLES_KEY)
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0 or n != int(n):
-        raise codec.CodecError(f"'{NUM_EXAMPLES_KEY}' must be a positive whole number, got {n!r}")
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise codec.CodecError(f"metric {key!r} is not a finite number: {value!r}")
+    raw_metrics = content.metric_records[METRICS_KEY]
+    codec.check_version(raw_metrics.get(VERSION_KEY))
+    metrics, ignored = robust.check_client_metrics(raw_metrics)
     arrays = content.array_records[ARRAYS_KEY]
     payload = record_to_payload(arrays)
     sign_bits = 8 * layout.n_bits_bytes
@@ -93,17 +99,19 @@ def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None
         payload, info = flipcodec.to_signs_payload(payload, layout, reference)
         sign_bits = 8 * info["sign_bytes"]
     weights, bn = codec.decode(payload, layout, kind="signs")
+    robust.check_bn_range(bn, robust.running_var_mask(layout.bn_names, layout.bn_sizes), bn_dtype)
     flips = None if reference is None else int(np.count_nonzero((weights >= 0) != (np.asarray(reference) >= 0)))
     return CheckedReply(
         node_id=msg.metadata.src_node_id,
         weights=weights,
         bn=bn,
-        num_examples=int(n),
+        num_examples=int(metrics[NUM_EXAMPLES_KEY]),
         metrics=metrics,
         uplink_bytes=record_nbytes(arrays),
         reply_bytes=record_nbytes(content),
         sign_bits=sign_bits,
         flips=flips,
+        ignored_metrics=ignored,
     )
 
 
@@ -114,6 +122,8 @@ class RoundLog:
     round: int
     clients: list[dict] = field(default_factory=list)
     dropped: list[dict] = field(default_factory=list)
+    capped: list[dict] = field(default_factory=list)
+    """Replies whose weight was capped: node id, reported num-examples, the weight used."""
     downlink_bytes: int = 0
     sampled: int = 0
 
@@ -131,6 +141,9 @@ class PackedFedAvg(FedAvg):
         node_wait_s: float = 120.0,
         on_round: Callable[[RoundLog], None] | None = None,
         lr_for_round: Callable[[int], float] | None = None,
+        max_weight_vs_median: float = robust.DEFAULT_MAX_WEIGHT_VS_MEDIAN,
+        max_num_examples: int = 0,
+        bn_aggregation: str = robust.DEFAULT_BN_AGGREGATION,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -148,6 +161,10 @@ class PackedFedAvg(FedAvg):
         self.node_wait_s = node_wait_s
         self.on_round = on_round
         self.lr_for_round = lr_for_round
+        robust.check_weight_bounds(max_weight_vs_median, max_num_examples, bn_aggregation)
+        self.max_weight_vs_median = max_weight_vs_median
+        self.max_num_examples = max_num_examples
+        self.bn_aggregation = bn_aggregation
         self.rounds: dict[int, RoundLog] = {}
         self.references: dict[int, np.ndarray] = {}
         """The global weights sent in each round still being aggregated: what flip updates refer to."""
@@ -156,6 +173,9 @@ class PackedFedAvg(FedAvg):
         super().summary()
         log(INFO, "\t└──> PackedFedAvg: aggregation %s, codec v%d, %d binary weights, %d batch-norm numbers",
             self.mode, codec.CODEC_VERSION, self.layout.n_binary, self.layout.n_bn)
+        log(INFO, "\t└──> weight cap %s x median num-examples%s, batch norm by %s",
+            self.max_weight_vs_median or "no",
+            f" and {self.max_num_examples}" if self.max_num_examples else "", self.bn_aggregation)
 
     # -------------------------------------------------------------- global model
     def encode_global(self, weights: np.ndarray, bn: np.ndarray) -> ArrayRecord:
@@ -216,59 +236,94 @@ class PackedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_log = self.rounds.setdefault(server_round, RoundLog(server_round))
+
+        def drop(node: int, reason: str, hint: str) -> None:
+            reason = robust.printable(reason)  # may hold the client's own words: no terminal escapes, bounded
+            log(WARNING, "Round %d: the reply of node %d is left out of this round: %s. %s",
+                server_round, node, reason, hint)
+            round_log.dropped.append({"node_id": node, "reason": reason})
+
         good: list[CheckedReply] = []
+        seen: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            if node in seen:
+                drop(node, "a second reply from this node in the same round", "Only its first reply counts.")
+                continue
+            seen.add(node)
             if msg.has_error():
-                reason = f"error code {msg.error.code}: {msg.error.reason}"
-                log(WARNING, "Round %d: node %d sent no model (%s). It is left out of this round; "
-                    "the others go on. %s", server_round, node, reason, _error_hint(msg.error.code))
-                round_log.dropped.append({"node_id": node, "reason": reason})
+                drop(node, f"error code {msg.error.code}: {msg.error.reason}",
+                     "The others go on. " + _error_hint(msg.error.code))
                 continue
             try:
-                good.append(check_reply(msg, self.layout, self.references.get(server_round)))
-            except (codec.CodecError, ValueError, TypeError, KeyError) as exc:
-                log(WARNING, "Round %d: the reply of node %d is malformed and left out of this round: %s. "
-                    "Check that the client runs the same HyBNN release and task as the server.",
-                    server_round, node, exc)
-                round_log.dropped.append({"node_id": node, "reason": str(exc)})
-        log(INFO, "aggregate_train: %d good replies, %d left out", len(good), len(round_log.dropped))
-        for reply in good:
-            n_binary = self.layout.n_binary
-            entry = {"node_id": reply.node_id, "num_examples": reply.num_examples,
-                     "uplink_bytes": reply.uplink_bytes, "reply_bytes": reply.reply_bytes,
-                     "uplink_bits_per_binary_weight": 8 * reply.uplink_bytes / n_binary,
-                     "sign_bits_per_binary_weight": reply.sign_bits / n_binary,
-                     "sign_flips": reply.flips}
-            entry.update({k.replace("-", "_"): v for k, v in reply.metrics.items()
-                          if k not in (NUM_EXAMPLES_KEY, VERSION_KEY)})
-            entry["downlink_bytes"] = round_log.downlink_bytes
-            round_log.clients.append(entry)
-        round_log.clients.sort(key=lambda c: (c.get("partition_id", 0), c["node_id"]))
+                reply = check_reply(msg, self.layout, self.references.get(server_round), self.bn_dtype)
+            except Exception as exc:  # noqa: BLE001 - one hostile reply must never end the round
+                drop(node, f"malformed: {exc}",
+                     "Check that the client runs the same HyBNN release and task as the server.")
+                continue
+            if reply.ignored_metrics:
+                log(INFO, "Round %d: node %d reported metrics the server does not know, ignored: %s",
+                    server_round, node, ", ".join(reply.ignored_metrics))
+            good.append(reply)
+        weights = robust.capped_weights([r.num_examples for r in good], self.max_weight_vs_median,
+                                        self.max_num_examples)
+        for reply, weight in zip(good, weights):
+            if weight < reply.num_examples:
+                log(WARNING, "Round %d: node %d claims %d examples; its weight is capped at %d "
+                    "(max-weight-vs-median %s, max-num-examples %s).", server_round, reply.node_id,
+                    reply.num_examples, weight, self.max_weight_vs_median, self.max_num_examples or "none")
+                round_log.capped.append({"node_id": reply.node_id, "reported_num_examples": reply.num_examples,
+                                         "weight": weight})
+            round_log.clients.append(self._client_entry(reply, weight, round_log.downlink_bytes))
+        log(INFO, "aggregate_train: %d good replies, %d left out, %d capped",
+            len(good), len(round_log.dropped), len(round_log.capped))
+        round_log.clients.sort(key=lambda c: (c["reported"].get("partition_id", 0), c["node_id"]))
         if not good:
             log(WARNING, "Round %d: no usable reply; the global model stays as it was.", server_round)
             if self.on_round:
                 self.on_round(round_log)
             return None, None
-        # Flower's FedAvg arithmetic on the unpacked +-1 weights and the batch-norm numbers.
-        contents = [
-            RecordDict({
-                ARRAYS_KEY: ArrayRecord({"w": Array(r.weights), "bn": Array(r.bn)}),
-                METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: r.num_examples}),
-            })
-            for r in good
-        ]
-        mean = aggregate_arrayrecords(contents, NUM_EXAMPLES_KEY)
-        weights = np.clip(mean["w"].numpy(), -1.0, 1.0)
-        bn = mean["bn"].numpy()
-        metrics = aggregate_metricrecords([
-            RecordDict({METRICS_KEY: MetricRecord({k: v for k, v in r.metrics.items() if k not in NOT_AVERAGED})})
-            for r in good
-        ], NUM_EXAMPLES_KEY)
-        metrics["agreement"] = float(np.mean(np.abs(weights)))
+        try:
+            arrays, metrics = self._aggregate(good, weights)
+        except Exception as exc:  # noqa: BLE001 - checked replies should not fail; if they do, keep the model
+            log(ERROR, "Round %d: aggregating %d checked replies failed (%s: %s); the global model stays as "
+                "it was.", server_round, len(good), type(exc).__name__, exc)
+            round_log.dropped.extend({"node_id": r.node_id, "reason": f"aggregation failed: {exc}"} for r in good)
+            round_log.clients.clear()
+            arrays, metrics = None, None
         if self.on_round:
             self.on_round(round_log)
-        return self.encode_global(weights, bn), metrics
+        return arrays, metrics
+
+    def _client_entry(self, reply: CheckedReply, weight: int, downlink_bytes: int) -> dict:
+        """One client's line in the round's log: the server's measurements, and what it reported apart."""
+        n_binary = self.layout.n_binary
+        return {
+            "node_id": reply.node_id,
+            "weight": weight,
+            "capped": weight < reply.num_examples,
+            "uplink_bytes": reply.uplink_bytes,
+            "reply_bytes": reply.reply_bytes,
+            "uplink_bits_per_binary_weight": 8 * reply.uplink_bytes / n_binary,
+            "sign_bits_per_binary_weight": reply.sign_bits / n_binary,
+            "sign_flips": reply.flips,
+            "downlink_bytes": downlink_bytes,
+            "reported": {k.replace("-", "_"): v for k, v in reply.metrics.items() if k != VERSION_KEY},
+        }
+
+    def _aggregate(self, good: list[CheckedReply], weights: list[int]) -> tuple[ArrayRecord, MetricRecord]:
+        """The global record and the round's metrics from checked replies and their capped weights."""
+        # Flower's FedAvg arithmetic on the unpacked +-1 weights.
+        contents = [
+            RecordDict({ARRAYS_KEY: ArrayRecord({"w": Array(r.weights)}),
+                        METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: w})})
+            for r, w in zip(good, weights)
+        ]
+        mean = np.clip(aggregate_arrayrecords(contents, NUM_EXAMPLES_KEY)["w"].numpy(), -1.0, 1.0)
+        bn = robust.aggregate_bn([r.bn for r in good], weights, self.bn_aggregation)
+        metrics = MetricRecord(robust.averaged_metrics([r.metrics for r in good], weights))
+        metrics["agreement"] = float(np.mean(np.abs(mean)))
+        return self.encode_global(mean, bn), metrics
 
 
 def _error_hint(code: int) -> str:

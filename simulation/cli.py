@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -42,6 +44,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def path_arg(text: str) -> Path:
+    """A file or folder path; an empty one (an unset shell variable) would mean the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string (an unset variable?)")
+    return Path(text)
+
+
 def hidden_sizes(text: str) -> tuple[int, ...]:
     """``"128"`` or ``"256,128"``: one binary hidden layer per number."""
     try:
@@ -69,13 +78,27 @@ def task_name(text: str) -> str:
 def _add_data_root(p: argparse.ArgumentParser) -> None:
     from common.data import DEFAULT_DATA_ROOT
 
-    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+    p.add_argument("--data-root", type=path_arg, default=DEFAULT_DATA_ROOT,
                    help="where MNIST, Fashion-MNIST and the feature cache live (default: %(default)s, "
                         "or $HYBNN_DATA_ROOT)")
 
 
+def dataset_arg(text: str) -> str:
+    """A data set name; the path of ``npz:PATH`` / ``folder:PATH`` must not be empty (an unset variable)."""
+    name = text.strip()
+    if not name:
+        raise argparse.ArgumentTypeError("expected a data set name such as mnist, fashion-mnist, npz:PATH "
+                                         "or folder:PATH, got an empty string (an unset variable?)")
+    for part in name.split("+"):
+        for prefix in ("npz:", "folder:"):
+            if part.strip().startswith(prefix) and not part.strip()[len(prefix):].split("@")[0]:
+                raise argparse.ArgumentTypeError(f"{prefix}PATH needs a path, got {part.strip()!r} "
+                                                 "(an unset variable?)")
+    return name
+
+
 def _add_dataset(p: argparse.ArgumentParser, union: bool = False) -> None:
-    p.add_argument("--dataset", default="mnist", metavar="NAME",
+    p.add_argument("--dataset", type=dataset_arg, default="mnist", metavar="NAME",
                    help="mnist, fashion-mnist, npz:PATH, folder:PATH or a registered name"
                         + (", or a union A+B of data sets of one shape" if union else "")
                         + " (default: %(default)s; docs/datasets.md)")
@@ -99,7 +122,7 @@ def check_out(path: Path, what: str = "--out") -> Path:
 
 
 def _add_encoder(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder", type=Path, default=DEFAULT_ENCODER,
+    p.add_argument("--encoder", type=path_arg, default=DEFAULT_ENCODER,
                    help="encoder artifact directory written by `hybnn pretrain` (default: %(default)s)")
 
 
@@ -120,7 +143,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from common.datasets import pretrain_images
-    from common.encoder import save_encoder_artifact
+    from common.encoder import MANIFEST_FILE, WEIGHTS_FILE, save_encoder_artifact
+    from common.fileio import keeping_earlier
     from common.vae import VAEConfig, VAETrainConfig, train_vae
 
     check_out(args.out)
@@ -129,10 +153,13 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"Pretraining on {' + '.join(d.name for d in datasets)}: {len(images)} images of shape "
           f"{datasets[0].shape} (H, W, C)")
     vae, history = train_vae(images, VAEConfig(image_shape=datasets[0].shape), train_config)
-    artifact = save_encoder_artifact(
-        vae, args.out, data_sha256=data_sha, train_config=train_config.to_dict(), history=history,
-        datasets=[d.name for d in datasets],
-        data_fingerprints={d.name: d.fingerprint(args.data_root) for d in datasets})
+    with keeping_earlier(args.out, (MANIFEST_FILE, WEIGHTS_FILE)) as kept:
+        artifact = save_encoder_artifact(
+            vae, args.out, data_sha256=data_sha, train_config=train_config.to_dict(), history=history,
+            datasets=[d.name for d in datasets],
+            data_fingerprints={d.name: d.fingerprint(args.data_root) for d in datasets})
+    if kept is not None:
+        print(f"The earlier encoder in {args.out} is kept in {kept}")
     print(f"Frozen encoder written to {artifact.path} (sha256 {artifact.sha256})")
 
 
@@ -147,7 +174,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from common.bnn_io import save_bnn
+    from common.bnn_io import META_NAME, WEIGHTS_NAME, save_bnn
+    from common.fileio import keeping_earlier
     from common.encoder import load_encoder_artifact
     from common.pipeline import train_hybnn
     from common.tasks import task_for_dataset
@@ -163,11 +191,14 @@ def cmd_train(args: argparse.Namespace) -> None:
                      batch_size=args.batch_size or HYBNN_TRAIN_CONFIG.batch_size)
     artifact = load_encoder_artifact(args.encoder)
     run = train_hybnn(artifact, task, args.data_root, config, hidden=args.hidden, dataset=dataset)
-    save_bnn(run.model, out, meta={"task": task.name, "dataset": dataset,
-                                   "class_names": list(task.class_names), "groups": task.to_dict()["groups"],
-                                   "encoder_sha256": artifact.sha256,
-                                   "test_acc": run.test_acc, "train": config.to_dict(),
-                                   "train_seconds": run.train.seconds})
+    with keeping_earlier(out, (META_NAME, WEIGHTS_NAME)) as kept:
+        save_bnn(run.model, out, meta={"task": task.name, "dataset": dataset,
+                                       "class_names": list(task.class_names), "groups": task.to_dict()["groups"],
+                                       "encoder_sha256": artifact.sha256,
+                                       "test_acc": run.test_acc, "train": config.to_dict(),
+                                       "train_seconds": run.train.seconds})
+    if kept is not None:
+        print(f"The earlier model in {out} is kept in {kept}")
     print(f"HyBNN {task.name}: test accuracy {run.test_acc:.4f} after {config.epochs} epochs "
           f"({run.train.seconds:.1f} s). Model written to {out}")
 
@@ -198,7 +229,7 @@ def _federation_settings(args: argparse.Namespace) -> dict:
         partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
         uplink_codec=args.uplink_codec, encoder=args.encoder, data_root=args.data_root, out=args.out,
         seed=args.seed, batch_size=args.batch_size, centralized_epochs=args.centralized_epochs,
-        dataset=_dataset(args),
+        dataset=_dataset(args), resume=args.resume,
     )
 
 
@@ -251,12 +282,19 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
     _add_dataset(p)
     _add_encoder(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(default_out), help="output directory (default: %(default)s)")
+    p.add_argument("--out", type=path_arg, default=Path(default_out),
+                   help="output directory (default: %(default)s). The run writes into a new folder inside "
+                        "it and replaces the earlier results only once it has a round of its own. Ctrl-C "
+                        "stops it within seconds, keeps the rounds completed (status 'stopped') and exits 130")
+    p.add_argument("--resume", type=path_arg, default=None, metavar="DIR",
+                   help="go on with a stopped or crashed run from its last saved round: give the run's "
+                        "--out folder and the same options as the run that saved it")
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
     from simulation.credentials import make_credentials
 
+    check_out(args.out)
     creds = make_credentials(args.out, hosts=args.host, supernodes=args.supernodes, force=args.force)
     print(f"Credentials written to {creds.root}: CA {creds.ca_cert.name}, SuperLink certificate "
           f"{creds.server_cert.name}, {creds.superexec_secret.name}, {args.supernodes} SuperNode key pair(s) "
@@ -289,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train the binary-latent VAE and write the frozen encoder")
     _add_data_root(p)
     _add_dataset(p, union=True)
-    p.add_argument("--out", type=Path, default=DEFAULT_ENCODER, help="artifact directory (default: %(default)s)")
+    p.add_argument("--out", type=path_arg, default=DEFAULT_ENCODER, help="artifact directory (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].vae_epochs,
                    help="VAE epochs on the data set's training images (default: %(default)s; at most 10000)")
     p.add_argument("--seed", type=int, default=0)
@@ -318,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="default: 2048; at least 2 (batch norm)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=path_arg, default=None,
                    help="where to save the trained BNN (default: runs/bnn-TASK)")
     p.set_defaults(handler=cmd_train)
 
@@ -336,9 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="the paper's experiment end to end: results.json, report.md, plots")
     p.add_argument("--profile", choices=list(PROFILES), default="paper",
                    help="quick: a first look in minutes; paper: the paper's epochs (default: %(default)s)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=path_arg, required=True, help="output directory")
     _add_data_root(p)
-    p.add_argument("--encoder-dir", type=Path, default=None,
+    p.add_argument("--encoder-dir", type=path_arg, default=None,
                    help="encoder artifact to reuse or create (default: artifacts/encoder-PROFILE)")
     p.add_argument("--tasks", type=task_name, nargs="+", default=list(TASKS),
                    help="tasks to run (default: all six)")
@@ -353,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation_options(p, "runs/deploy-local")
     p.add_argument("--min-nodes", type=positive_int, default=1,
                    help="go on with this many SuperNodes when others are gone (default: %(default)s)")
-    p.add_argument("--certs", type=Path, default=None, metavar="DIR",
+    p.add_argument("--certs", type=path_arg, default=None, metavar="DIR",
                    help="credentials from `hybnn certs` (default: fresh ones for this run only)")
     p.add_argument("--fleet-front", action="store_true",
                    help="SuperNodes connect through the Fleet-only TLS front (needs nginx), as on a real "
@@ -364,20 +402,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certs", help="write a private CA, the SuperLink's TLS certificate, the SuperExec "
                                      "secret and SuperNode key pairs (docs/security.md)")
-    p.add_argument("--out", type=Path, required=True, help="credentials directory")
+    p.add_argument("--out", type=path_arg, required=True, help="credentials directory")
     p.add_argument("--host", action="append", default=[], metavar="NAME",
                    help="a DNS name or IP address the SuperLink/front is reached at, beyond localhost, "
                         "127.0.0.1, ::1, superlink and fleet-front (repeatable)")
-    p.add_argument("--supernodes", type=int, default=3, help="SuperNode key pairs to write (default: %(default)s)")
+    p.add_argument("--supernodes", type=int, default=3,
+                   help="SuperNode key pairs to write, 0 to 10000 (default: %(default)s)")
     p.add_argument("--force", action="store_true",
                    help="replace existing files (the old ones are moved to DIR/replaced-TIME/)")
     p.set_defaults(handler=cmd_certs)
 
     p = sub.add_parser("export", help="export a trained BNN for devices: C99 source or an npz for the numpy engine")
-    p.add_argument("--model", type=Path, required=True,
+    p.add_argument("--model", type=path_arg, required=True,
                    help="a BNN directory written by `hybnn train` (or runs/.../models/TASK from reproduce)")
     p.add_argument("--format", choices=["c", "npz"], default="c", help="default: %(default)s")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=path_arg, required=True, help="output directory")
     p.set_defaults(handler=cmd_export)
 
     return parser
@@ -392,7 +431,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hybnn {args.command}: interrupted", file=sys.stderr)
+        # The run has stopped and written what it reached; a further Ctrl-C must not end in a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"hybnn {args.command}: interrupted", file=sys.stderr, flush=True)
+        if argv is None:
+            # As the program: what the run reached is written; skip the interpreter's slow teardown
+            # (torch, gRPC) so that an interrupted run ends within seconds.
+            sys.stdout.flush()
+            os._exit(130)
         return 130
     return 0
 

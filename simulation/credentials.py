@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import HyBNNError
-from common.fileio import atomic_write_bytes
+from common.fileio import atomic_write_bytes, check_output_dir, make_dir, write_error
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -39,6 +39,9 @@ SERVER_KEY = "server.key"
 SUPEREXEC_SECRET = "superexec.secret"
 SUPERNODES_DIR = "supernodes"
 DEFAULT_SUPERNODES = 3
+MAX_SUPERNODES = 10_000
+"""More key pairs than any deployment here registers; each takes about a millisecond to make
+and all are held in memory until written, so a larger count is a typo that would run for hours."""
 # Names every certificate covers: loopback, and the compose services that serve it.
 DEFAULT_DNS_NAMES = ("localhost", "superlink", "fleet-front")
 DEFAULT_IPS = ("127.0.0.1", "::1")
@@ -54,6 +57,7 @@ FLEET_API_ROUTES = (
     "confirm-message-received",
 )
 
+_SUPERNODE_FILE = re.compile(r"^supernode-[0-9]+(\.pub)?$")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -95,6 +99,8 @@ class Credentials:
 
     def check(self, supernodes: int) -> None:
         """Raise :class:`HyBNNError` unless the files a deployment of ``supernodes`` needs are here."""
+        if not self.root.is_dir():
+            raise HyBNNError(f"--certs {self.root} is not a folder; pass the folder `hybnn certs --out` wrote.")
         needed = [self.ca_cert, self.server_cert, self.server_key]
         needed += [p for i in range(supernodes) for p in (self.supernode_key(i), self.supernode_public_key(i))]
         missing = [str(p) for p in needed if not p.is_file()]
@@ -104,6 +110,55 @@ class Credentials:
         for key in [self.server_key] + [self.supernode_key(i) for i in range(supernodes)]:
             if key.stat().st_mode & 0o077:
                 raise HyBNNError(f"{key} is readable by other users; `chmod 600 {key}`.")
+        self._check_contents(supernodes)
+
+    def _check_contents(self, supernodes: int) -> None:
+        """The files belong together: the server certificate is current, signed by the CA and
+        covers 127.0.0.1, its key is its own, and every SuperNode key matches its ``.pub``."""
+        from cryptography import x509
+        from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+        from cryptography.hazmat.primitives import serialization
+
+        fix = f"Write a consistent set with `hybnn certs --out DIR --supernodes {supernodes}`."
+
+        def load(path: Path, loader, what: str):
+            try:
+                return loader(path.read_bytes())
+            except (ValueError, TypeError, OSError, UnsupportedAlgorithm) as exc:
+                raise HyBNNError(f"{path} is not a readable {what} ({exc}). {fix}") from exc
+
+        ca = load(self.ca_cert, x509.load_pem_x509_certificate, "PEM certificate")
+        server = load(self.server_cert, x509.load_pem_x509_certificate, "PEM certificate")
+        server_key = load(self.server_key, lambda b: serialization.load_pem_private_key(b, None), "PEM private key")
+        public = serialization.PublicFormat.SubjectPublicKeyInfo
+        as_der = lambda key: key.public_bytes(serialization.Encoding.DER, public)  # noqa: E731
+        if as_der(server_key.public_key()) != as_der(server.public_key()):
+            raise HyBNNError(f"{self.server_key} is not the private key of {self.server_cert}. {fix}")
+        try:
+            server.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise HyBNNError(f"{self.server_cert} was not signed by the CA in {self.ca_cert} "
+                             f"({str(exc) or 'its signature does not verify with the CA key'}); SuperNodes would refuse the SuperLink. {fix}") from exc
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for path, cert in ((self.ca_cert, ca), (self.server_cert, server)):
+            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+                raise HyBNNError(f"{path} is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                                 f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now. {fix}")
+        try:
+            san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            ips = san.get_values_for_type(x509.IPAddress)
+        except x509.ExtensionNotFound:
+            ips = []
+        if ipaddress.ip_address("127.0.0.1") not in ips:
+            raise HyBNNError(f"{self.server_cert} does not cover 127.0.0.1, where this machine's SuperNodes "
+                             f"connect. {fix}")
+        for i in range(supernodes):
+            key = load(self.supernode_key(i), lambda b: serialization.load_ssh_private_key(b, None),
+                       "OpenSSH private key")
+            pub = load(self.supernode_public_key(i), serialization.load_ssh_public_key, "OpenSSH public key")
+            if as_der(key.public_key()) != as_der(pub):
+                raise HyBNNError(f"{self.supernode_key(i)} is not the private key of "
+                                 f"{self.supernode_public_key(i)}. {fix}")
 
 
 def _split_hosts(hosts: tuple[str, ...] | list[str]) -> tuple[list[str], list[ipaddress._BaseAddress]]:
@@ -114,9 +169,12 @@ def _split_hosts(hosts: tuple[str, ...] | list[str]) -> tuple[list[str], list[ip
         try:
             ip = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
-            labels = host.rstrip(".").split(".")
+            host = host[:-1] if host.endswith(".") else host  # a certificate names hosts without the root dot
+            labels = host.split(".")
             if not host or len(host) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
                 raise HyBNNError(f"--host {host!r} is neither an IP address nor a DNS name.") from None
+            if labels[-1].isdigit():  # 010.0.0.1, 999.1.1.1: no DNS name ends in a number
+                raise HyBNNError(f"--host {host!r} looks like an IP address but is not a valid one.") from None
             if host.lower() not in (n.lower() for n in names):
                 names.append(host)
         else:
@@ -204,12 +262,13 @@ PRIVATE_FILES = (CA_KEY, SERVER_KEY, SUPEREXEC_SECRET)
 def make_credentials(out: Path | str, hosts: tuple[str, ...] | list[str] = (), supernodes: int = DEFAULT_SUPERNODES,
                      force: bool = False, valid_days: int = CERT_VALID_DAYS) -> Credentials:
     """Write a fresh credentials directory (see the module docstring) and return its paths."""
-    if supernodes < 0:
-        raise HyBNNError(f"--supernodes must be 0 or more, got {supernodes}.")
+    if not 0 <= supernodes <= MAX_SUPERNODES:
+        raise HyBNNError(f"--supernodes must be from 0 to {MAX_SUPERNODES}, got {supernodes}.")
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise HyBNNError(f"{root} exists and is not a directory.")
     names, ips = _split_hosts(hosts)
+    check_output_dir(root)
 
     files = _certificates(names, ips, valid_days)
     files[SUPEREXEC_SECRET] = secrets.token_hex(32).encode()  # read as exact bytes: no newline
@@ -220,25 +279,38 @@ def make_credentials(out: Path | str, hosts: tuple[str, ...] | list[str] = (), s
         files[f"{SUPERNODES_DIR}/{supernode_key_name(i)}.pub"] = pub
         private.add(f"{SUPERNODES_DIR}/{supernode_key_name(i)}")
 
-    existing = sorted(name for name in files if (root / name).exists())
+    # Every earlier SuperNode key counts, not only those of the new set's size: a --force
+    # with fewer SuperNodes must not leave keys of the old set beside the new ones.
+    earlier_keys = (sorted(f"{SUPERNODES_DIR}/{p.name}" for p in (root / SUPERNODES_DIR).iterdir()
+                           if _SUPERNODE_FILE.match(p.name))
+                    if (root / SUPERNODES_DIR).is_dir() else [])
+    existing = sorted({name for name in files if (root / name).exists()} | set(earlier_keys))
     if existing and not force:
         raise HyBNNError(f"{root} already holds {', '.join(existing)}; refusing to overwrite them. "
                          "Use another --out, or --force to move the old files aside first.")
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
-    (root / SUPERNODES_DIR).mkdir(exist_ok=True)
-    os.chmod(root / SUPERNODES_DIR, 0o700)
-    if existing:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        backup = root / f"replaced-{stamp}"
-        for name in existing:
-            (backup / name).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.replace(root / name, backup / name)
-        print(f"Moved the earlier {', '.join(existing)} to {backup}")
-    for name, data in files.items():
-        path = root / name
-        atomic_write_bytes(path, data)  # created 0600 (mkstemp); public files are opened up below
-        os.chmod(path, 0o600 if name in private else 0o644)
+    for folder in (root, root / SUPERNODES_DIR):
+        # An existing folder keeps its mode (`--out /tmp` must not close /tmp to everyone else),
+        # but one that other users may write to would let them swap the CA or a key.
+        if folder.is_dir() and folder.stat().st_mode & 0o022:
+            raise HyBNNError(f"{folder} is writable by other users, who could replace the credentials in it. "
+                             "Use a folder of your own (a new --out is created with mode 0700).")
+    try:
+        for folder in (root, root / SUPERNODES_DIR):
+            if not folder.is_dir():
+                make_dir(folder)
+                os.chmod(folder, 0o700)
+        if existing:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            backup = root / f"replaced-{stamp}"
+            for name in existing:
+                (backup / name).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.replace(root / name, backup / name)
+            print(f"Moved the earlier {', '.join(existing)} to {backup}")
+        for name, data in files.items():
+            path = root / name
+            atomic_write_bytes(path, data, mode=0o600 if name in private else 0o644)
+    except OSError as exc:
+        raise write_error(root, exc, "the credentials folder") from exc
     return Credentials(root)
 
 

@@ -16,10 +16,12 @@ It starts what a real deployment runs, on one machine:
 
 ``--insecure`` drops TLS and authentication (a warning says what that exposes). The CLI
 connection lives in a temporary ``FLWR_HOME``; runtime dependency installation is off
-(the processes use this environment). Every process it started
-is stopped when the run ends, fails, or is interrupted (Ctrl-C): SIGTERM, then
-SIGKILL after a grace period. The same commands, one per machine, are in
-docs/federated.md.
+(the processes use this environment). Every process it started is stopped when the run
+ends, fails, or is interrupted (Ctrl-C or SIGTERM): SIGTERM, then SIGKILL after a grace
+period; the rounds completed so far are published with status ``stopped``. The ServerApp
+writes into a staging folder, published into ``--out`` once the run has a round
+(:mod:`simulation.runs`); ``--resume`` goes on from its checkpoint. The same commands, one
+per machine, are in docs/federated.md and docs/security.md.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import HyBNNError
+from server.resume import read_state
+from simulation import runs
 from simulation.credentials import Credentials, fleet_front_config, make_credentials
-from simulation.federate import FederateConfig, centralized_reference, check_config, summarize, write_results
+from simulation.federate import FederateConfig, import_plotting, centralized_reference, check_config, finish_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +60,8 @@ class DeployConfig(FederateConfig):
     """The whole run, start-up included."""
     kill_client_after_round: int | None = None
     """Fault injection: SIGKILL the last SuperNode once this round is in server.json."""
+    kill_superlink_after_round: int | None = None
+    """Fault injection: SIGKILL the SuperLink (and the ServerApp below it) once this round is saved."""
     log_dir: Path | None = None
     certs: Path | None = None
     """Credentials written by ``hybnn certs`` (None: fresh ones for this run, deleted after it)."""
@@ -64,6 +69,8 @@ class DeployConfig(FederateConfig):
     """No TLS, no SuperNode authentication: only for comparison and debugging."""
     fleet_front: bool = False
     """SuperNodes connect through the Fleet-only nginx front instead of the SuperLink's port."""
+    stop_grace_s: float = 3.0
+    """How long stopped processes get to exit before SIGKILL."""
 
 
 INSECURE_WARNING = (
@@ -234,6 +241,7 @@ class Processes:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.guard = runs.OrphanGuard()  # stops them should this command be killed outright
 
     def start(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
         log_file = open(self.log_dir / f"{name}.log", "w")
@@ -243,35 +251,26 @@ class Processes:
                                 cwd=PROJECT_ROOT, start_new_session=True)
         log_file.close()
         self.procs.append((name, proc))
+        self.guard.watch(proc.pid)
         return proc
 
     def kill(self, name: str) -> None:
+        """SIGKILL process ``name`` and every process below it (a SuperLink's SuperExec and
+        ServerApp run in sessions of their own)."""
         for n, proc in self.procs:
             if n == name and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                for pid in [proc.pid, *runs.descendants(proc.pid)]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 proc.wait()
 
-    def stop_all(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every process group started here, newest first; SIGKILL what remains."""
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace_s
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for _, proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+    def stop_all(self, grace_s: float = 3.0) -> None:
+        """Stop every process started here and the processes below them: SIGTERM, then
+        SIGKILL for what remains after ``grace_s``."""
+        runs.stop_process_tree([proc for _, proc in reversed(self.procs)], grace_s)
+        self.guard.close()
 
 
 def _rounds_done(server_json: Path) -> int:
@@ -283,22 +282,30 @@ def _rounds_done(server_json: Path) -> int:
 
 def deploy_local(config: DeployConfig) -> dict:
     """Run the federation as processes on loopback; write and return results.json's content."""
+    check_config(config)
+    if not 1 <= config.min_nodes <= config.clients:
+        raise HyBNNError(f"--min-nodes must be between 1 and --clients ({config.clients}).")
+    check_security_options(config)
+    started = time.perf_counter()
+    out = Path(config.out).resolve()
+    with runs.StopSignals() as signals:
+        return _deploy_local(config, out, started, signals)
+
+
+def _deploy_local(config: DeployConfig, out: Path, started: float, signals: runs.StopSignals) -> dict:
     from common.encoder import load_encoder_artifact
     from common.features import load_codes
     from server.server_app import SERVER_RESULTS
 
-    check_config(config)
-    if not 1 <= config.min_nodes <= config.clients:
-        raise HyBNNError(f"--min-nodes must be between 1 and --clients ({config.clients}).")
-    started = time.perf_counter()
-    out = Path(config.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    server_json = out / SERVER_RESULTS
-    server_json.unlink(missing_ok=True)
-    log_dir = Path(config.log_dir or out / "logs")
-    log_dir.mkdir(parents=True, exist_ok=True)
-
+    source = runs.resume_source(config.resume)
     artifact = load_encoder_artifact(config.encoder)
+    run_config = config.run_config(artifact.sha256)
+    run_config.update({"min-available-nodes": config.clients, "min-train-nodes": config.min_nodes,
+                       "node-wait-s": config.node_wait_s, "round-timeout-s": config.round_timeout_s})
+    if source is not None:
+        run_config["resume-dir"] = str(source.resolve())
+        print(f"Resuming {source} after round {runs.check_resumable(source, run_config)} of {config.rounds}",
+              flush=True)
     print(f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features", flush=True)
     for split in ("train", "test"):  # once, here, so the SuperNodes never race on the cache
         load_codes(artifact, config.data_root, split, progress=config.progress, dataset=config.dataset)
@@ -306,9 +313,12 @@ def deploy_local(config: DeployConfig) -> dict:
           f"{config.reference_epochs} epochs", flush=True)
     centralized = centralized_reference(artifact, config)
 
-    run_config = config.run_config(artifact.sha256)
-    run_config.update({"min-available-nodes": config.clients, "min-train-nodes": config.min_nodes,
-                       "node-wait-s": config.node_wait_s, "round-timeout-s": config.round_timeout_s})
+    import_plotting()  # now, not in the seconds a stopped run has to write its results
+    staging = runs.staging_dir(out)
+    run_config["out-dir"] = str(staging)
+    server_json = staging / SERVER_RESULTS
+    log_dir = Path(config.log_dir or staging / "logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hybnn-flwr-") as tmp:
         env = dict(os.environ)
         # The SuperLink and SuperNodes start helpers (flower-superexec, flwr-clientapp) by name.
@@ -317,12 +327,6 @@ def deploy_local(config: DeployConfig) -> dict:
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PYTHONUNBUFFERED": "1"})
         procs = Processes(log_dir)
-
-        def on_sigterm(signum, frame):  # stop the processes on `kill` as on Ctrl-C
-            raise KeyboardInterrupt
-
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
         try:
             credentials = _deployment_credentials(config, Path(tmp))
             link_port = free_port()
@@ -350,34 +354,37 @@ def deploy_local(config: DeployConfig) -> dict:
             print(f"Submitting: {shlex.join(run_cmd[:4])} --run-config ... --stream", flush=True)
             runner = procs.start("flwr-run", run_cmd, env)
             _watch(config, procs, runner, server_json, started)
+        except KeyboardInterrupt:
+            print("Stopping the deployment ...", file=sys.stderr, flush=True)
+        except HyBNNError as exc:
+            print(f"The run did not end normally: {exc}", file=sys.stderr, flush=True)
         finally:
-            procs.stop_all()
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
-    if not server_json.exists():
-        raise HyBNNError(f"The run ended without writing {server_json}; read {log_dir}/flwr-run.log "
-                         "and the SuperLink's log for the cause.")
-    server = json.loads(server_json.read_text())
-    results = summarize(server, centralized, {**config.to_dict(), "mode": "deploy-local"},
-                        time.perf_counter() - started)
-    write_results(results, out)
-    if server.get("status") != "finished":
-        raise HyBNNError(f"The run stopped after {len(server.get('rounds', []))} of {config.rounds} rounds; "
-                         f"partial results are in {out}; logs in {log_dir}.")
-    return results
+            signals.defer()
+            procs.stop_all(config.stop_grace_s)
+    return finish_run(server_json, staging, out, centralized, {**config.to_dict(), "mode": "deploy-local"},
+                      started, signals.stopped, source, config.rounds)
+
+
+def check_security_options(config: DeployConfig) -> None:
+    """Refuse contradictory or incomplete security options before any work starts."""
+    if config.insecure:
+        if config.certs is not None or config.fleet_front:
+            raise HyBNNError("--insecure cannot be combined with --certs or --fleet-front.")
+        return
+    if config.certs is not None:
+        Credentials(Path(config.certs).resolve()).check(config.clients)
+    if config.fleet_front and nginx_binary() is None:
+        raise HyBNNError("--fleet-front needs nginx (Debian: apt-get install -y --no-install-recommends nginx).")
 
 
 def _deployment_credentials(config: DeployConfig, tmp: Path) -> Credentials | None:
     """The run's credentials: None with --insecure, --certs if given, else fresh ones in ``tmp``."""
+    check_security_options(config)
     if config.insecure:
-        if config.certs is not None or config.fleet_front:
-            raise HyBNNError("--insecure cannot be combined with --certs or --fleet-front.")
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
         return None
     if config.certs is not None:
-        credentials = Credentials(Path(config.certs).resolve())
-        credentials.check(config.clients)
-        return credentials
+        return Credentials(Path(config.certs).resolve())
     return make_credentials(tmp / "credentials", supernodes=config.clients)
 
 
@@ -399,6 +406,11 @@ def _watch(config: DeployConfig, procs: Processes, runner: subprocess.Popen, ser
             print(f"  killing {name} (fault injection)", flush=True)
             procs.kill(name)
             killed = True
+        if (config.kill_superlink_after_round is not None
+                and (read_state(server_json.parent) or {}).get("round", 0) >= config.kill_superlink_after_round):
+            print("  killing the SuperLink (fault injection)", flush=True)
+            procs.kill("superlink")
+            raise HyBNNError(f"The SuperLink was killed after round {done}.")
         if done >= config.rounds and _finished(server_json):
             # The ServerApp is done; give flwr run a moment to notice, then stop waiting.
             try:

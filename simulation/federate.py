@@ -7,20 +7,29 @@ The run has three parts, all in this process:
 2. a centralized HyBNN on the same encoder and task, the reference the federation is
    measured against (``centralized_acc``);
 3. the federation: the real ServerApp and ClientApp of ``server/`` and ``client/``,
-   run by ``flwr.simulation.run_simulation`` on Ray, one CPU per simulated client.
+   run by ``flwr.simulation.run_simulation`` on Ray, one CPU per simulated client, in
+   a child process (``python -m simulation.federate --worker SPEC``) in its own
+   session. This process owns the signals: on Ctrl-C or SIGTERM it stops the child
+   and every process below it (Ray's included) and keeps the rounds completed so far.
    ``run_simulation`` does not read pyproject's run config, so the run config is
    handed to both apps here; node config (partition-id, num-partitions) is set per
    simulated node by Flower.
 
 It writes ``<out>/results.json``, ``<out>/server.json`` (the ServerApp's own record),
-``<out>/global/`` (the final global BNN) and ``<out>/federated.png`` (accuracy and
-loss per round per client, the paper's Figure 7).
+``<out>/global/`` (the final global BNN), ``<out>/checkpoint/`` (for ``--resume``),
+``<out>/logs/simulation.log`` and ``<out>/federated.png`` (accuracy and loss per round
+per client, the paper's Figure 7), first into a staging folder, published into
+``<out>`` once the run has a round of its own (:mod:`simulation.runs`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -57,6 +66,8 @@ class FederateConfig:
     """Epochs of the centralized reference; ``None``: rounds x local epochs, the same data passes."""
     vote_latent_scale: float = 0.1
     progress: bool = True
+    resume: Path | None = None
+    """A stopped run's folder: go on after its last saved round (the same settings are required)."""
 
     @property
     def reference_epochs(self) -> int:
@@ -186,13 +197,16 @@ def simulation_apps(run_config: dict):
     return server_app, client_app
 
 
-def run_federation(run_config: dict, clients: int) -> None:
-    """Flower's simulation engine, Ray backend, one CPU per simulated client."""
+def run_federation(run_config: dict, clients: int, apps: tuple | None = None) -> None:
+    """Flower's simulation engine, Ray backend, one CPU per simulated client.
+
+    ``apps`` is ``(server_app, client_app)``, by default :func:`simulation_apps`.
+    """
     import logging
 
     from flwr.simulation import run_simulation
 
-    server_app, client_app = simulation_apps(run_config)
+    server_app, client_app = apps or simulation_apps(run_config)
     cpus = max(1, os.cpu_count() or 1)
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -225,6 +239,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
             "downlink_bytes": r["downlink_bytes"],
             "clients": r["clients"],
             "dropped": r["dropped"],
+            "capped": r.get("capped", []),
         }
         for r in server.get("rounds", [])
     ]
@@ -264,6 +279,13 @@ def _mean_after_first(rounds: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def import_plotting() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def plot_rounds(results: dict, path: Path) -> Path:
     """Accuracy and loss per round, per client (local training) and global (test)."""
     import matplotlib
@@ -277,11 +299,12 @@ def plot_rounds(results: dict, path: Path) -> Path:
     per_client: dict[str, dict[str, list]] = {}
     for r in rounds:
         for c in r["clients"]:
-            name = f"client {int(c.get('partition_id', c['node_id']))}"
+            reported = c.get("reported", {})
+            name = f"client {int(reported.get('partition_id', c['node_id']))}"
             d = per_client.setdefault(name, {"round": [], "acc": [], "loss": []})
             d["round"].append(r["round"])
-            d["acc"].append(c.get("train_acc"))
-            d["loss"].append(c.get("train_loss"))
+            d["acc"].append(reported.get("train_acc"))
+            d["loss"].append(reported.get("train_loss"))
     for name, d in sorted(per_client.items()):
         ax_acc.plot(d["round"], d["acc"], marker=".", label=f"{name} (local train)")
         ax_loss.plot(d["round"], d["loss"], marker=".", label=f"{name} (local train)")
@@ -310,37 +333,137 @@ def write_results(results: dict, out: Path) -> None:
     plot_rounds(results, out / "federated.png")
 
 
+def finish_run(server_json: Path, staging: Path, out: Path, centralized: dict, config: dict,
+               started: float, stopped: bool, source: Path | None, total_rounds: int) -> dict:
+    """Summarize the staging folder's server.json; publish it into ``out`` if the run has a round.
+
+    Raises ``KeyboardInterrupt`` after publishing when the run was ``stopped``, and a
+    :class:`HyBNNError` when it ended early or aggregated nothing (earlier results kept).
+    """
+    from simulation import runs
+
+    try:
+        server = json.loads(server_json.read_text())
+    except (OSError, ValueError):
+        server = {}
+    if not runs.has_aggregated_round(server):
+        if stopped:
+            # Nothing of the run's own to keep or resume from (a checkpoint follows an aggregated round).
+            shutil.rmtree(staging, ignore_errors=True)
+            print(f"Stopped before the first round completed; nothing written, {out} is as it was.",
+                  file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        if not server:
+            raise HyBNNError(f"The federated run ended without writing {server_json}; read "
+                             f"{staging / 'logs'} for the cause. Earlier results in {out} are kept.")
+        raise HyBNNError(f"The run aggregated nothing: {runs.failure_message(server)}. Earlier results in "
+                         f"{out} are kept; this run's record and logs are in {staging}.")
+    results = summarize(server, centralized, config, time.perf_counter() - started)
+    if server.get("status") != "finished":
+        results["status"] = "stopped"
+    done = len(results["rounds"])
+    write_results(results, staging)
+    runs.publish(staging, out)
+    runs.forget_source(source, out)
+    if results["status"] != "finished":
+        print(f"Stopped after round {done} of {total_rounds}; results in {out / 'results.json'}. "
+              f"Go on with the same command and --resume {out}.", file=sys.stderr, flush=True)
+        if stopped:
+            raise KeyboardInterrupt
+        raise HyBNNError(f"The run stopped after round {done} of {total_rounds}; partial results are in {out}; "
+                         f"go on with the same command and --resume {out}.")
+    return results
+
+
 def federate(config: FederateConfig) -> dict:
-    """Run the experiment of ``config``; write and return results.json's content."""
+    """Run the experiment of ``config``; write and return results.json's content.
+
+    Ctrl-C or SIGTERM stops it within seconds: the rounds completed so far are published
+    with status ``stopped`` and ``KeyboardInterrupt`` is raised.
+    """
+    from common.datasets import carry_registered
     from common.encoder import load_encoder_artifact
     from common.features import load_codes
     from server.server_app import SERVER_RESULTS
+    from simulation import runs
 
     check_config(config)
     started = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SERVER_RESULTS).unlink(missing_ok=True)
-    artifact = load_encoder_artifact(config.encoder)
-    _say(config, f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features")
-    for split in ("train", "test"):
-        load_codes(artifact, config.data_root, split, progress=config.progress, dataset=config.dataset)
-    _say(config, f"Centralized HyBNN on {config.task}, "
-                 f"{config.reference_epochs} epochs")
-    centralized = centralized_reference(artifact, config)
-    _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}")
-    _say(config, f"FedHyBNN: {config.clients} simulated clients, {config.rounds} rounds, "
-                 f"{config.partition} partition, {config.aggregation} aggregation (Flower simulation, Ray)")
-    run_federation(config.run_config(artifact.sha256), config.clients)
-    server_path = out / SERVER_RESULTS
-    if not server_path.exists():
-        raise HyBNNError(f"The federated run ended without writing {server_path}; read the log above for the cause.")
-    server = json.loads(server_path.read_text())
-    results = summarize(server, centralized, config.to_dict(), time.perf_counter() - started)
-    write_results(results, out)
-    if server.get("status") != "finished":
-        raise HyBNNError(f"The federated run stopped before its last round; partial results are in {out}.")
-    return results
+    with runs.StopSignals() as signals:
+        source = runs.resume_source(config.resume)
+        artifact = load_encoder_artifact(config.encoder)
+        run_config = config.run_config(artifact.sha256)
+        if source is not None:
+            run_config["resume-dir"] = str(source.resolve())
+            done = runs.check_resumable(source, run_config)
+            _say(config, f"Resuming {source} after round {done} of {config.rounds}")
+        _say(config, f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features")
+        for split in ("train", "test"):
+            load_codes(artifact, config.data_root, split, progress=config.progress,
+                       dataset=config.dataset)
+        _say(config, f"Centralized HyBNN on {config.task}, "
+                     f"{config.reference_epochs} epochs")
+        centralized = centralized_reference(artifact, config)
+        _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}")
+        _say(config, f"FedHyBNN: {config.clients} simulated clients, {config.rounds} rounds, "
+                     f"{config.partition} partition, {config.aggregation} aggregation (Flower simulation, Ray)")
+        import_plotting()  # now, not in the seconds a stopped run has to write its results
+        staging = runs.staging_dir(out)
+        run_config["out-dir"] = str(staging.resolve())
+        worker = None
+        with tempfile.TemporaryDirectory(prefix="hybnn-datasets-") as carried_dir:
+            try:
+                carried = carry_registered(config.dataset, config.data_root, Path(carried_dir))
+                worker = start_federation_worker(run_config, config.clients, staging, carried)
+                _watch_worker(config, worker, staging)
+            except KeyboardInterrupt:
+                print("Stopping the federation ...", file=sys.stderr, flush=True)
+            finally:
+                signals.defer()
+                if worker is not None:
+                    runs.stop_process_tree(worker)
+        return finish_run(staging / SERVER_RESULTS, staging, out, centralized, config.to_dict(), started,
+                          signals.stopped, source, config.rounds)
+
+
+def start_federation_worker(run_config: dict, clients: int, staging: Path,
+                            datasets: list[dict] | None = None) -> subprocess.Popen:
+    """:func:`run_federation` in a child process in its own session, logging to ``staging/logs``.
+
+    ``datasets``: registered data sets the child registers first
+    (:func:`common.datasets.carry_registered`)."""
+    logs = staging / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    spec = logs / "simulation.json"
+    atomic_write_bytes(spec, json.dumps({"run_config": run_config, "clients": clients,
+                                         "datasets": datasets or [], "parent_pid": os.getpid()}).encode())
+    project = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    with open(logs / "simulation.log", "wb") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "simulation.federate", "--worker", str(spec)],
+                                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=project, env=env, start_new_session=True)
+
+
+def _watch_worker(config: FederateConfig, worker: subprocess.Popen, staging: Path) -> None:
+    """Wait for the worker; echo its log (with ``progress``)."""
+    log_path = staging / "logs" / "simulation.log"
+    position = 0
+    while True:
+        finished = worker.poll() is not None
+        if config.progress:
+            with open(log_path, "rb") as f:
+                f.seek(position)
+                chunk = f.read()
+            position += len(chunk)
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+        if finished:
+            return
+        time.sleep(0.3)
 
 
 def describe(results: dict) -> str:
@@ -363,3 +486,22 @@ def describe(results: dict) -> str:
         f"wall time {results['seconds']:.1f} s",
     ]
     return "\n".join(lines)
+
+
+def _worker_main(spec_path: str) -> int:
+    """The child process of :func:`federate`: the Ray simulation of one run."""
+    from simulation.runs import stop_with_parent
+
+    from common.datasets import receive_carried
+
+    spec = json.loads(Path(spec_path).read_text())
+    stop_with_parent(int(spec["parent_pid"]))
+    receive_carried(spec.get("datasets", []))
+    run_federation(spec["run_config"], int(spec["clients"]))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[2]))
+    sys.exit("usage: python -m simulation.federate --worker SPEC.json (started by `hybnn federate`)")

@@ -1,9 +1,11 @@
-"""docker-compose.yml, checked without a Docker engine.
+"""docker-compose.yml and the Dockerfile, checked statically (no container engine).
 
-It parses; images are pinned to Flower 1.42.0; every service's command parses with
-the installed Flower CLI's own argument parser; the node configs parse with Flower's
-config parser; and the flags that deploy-local's real processes use are the ones the
-containers use.
+It parses; images are pinned to Flower 1.42.0; every Flower service's command parses
+with the installed Flower CLI's own argument parser; nothing runs insecure; only the
+Fleet-only front is published beyond the host's loopback and the SuperNodes cannot
+reach the SuperLink except through it; the front's nginx config is the one
+simulation/credentials.py renders; and the flags that deploy-local's real processes
+use are the ones the containers use. `make container-test` builds and runs it all.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 FLWR = "1.42.0"
+SUPERNODES = [f"supernode-{i}" for i in range(3)]
+FLOWER_SERVICES = ["superlink", "superexec-serverapp", *SUPERNODES]
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +27,29 @@ def compose() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
 
 
+def args_of(service: dict) -> list[str]:
+    return [str(a) for a in service["command"]]
+
+
+def flag_value(args: list[str], flag: str) -> str:
+    assert flag in args, f"{flag} missing from {args}"
+    return args[args.index(flag) + 1]
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """Container path -> host path (defaults of ``${VAR:-default}`` filled in), read-only marked ``:ro``."""
+    out = {}
+    for volume in service.get("volumes", []):
+        volume = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", volume)
+        host, container, *mode = volume.split(":")
+        out[container + (":ro" if mode == ["ro"] else "")] = host
+    return out
+
+
 def parser_for(service: dict):
     """The installed Flower parser of the executable a service runs."""
     image = service["image"]
-    if image.startswith("flwr/superlink") :
+    if image.startswith("flwr/superlink"):
         from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 
         return _parse_args_run_superlink()
@@ -43,69 +66,132 @@ def parser_for(service: dict):
 
 def test_services_and_pinned_images(compose):
     services = compose["services"]
-    assert set(services) == {"superlink", "superexec-serverapp", "supernode-0", "supernode-1", "supernode-2"}
+    assert set(services) == {*FLOWER_SERVICES, "fleet-front"}
     assert services["superlink"]["image"] == f"flwr/superlink:{FLWR}"
-    for name, service in services.items():
-        assert service["image"].endswith(f":{FLWR}"), name
+    for name in FLOWER_SERVICES:
+        assert services[name]["image"].endswith(f":{FLWR}"), name
+    assert services["fleet-front"]["image"].startswith("nginx:")
     dockerfile = (REPO / "Dockerfile").read_text()
     assert f"ARG FLWR_VERSION={FLWR}" in dockerfile
-    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == [
-        "flwr/supernode:${FLWR_VERSION}", "flwr/superexec:${FLWR_VERSION}"]
-    for target in ("supernode", "superexec"):
-        assert f" AS {target}" in dockerfile
+    # torch and the project are installed once; the superexec target reuses that stage
+    assert re.findall(r"^FROM (\S+) AS (\S+)", dockerfile, re.M) == [
+        ("flwr/supernode:${FLWR_VERSION}", "supernode"), ("supernode", "superexec")]
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
 
 
 def test_every_command_parses_with_the_installed_flower(compose):
-    for name, service in compose["services"].items():
-        args = [str(a) for a in service["command"]]
-        parser_for(service).parse_args(args)  # SystemExit on an unknown flag or bad value
+    for name in FLOWER_SERVICES:
+        service = compose["services"][name]
+        parser_for(service).parse_args(args_of(service))  # SystemExit on an unknown flag or bad value
+
+
+def test_nothing_runs_insecure(compose):
+    services = compose["services"]
+    for name in FLOWER_SERVICES:
+        assert "--insecure" not in args_of(services[name]), name
+    link = args_of(services["superlink"])
+    for flag, path in (("--ssl-ca-certfile", "/certs/ca.crt"), ("--ssl-certfile", "/certs/server.pem"),
+                       ("--ssl-keyfile", "/certs/server.key"),
+                       ("--superexec-auth-secret-file", "/certs/superexec.secret")):
+        assert flag_value(link, flag) == path
+        assert f"{path}:ro" in mounts(services["superlink"])
+    assert "--enable-supernode-auth" in link
+    superexec = args_of(services["superexec-serverapp"])
+    assert flag_value(superexec, "--root-certificates") == "/certs/ca.crt"
+    assert flag_value(superexec, "--superexec-auth-secret-file") == "/certs/superexec.secret"
+    for i, name in enumerate(SUPERNODES):
+        node = args_of(services[name])
+        assert flag_value(node, "--root-certificates") == "/certs/ca.crt"
+        key = flag_value(node, "--auth-supernode-private-key")
+        # each SuperNode gets its own private key, and not the server's secrets
+        assert mounts(services[name])[f"{key}:ro"] == f"./certs/supernodes/supernode-{i}"
+        assert not any("server.key" in h or "superexec.secret" in h or "ca.key" in h
+                       for h in mounts(services[name]).values())
+    for service in services.values():
+        assert not any(h.endswith("ca.key") for h in mounts(service).values())
+
+
+def test_only_the_fleet_front_is_published_beyond_loopback(compose):
+    services = compose["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            port = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(port))
+            if name == "fleet-front":
+                assert port == "9092:9092"
+            else:
+                assert name == "superlink" and port == "127.0.0.1:8000:8000", (name, port)
+    # SuperNodes talk to the front only; they share no network with the SuperLink
+    link_networks = set(services["superlink"]["networks"])
+    for name in SUPERNODES:
+        node = args_of(services[name])
+        assert flag_value(node, "--superlink") == "fleet-front:9092"
+        assert not set(services[name]["networks"]) & link_networks, name
+        assert flag_value(node, "--host") == "127.0.0.1"  # ClientAppIo stays inside the container
+    assert set(services["fleet-front"]["networks"]) >= link_networks | set(services[SUPERNODES[0]]["networks"])
+    assert set(services["superexec-serverapp"]["networks"]) <= link_networks
+
+
+def test_front_config_is_the_rendered_one(compose):
+    import importlib.util
+
+    from simulation.credentials import FLEET_API_PREFIX
+
+    spec = importlib.util.spec_from_file_location("render_fleet_front", REPO / "containers" / "render_fleet_front.py")
+    renderer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(renderer)
+    front = compose["services"]["fleet-front"]
+    conf = mounts(front)
+    assert conf["/etc/nginx/nginx.conf:ro"] == "./containers/fleet-front.conf"
+    expected = renderer.render()
+    assert (REPO / "containers" / "fleet-front.conf").read_text() == expected, \
+        "containers/fleet-front.conf is stale: run `python containers/render_fleet_front.py`"
+    link_port = flag_value(args_of(compose["services"]["superlink"]), "--port")
+    assert f"server superlink:{link_port};" in expected and "listen 0.0.0.0:9092 ssl;" in expected
+    assert FLEET_API_PREFIX in expected
+    for path in ("/certs/server.pem", "/certs/server.key", "/certs/ca.crt"):
+        assert f"{path}:ro" in conf
 
 
 def test_encoder_is_read_only_and_each_client_has_its_own_data(compose):
     from flwr.common.config import parse_config_args
 
     volumes_seen = set()
-    for i in range(3):
-        service = compose["services"][f"supernode-{i}"]
-        args = [str(a) for a in service["command"]]
-        config = parse_config_args([args[args.index("--node-config") + 1]])
+    for i, name in enumerate(SUPERNODES):
+        service = compose["services"][name]
+        config = parse_config_args([flag_value(args_of(service), "--node-config")])
         assert config == {"partition-id": i, "num-partitions": 3, "encoder-path": "/encoder", "data-root": "/data"}
-        mounts = service["volumes"]
-        assert any(m.endswith(":/encoder:ro") for m in mounts)
-        data = [m.split(":")[0] for m in mounts if m.endswith(":/data")]
-        assert len(data) == 1
-        volumes_seen.add(data[0])
-        assert data[0] in compose["volumes"]
+        m = mounts(service)
+        assert "/encoder:ro" in m and "/data/MNIST/raw:ro" in m
+        volumes_seen.add(m["/data"])
+        assert m["/data"] in compose["volumes"]
         assert service["build"]["target"] == "supernode"
     assert len(volumes_seen) == 3
-    server = compose["services"]["superexec-serverapp"]
-    assert any(m.endswith(":/encoder:ro") for m in server["volumes"])
+    server = mounts(compose["services"]["superexec-serverapp"])
+    assert "/encoder:ro" in server and "/results" in server and server["/data"] in compose["volumes"]
 
 
 def test_superexec_reaches_the_superlink_runtime_api(compose):
-    link = [str(a) for a in compose["services"]["superlink"]["command"]]
-    assert link[link.index("--isolation") + 1] == "process"  # so the SuperExec service is needed
-    port = link[link.index("--port") + 1]
-    exec_args = [str(a) for a in compose["services"]["superexec-serverapp"]["command"]]
-    assert exec_args[exec_args.index("--runtime-api-address") + 1] == f"superlink:{port}"
-    for i in range(3):
-        node = [str(a) for a in compose["services"][f"supernode-{i}"]["command"]]
-        assert node[node.index("--superlink") + 1] == f"superlink:{port}"
+    link = args_of(compose["services"]["superlink"])
+    assert flag_value(link, "--isolation") == "process"  # so the SuperExec service is needed
+    port = flag_value(link, "--port")
+    assert flag_value(args_of(compose["services"]["superexec-serverapp"]), "--runtime-api-address") == f"superlink:{port}"
 
 
-def test_same_flags_as_the_process_run(compose):
+def test_same_flags_as_the_process_run(compose, tmp_path):
     """deploy-local's SuperLink and SuperNodes use a subset of the containers' flags."""
+    from simulation.credentials import Credentials
     from simulation.deploy_local import node_config, superlink_command, supernode_command
 
     def flags(args: list[str]) -> set[str]:
         return {a for a in args if a.startswith("--")}
 
-    local_link = superlink_command(8000)[1:]
-    local_node = supernode_command(8000, 9094, node_config(0, 3, "/encoder", "/data"))[1:]
-    compose_link = [str(a) for a in compose["services"]["superlink"]["command"]]
-    compose_node = [str(a) for a in compose["services"]["supernode-0"]["command"]]
+    credentials = Credentials(tmp_path)
+    local_link = superlink_command(8000, credentials)[1:]
+    local_node = supernode_command(8000, 9094, node_config(0, 3, "/encoder", "/data"), credentials, index=0)[1:]
+    compose_link = args_of(compose["services"]["superlink"])
+    compose_node = args_of(compose["services"]["supernode-0"])
     assert flags(local_link) <= flags(compose_link)
     assert flags(local_node) <= flags(compose_node)
-    assert local_node[local_node.index("--node-config") + 1] == compose_node[compose_node.index("--node-config") + 1]
+    assert flag_value(local_node, "--node-config") == flag_value(compose_node, "--node-config")
     for service, args in (({"image": "flwr/superlink"}, local_link), ({"image": "x/supernode"}, local_node)):
         parser_for(service).parse_args(args)

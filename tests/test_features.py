@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -82,8 +83,9 @@ def test_cache_is_keyed_by_encoder_hash(tmp_path: Path, fake_data: dict) -> None
 
 def write_cache_file(path: Path, codes: np.ndarray, labels: np.ndarray, digest: str | None = None) -> None:
     """A cache file in the current format; ``digest`` defaults to the one of its contents."""
+    architecture = json.dumps(VAEConfig().to_dict(), sort_keys=True)  # make_artifact's
     np.savez(path, codes=codes, labels=labels, version=np.int64(features.CACHE_FORMAT_VERSION),
-             sha256=np.str_(digest or features.cache_digest(codes, labels)))
+             sha256=np.str_(digest or features.cache_digest(codes, labels)), architecture=np.str_(architecture))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-shape", "wrong-dtype",
@@ -147,3 +149,56 @@ def test_an_unwritable_cache_is_skipped_with_a_warning(tmp_path: Path, fake_data
     assert codes.shape == (40, 25)
     assert "Feature cache not written" in caplog.text and "features" in caplog.text
     assert (data_root / "features").read_text().startswith("a file")
+
+
+def test_a_manifest_with_another_slope_does_not_reuse_the_codes(tmp_path: Path, fake_data: dict) -> None:
+    """Same weights (same cache folder), another activation slope: other codes, so the cache is rebuilt."""
+    from common.encoder import load_encoder_artifact
+
+    art = make_artifact(tmp_path / "a")
+    codes, _ = load_codes(art, tmp_path / "data", "test", progress=False)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest["architecture"]["leaky_slope"] = 0.9
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    edited = load_encoder_artifact(tmp_path / "a")
+    assert cache_path(edited, tmp_path / "data", "test") == cache_path(art, tmp_path / "data", "test")
+    recoded, _ = load_codes(edited, tmp_path / "data", "test", progress=False)
+    assert fake_data["encode"] == 2
+    assert not np.array_equal(recoded, codes)
+
+
+@pytest.mark.parametrize("slope", [float("nan"), float("inf"), -0.1, 1.0])
+def test_a_manifest_slope_outside_its_range_is_refused(tmp_path: Path, slope: float) -> None:
+    from common.encoder import load_encoder_artifact
+    from common.errors import HyBNNError
+
+    make_artifact(tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest["architecture"]["leaky_slope"] = slope
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HyBNNError, match="leaky_slope"):
+        load_encoder_artifact(tmp_path / "a")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dead-link"])
+def test_a_cache_that_is_not_a_regular_file_is_replaced_not_read(tmp_path: Path, fake_data: dict, kind: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Reading a pipe would block for ever; a folder or a dead link is not a cache either."""
+    import os
+
+    art = make_artifact(tmp_path / "a")
+    path = cache_path(art, tmp_path / "data", "test")
+    path.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "gone")
+    with caplog.at_level(logging.WARNING, logger="common.features"):
+        codes, _ = load_codes(art, tmp_path / "data", "test", progress=False)
+    assert codes.shape[1] == 25 and fake_data["encode"] == 1
+    assert str(path) in caplog.text
+    if kind != "folder":  # a folder cannot be replaced by a file; the codes are returned all the same
+        assert path.is_file() and not path.is_symlink()

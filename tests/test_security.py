@@ -122,6 +122,58 @@ def test_fleet_front_config_passes_nginx_syntax_check(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
+BLOCKED = [("POST", "/v1/control/start-run"), ("POST", "/v1/control/register-node"),
+           ("POST", "/v1/runtime/pull-messages"), ("GET", "/docs"), ("GET", "/health"),
+           ("POST", "/v1/fleet/../control/start-run"), ("POST", "/v1/fleet/%2e%2e/control/start-run"),
+           ("POST", "/v1/fleet/..%2fcontrol/start-run"), ("POST", "/v1/fleet/pull-messages/../../control/start-run"),
+           ("POST", "/v1/fleet/pull-messages%2f..%2f..%2fcontrol%2fstart-run"), ("GET", "/v1/fleet/pull-messages"),
+           ("POST", "/v1/fleet/unknown-route")]
+
+
+@needs_nginx
+@pytest.mark.timeout(60)
+def test_front_forwards_only_the_fleet_routes(tmp_path):
+    """A real nginx with the rendered config, its upstream down: Fleet routes are forwarded
+    (502: nothing answers there), everything else is refused (403) without reaching it."""
+    import http.client
+    import ssl
+    import time
+
+    from simulation.credentials import FLEET_API_ROUTES, fleet_front_config, make_credentials
+    from simulation.deploy_local import free_port
+
+    creds = make_credentials(tmp_path / "creds", supernodes=0)
+    state = tmp_path / "front"
+    state.mkdir()
+    port = free_port()
+    (state / "nginx.conf").write_text(fleet_front_config(
+        listen=f"127.0.0.1:{port}", upstream=f"127.0.0.1:{free_port()}", certfile=creds.server_cert,
+        keyfile=creds.server_key, upstream_ca_certfile=creds.ca_cert, state_dir=state,
+        access_log=str(state / "access.log")))
+    front = subprocess.Popen([NGINX, "-c", str(state / "nginx.conf"), "-e", str(state / "error.log"),
+                              "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        context = ssl.create_default_context(cafile=str(creds.ca_cert))
+
+        def status(method: str, path: str) -> int:
+            for _ in range(50):
+                try:
+                    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+                    conn.request(method, path, body=b"" if method == "POST" else None)
+                    return conn.getresponse().status
+                except ConnectionRefusedError:
+                    time.sleep(0.1)
+            pytest.fail(f"nginx did not listen on {port}: {(state / 'error.log').read_text()}")
+
+        for method, path in BLOCKED:
+            assert status(method, path) == 403, (method, path)
+        for route in FLEET_API_ROUTES:
+            assert status("POST", f"/v1/fleet/{route}") == 502, route
+    finally:
+        front.terminate()
+        front.wait(timeout=10)
+
+
 # ------------------------------------------------------------------ real processes
 NODE_CONFIG = "partition-id=0 num-partitions=1"
 
@@ -269,7 +321,7 @@ def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnis
     config = DeployConfig(
         task="0v1", clients=2, rounds=2, encoder=fixed_encoder(tmp_path / "encoder"), data_root=mnist_root,
         out=tmp_path / "run", centralized_epochs=1, node_wait_s=60.0, round_timeout_s=90.0, timeout_s=200.0,
-        progress=False, certs=creds.root, fleet_front=True)
+        progress=False, certs=creds.root, fleet_front=True, log_dir=tmp_path / "logs")
     outcome: dict = {}
 
     def run() -> None:
@@ -281,7 +333,7 @@ def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnis
     worker = threading.Thread(target=run)
     worker.start()
     try:
-        front_dir = tmp_path / "run" / "logs" / "fleet-front"
+        front_dir = tmp_path / "logs" / "fleet-front"  # the live front's, not the published copy
         access_log = front_dir / "access.log"
         deadline = time.monotonic() + 150
         while not (access_log.exists() and "/v1/fleet/pull-messages" in access_log.read_text()):
@@ -304,13 +356,13 @@ def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnis
                                   capture_output=True, text=True, env=env, timeout=60)
         assert register.returncode != 0
         context = ssl.create_default_context(cafile=str(creds.ca_cert))
-        for path in ("/v1/runtime/pull-messages", "/v1/control/list-runs", "/docs", "/health",
-                     "/v1/fleet/../control/start-run", "/v1/fleet/%2e%2e/control/start-run"):
+        for method, path in BLOCKED:
             conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
-            conn.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+            conn.request(method, path, body=b"" if method == "POST" else None,
+                         headers={"Content-Type": "application/protobuf"})
             status = conn.getresponse().status
             conn.close()
-            assert status in (400, 403), (path, status)
+            assert status == 403, (method, path, status)
     finally:
         worker.join(timeout=220)
     assert "error" not in outcome, outcome.get("error")

@@ -29,7 +29,7 @@ def test_federate_two_clients_two_rounds(tmp_path, mnist_root):
     for r in results["rounds"]:
         assert 0.0 <= r["test_acc"] <= 1.0
         assert len(r["clients"]) == 2 and not r["dropped"]
-        assert {c["partition_id"] for c in r["clients"]} == {0, 1}
+        assert {c["reported"]["partition_id"] for c in r["clients"]} == {0, 1}
         assert r["uplink_bytes"] * 20 <= results["float_fedavg_uplink_bytes"]
         assert r["downlink_bytes"] > 0
     assert 0.0 <= results["centralized_acc"] <= 1.0

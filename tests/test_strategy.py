@@ -46,7 +46,8 @@ def test_vote_matches_hand_computation():
         reply(2, signs_of(+1, -1, -1, +1, -1), bn[1], 100),
         reply(3, signs_of(-1, -1, -1, +1, -1), bn[2], 100),
     ]
-    strategy = PackedFedAvg(LAYOUT, mode="vote")
+    # FedAvg's weighting as it is: no weight cap, batch norm by the weighted mean.
+    strategy = PackedFedAvg(LAYOUT, mode="vote", max_weight_vs_median=0, bn_aggregation="mean")
     arrays, metrics = strategy.aggregate_train(1, replies)
     weights, global_bn = decode_global(arrays)
     # By hand: mean = (2a + b + c) / 4 = [0.5, 0, -1, 0, 0] -> vote [+1, +1, -1, +1, +1] (ties +1).
@@ -62,7 +63,7 @@ def test_vote_matches_hand_computation():
 def test_mean_mode_sends_quantized_mean():
     bn = np.ones(LAYOUT.n_bn, dtype=np.float32)
     replies = [reply(1, signs_of(+1, +1), bn, 300), reply(2, signs_of(-1, +1), bn, 100)]
-    arrays, _ = PackedFedAvg(LAYOUT, mode="mean").aggregate_train(1, replies)
+    arrays, _ = PackedFedAvg(LAYOUT, mode="mean", max_weight_vs_median=0).aggregate_train(1, replies)
     payload = record_to_payload(arrays)
     assert set(payload) == {"latent", "bn"}
     weights, _ = codec.decode(payload, LAYOUT)

@@ -1,0 +1,338 @@
+"""What `federate` and `deploy-local` share around a run: its folder, stopping, resuming.
+
+* Output folder: a run writes into a fresh staging folder ``<out>/.run-<time>-<pid>/``.
+  Its files replace the earlier ones in ``<out>`` only once it has a round of its own
+  (:func:`publish`); a run that reached nothing leaves ``<out>`` as it was. A run cut off
+  before publishing (the machine stopped) keeps its checkpoint in the staging folder,
+  where ``--resume <out>`` finds it.
+* Stopping: :class:`StopSignals` turns the first SIGINT or SIGTERM into
+  ``KeyboardInterrupt`` and ignores the ones that follow while the run stops, so a
+  second Ctrl-C never interrupts the clean-up.
+* Process trees: :func:`stop_process_tree` stops a child and every process it started,
+  including those that moved to their own session (Ray's raylet and workers).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common.errors import HyBNNError
+from server.resume import STAGING_LOCK_NAME
+
+STAGING_PREFIX = ".run-"
+LOCK_NAME = STAGING_LOCK_NAME
+PUBLISH_LOCK_NAME = ".publish.lock"
+"""In an output folder: locked while a run publishes into it."""
+STOPPED_EXIT_STATUS = 130
+PUBLISH_LAST = "results.json"
+"""Moved into place last: while it is the earlier run's, the others may already be new."""
+
+
+_held_locks: dict[Path, int] = {}
+"""Staging folders of this process and their lock's file descriptor, held until the process ends."""
+
+
+def staging_dir(out: Path) -> Path:
+    """A new, empty staging folder inside ``out`` (same file system, so publishing is a rename),
+    locked by this process (:data:`LOCK_NAME`) for as long as it lives, so that ``--resume``
+    and publishing never take the folder of a run still going on."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{STAGING_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    path.mkdir()
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _held_locks[path] = fd
+    return path
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move everything in ``staging`` into ``out``, each entry replacing its earlier namesake,
+    ``results.json`` last; then remove ``staging``. Two runs publishing into one ``out`` at
+    once take turns, so ``out`` holds one run's complete set, never a mix or a crash."""
+    staging, out = Path(staging), Path(out)
+    with open(out / PUBLISH_LOCK_NAME, "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        _publish(staging, out)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    names = sorted(p.name for p in staging.iterdir() if p.name != LOCK_NAME)
+    names.sort(key=lambda name: name == PUBLISH_LAST)
+    for name in names:
+        source, target = staging / name, out / name
+        if source.is_dir() or (target.is_dir() and not target.is_symlink()):
+            # A rename cannot replace a non-empty folder, nor a folder by a file or the other way
+            # round: move the old one aside first.
+            old = staging / f".old-{name}"
+            if target.exists() or target.is_symlink():
+                os.replace(target, old)
+            os.replace(source, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(source, target)
+    shutil.rmtree(staging, ignore_errors=True)
+    fd = _held_locks.pop(staging, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def has_aggregated_round(server: dict) -> bool:
+    """Whether a run aggregated at least one reply: only then are its results its own."""
+    return any(r.get("clients") for r in server.get("rounds", []))
+
+
+def failure_message(server: dict) -> str:
+    """Why a run aggregated nothing, with the clients' reasons."""
+    from server.server_app import failure_reasons
+
+    if server.get("failure"):
+        return str(server["failure"])
+    reasons = failure_reasons(server.get("rounds", []))
+    if not server.get("rounds"):
+        return "no round completed"
+    return ("no client reply could be aggregated in any round; the clients' reasons: "
+            + ("; ".join(reasons) if reasons else "none replied"))
+
+
+def resume_source(resume: Path | None) -> Path | None:
+    """The run folder ``--resume DIR`` continues: DIR, or its unpublished run saved last."""
+    if resume is None:
+        return None
+    from server.resume import latest_run_dir
+
+    if not Path(resume).is_dir():
+        raise HyBNNError(f"--resume {resume}: no such folder.")
+    return latest_run_dir(Path(resume))
+
+
+def check_resumable(source: Path, run_config: dict) -> int:
+    """Refuse, before anything starts, a checkpoint the run could not continue; its round."""
+    from dataclasses import asdict
+
+    from common import codec
+    from common.bnn import BNNConfig
+    from common.encoder import load_encoder_artifact
+    from common.tasks import task_for_dataset
+    from server import resume
+    from server.server_app import ServerSettings
+
+    from server.server_app import earlier_record
+
+    settings = ServerSettings.from_run_config(run_config)
+    checkpoint = resume.load_checkpoint(source)
+    state = checkpoint.state
+    artifact = load_encoder_artifact(settings.encoder_path)
+    num_classes = task_for_dataset(settings.task, settings.dataset).num_classes
+    config = BNNConfig.for_task(int(artifact.config.latent_bits), num_classes)
+    layout = codec.layout_for(config)
+    bnn = {"config": config.to_dict(), "binary_weights": layout.n_binary, "bn_numbers": layout.n_bn}
+    resume.check_matches(state, resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION, bnn))
+    resume.check_payload(checkpoint, layout)
+    earlier_record(checkpoint)
+    return checkpoint.round
+
+
+def forget_source(source: Path | None, out: Path) -> None:
+    """After a resumed run is published, the unpublished run it continued is superseded."""
+    if (source is not None and source.name.startswith(STAGING_PREFIX)
+            and source.parent.resolve() == Path(out).resolve()):  # --resume /abs/out --out out alike
+        shutil.rmtree(source, ignore_errors=True)
+
+
+class StopSignals:
+    """While active (main thread only), the first SIGINT/SIGTERM raises ``KeyboardInterrupt``;
+    later ones only print that the run is stopping. After :meth:`defer` no signal raises: it is
+    only recorded in ``signum``, so that writing the results is never cut short."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._deferred = False
+        self._previous: dict[int, object] = {}
+
+    def defer(self) -> None:
+        self._deferred = True
+
+    @property
+    def stopped(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None and not self._deferred:
+            self.signum = signum
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+        print("Stopping; the results reached so far are being written.", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def stop_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """In a child process: once ``parent_pid``, which started it, is gone (killed outright, by
+    SIGKILL or the OOM killer), stop every process below this one and exit, so that no run
+    goes on orphaned, writing into a staging folder that ``--resume`` may then take.
+
+    A watching thread, not a signal: the main thread may sit in a C call (Ray, gRPC) for long."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        print("The command that started this run is gone; stopping.", file=sys.stderr, flush=True)
+        below = descendants(os.getpid())
+        _signal_all(below, set(), signal.SIGTERM)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(_alive(pid) for pid in below):
+            time.sleep(0.1)
+        _signal_all({pid for pid in below | descendants(os.getpid()) if _alive(pid)}, set(), signal.SIGKILL)
+        os._exit(STOPPED_EXIT_STATUS)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+
+
+class OrphanGuard:
+    """A small watcher process for processes that run programs of their own (SuperLink,
+    SuperNodes): should this process die without closing the guard (SIGKILL, the OOM killer),
+    the guard stops every process registered with it and every process below them.
+
+    It learns of the death by the end of its stdin: only this process holds the pipe's other end."""
+
+    def __init__(self) -> None:
+        project = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-m", "simulation.runs", "--guard"], stdin=subprocess.PIPE,
+                                     cwd=project, env=env, start_new_session=True, text=True)
+
+    def watch(self, pid: int) -> None:
+        self.proc.stdin.write(f"{pid}\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        """The registered processes were stopped here: the guard leaves them be and exits."""
+        try:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _guard_main() -> int:
+    """:class:`OrphanGuard`'s process: read pids until ``done`` (exit) or the end of stdin (stop them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the command, which closes the guard
+    pids: set[int] = set()
+    for line in sys.stdin:
+        if line.strip() == "done":
+            return 0
+        pids.add(int(line))
+    seen = set(pids)
+    for pid in pids:
+        seen |= descendants(pid)
+    _signal_all({pid for pid in seen if _alive(pid)}, {pid for pid in pids if _alive(pid)}, signal.SIGTERM)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and any(_alive(pid) for pid in seen):
+        time.sleep(0.1)
+        for pid in pids:
+            seen |= descendants(pid)
+    _signal_all({pid for pid in seen if _alive(pid)}, set(), signal.SIGKILL)
+    return 0
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> set[int]:
+    """Every living process below ``pid``."""
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _signal_all(pids: set[int], groups: set[int], signum: int) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_process_tree(procs: subprocess.Popen | list[subprocess.Popen], grace_s: float = 1.0) -> None:
+    """SIGTERM each of ``procs`` (each started in its own session) and everything below them;
+    SIGKILL what is left after ``grace_s``. Processes that left a tree (a daemon reparented
+    to init) are still caught by the pids seen earlier."""
+    procs = [procs] if isinstance(procs, subprocess.Popen) else list(procs)
+    groups = {proc.pid for proc in procs if proc.poll() is None}
+    seen: set[int] = set()
+    for proc in procs:
+        seen |= descendants(proc.pid)
+    _signal_all(seen | groups, groups, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            seen |= descendants(proc.pid)
+        if all(proc.poll() is not None for proc in procs) and not any(_alive(pid) for pid in seen):
+            return
+        time.sleep(0.1)
+    for proc in procs:
+        seen |= descendants(proc.pid)
+    _signal_all({pid for pid in seen if _alive(pid)} | {p.pid for p in procs if p.poll() is None},
+                {p.pid for p in procs if p.poll() is None}, signal.SIGKILL)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--guard"]:
+        sys.exit(_guard_main())
+    sys.exit("usage: python -m simulation.runs --guard (started by `hybnn deploy-local`)")
