@@ -327,3 +327,38 @@ def test_union_needs_one_shape(tmp_path):
         datasets.pretrain_images(f"npz:{a}+npz:{b}", tmp_path)
     images, parts, _ = datasets.pretrain_images(f"npz:{a}+npz:{b}", tmp_path, image_size="8x8")
     assert images.shape == (120, 8, 8, 3) and [d.shape for d in parts] == [(8, 8, 3)] * 2
+
+
+def test_a_registered_data_set_reaches_another_process_as_plain_arrays(tmp_path):
+    """What ``hybnn federate`` hands its worker process: arrays in an .npz, no pickled code."""
+    rng = np.random.default_rng(1)
+    arrays = (rng.integers(0, 256, (6, 5, 4, 3), dtype=np.uint8), np.arange(6) % 2,
+              rng.integers(0, 256, (4, 5, 4, 3), dtype=np.uint8), np.arange(4) % 2)
+    spec = DatasetSpec("carried54", (5, 4, 3), ("a", "b"), (Source("made here", lambda _root: arrays),))
+    datasets.register_dataset(spec)
+    try:
+        carried = datasets.carry_registered("carried54@8x8", tmp_path, tmp_path / "carried")
+        assert datasets.carry_registered("mnist", tmp_path, tmp_path / "carried") == []
+        fingerprint = get_dataset("carried54@8x8").fingerprint(tmp_path)
+    finally:
+        datasets.unregister_dataset("carried54")
+    (entry,) = carried
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(carried))
+    script = ("import json, sys; from pathlib import Path; from common import datasets; "
+              "datasets.receive_carried(json.loads(Path(sys.argv[1]).read_text())); "
+              "print(datasets.get_dataset('carried54@8x8').fingerprint(sys.argv[2]))")
+    got = subprocess.run([sys.executable, "-c", script, str(spec_file), str(tmp_path)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == fingerprint
+    # A carried file changed after it was written is refused, not read.
+    path = Path(entry["path"])
+    path.write_bytes(path.read_bytes() + b"\0")
+    datasets.receive_carried(carried)
+    try:
+        with pytest.raises(HyBNNError, match="changed after it was written"):
+            get_dataset("carried54").load(tmp_path / "other", "train")
+    finally:
+        datasets.unregister_dataset("carried54")
+    with pytest.raises(HyBNNError, match="not a hybnn-carried-dataset/1 entry"):
+        datasets.receive_carried([{"name": "x"}])
