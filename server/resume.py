@@ -161,8 +161,9 @@ def check_matches(state: dict, ident: dict) -> None:
     saved = state.get("settings")
     saved = saved if isinstance(saved, dict) else {}
     for key, value in ident["settings"].items():
-        if saved.get(key, SETTING_DEFAULTS.get(key)) != value:
-            differences.append(f"{key.replace('_', '-')}: checkpoint {saved.get(key)!r}, this run {value!r}")
+        recorded = saved.get(key, SETTING_DEFAULTS.get(key))
+        if recorded != value:
+            differences.append(f"{key.replace('_', '-')}: checkpoint {recorded!r}, this run {value!r}")
     if differences:
         raise HyBNNError("The checkpoint belongs to another run and cannot be resumed by this one ("
                          + "; ".join(differences) + "). Resume with the options of the run that saved it.")
