@@ -77,7 +77,7 @@ def test_a_registered_dataset_of_another_shape_runs_every_stage(tmp_path, square
     assert results["task"]["class_names"] == ["north-west", "south-east"]
     assert results["status"] == "finished" and len(results["rounds"]) == 1
     (only,) = results["rounds"]
-    assert {c["partition_id"] for c in only["clients"]} == {0, 1} and not only["dropped"]
+    assert {c["reported"]["partition_id"] for c in only["clients"]} == {0, 1} and not only["dropped"]
     assert 0.0 <= only["test_acc"] <= 1.0
     server = json.loads((out / "server.json").read_text())
     assert server["run_config"]["dataset"] == squares16
