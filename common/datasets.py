@@ -29,7 +29,7 @@ writes the registered data set's checked arrays to a temporary ``.npz`` file and
 names it in the child's spec (:func:`carry_registered`, :func:`receive_carried`),
 so the child and its clients read the same images without pickled code. Processes
 started separately (``deploy-local``'s SuperNodes) see only the built-in names,
-``npz:`` and ``folder:``.
+``npz:`` and ``folder:``; ``deploy-local`` refuses a registered name before it starts.
 """
 
 from __future__ import annotations

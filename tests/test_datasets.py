@@ -362,3 +362,17 @@ def test_a_registered_data_set_reaches_another_process_as_plain_arrays(tmp_path)
         datasets.unregister_dataset("carried54")
     with pytest.raises(HyBNNError, match="not a hybnn-carried-dataset/1 entry"):
         datasets.receive_carried([{"name": "x"}])
+
+
+def test_deploy_local_refuses_a_data_set_registered_in_this_process(tmp_path):
+    from simulation.deploy_local import DeployConfig, deploy_local
+
+    spec = DatasetSpec("onlyhere", (5, 4, 1), ("a", "b"), (Source("made here", lambda _root: None),))
+    datasets.register_dataset(spec)
+    try:
+        with pytest.raises(HyBNNError, match="registered in this process only.*npz:PATH"):
+            deploy_local(DeployConfig(task="0v1", dataset="onlyhere", encoder=tmp_path / "none",
+                                      data_root=tmp_path, out=tmp_path / "out"))
+    finally:
+        datasets.unregister_dataset("onlyhere")
+    assert not (tmp_path / "out").exists()
