@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/paper
 
-.PHONY: install reproduce quick test container-test clean
+.PHONY: install reproduce quick test container-test clean fashion-mnist
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ quick: install
 
 test: install
 	$(PY) -m pytest
+
+## Fashion-MNIST from Debian's package, where apt works (the loader also reads IDX files
+## under the data root, or downloads them; docs/datasets.md).
+fashion-mnist:
+	apt-get install -y --no-install-recommends dataset-fashion-mnist
 
 ## The images and docker-compose.yml with podman, end to end (root; docs/containers.md).
 container-test: install

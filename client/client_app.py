@@ -16,7 +16,7 @@ Each round a client
    leaves the client: no images, codes, labels or indices.
 
 Settings come from the node config first, then the run config, then defaults:
-``encoder-path``, ``data-root``, ``partition-id``, ``num-partitions``; the partition
+``encoder-path``, ``data-root``, ``dataset``, ``partition-id``, ``num-partitions``; the partition
 scheme (``partition``, ``dirichlet-alpha``, ``seed``) comes from the run config (an
 experiment setting), unless the node config sets it.
 """
@@ -36,7 +36,7 @@ from flwr.common.constant import ErrorCode
 from common import aggregation, codec, flipcodec
 from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
-from common.tasks import get_task, select_task
+from common.tasks import select_task, task_for_dataset
 from common.training import TrainConfig, fit
 
 log = logging.getLogger("hybnn.client")
@@ -58,6 +58,8 @@ class ClientSettings:
     partition: str = "iid"
     alpha: float = 0.5
     seed: int = 0
+    dataset: str = "mnist"
+    """The data set's name (``npz:PATH`` etc.); a node config may point at its own copy."""
 
     @classmethod
     def from_context(cls, context: Context, defaults: dict | None = None) -> "ClientSettings":
@@ -78,6 +80,7 @@ class ClientSettings:
                 partition=str(pick("partition", "iid")),
                 alpha=float(pick("dirichlet-alpha", 0.5)),
                 seed=int(pick("seed", 0)),
+                dataset=str(pick("dataset", "mnist")),
             )
         except (TypeError, ValueError) as exc:
             raise HyBNNError(f"The client's node config is invalid ({exc}). {NODE_CONFIG_HINT}") from exc
@@ -116,11 +119,11 @@ def local_training_data(artifact, settings: ClientSettings, task_name: str) -> t
     from common.features import load_codes
     from common.partition import partition_indices
 
-    key = (artifact.sha256, str(settings.data_root), task_name, settings.partition_id,
+    key = (artifact.sha256, str(settings.data_root), settings.dataset, task_name, settings.partition_id,
            settings.num_partitions, settings.partition, settings.alpha, settings.seed)
     if key not in _DATA:
-        task = get_task(task_name)
-        codes, labels = load_codes(artifact, settings.data_root, "train", progress=False)
+        task = task_for_dataset(task_name, settings.dataset)
+        codes, labels = load_codes(artifact, settings.data_root, "train", progress=False, dataset=settings.dataset)
         codes, labels = select_task(codes, labels, task)
         idx = partition_indices(labels, settings.partition_id, settings.num_partitions,
                                 settings.partition, settings.alpha, settings.seed)
@@ -228,7 +231,7 @@ def handle_train(msg: Message, context: Context, defaults: dict | None = None) -
         torch.set_num_threads(1)
         payload, metrics = train_local(
             record_to_payload(msg.content.array_records["arrays"]), x, y, round_config,
-            get_task(round_config.task).num_classes,
+            task_for_dataset(round_config.task, settings.dataset).num_classes,
             seed=settings.seed * 100_003 + round_config.server_round * 101 + settings.partition_id,
         )
     except HyBNNError as exc:

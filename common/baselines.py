@@ -81,6 +81,8 @@ class CNNConfig:
     """Binary weights and sign activations (True) or real weights and ReLU (False)."""
     input_mode: str = "centered"
     """How [0, 1] pixels become the first layer's input: ``sign``, ``centered`` or ``real``."""
+    image_shape: tuple[int, int, int] = (28, 28, 1)
+    """The input images' (height, width, channels); MNIST's by default."""
 
     def __post_init__(self) -> None:
         if self.input_mode not in INPUT_MODES:
@@ -89,7 +91,9 @@ class CNNConfig:
             )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["image_shape"] = list(self.image_shape)
+        return d
 
 
 def binarize_input(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -138,15 +142,18 @@ class BaselineCNN(nn.Module):
         super().__init__()
         self.config = config
         c1, c2 = config.channels
-        flat = c2 * 7 * 7
+        h, w, in_ch = config.image_shape
+        flat = c2 * (h // 4) * (w // 4)  # two 2x2 max pools (floor)
+        if h < 4 or w < 4:
+            raise HyBNNError(f"The baseline CNNs need images of at least 4x4 pixels; got {h}x{w}.")
         if config.binary:
-            self.conv1: nn.Module = BinaryConv2d(1, c1)
+            self.conv1: nn.Module = BinaryConv2d(in_ch, c1)
             self.conv2: nn.Module = BinaryConv2d(c1, c2)
             self.fc1: nn.Module = BinaryLinear(flat, config.hidden)
             self.fc2: nn.Module = BinaryLinear(config.hidden, config.num_classes)
             self.act: Callable[[torch.Tensor], torch.Tensor] = sign_ste
         else:
-            self.conv1 = nn.Conv2d(1, c1, 3, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_ch, c1, 3, padding=1, bias=False)
             self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
             self.fc1 = nn.Linear(flat, config.hidden, bias=False)
             self.fc2 = nn.Linear(config.hidden, config.num_classes, bias=False)
@@ -168,7 +175,8 @@ class BaselineCNN(nn.Module):
         return self.bn_out(self.fc2(x))
 
 
-def build_baseline(model_name: str, num_classes: int = 2) -> BaselineCNN:
+def build_baseline(model_name: str, num_classes: int = 2,
+                   image_shape: tuple[int, int, int] = (28, 28, 1)) -> BaselineCNN:
     """The untrained network called ``model_name`` (one of :data:`BASELINES`)."""
     try:
         binary, mode = _MODEL_SPECS[model_name]
@@ -176,20 +184,24 @@ def build_baseline(model_name: str, num_classes: int = 2) -> BaselineCNN:
         raise HyBNNError(
             f"Unknown baseline {model_name!r}. Valid baselines are: {', '.join(BASELINES)}."
         ) from None
-    return BaselineCNN(CNNConfig(num_classes=num_classes, binary=binary, input_mode=mode))
+    return BaselineCNN(CNNConfig(num_classes=num_classes, binary=binary, input_mode=mode,
+                                 image_shape=tuple(image_shape)))
 
 
 def images_to_inputs(images_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N, 28, 28)`` -> float32 ``(N, 1, 28, 28)`` in [0, 1]."""
-    return torch.from_numpy(np.array(images_uint8, dtype=np.float32)).div_(255.0).unsqueeze(1)
+    """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` -> float32 ``(N, C, H, W)`` in [0, 1]."""
+    x = torch.from_numpy(np.array(images_uint8, dtype=np.float32)).div_(255.0)
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
-def task_images(data_root: Path | str, task, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The task's ``(images (N,1,28,28) in [0,1], labels)`` from MNIST ``split``."""
+def task_images(data_root: Path | str, task, split: str, dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's ``(images (N,C,H,W) in [0,1], labels)`` from ``dataset``'s ``split``."""
     from common.data import load_mnist
+    from common.datasets import get_dataset
     from common.tasks import select_task
 
-    images, labels = load_mnist(data_root, split)
+    data = get_dataset(dataset)
+    images, labels = load_mnist(data_root, split) if data.is_mnist else data.load(data_root, split)
     images, labels = select_task(images, labels, task)
     return images_to_inputs(images), torch.from_numpy(labels)
 
@@ -204,6 +216,7 @@ def train_baseline(
     progress: bool = True,
     train_config: TrainConfig | None = None,
     limit: int | None = None,
+    dataset: str = "mnist",
 ) -> dict:
     """Train baseline ``model_name`` on task ``task_name``; test it on the task's MNIST test images.
 
@@ -216,22 +229,26 @@ def train_baseline(
     (Adam 1e-2, batch 256, cosine decay), the recipe the HyBNN BNN trains with; its
     ``epochs`` and ``seed`` are replaced by the arguments.
     """
-    from common.tasks import get_task
+    from common.datasets import get_dataset
+    from common.tasks import task_for_dataset
 
-    task = get_task(task_name)
+    data = get_dataset(dataset)
+    task = task_for_dataset(task_name, data)
     config = replace(train_config or TrainConfig(), epochs=epochs, seed=seed)  # checked before the data load
     torch.manual_seed(seed)
-    model = build_baseline(model_name, task.num_classes)
-    x_train, y_train = task_images(data_root, task, "train")
+    model = build_baseline(model_name, task.num_classes, data.shape)
+    x_train, y_train = task_images(data_root, task, "train", dataset)
     if limit is not None:
         x_train, y_train = x_train[:limit], y_train[:limit]
-    x_test, y_test = task_images(data_root, task, "test")
+    x_test, y_test = task_images(data_root, task, "test", dataset)
     result = fit(model, x_train, y_train, config, desc=f"{model_name} {task.name}", progress=progress)
     metrics = evaluate(model, x_test, y_test, batch_size=1024)
     seconds = result.seconds
     return {
         "model": model_name,
         "task": task.name,
+        "dataset": data.name,
+        "class_names": list(task.class_names),
         "test_acc": metrics["acc"],
         "test_loss": metrics["loss"],
         "train_seconds": seconds,

@@ -128,15 +128,20 @@ def read_idx(path: Path, fix: str = "") -> np.ndarray:
     path = Path(path)
     fix = fix or (f"Delete it and run `hybnn data --data-root {_data_root_of(path)}` to fetch "
                   "MNIST again, or replace it with a valid IDX file.")
-
-    def bad(what: str) -> HyBNNError:
-        return HyBNNError(f"{path} is not a valid uint8 IDX file: {what}. {fix}")
-
     check_regular_file(path, fix)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise HyBNNError(f"{path} could not be read ({exc.strerror or exc}). {fix}") from exc
+    return parse_idx(data, path, fix)
+
+
+def parse_idx(data: bytes, path: Path | str, fix: str) -> np.ndarray:
+    """The uint8 array in IDX bytes ``data``; errors name ``path`` (see :func:`read_idx`)."""
+
+    def bad(what: str) -> HyBNNError:
+        return HyBNNError(f"{path} is not a valid uint8 IDX file: {what}. {fix}")
+
     if len(data) < 4:
         raise bad(f"it is {len(data)} bytes long, shorter than the 4-byte magic number")
     if data[0] != 0 or data[1] != 0:

@@ -3,8 +3,9 @@
 Layout of an artifact directory::
 
     DIR/encoder.safetensors   the encoder's tensors only (never pickle)
-    DIR/manifest.json         format version, architecture, data hash, training config,
-                              the weights' sha256, creation time
+    DIR/manifest.json         format version, architecture (with the input shape), the data
+                              set(s) trained on and their fingerprints, data hash, training
+                              config, the weights' sha256, creation time
 
 The sha256 of ``encoder.safetensors`` is the encoder's identity: features are cached
 under it (:mod:`common.features`) and a federated client refuses an encoder whose hash
@@ -57,7 +58,8 @@ class EncoderArtifact:
     """A loaded, frozen encoder.
 
     ``encoder`` is in eval mode with ``requires_grad=False``; it maps float images
-    ``(N,1,28,28)`` in [0,1] to logits ``(N, latent_bits)``. ``sha256`` is the hash of
+    ``(N,C,H,W)`` in [0,1] (``config.image_shape``; MNIST's 28 x 28 x 1 for manifests
+    without one) to logits ``(N, latent_bits)``. ``sha256`` is the hash of
     ``encoder.safetensors``; ``path`` is the artifact directory.
     """
 
@@ -87,9 +89,14 @@ def save_encoder_artifact(
     data_sha256: str,
     train_config: dict,
     history: list,
+    datasets: list[str] | None = None,
+    data_fingerprints: dict[str, str] | None = None,
 ) -> "EncoderArtifact":
     """Write ``out_dir/encoder.safetensors`` and ``out_dir/manifest.json``; return the loaded artifact.
 
+    ``datasets`` names the data set(s) the encoder was trained on (default ``["mnist"]``),
+    ``data_fingerprints`` their fingerprints (:meth:`common.datasets.Dataset.fingerprint`);
+    the manifest records both and the input shape ``[H, W, C]``.
     Only the encoder is saved (the decoder is not needed after pretraining). Each file
     is written to a temporary name and renamed, so an existing artifact is replaced
     whole or not at all (see the module docstring for the order).
@@ -107,6 +114,9 @@ def save_encoder_artifact(
         "latent_bits": config.latent_bits,
         "variant": config.variant,
         "data_sha256": data_sha256,
+        "datasets": list(datasets or ["mnist"]),
+        "data_fingerprints": dict(data_fingerprints or {}),
+        "input_shape": list(config.image_shape),
         "train_config": dict(train_config),
         "history": list(history),
         "weights_file": WEIGHTS_FILE,
@@ -264,7 +274,7 @@ def encoder_matches(
     """
     try:
         manifest = read_manifest(path)
-        if manifest["architecture"] != vae_config.to_dict():
+        if VAEConfig.from_dict(manifest["architecture"]) != vae_config:
             return False
         if manifest["data_sha256"] != data_sha256:
             return False

@@ -4,13 +4,15 @@ A code is ``bit_i = (logit_i >= 0)`` (``sign(0) = +1``; bit 1 means +1), packed 
 :func:`common.packing.pack_bits`: bit ``i`` lands in byte ``i // 8`` at bit
 ``7 - i % 8`` (most significant first). 200 bits take 25 bytes per sample.
 
-Codes are cached on disk under ``<data_root>/features/<encoder sha256>/<split>.npz``.
-The directory is keyed by the hash of the encoder weights, so a new encoder never
-reuses the codes of an old one. A cache file is written atomically and records the
-sha256 of its codes and labels and the manifest's architecture (the activation's slope
-is not in the weights); one that cannot be read, holds the wrong shape or dtype, was
-computed under another architecture, or whose contents no longer match its recorded
-hash (a changed file), is
+Codes are cached on disk under ``<data_root>/features/<encoder sha256>/<split>.npz`` for
+MNIST (whose files are pinned by their sha256, so the encoder's hash is the whole key)
+and under ``<data_root>/features/<encoder sha256>/<data set fingerprint>/<split>.npz``
+for every other data set. The key is (encoder, data), so a new encoder never reuses
+the codes of an old one, nor one data set the codes of another. A cache file is written
+atomically and records the sha256 of its codes and labels and the manifest's architecture
+(the activation's slope and the image shape are not in the weights); one that cannot be
+read, holds the wrong shape or dtype, was computed under another architecture, or whose
+contents no longer match its recorded hash (a changed file), is
 rebuilt with a logged warning. A cache that cannot be written (a read-only data root,
 a full disk) is skipped with a warning: the codes are still returned.
 """
@@ -36,15 +38,16 @@ from common.data import load_mnist
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes, make_dir
 from common.packing import pack_bits, packed_length
-from common.vae import Encoder, images_to_tensor
+from common.vae import MNIST_SHAPE, Encoder, images_to_tensor
 
 if TYPE_CHECKING:
     from common.encoder import EncoderArtifact
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 3
-"""Version 2 added the content hash, 3 the architecture; older caches are rebuilt once."""
+CACHE_FORMAT_VERSION = 4
+"""Version 2 added the content hash, 3 the architecture, 4 the image shape in the architecture
+and data sets other than MNIST keyed by their fingerprint; older caches are rebuilt once."""
 DEFAULT_BATCH_SIZE = 1024
 
 
@@ -96,7 +99,7 @@ def encode_images(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
 ) -> np.ndarray:
-    """Packed binary codes ``uint8 (N, ceil(latent_bits/8))`` of uint8 images ``(N,28,28)``.
+    """Packed binary codes ``uint8 (N, ceil(latent_bits/8))`` of uint8 images ``(N,H,W[,C])``.
 
     Runs the encoder in eval mode under ``torch.inference_mode`` (no autograd
     bookkeeping), one batch at a time so memory stays flat for any ``N``. An
@@ -107,12 +110,14 @@ def encode_images(
     encoder.eval()
     images = np.asarray(images_uint8)
     chunks: list[np.ndarray] = []
+    config = getattr(encoder, "config", None)
+    shape = tuple(getattr(config, "image_shape", MNIST_SHAPE))
     try:
         model = InferenceEncoder(encoder) if isinstance(encoder, Encoder) else encoder
         with torch.inference_mode():
             starts = range(0, len(images), batch_size)
             for begin in tqdm(starts, desc="encode", disable=not progress, leave=False, unit="batch"):
-                logits = model(images_to_tensor(images[begin : begin + batch_size]))
+                logits = model(images_to_tensor(images[begin : begin + batch_size], shape))
                 chunks.append(pack_bits((logits >= 0).numpy()))
     finally:
         encoder.train(was_training)
@@ -122,9 +127,32 @@ def encode_images(
     return np.concatenate(chunks)
 
 
-def cache_path(artifact: "EncoderArtifact", data_root: Path | str, split: str) -> Path:
-    """Where the codes of ``split`` under ``artifact`` are cached."""
-    return Path(data_root) / "features" / artifact.sha256 / f"{split}.npz"
+def cache_path(artifact: "EncoderArtifact", data_root: Path | str, split: str,
+               data_fingerprint: str | None = None) -> Path:
+    """Where the codes of ``split`` under ``artifact`` are cached (``data_fingerprint``:
+    of a data set other than MNIST)."""
+    folder = Path(data_root) / "features" / artifact.sha256
+    if data_fingerprint:
+        folder = folder / data_fingerprint
+    return folder / f"{split}.npz"
+
+
+def check_encoder_shape(artifact: "EncoderArtifact", dataset) -> None:
+    """Refuse a data set whose images are not the shape the encoder was built for."""
+    need = tuple(artifact.config.image_shape)
+    if tuple(dataset.shape) != need:
+        from common.datasets import SIZE_SUFFIX
+
+        sized = SIZE_SUFFIX.match(dataset.name)
+        as_options = (f"--dataset {sized.group(1)} --image-size {sized.group(2)}x{sized.group(3)}" if sized
+                      else f"--dataset {dataset.name}")
+        trained = ", ".join(artifact.manifest.get("datasets", ["mnist"]))
+        raise HyBNNError(
+            f"The encoder {artifact.path} (trained on {trained}) takes images of {need[0]}x{need[1]} "
+            f"with {need[2]} channel(s), but data set {dataset.name!r} has {dataset.shape[0]}x"
+            f"{dataset.shape[1]} with {dataset.shape[2]}. Images are never resized silently: pass "
+            f"--image-size {need[0]}x{need[1]} to resize them (the channels must agree), or train an "
+            f"encoder for this data set with `hybnn pretrain {as_options}`.")
 
 
 def cache_digest(codes: np.ndarray, labels: np.ndarray) -> str:
@@ -193,14 +221,25 @@ def load_codes(
     split: str,
     *,
     progress: bool = True,
+    dataset: str = "mnist",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes uint8 (N, 25), labels int64 (N,))`` of MNIST ``split`` under ``artifact``.
+    """``(codes uint8 (N, 25), labels int64 (N,))`` of ``dataset``'s ``split`` under ``artifact``.
 
     Reads the cache if it is valid, otherwise encodes the images and writes the cache.
+    A data set of another image shape than the encoder's is refused.
     """
-    images, labels = load_mnist(data_root, split)
+    from common.datasets import get_dataset
+
+    data = get_dataset(dataset)
+    check_encoder_shape(artifact, data)
+    if data.is_mnist:
+        images, labels = load_mnist(data_root, split)
+        fingerprint = None
+    else:
+        images, labels = data.load(data_root, split)
+        fingerprint = data.fingerprint(data_root)
     n_bytes = packed_length(artifact.config.latent_bits)
-    path = cache_path(artifact, data_root, split)
+    path = cache_path(artifact, data_root, split, fingerprint)
     if path.is_file():
         codes = _read_cache(path, len(labels), n_bytes, labels, cache_architecture(artifact))
         if codes is not None:

@@ -27,11 +27,12 @@ class HyBNNRun:
     test_loss: float
 
 
-def task_inputs(artifact, data_root: Path | str, task: Task, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The task's ``(+-1 inputs (N, bits), labels)`` from the encoder's cached codes."""
+def task_inputs(artifact, data_root: Path | str, task: Task, split: str,
+                dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's ``(+-1 inputs (N, bits), labels)`` from the encoder's cached codes of ``dataset``."""
     from common.features import load_codes
 
-    codes, labels = load_codes(artifact, data_root, split)
+    codes, labels = load_codes(artifact, data_root, split, dataset=dataset)
     codes, labels = select_task(codes, labels, task)
     bits = int(artifact.manifest["latent_bits"])
     return codes_to_inputs(codes, bits), torch.from_numpy(labels)
@@ -44,6 +45,7 @@ def train_hybnn(
     train_config: TrainConfig = HYBNN_TRAIN_CONFIG,
     hidden: tuple[int, ...] | None = None,
     progress: bool = True,
+    dataset: str = "mnist",
 ) -> HyBNNRun:
     """Train the BNN for ``task`` on the frozen encoder's codes; test it.
 
@@ -54,8 +56,8 @@ def train_hybnn(
     if hidden is not None:
         config = replace(config, hidden=tuple(hidden))
     check_trainable(config)  # before the data are loaded: an impossible width fails at once
-    x_train, y_train = task_inputs(artifact, data_root, task, "train")
-    x_test, y_test = task_inputs(artifact, data_root, task, "test")
+    x_train, y_train = task_inputs(artifact, data_root, task, "train", dataset)
+    x_test, y_test = task_inputs(artifact, data_root, task, "test", dataset)
     torch.manual_seed(train_config.seed)  # the initial latent weights; fit seeds the batch order
     model = BNN(config)
     result = fit(model, x_train, y_train, train_config, desc=f"hybnn {task.name}", progress=progress)

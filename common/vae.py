@@ -7,6 +7,10 @@ Architecture (BinPlay-shaped, DESIGN.md point 5)::
              spatial size 28 -> 14 -> 7 -> 4, so the flattened map is 128*4*4 = 2048
     decoder: the mirror image: FC 200->2048 -> deconv 128->64->32 -> deconv 32->1 logits
 
+For images of another shape ``(H, W, C)`` (``VAEConfig.image_shape``, from the data
+set), the first conv takes C channels, the last deconv gives C, and the FC layers take
+the flattened ``128 x ceil(H/8) x ceil(W/8)`` map; the 200-bit latent stays.
+
 Default variant ``"bernoulli-ste"``: a true binary VAE. Each of the 200 latent units is
 Bernoulli with ``p = sigmoid(logit)``; during training a hard 0/1 sample is drawn and
 the gradient flows straight through to ``p`` (``b + p - stop_grad(p)``). The KL term is
@@ -37,6 +41,7 @@ from common.errors import HyBNNError
 
 VARIANTS = ("bernoulli-ste", "deterministic-ste")
 IMAGE_SIZE = 28
+MNIST_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,9 @@ class VAEConfig:
     kl_weight: float = 1.0
     """Weight of KL(q(b|x) || Bernoulli(0.5)) relative to the summed pixel BCE."""
     leaky_slope: float = 0.2
+    image_shape: tuple[int, int, int] = MNIST_SHAPE
+    """The input images' (height, width, channels): the first conv takes the channels, the
+    FC layer the flattened map of that size. MNIST's 28 x 28 x 1 by default."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -62,22 +70,41 @@ class VAEConfig:
                              "up to (not including) 1.")
         if not (isinstance(self.kl_weight, (int, float)) and 0 <= self.kl_weight < float("inf")):
             raise HyBNNError(f"The VAE's kl_weight is {self.kl_weight!r}; it must be a finite number >= 0.")
+        shape = tuple(int(v) for v in self.image_shape)
+        object.__setattr__(self, "image_shape", shape)  # a list from JSON compares equal to the tuple
+        if len(shape) != 3 or min(shape) < 1 or shape[2] not in (1, 3):
+            raise HyBNNError(f"A VAE's image shape is (height, width, 1 or 3 channels); got {shape}.")
+
+    def sizes(self, side: int) -> list[int]:
+        """A side's length at the input and after each stride-2 conv (``s`` -> ``ceil(s / 2)``)."""
+        out = [side]
+        for _ in self.channels:
+            out.append((out[-1] + 1) // 2)
+        return out
+
+    @property
+    def spatial_hw(self) -> tuple[int, int]:
+        """Height and width of the last feature map."""
+        return self.sizes(self.image_shape[0])[-1], self.sizes(self.image_shape[1])[-1]
 
     @property
     def spatial(self) -> int:
-        """Side of the last feature map: each stride-2 conv maps ``s`` to ``ceil(s / 2)``."""
-        s = IMAGE_SIZE
-        for _ in self.channels:
-            s = (s + 1) // 2
-        return s
+        """Side of the last feature map of square images (4 for MNIST)."""
+        return self.spatial_hw[0]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.image_shape[2])
 
     @property
     def flat_features(self) -> int:
-        return self.channels[-1] * self.spatial * self.spatial
+        h, w = self.spatial_hw
+        return self.channels[-1] * h * w
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channels"] = list(self.channels)
+        d["image_shape"] = list(self.image_shape)
         return d
 
     @classmethod
@@ -88,6 +115,8 @@ class VAEConfig:
             variant=str(d["variant"]),
             kl_weight=float(d.get("kl_weight", 1.0)),
             leaky_slope=float(d.get("leaky_slope", 0.2)),
+            # manifests written before other data sets existed hold MNIST encoders
+            image_shape=tuple(int(v) for v in d.get("image_shape", MNIST_SHAPE)),
         )
 
 
@@ -113,13 +142,13 @@ class VAETrainConfig:
 
 
 class Encoder(nn.Module):
-    """Image ``(N,1,28,28)`` float in [0,1] -> latent logits ``(N, latent_bits)``."""
+    """Image ``(N,C,H,W)`` float in [0,1] -> latent logits ``(N, latent_bits)``; MNIST: C=1, H=W=28."""
 
     def __init__(self, config: VAEConfig = VAEConfig()) -> None:
         super().__init__()
         self.config = config
         layers: list[nn.Module] = []
-        in_ch = 1
+        in_ch = config.in_channels
         for ch in config.channels:
             layers += [
                 nn.Conv2d(in_ch, ch, kernel_size=3, stride=2, padding=1, bias=False),
@@ -135,23 +164,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent ``(N, latent_bits)`` of +-1 -> pixel logits ``(N,1,28,28)``."""
+    """Latent ``(N, latent_bits)`` of +-1 -> pixel logits ``(N,C,H,W)``."""
 
     def __init__(self, config: VAEConfig = VAEConfig()) -> None:
         super().__init__()
         self.config = config
         self.fc = nn.Linear(config.latent_bits, config.flat_features)
         # Sizes on the way up, e.g. 4 -> 7 -> 14 -> 28: output_padding picks the parity.
-        sizes = [IMAGE_SIZE]
-        for _ in config.channels:
-            sizes.append((sizes[-1] + 1) // 2)
-        sizes.reverse()  # [4, 7, 14, 28]
+        heights = list(reversed(config.sizes(config.image_shape[0])))  # [4, 7, 14, 28]
+        widths = list(reversed(config.sizes(config.image_shape[1])))
         chans = list(reversed(config.channels))  # [128, 64, 32]
         layers: list[nn.Module] = []
         for i, in_ch in enumerate(chans):
             last = i == len(chans) - 1
-            out_ch = 1 if last else chans[i + 1]
-            out_pad = sizes[i + 1] - (2 * sizes[i] - 1)
+            out_ch = config.in_channels if last else chans[i + 1]
+            out_pad = (heights[i + 1] - (2 * heights[i] - 1), widths[i + 1] - (2 * widths[i] - 1))
             layers.append(
                 nn.ConvTranspose2d(in_ch, out_ch, kernel_size=3, stride=2, padding=1,
                                    output_padding=out_pad, bias=last)
@@ -161,8 +188,8 @@ class Decoder(nn.Module):
         self.deconv = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        c, s = self.config.channels[-1], self.config.spatial
-        h = F.leaky_relu(self.fc(z), self.config.leaky_slope).view(-1, c, s, s)
+        c, (sh, sw) = self.config.channels[-1], self.config.spatial_hw
+        h = F.leaky_relu(self.fc(z), self.config.leaky_slope).view(-1, c, sh, sw)
         return self.deconv(h)
 
 
@@ -219,16 +246,28 @@ class BinaryVAE(nn.Module):
         return {"loss": recon + self.config.kl_weight * kl, "recon": recon, "kl": kl}
 
 
-def images_to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N,28,28)`` -> float32 ``(N,1,28,28)`` in [0,1] (the encoder's input)."""
+def images_to_tensor(images_uint8: np.ndarray, shape: tuple[int, int, int] = MNIST_SHAPE) -> torch.Tensor:
+    """uint8 ``(N,H,W)`` or ``(N,H,W,C)`` -> float32 ``(N,C,H,W)`` in [0,1] (the encoder's input).
+
+    ``shape`` is the ``(H, W, C)`` the caller expects (MNIST's by default); other images
+    are refused, never resized.
+    """
     images = np.asarray(images_uint8)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+    h, w, c = (int(v) for v in shape)
+    want = (h, w) if c == 1 else (h, w, c)
+    got = images.shape[1:]
+    if images.ndim == 4 and c == 1 and images.shape[3] == 1:
+        got = images.shape[1:3]
+        images = images[..., 0]
+    if images.dtype != np.uint8 or got != want:
         raise HyBNNError(
-            f"Expected uint8 images of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), got "
+            f"Expected uint8 images of shape (N, {', '.join(map(str, want))}), got "
             f"{images.dtype} {images.shape}."
         )
     # np.array copies, so a read-only (memory-mapped) input never aliases a torch tensor.
-    return torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1).float().div_(255.0)
+    t = torch.from_numpy(np.array(images, dtype=np.uint8))
+    t = t.unsqueeze(1) if c == 1 else t.permute(0, 3, 1, 2).contiguous()
+    return t.float().div_(255.0)
 
 
 def train_vae(
@@ -246,7 +285,7 @@ def train_vae(
         raise HyBNNError(f"The VAE needs at least 2 training images (batch norm); got {len(images_uint8)}.")
     torch.manual_seed(train_config.seed)
     generator = torch.Generator().manual_seed(train_config.seed)
-    x = images_to_tensor(images_uint8)
+    x = images_to_tensor(images_uint8, config.image_shape)
     model = BinaryVAE(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
     steps_per_epoch = max(1, -(-len(x) // train_config.batch_size))

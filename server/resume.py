@@ -47,9 +47,11 @@ STAGING_LOCK_NAME = ".lock"
 DETERMINING_SETTINGS = (
     "task", "num_server_rounds", "local_epochs", "lr", "lr_schedule", "batch_size", "aggregation",
     "vote_latent_scale", "bn_dtype", "uplink_codec", "partition", "dirichlet_alpha", "seed",
-    "min_available_nodes",
+    "min_available_nodes", "dataset",
 )
 """The run-config settings a resumed run must share with the checkpoint: they decide the model."""
+SETTING_DEFAULTS = {"dataset": "mnist"}
+"""What a checkpoint that predates a setting ran with (checkpoints before ``dataset`` were MNIST's)."""
 
 
 @dataclass(frozen=True)
@@ -159,8 +161,9 @@ def check_matches(state: dict, ident: dict) -> None:
     saved = state.get("settings")
     saved = saved if isinstance(saved, dict) else {}
     for key, value in ident["settings"].items():
-        if saved.get(key) != value:
-            differences.append(f"{key.replace('_', '-')}: checkpoint {saved.get(key)!r}, this run {value!r}")
+        recorded = saved.get(key, SETTING_DEFAULTS.get(key))
+        if recorded != value:
+            differences.append(f"{key.replace('_', '-')}: checkpoint {recorded!r}, this run {value!r}")
     if differences:
         raise HyBNNError("The checkpoint belongs to another run and cannot be resumed by this one ("
                          + "; ".join(differences) + "). Resume with the options of the run that saved it.")

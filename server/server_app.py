@@ -42,7 +42,7 @@ from common import codec, flipcodec, robust
 from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
-from common.tasks import get_task, select_task
+from common.tasks import select_task, task_for_dataset
 from common.training import evaluate
 from server import resume
 from server.strategy import PackedFedAvg, RoundLog
@@ -58,6 +58,7 @@ class ServerSettings:
     """The run config, typed. Field ``x_y`` is run-config key ``x-y``."""
 
     task: str = "4v5"
+    dataset: str = "mnist"
     num_server_rounds: int = 20
     local_epochs: int = 2
     lr: float = 0.03
@@ -103,7 +104,7 @@ class ServerSettings:
             except (TypeError, ValueError) as exc:
                 raise HyBNNError(f"Run config {key}={raw!r} is not a {type(default).__name__} ({exc}).") from exc
         settings = cls(**values)
-        get_task(settings.task)
+        task_for_dataset(settings.task, settings.dataset)
         agg.check_mode(settings.aggregation)
         if settings.bn_dtype not in codec.BN_DTYPES:
             raise HyBNNError(f"Run config bn-dtype={settings.bn_dtype!r}; use one of {', '.join(codec.BN_DTYPES)}.")
@@ -186,10 +187,10 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # evaluating a tiny BNN; leave the cores to the clients
-    task = get_task(settings.task)
+    task = task_for_dataset(settings.task, settings.dataset)
     artifact = load_encoder_artifact(settings.encoder_path, expected_sha256=settings.encoder_sha256 or None)
     log(INFO, "Encoder %s, sha256 %s; clients must hold the same.", artifact.path, artifact.sha256)
-    codes, labels = load_codes(artifact, settings.data_root, "test", progress=False)
+    codes, labels = load_codes(artifact, settings.data_root, "test", progress=False, dataset=settings.dataset)
     codes, labels = select_task(codes, labels, task)
     bits = int(artifact.config.latent_bits)
     x_test, y_test = codes_to_inputs(codes, bits), torch.from_numpy(labels)
@@ -200,6 +201,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
     initial = BNN(config)
     results: dict = {
         "run_config": asdict(settings),
+        "task": task.to_dict(),
         "encoder_sha256": artifact.sha256,
         "codec_version": codec.CODEC_VERSION,
         "bnn": {"binary_weights": layout.n_binary, "bn_numbers": layout.n_bn},
@@ -255,7 +257,8 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
                 log(ERROR, "Round %d: no reply could be aggregated (%s); the global model stays as it was.",
                     server_round, "; ".join(failure_reasons([results["rounds"][-1]])) or "no client replied")
             save_bnn(model, out_dir / "global", meta={
-                "task": task.name, "encoder_sha256": artifact.sha256, "round": server_round,
+                "task": task.name, "dataset": settings.dataset, "class_names": list(task.class_names),
+                "encoder_sha256": artifact.sha256, "round": server_round,
                 "test_acc": metrics["acc"], "aggregation": settings.aggregation})
             log(INFO, "Round %d: global test accuracy %.4f (%d clients, %d left out)",
                 server_round, metrics["acc"], len(clients), len(round_log.dropped))

@@ -62,6 +62,13 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def task_spec(text: str) -> str:
+    """A named task or a spec of class groups; checked against the data set's classes later."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a task name or a spec such as 3v8, 0,2,4v1,3,5 or 3,5,8")
+    return text.strip()
+
+
 def task_name(text: str) -> str:
     if text not in TASKS:
         raise argparse.ArgumentTypeError(f"unknown task {text!r}; valid tasks: {', '.join(TASKS)}")
@@ -72,7 +79,39 @@ def _add_data_root(p: argparse.ArgumentParser) -> None:
     from common.data import DEFAULT_DATA_ROOT
 
     p.add_argument("--data-root", type=path_arg, default=DEFAULT_DATA_ROOT,
-                   help="where MNIST and the feature cache live (default: %(default)s, or $HYBNN_DATA_ROOT)")
+                   help="where MNIST, Fashion-MNIST and the feature cache live (default: %(default)s, "
+                        "or $HYBNN_DATA_ROOT)")
+
+
+def dataset_arg(text: str) -> str:
+    """A data set name; the path of ``npz:PATH`` / ``folder:PATH`` must not be empty (an unset variable)."""
+    name = text.strip()
+    if not name:
+        raise argparse.ArgumentTypeError("expected a data set name such as mnist, fashion-mnist, npz:PATH "
+                                         "or folder:PATH, got an empty string (an unset variable?)")
+    for part in name.split("+"):
+        for prefix in ("npz:", "folder:"):
+            if part.strip().startswith(prefix) and not part.strip()[len(prefix):].split("@")[0]:
+                raise argparse.ArgumentTypeError(f"{prefix}PATH needs a path, got {part.strip()!r} "
+                                                 "(an unset variable?)")
+    return name
+
+
+def _add_dataset(p: argparse.ArgumentParser, union: bool = False) -> None:
+    p.add_argument("--dataset", type=dataset_arg, default="mnist", metavar="NAME",
+                   help="mnist, fashion-mnist, npz:PATH, folder:PATH or a registered name"
+                        + (", or a union A+B of data sets of one shape" if union else "")
+                        + " (default: %(default)s; docs/datasets.md)")
+    p.add_argument("--image-size", default=None, metavar="HxW",
+                   help="resize the data set's images to this size (N or HxW); images are never "
+                        "resized otherwise (default: none)")
+
+
+def _dataset(args: argparse.Namespace) -> str:
+    """The data set name with the --image-size request folded in (name@HxW)."""
+    from common.datasets import with_image_size
+
+    return with_image_size(args.dataset, args.image_size)
 
 
 def check_out(path: Path, what: str = "--out") -> Path:
@@ -90,23 +129,35 @@ def _add_encoder(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------ handlers
 def cmd_data(args: argparse.Namespace) -> None:
     from common.data import ensure_mnist
+    from common.datasets import get_dataset
 
-    print(f"MNIST is ready under {ensure_mnist(args.data_root)}")
+    if args.dataset == "mnist" and args.image_size is None:
+        print(f"MNIST is ready under {ensure_mnist(args.data_root)}")
+        return
+    data = get_dataset(_dataset(args))
+    x_train, _, x_test, _ = data.load_all(args.data_root)
+    print(f"{data.name}: {len(x_train)} training and {len(x_test)} test images of shape {data.shape} "
+          f"(H, W, C), {data.num_classes} classes ({', '.join(data.class_names)}); fingerprint "
+          f"{data.fingerprint(args.data_root)}")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from common.data import dataset_sha256, load_mnist
+    from common.datasets import pretrain_images
     from common.encoder import MANIFEST_FILE, WEIGHTS_FILE, save_encoder_artifact
     from common.fileio import keeping_earlier
     from common.vae import VAEConfig, VAETrainConfig, train_vae
 
     check_out(args.out)
     train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed)
-    images, labels = load_mnist(args.data_root, "train")
-    vae, history = train_vae(images, VAEConfig(), train_config)
+    images, datasets, data_sha = pretrain_images(args.dataset, args.data_root, args.image_size)
+    print(f"Pretraining on {' + '.join(d.name for d in datasets)}: {len(images)} images of shape "
+          f"{datasets[0].shape} (H, W, C)")
+    vae, history = train_vae(images, VAEConfig(image_shape=datasets[0].shape), train_config)
     with keeping_earlier(args.out, (MANIFEST_FILE, WEIGHTS_FILE)) as kept:
-        artifact = save_encoder_artifact(vae, args.out, data_sha256=dataset_sha256(images, labels),
-                                         train_config=train_config.to_dict(), history=history)
+        artifact = save_encoder_artifact(
+            vae, args.out, data_sha256=data_sha, train_config=train_config.to_dict(), history=history,
+            datasets=[d.name for d in datasets],
+            data_fingerprints={d.name: d.fingerprint(args.data_root) for d in datasets})
     if kept is not None:
         print(f"The earlier encoder in {args.out} is kept in {kept}")
     print(f"Frozen encoder written to {artifact.path} (sha256 {artifact.sha256})")
@@ -118,7 +169,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
     artifact = load_encoder_artifact(args.encoder)
     for split in ("train", "test"):
-        codes, _ = load_codes(artifact, args.data_root, split)
+        codes, _ = load_codes(artifact, args.data_root, split, dataset=_dataset(args))
         print(f"{split}: {codes.shape[0]} codes of {codes.shape[1]} bytes")
 
 
@@ -127,20 +178,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     from common.fileio import keeping_earlier
     from common.encoder import load_encoder_artifact
     from common.pipeline import train_hybnn
-    from common.tasks import get_task
+    from common.tasks import task_for_dataset
     from dataclasses import replace
 
     from common.pipeline import HYBNN_TRAIN_CONFIG  # --help states its defaults; tests/test_cli.py keeps them in step
 
-    task = get_task(args.task)
-    out = check_out(args.out or Path("runs") / f"bnn-{task.name}")
+    dataset = _dataset(args)
+    task = task_for_dataset(args.task, dataset)
+    out = check_out(args.out or Path("runs") / f"bnn-{task.slug}")
     config = replace(HYBNN_TRAIN_CONFIG, epochs=args.epochs, seed=args.seed,
                      lr=args.lr or HYBNN_TRAIN_CONFIG.lr,
                      batch_size=args.batch_size or HYBNN_TRAIN_CONFIG.batch_size)
     artifact = load_encoder_artifact(args.encoder)
-    run = train_hybnn(artifact, task, args.data_root, config, hidden=args.hidden)
+    run = train_hybnn(artifact, task, args.data_root, config, hidden=args.hidden, dataset=dataset)
     with keeping_earlier(out, (META_NAME, WEIGHTS_NAME)) as kept:
-        save_bnn(run.model, out, meta={"task": task.name, "encoder_sha256": artifact.sha256,
+        save_bnn(run.model, out, meta={"task": task.name, "dataset": dataset,
+                                       "class_names": list(task.class_names), "groups": task.to_dict()["groups"],
+                                       "encoder_sha256": artifact.sha256,
                                        "test_acc": run.test_acc, "train": config.to_dict(),
                                        "train_seconds": run.train.seconds})
     if kept is not None:
@@ -153,7 +207,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     from common.baselines import train_baseline
 
     result = train_baseline(args.model, args.task, epochs=args.epochs, data_root=args.data_root,
-                            seed=args.seed)
+                            seed=args.seed, dataset=_dataset(args))
     print(f"{args.model} {args.task}: test accuracy {result['test_acc']:.4f} "
           f"after {result['epochs']} epochs ({result['train_seconds']:.1f} s)")
 
@@ -175,7 +229,7 @@ def _federation_settings(args: argparse.Namespace) -> dict:
         partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
         uplink_codec=args.uplink_codec, encoder=args.encoder, data_root=args.data_root, out=args.out,
         seed=args.seed, batch_size=args.batch_size, centralized_epochs=args.centralized_epochs,
-        resume=args.resume,
+        dataset=_dataset(args), resume=args.resume,
     )
 
 
@@ -202,7 +256,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> None:
 
 
 def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> None:
-    p.add_argument("--task", type=task_name, default="4v5", help="default: %(default)s")
+    p.add_argument("--task", type=task_spec, default="4v5",
+                   help="a named task or a spec such as 3v8 (docs/datasets.md; default: %(default)s)")
     p.add_argument("--clients", type=positive_int, default=PROFILES["paper"].fed_clients,
                    help="number of clients (default: %(default)s)")
     p.add_argument("--rounds", type=positive_int, default=PROFILES["paper"].fed_rounds,
@@ -224,6 +279,7 @@ def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> Non
     p.add_argument("--centralized-epochs", type=positive_int, default=None,
                    help="epochs of the centralized reference (default: rounds x local epochs)")
     _add_data_root(p)
+    _add_dataset(p)
     _add_encoder(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=path_arg, default=Path(default_out),
@@ -263,26 +319,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("data", help="fetch MNIST into the data root and check it")
+    p = sub.add_parser("data", help="fetch MNIST (or --dataset) into the data root and check it")
     _add_data_root(p)
+    _add_dataset(p)
     p.set_defaults(handler=cmd_data)
 
     p = sub.add_parser("pretrain", help="train the binary-latent VAE and write the frozen encoder")
     _add_data_root(p)
+    _add_dataset(p, union=True)
     p.add_argument("--out", type=path_arg, default=DEFAULT_ENCODER, help="artifact directory (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].vae_epochs,
-                   help="VAE epochs on the 60k training images (default: %(default)s; at most 10000)")
+                   help="VAE epochs on the data set's training images (default: %(default)s; at most 10000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_pretrain)
 
-    p = sub.add_parser("extract", help="encode MNIST into packed 200-bit codes and cache them")
+    p = sub.add_parser("extract", help="encode a data set (MNIST by default) into packed 200-bit codes and cache them")
     _add_data_root(p)
+    _add_dataset(p)
     _add_encoder(p)
     p.set_defaults(handler=cmd_extract)
 
     p = sub.add_parser("train", help="train the HyBNN BNN on one task from the encoder's codes")
-    p.add_argument("--task", type=task_name, required=True, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--task", type=task_spec, required=True,
+                   help=f"one of {', '.join(TASKS)}, or a spec of class groups: 3v8, 0,2,4,6,8v1,3,5,7,9, "
+                        f"3,5,8, class names (docs/datasets.md)")
     _add_data_root(p)
+    _add_dataset(p)
     _add_encoder(p)
     p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].bnn_epochs,
                    help="default: %(default)s; at most 10000")
@@ -300,8 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("baseline", help="train one of the baseline CNNs on one task")
     p.add_argument("--model", required=True, choices=["bcnn-sign", "bcnn-centered", "fp-cnn"])
-    p.add_argument("--task", type=task_name, required=True, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--task", type=task_spec, required=True,
+                   help=f"one of {', '.join(TASKS)}, or a spec such as 3v8 (docs/datasets.md)")
     _add_data_root(p)
+    _add_dataset(p)
     p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].baseline_epochs,
                    help="default: %(default)s; at most 10000")
     p.add_argument("--seed", type=int, default=0)

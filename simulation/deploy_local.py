@@ -280,9 +280,25 @@ def _rounds_done(server_json: Path) -> int:
         return 0
 
 
+def check_dataset_reachable(name: str) -> None:
+    """Refuse a data set registered in this process: the SuperLink and SuperNodes are
+    processes of their own, started from the command line, and cannot call its loader."""
+    from common.datasets import SIZE_SUFFIX, registered_datasets
+
+    m = SIZE_SUFFIX.match(name)
+    base = m.group(1) if m else name
+    if base in registered_datasets():
+        raise HyBNNError(
+            f"Data set {base!r} is registered in this process only; deploy-local's SuperLink and "
+            f"SuperNodes are processes of their own and cannot read it. Save its arrays as an .npz "
+            f"file (x_train, y_train, x_test, y_test, class_names) and pass --dataset npz:PATH, or "
+            f"run it with `hybnn federate` (docs/datasets.md).")
+
+
 def deploy_local(config: DeployConfig) -> dict:
     """Run the federation as processes on loopback; write and return results.json's content."""
     check_config(config)
+    check_dataset_reachable(config.dataset)
     if not 1 <= config.min_nodes <= config.clients:
         raise HyBNNError(f"--min-nodes must be between 1 and --clients ({config.clients}).")
     check_security_options(config)
@@ -308,7 +324,7 @@ def _deploy_local(config: DeployConfig, out: Path, started: float, signals: runs
               flush=True)
     print(f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features", flush=True)
     for split in ("train", "test"):  # once, here, so the SuperNodes never race on the cache
-        load_codes(artifact, config.data_root, split, progress=config.progress)
+        load_codes(artifact, config.data_root, split, progress=config.progress, dataset=config.dataset)
     print(f"Centralized HyBNN on {config.task}, "
           f"{config.reference_epochs} epochs", flush=True)
     centralized = centralized_reference(artifact, config)

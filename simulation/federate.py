@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 import warnings
@@ -46,6 +47,7 @@ class FederateConfig:
     """One federated experiment. Defaults follow the paper: 3 clients, 20 rounds, IID."""
 
     task: str = "4v5"
+    dataset: str = "mnist"
     clients: int = 3
     rounds: int = 20
     local_epochs: int = 2
@@ -77,8 +79,11 @@ class FederateConfig:
 
     def run_config(self, encoder_sha256: str) -> dict:
         """The ServerApp/ClientApp run config (kebab-case keys) for this experiment."""
+        from common.datasets import absolute_dataset
+
         return {
             "task": self.task,
+            "dataset": absolute_dataset(self.dataset),
             "num-server-rounds": self.rounds,
             "local-epochs": self.local_epochs,
             "lr": self.lr,
@@ -108,10 +113,10 @@ def check_config(config: FederateConfig) -> None:
     from common.aggregation import check_mode
     from common.flipcodec import UPLINK_CODECS
     from common.partition import SCHEMES
-    from common.tasks import get_task
+    from common.tasks import task_for_dataset
     from common.training import MAX_EPOCHS, TrainConfig
 
-    get_task(config.task)
+    task_for_dataset(config.task, config.dataset)
     for what, value in (("--rounds", config.rounds), ("--local-epochs", config.local_epochs),
                         ("the centralized reference's epochs (--centralized-epochs, by default "
                          "rounds x local epochs)", config.reference_epochs)):
@@ -136,15 +141,16 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
 
     from common.bnn import BNN, BNNConfig, codes_to_inputs
     from common.features import load_codes
-    from common.tasks import get_task, select_task
+    from common.tasks import select_task, task_for_dataset
     from common.training import TrainConfig, evaluate, fit
 
-    task = get_task(config.task)
+    task = task_for_dataset(config.task, config.dataset)
     bits = int(artifact.config.latent_bits)
     epochs = config.reference_epochs
     split = {}
     for name in ("train", "test"):
-        codes, labels = load_codes(artifact, config.data_root, name, progress=config.progress)
+        codes, labels = load_codes(artifact, config.data_root, name, progress=config.progress,
+                                   dataset=config.dataset)
         codes, labels = select_task(codes, labels, task)
         split[name] = (codes_to_inputs(codes, bits), torch.from_numpy(labels))
     torch.manual_seed(config.seed)
@@ -171,8 +177,10 @@ def simulation_apps(run_config: dict):
     from flwr.serverapp import Grid, ServerApp
 
     from client.client_app import handle_train
+    from common.datasets import register_all, registered_datasets
     from server.server_app import ServerSettings, run_server
 
+    datasets = registered_datasets()  # the clients may run in other processes (Ray workers)
     server_app = ServerApp()
 
     @server_app.main()
@@ -183,6 +191,7 @@ def simulation_apps(run_config: dict):
 
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
+        register_all(datasets)
         return handle_train(msg, context, defaults=run_config)
 
     return server_app, client_app
@@ -243,6 +252,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
     uplink = max((r["uplink_bytes"] for r in rounds), default=None)
     return {
         "config": config,
+        "task": server.get("task"),
         "encoder_sha256": server.get("encoder_sha256"),
         "codec_version": server.get("codec_version"),
         "centralized_acc": central,
@@ -371,6 +381,7 @@ def federate(config: FederateConfig) -> dict:
     Ctrl-C or SIGTERM stops it within seconds: the rounds completed so far are published
     with status ``stopped`` and ``KeyboardInterrupt`` is raised.
     """
+    from common.datasets import carry_registered
     from common.encoder import load_encoder_artifact
     from common.features import load_codes
     from server.server_app import SERVER_RESULTS
@@ -389,7 +400,8 @@ def federate(config: FederateConfig) -> dict:
             _say(config, f"Resuming {source} after round {done} of {config.rounds}")
         _say(config, f"Encoder {artifact.path} (sha256 {artifact.sha256[:16]}...); extracting features")
         for split in ("train", "test"):
-            load_codes(artifact, config.data_root, split, progress=config.progress)
+            load_codes(artifact, config.data_root, split, progress=config.progress,
+                       dataset=config.dataset)
         _say(config, f"Centralized HyBNN on {config.task}, "
                      f"{config.reference_epochs} epochs")
         centralized = centralized_reference(artifact, config)
@@ -400,26 +412,32 @@ def federate(config: FederateConfig) -> dict:
         staging = runs.staging_dir(out)
         run_config["out-dir"] = str(staging.resolve())
         worker = None
-        try:
-            worker = start_federation_worker(run_config, config.clients, staging)
-            _watch_worker(config, worker, staging)
-        except KeyboardInterrupt:
-            print("Stopping the federation ...", file=sys.stderr, flush=True)
-        finally:
-            signals.defer()
-            if worker is not None:
-                runs.stop_process_tree(worker)
+        with tempfile.TemporaryDirectory(prefix="hybnn-datasets-") as carried_dir:
+            try:
+                carried = carry_registered(config.dataset, config.data_root, Path(carried_dir))
+                worker = start_federation_worker(run_config, config.clients, staging, carried)
+                _watch_worker(config, worker, staging)
+            except KeyboardInterrupt:
+                print("Stopping the federation ...", file=sys.stderr, flush=True)
+            finally:
+                signals.defer()
+                if worker is not None:
+                    runs.stop_process_tree(worker)
         return finish_run(staging / SERVER_RESULTS, staging, out, centralized, config.to_dict(), started,
                           signals.stopped, source, config.rounds)
 
 
-def start_federation_worker(run_config: dict, clients: int, staging: Path) -> subprocess.Popen:
-    """:func:`run_federation` in a child process in its own session, logging to ``staging/logs``."""
+def start_federation_worker(run_config: dict, clients: int, staging: Path,
+                            datasets: list[dict] | None = None) -> subprocess.Popen:
+    """:func:`run_federation` in a child process in its own session, logging to ``staging/logs``.
+
+    ``datasets``: registered data sets the child registers first
+    (:func:`common.datasets.carry_registered`)."""
     logs = staging / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     spec = logs / "simulation.json"
     atomic_write_bytes(spec, json.dumps({"run_config": run_config, "clients": clients,
-                                         "parent_pid": os.getpid()}).encode())
+                                         "datasets": datasets or [], "parent_pid": os.getpid()}).encode())
     project = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
@@ -474,8 +492,11 @@ def _worker_main(spec_path: str) -> int:
     """The child process of :func:`federate`: the Ray simulation of one run."""
     from simulation.runs import stop_with_parent
 
+    from common.datasets import receive_carried
+
     spec = json.loads(Path(spec_path).read_text())
     stop_with_parent(int(spec["parent_pid"]))
+    receive_carried(spec.get("datasets", []))
     run_federation(spec["run_config"], int(spec["clients"]))
     return 0
 

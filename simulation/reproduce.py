@@ -270,6 +270,9 @@ def _unique_tasks(tasks: Iterable[str] | None) -> list[str]:
     if not names:
         raise HyBNNError(f"No tasks given. Pass --tasks with one or more of: {', '.join(TASKS)}.")
     for name in names:
+        if name not in TASKS:  # the paper's experiment: its six named tasks only
+            raise HyBNNError(f"Unknown task {name!r} for reproduce. Valid tasks are: {', '.join(TASKS)}; "
+                             "`hybnn train --task SPEC` trains any other.")
         get_task(name)
     return names
 

@@ -121,7 +121,7 @@ def check_resumable(source: Path, run_config: dict) -> int:
     from common import codec
     from common.bnn import BNNConfig
     from common.encoder import load_encoder_artifact
-    from common.tasks import get_task
+    from common.tasks import task_for_dataset
     from server import resume
     from server.server_app import ServerSettings
 
@@ -131,7 +131,8 @@ def check_resumable(source: Path, run_config: dict) -> int:
     checkpoint = resume.load_checkpoint(source)
     state = checkpoint.state
     artifact = load_encoder_artifact(settings.encoder_path)
-    config = BNNConfig.for_task(int(artifact.config.latent_bits), get_task(settings.task).num_classes)
+    num_classes = task_for_dataset(settings.task, settings.dataset).num_classes
+    config = BNNConfig.for_task(int(artifact.config.latent_bits), num_classes)
     layout = codec.layout_for(config)
     bnn = {"config": config.to_dict(), "binary_weights": layout.n_binary, "bn_numbers": layout.n_bn}
     resume.check_matches(state, resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION, bnn))

@@ -107,4 +107,4 @@ def test_train_baseline_on_real_mnist(mnist_root):
     assert 0.0 <= result["test_acc"] <= 1.0 and result["train_seconds"] > 0
     assert result["train_samples"] == 512
     with pytest.raises(HyBNNError, match="Unknown task"):
-        train_baseline("fp-cnn", "3v4", epochs=1, data_root=mnist_root)
+        train_baseline("fp-cnn", "3v11", epochs=1, data_root=mnist_root)

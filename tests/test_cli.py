@@ -19,7 +19,7 @@ def hybnn(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["train", "--task", "3v4"], "unknown task '3v4'; valid tasks: 0v1, 2v3, 4v5, 6v7, 8v9, all10"),
+        (["train", "--task", "3v11"], "Unknown task '3v11': it names the class '11'"),
         (["train", "--task", "0v1", "--epochs", "0"], "expected a positive integer, got 0"),
         (["train", "--task", "0v1", "--lr", "nan"], "expected a positive finite number"),
         (["train", "--task", "0v1", "--hidden", "128,x"], "comma-separated positive layer widths"),

@@ -124,4 +124,4 @@ def test_tasks_select_and_relabel():
 
 def test_unknown_task_lists_valid_ones():
     with pytest.raises(HyBNNError, match="0v1, 2v3, 4v5, 6v7, 8v9, all10"):
-        get_task("3v4")
+        get_task("3v12")

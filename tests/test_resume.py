@@ -152,3 +152,18 @@ def test_deploy_local_resumes_after_the_superlink_is_killed(tmp_path, mnist_root
     for a, b in zip(whole["rounds"][1:], resumed["rounds"][1:]):
         assert [round(c["reported"]["train_loss"], 4) for c in a["clients"]] == [round(c["reported"]["train_loss"], 4) for c in b["clients"]]
     assert not list(out.glob(".run-*"))
+
+
+def test_a_checkpoint_of_another_data_set_is_refused(tmp_path):
+    from server import resume
+
+    resume.save_checkpoint(tmp_path, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, _identity(dataset="fashion-mnist"))
+    state = resume.load_checkpoint(tmp_path).state
+    with pytest.raises(HyBNNError, match="dataset: checkpoint 'fashion-mnist', this run 'mnist'"):
+        resume.check_matches(state, _identity())
+    resume.check_matches(state, _identity(dataset="fashion-mnist"))
+    # A checkpoint written before the data set was part of the identity was MNIST's.
+    del state["settings"]["dataset"]
+    resume.check_matches(state, _identity())
+    with pytest.raises(HyBNNError, match="dataset: checkpoint 'mnist', this run 'fashion-mnist'"):
+        resume.check_matches(state, _identity(dataset="fashion-mnist"))
