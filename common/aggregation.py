@@ -3,7 +3,7 @@
 FedAvg on a BNN averages the clients' binarized weights (each +-1), weighted by their
 number of training examples. The mean lies in ``[-1, 1]``: its sign is the weighted
 majority vote, and its magnitude says how strongly the clients agree. Two ways to
-send it back (DESIGN.md point 8):
+send it back:
 
 ``vote``
     the sign of the mean, 1 bit per weight (ties go to +1, as ``sign(0) = +1``).

@@ -1,6 +1,6 @@
 """The baselines HyBNN is compared with: one small CNN shape, three ways.
 
-Each baseline is reported under its own name (DESIGN.md point 4):
+Each baseline is reported under its own name:
 
 ``bcnn-sign``
     A binary CNN whose input is ``sign(x)`` of the raw pixels in [0, 1]. Since

@@ -1,6 +1,6 @@
 """MNIST on disk, from the first source that works.
 
-Sources, in order (DESIGN.md point 2):
+Sources, in order:
 
 1. IDX files already under ``<data-root>/MNIST/raw``;
 2. torchvision's own download, with a short network timeout;

@@ -9,7 +9,7 @@ Layout of an artifact directory::
 
 The sha256 of ``encoder.safetensors`` is the encoder's identity: features are cached
 under it (:mod:`common.features`) and a federated client refuses an encoder whose hash
-differs from the one the server names (DESIGN.md point 6).
+differs from the one the server names.
 
 Files are written to temporary names in the same directory and renamed into place,
 weights first and manifest last. The manifest names the weights' hash, so a crash

@@ -1,9 +1,9 @@
 """Which of its local samples a client trains on: flwr-datasets partitioners, offline.
 
 A client knows its ``partition-id`` and the ``num-partitions`` of the federation. It
-builds a ``datasets.Dataset`` from the labels it holds (no hub, no download; DESIGN.md
-point 9), shuffles it with a seed every client shares, and asks a flwr-datasets
-partitioner for its share. Every client computes the same split, so the partitions
+builds a ``datasets.Dataset`` from the labels it holds (no hub, no download),
+shuffles it with a seed every client shares, and asks a flwr-datasets partitioner
+for its share. Every client computes the same split, so the partitions
 are disjoint without any coordination.
 
 * ``iid``: :class:`~flwr_datasets.partitioner.IidPartitioner` on the shuffled samples,

@@ -1,6 +1,6 @@
 """The full-precision VAE with a binary latent (stage 1, representation learning).
 
-Architecture (BinPlay-shaped, DESIGN.md point 5)::
+Architecture (BinPlay-shaped)::
 
     encoder: (N,1,28,28) -> conv 1->32 -> conv 32->64 -> conv 64->128 -> FC 2048->200 logits
              each conv: kernel 3, stride 2, pad 1, no bias, BatchNorm, LeakyReLU
