@@ -1,0 +1,344 @@
+"""The federated run's settings, declared once.
+
+Every setting of a FedHyBNN run is one :class:`Setting` in :data:`SETTINGS`: its
+kebab-case key, type, default, help text, valid range or choices, who reads it, and the
+``hybnn federate`` / ``deploy-local`` field that sets it. Everything else is made from
+that list:
+
+* the ServerApp's ``ServerSettings``, the ClientApp's ``ClientSettings`` and
+  ``LocalRound`` (the per-round train config) are dataclasses made by
+  :func:`settings_dataclass`, parsed by :func:`parse_settings`;
+* ``FederateConfig`` (simulation/federate.py) takes its fields and defaults from the
+  entries with a ``field``, and builds the run config with their keys;
+* the ``federate`` / ``deploy-local`` options of the CLI are generated from the same
+  entries (flag ``--`` + field, with ``_`` written ``-``);
+* pyproject.toml's ``[tool.flwr.app.config]`` and the run-config table in
+  docs/federated.md are checked against it (tests/test_settings.py), and printed from it
+  with ``python -m common.settings --pyproject`` / ``--markdown``.
+
+Adding a setting is adding one entry (and its line in pyproject.toml and the docs, which
+the tests ask for). This module imports neither torch nor flwr: the CLI's ``--help``
+reads it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import HyBNNError
+
+READERS = ("server", "client", "both")
+SCOPES = ("run", "node", "command")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a federated run."""
+
+    key: str
+    """kebab-case name: the run-config (or node-config) key."""
+    type: type
+    """``str``, ``int``, ``float`` or ``Path`` (a path: ``str`` in the run config)."""
+    default: Any
+    help: str
+    reads: str = "server"
+    """``server`` (the ServerApp), ``client`` (the ClientApp) or ``both``."""
+    scope: str = "run"
+    """``run``: a run-config key (pyproject.toml); ``node``: a SuperNode's own node config;
+    ``command``: only ``hybnn federate`` / ``deploy-local`` (not sent to the apps)."""
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    above: float | None = None
+    """Exclusive lower bound (``lr`` above 0)."""
+    maximum: float | None = None
+    field: str | None = None
+    """The ``FederateConfig`` field and CLI option (``--`` + field) that set it; None: neither."""
+    cli: bool = True
+    """With a ``field``: also a ``federate`` / ``deploy-local`` option."""
+    per_round: bool = False
+    """The server sends it to every client in each round's train config."""
+    env: str | None = None
+    """An environment variable that, when set, replaces the CLI option's default."""
+
+    @property
+    def name(self) -> str:
+        """The attribute name in ServerSettings / ClientSettings / LocalRound."""
+        return self.key.replace("-", "_")
+
+    @property
+    def flag(self) -> str | None:
+        """The CLI option, e.g. ``--rounds`` for ``num-server-rounds``."""
+        return "--" + self.field.replace("_", "-") if self.field and self.cli else None
+
+    def parse(self, raw: object, source: str = "Run config") -> Any:
+        """``raw`` as this setting's type, checked; a :class:`HyBNNError` names the key and the fix."""
+        where = f"{source} {self.key}={raw!r}"
+        if raw is None and self.default is None:
+            return None
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float, Path)):
+            raise HyBNNError(f"{where} is a {type(raw).__name__}; expected {self.describe_type()}.")
+        if self.type in (str, Path):
+            value: Any = str(raw)
+        elif self.type is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise HyBNNError(f"{where} is not a whole number; expected {self.describe_type()}.")
+            try:
+                value = int(raw) if not isinstance(raw, str) else int(raw.strip())
+            except (ValueError, OverflowError):
+                raise HyBNNError(f"{where} is not {self.describe_type()}.") from None
+        else:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise HyBNNError(f"{where} is not {self.describe_type()}.") from None
+            if not math.isfinite(value):
+                raise HyBNNError(f"{where} is not a finite number.")
+        self.check(value, source, shown=raw)
+        return value
+
+    def check(self, value: Any, source: str = "Run config", shown: object = None) -> None:
+        """Refuse a value outside the choices or the range (``shown``: the value as it was given)."""
+        where = f"{source} {self.key}={value if shown is None else shown!r}"
+        if self.choices and value not in self.choices:
+            raise HyBNNError(f"{source} {self.key} {value!r} is unknown; use one of {', '.join(self.choices)}.")
+        if self.minimum is not None and value < self.minimum:
+            raise HyBNNError(f"{where} is below {self.minimum:g}; use {self.range_text()}.")
+        if self.above is not None and not value > self.above:
+            raise HyBNNError(f"{where} must be above {self.above:g}; use {self.range_text()}.")
+        if self.maximum is not None and value > self.maximum:
+            raise HyBNNError(f"{where} is above {self.maximum:g}; use {self.range_text()}.")
+
+    def describe_type(self) -> str:
+        return {str: "a string", Path: "a path (string)", int: "an integer", float: "a number"}[self.type]
+
+    def range_text(self) -> str:
+        """The valid values in words, e.g. ``an integer >= 1``."""
+        parts = [self.describe_type()]
+        if self.minimum is not None:
+            parts.append(f">= {self.minimum:g}")
+        if self.above is not None:
+            parts.append(f"> {self.above:g}")
+        if self.maximum is not None:
+            parts.append(f"<= {self.maximum:g}")
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        return " ".join(parts)
+
+    def toml_value(self) -> str:
+        """The default as TOML writes it."""
+        if isinstance(self.default, str):
+            return '"' + self.default.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if self.type is float:
+            return repr(float(self.default))
+        return str(self.default)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # ---------------------------------------------------------------- what is learned, on what
+    Setting("task", str, "4v5", "a named task (0v1, 2v3, 4v5, 6v7, 8v9, all10) or a spec of class groups such "
+            "as 3v8 (docs/datasets.md)", reads="both", field="task", per_round=True),
+    Setting("dataset", str, "mnist", "the data set: mnist, fashion-mnist, npz:PATH, folder:PATH or a registered "
+            "name (docs/datasets.md); task is read against its classes", reads="both", field="dataset"),
+    Setting("num-server-rounds", int, 20, "federated rounds", minimum=1, field="rounds"),
+    Setting("local-epochs", int, 2, "client epochs per round (1 left 8v9 0.56 points short; docs/federated.md, Measurements)",
+            reads="both", minimum=1, field="local_epochs", per_round=True),
+    Setting("lr", float, 0.03, "Adam learning rate of the clients", reads="both", above=0, field="lr",
+            per_round=True),
+    Setting("lr-schedule", str, "cosine", "cosine: the clients' learning rate falls from lr to lr/100 over the "
+            "rounds; constant: lr in every round", choices=("cosine", "constant")),
+    Setting("batch-size", int, 64, "client batch size (at least 2: batch norm)", reads="both", minimum=2,
+            field="batch_size", per_round=True),
+    Setting("aggregation", str, "vote", "downlink: vote, the sign of the weighted mean of the clients' signs, "
+            "1 bit per weight; or mean, that mean as int8 latent weights (docs/federated.md)",
+            choices=("vote", "mean"), field="aggregation"),
+    Setting("vote-latent-scale", float, 0.1, "latent magnitude a client gives the voted signs", reads="both",
+            above=0, field="vote_latent_scale", cli=False, per_round=True),
+    Setting("bn-dtype", str, "float16", "batch-norm numbers on the wire", reads="both",
+            choices=("float16", "float32"), per_round=True),
+    Setting("uplink-codec", str, "signs", "uplink: signs, every sign bit (1 bit per binary weight); or flips, "
+            "only the signs changed against the received global model (docs/federated.md)", reads="both",
+            choices=("signs", "flips"), field="uplink_codec", per_round=True),
+    # ---------------------------------------------------------------- files
+    Setting("encoder-sha256", str, "", "the encoder every party must hold; empty: the hash of the server's "
+            "encoder", reads="both", per_round=True),
+    Setting("encoder-path", Path, "artifacts/encoder", "the frozen encoder artifact (written by `hybnn "
+            "pretrain`): the server's, and the clients' unless their node config names one", reads="both",
+            field="encoder"),
+    Setting("data-root", Path, "data", "where the data sets and the feature cache live: the server's (test "
+            "codes), and the clients' unless their node config names one", reads="both", field="data_root",
+            env="HYBNN_DATA_ROOT"),
+    Setting("out-dir", Path, "runs/fedhybnn", "where the ServerApp writes server.json, global/ and checkpoint/"),
+    Setting("resume-dir", Path, "", "a folder with a checkpoint/ of this run: go on after its round"),
+    # ---------------------------------------------------------------- who trains on what
+    Setting("partition", str, "iid", "how the task's training data is split across the clients",
+            reads="both", choices=("iid", "dirichlet"), field="partition"),
+    Setting("dirichlet-alpha", float, 0.5, "Dirichlet concentration for partition dirichlet", reads="both",
+            above=0, field="alpha"),
+    Setting("seed", int, 0, "seed of the initial model, the partition and the clients' training", reads="both",
+            field="seed"),
+    Setting("partition-id", int, 0, "this client's share of the data (a SuperNode's node config)",
+            reads="client", scope="node", minimum=0),
+    Setting("num-partitions", int, 1, "how many shares the data is split into (a SuperNode's node config)",
+            reads="client", scope="node", minimum=1),
+    # ---------------------------------------------------------------- rounds and failures
+    Setting("min-available-nodes", int, 3, "nodes to wait for before each round", minimum=1),
+    Setting("min-train-nodes", int, 1, "go on with this many nodes when the others do not come within "
+            "node-wait-s", minimum=1),
+    Setting("node-wait-s", float, 120.0, "how long to wait for min-available-nodes before going on with "
+            "min-train-nodes", minimum=0),
+    Setting("round-timeout-s", float, 600.0, "longest wait for the replies of one round", above=0),
+    Setting("max-weight-vs-median", float, 1.25, "a client's weight is at most this multiple of the round's "
+            "median num-examples (0: no cap; else >= 1)", minimum=0),
+    Setting("max-num-examples", int, 0, "a client's weight is at most this many examples (0: no cap)",
+            minimum=0),
+    Setting("bn-aggregation", str, "median", "median (coordinate-wise, over the clients) or mean (weighted) of "
+            "the batch-norm numbers", choices=("median", "mean")),
+    # ---------------------------------------------------------------- hybnn federate / deploy-local only
+    Setting("clients", int, 3, "number of clients (the run config's min-available-nodes and the SuperNodes' "
+            "num-partitions)", scope="command", minimum=1, field="clients"),
+    Setting("centralized-epochs", int, None, "epochs of the centralized reference (default: rounds x local "
+            "epochs)", scope="command", minimum=1, field="centralized_epochs"),
+    Setting("out", Path, "runs/federate", "output directory. The run writes into a new folder inside it and "
+            "replaces the earlier results only once it has a round of its own. Ctrl-C stops it within seconds, "
+            "keeps the rounds completed (status 'stopped') and exits 130", scope="command", field="out"),
+    Setting("resume", Path, None, "go on with a stopped or crashed run from its last saved round: give the "
+            "run's --out folder and the same options as the run that saved it", scope="command",
+            field="resume"),
+)
+
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+BY_FIELD: dict[str, Setting] = {s.field: s for s in SETTINGS if s.field}
+
+
+def setting(key: str) -> Setting:
+    return BY_KEY[key]
+
+
+def default(key: str) -> Any:
+    """The default of ``key`` (a path's as ``str``, as the run config has it)."""
+    return BY_KEY[key].default
+
+
+def run_settings() -> list[Setting]:
+    """The run-config keys: pyproject.toml's ``[tool.flwr.app.config]``."""
+    return [s for s in SETTINGS if s.scope == "run"]
+
+
+def read_by(side: str) -> list[Setting]:
+    """The settings ``side`` (server or client) reads from its run (and node) config. The
+    client takes the per-round settings from each round's train config instead."""
+    return [s for s in SETTINGS if s.scope != "command" and s.reads in (side, "both")
+            and not (side == "client" and s.per_round)]
+
+
+def per_round_settings() -> list[Setting]:
+    """What the server sends the clients in each round's train config."""
+    return [s for s in SETTINGS if s.per_round]
+
+
+def command_settings() -> list[Setting]:
+    """``FederateConfig``'s fields, in order."""
+    return [s for s in SETTINGS if s.field]
+
+
+def cli_default(s: Setting, overrides: Mapping[str, Any] | None = None) -> Any:
+    """The CLI option's default: ``overrides`` (per subcommand), the environment, the schema."""
+    import os
+
+    value = (overrides or {}).get(s.key, s.default)
+    if s.env and os.environ.get(s.env):
+        value = os.environ[s.env]
+    return Path(value) if s.type is Path and value is not None else value
+
+
+def _field_type(s: Setting, paths: type) -> type:
+    value_type = paths if s.type is Path else s.type
+    return value_type | None if s.default is None else value_type  # type: ignore[return-value]
+
+
+def settings_dataclass(name: str, entries: Iterable[Setting], base: type, *, paths: type = str,
+                       extra: Iterable[tuple] = (), module: str | None = None, frozen: bool = True,
+                       by_field: bool = False) -> type:
+    """A frozen dataclass with one field per entry (``x-y`` is field ``x_y``), defaults from the
+    entries, and the methods of ``base``; ``paths``: the type path settings get (``str`` or ``Path``).
+    ``extra``: further ``(name, type, field(...))`` fields that are no settings (protocol values).
+    ``by_field``: name the fields after the entries' ``field`` (``FederateConfig``)."""
+    fields = []
+    for s in entries:
+        value = paths(s.default) if s.type is Path and s.default is not None else s.default
+        fields.append((s.field if by_field else s.name, _field_type(s, paths), field(default=value)))
+    namespace = {"__module__": module or base.__module__, "__doc__": base.__doc__}
+    return make_dataclass(name, [*fields, *extra], bases=(base,), frozen=frozen, namespace=namespace)
+
+
+def parse_settings(values: Mapping[str, object], entries: Iterable[Setting], source: str = "Run config",
+                   *, unknown: str = "error", log=None, paths: type = str) -> dict[str, Any]:
+    """``values`` (kebab-case keys) parsed against ``entries``, as keyword arguments (``x_y``).
+
+    Keys that are no setting at all are refused (``unknown="error"``: a :class:`HyBNNError`
+    naming the key and the nearest known one), or logged with ``log`` and left out
+    (``unknown="log"``), or left out (``unknown="ignore"``). Keys of settings not in ``entries``
+    (read by the other side) pass. ``paths``: the type path settings get (``str`` or ``Path``)."""
+    entries = list(entries)
+    wanted = {s.key: s for s in entries}
+    parsed: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key in wanted:
+            value = wanted[key].parse(raw, source)
+            parsed[wanted[key].name] = paths(value) if wanted[key].type is Path and value is not None else value
+        elif key not in BY_KEY or BY_KEY[key].scope == "command":
+            near = difflib.get_close_matches(str(key), [s.key for s in SETTINGS if s.scope != "command"], n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            message = (f"{source} key {key!r} is not a FedHyBNN setting.{hint} The settings are listed in "
+                       "docs/federated.md.")
+            if unknown == "error":
+                raise HyBNNError(message)
+            if log is not None:
+                log(message + " It is ignored.")
+    return parsed
+
+
+# ------------------------------------------------------------------ printed forms
+def pyproject_block() -> str:
+    """pyproject.toml's ``[tool.flwr.app.config]`` table, from the schema."""
+    return "\n".join(["[tool.flwr.app.config]", *(f"{s.key} = {s.toml_value()}" for s in run_settings())])
+
+
+def markdown_default(s: Setting) -> str:
+    """A default as docs/federated.md's table shows it."""
+    if isinstance(s.default, str):
+        return f'`"{s.default}"`'
+    return f"`{s.toml_value()}`"
+
+
+def markdown_table() -> str:
+    """docs/federated.md's run-config table, from the schema."""
+    rows = ["| key | default | read by | meaning |", "|---|---|---|---|"]
+    for s in run_settings():
+        meaning = s.help + (f" ({', '.join(s.choices)})" if s.choices and not all(c in s.help for c in s.choices)
+                            else "")
+        reads = "server, sent to the clients each round" if s.per_round else s.reads
+        rows.append(f"| `{s.key}` | {markdown_default(s)} | {reads} | {meaning} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--pyproject"]:
+        print(pyproject_block())
+    elif args == ["--markdown"]:
+        print(markdown_table())
+    else:
+        print("usage: python -m common.settings --pyproject | --markdown", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
