@@ -15,16 +15,17 @@ Each round a client
    global model it received (:mod:`common.flipcodec`), and a few metrics. Nothing else
    leaves the client: no images, codes, labels or indices.
 
-Settings come from the node config first, then the run config, then defaults:
-``encoder-path``, ``data-root``, ``dataset``, ``partition-id``, ``num-partitions``; the partition
-scheme (``partition``, ``dirichlet-alpha``, ``seed``) comes from the run config (an
-experiment setting), unless the node config sets it.
+Settings (declared in :mod:`common.settings`) come from the node config first, then the
+run config, then defaults: ``encoder-path``, ``data-root``, ``dataset``, ``partition-id``,
+``num-partitions``; the partition scheme (``partition``, ``dirichlet-alpha``, ``seed``)
+comes from the run config (an experiment setting), unless the node config sets it. The
+per-round settings (task, learning rate, codecs, ...) come in each round's train config.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 import numpy as np
@@ -36,54 +37,43 @@ from flwr.common.constant import ErrorCode
 from common import aggregation, codec, flipcodec
 from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
+from common.settings import parse_settings, per_round_settings, read_by, settings_dataclass
 from common.tasks import select_task, task_for_dataset
 from common.training import TrainConfig, fit
 
 log = logging.getLogger("hybnn.client")
 
-DEFAULT_ENCODER_PATH = "artifacts/encoder"
-DEFAULT_DATA_ROOT = "data"
-
 app = ClientApp()
 
 
-@dataclass(frozen=True)
-class ClientSettings:
-    """Where this client's encoder and data live, and which share of the data is its own."""
-
-    encoder_path: Path
-    data_root: Path
-    partition_id: int
-    num_partitions: int
-    partition: str = "iid"
-    alpha: float = 0.5
-    seed: int = 0
-    dataset: str = "mnist"
-    """The data set's name (``npz:PATH`` etc.); a node config may point at its own copy."""
+class _ClientSettingsMethods:
+    """Where this client's encoder and data live, and which share of the data is its own: one
+    field per setting the client reads (common/settings.py); field ``x_y`` is key ``x-y``."""
 
     @classmethod
     def from_context(cls, context: Context, defaults: dict | None = None) -> "ClientSettings":
         """Node config first, then run config, then ``defaults`` (the simulation's settings)."""
-        node, run = dict(context.node_config), {**(defaults or {}), **dict(context.run_config)}
-
-        def pick(key: str, default: object) -> object:
-            if key in node:
-                return node[key]
-            return run.get(key, default)
-
+        entries = read_by("client")
+        node = dict(context.node_config)
+        run = {**(defaults or {}), **dict(context.run_config)}
         try:
-            return cls(
-                encoder_path=Path(str(pick("encoder-path", DEFAULT_ENCODER_PATH))),
-                data_root=Path(str(pick("data-root", DEFAULT_DATA_ROOT))),
-                partition_id=int(pick("partition-id", 0)),
-                num_partitions=int(pick("num-partitions", 1)),
-                partition=str(pick("partition", "iid")),
-                alpha=float(pick("dirichlet-alpha", 0.5)),
-                seed=int(pick("seed", 0)),
-                dataset=str(pick("dataset", "mnist")),
-            )
-        except (TypeError, ValueError) as exc:
-            raise HyBNNError(f"The client's node config is invalid ({exc}). {NODE_CONFIG_HINT}") from exc
+            values = parse_settings(run, entries, "Run config", unknown="ignore", paths=Path)
+            values.update(parse_settings(node, entries, "Node config", unknown="log", log=_warn_once, paths=Path))
+        except HyBNNError as exc:
+            raise HyBNNError(f"The client's settings are invalid: {exc} {NODE_CONFIG_HINT}") from exc
+        return cls(**values)
+
+
+ClientSettings = settings_dataclass("ClientSettings", read_by("client"), _ClientSettingsMethods, paths=Path)
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A SuperNode reads its node config every round; say what is wrong with it once."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 NODE_CONFIG_HINT = (
@@ -120,61 +110,47 @@ def local_training_data(artifact, settings: ClientSettings, task_name: str) -> t
     from common.partition import partition_indices
 
     key = (artifact.sha256, str(settings.data_root), settings.dataset, task_name, settings.partition_id,
-           settings.num_partitions, settings.partition, settings.alpha, settings.seed)
+           settings.num_partitions, settings.partition, settings.dirichlet_alpha, settings.seed)
     if key not in _DATA:
         task = task_for_dataset(task_name, settings.dataset)
         codes, labels = load_codes(artifact, settings.data_root, "train", progress=False, dataset=settings.dataset)
         codes, labels = select_task(codes, labels, task)
         idx = partition_indices(labels, settings.partition_id, settings.num_partitions,
-                                settings.partition, settings.alpha, settings.seed)
+                                settings.partition, settings.dirichlet_alpha, settings.seed)
         bits = int(artifact.config.latent_bits)
         _DATA[key] = (codes_to_inputs(codes[idx], bits), torch.from_numpy(labels[idx]))
     return _DATA[key]
 
 
-@dataclass(frozen=True)
-class LocalRound:
-    """The train config of one round, as the server sent it."""
+class _LocalRoundMethods:
+    """The train config of one round, as the server sent it: the per-round settings
+    (common/settings.py), the round's number and the learning rate's decay within it."""
 
-    task: str
-    server_round: int
-    local_epochs: int
-    lr: float
-    batch_size: int
-    encoder_sha256: str
-    bn_dtype: str = "float16"
-    vote_latent_scale: float = aggregation.DEFAULT_VOTE_LATENT_SCALE
-    final_lr_fraction: float = 1.0
-    """Cosine decay of the learning rate within the round; the server decays ``lr`` across rounds."""
-    uplink_codec: str = "signs"
-    """``signs``: every sign bit; ``flips``: the signs changed against the received global model."""
+    REQUIRED = ("task", "local-epochs", "lr", "batch-size", "encoder-sha256")
+    """Sent by every release; a round without one of them cannot be trained as the server meant."""
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "LocalRound":
         codec.check_version(config.get("codec-version"))
         try:
-            return cls(
-                task=str(config["task"]),
-                server_round=int(config.get("server-round", 0)),
-                local_epochs=int(config["local-epochs"]),
-                lr=float(config["lr"]),
-                batch_size=int(config["batch-size"]),
-                encoder_sha256=str(config["encoder-sha256"]),
-                bn_dtype=str(config.get("bn-dtype", "float16")),
-                vote_latent_scale=float(config.get("vote-latent-scale", aggregation.DEFAULT_VOTE_LATENT_SCALE)),
-                final_lr_fraction=float(config.get("final-lr-fraction", 1.0)),
-                uplink_codec=_uplink_codec(config.get("uplink-codec", "signs")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
+            missing = [key for key in cls.REQUIRED if key not in config]
+            if missing:
+                raise HyBNNError(f"it lacks {', '.join(missing)}")
+            values = parse_settings({k: v for k, v in config.items() if k in PER_ROUND_KEYS},
+                                    per_round_settings(), "train config")
+            return cls(**values, server_round=int(config.get("server-round", 0)),
+                       final_lr_fraction=float(config.get("final-lr-fraction", 1.0)))
+        except (HyBNNError, TypeError, ValueError) as exc:
             raise HyBNNError(f"The server's train config is incomplete or invalid ({exc}); "
                              "run the same HyBNN release on the server and the clients.") from exc
 
 
-def _uplink_codec(name: object) -> str:
-    if name not in flipcodec.UPLINK_CODECS:
-        raise ValueError(f"uplink-codec {name!r} is unknown to this client "
-                         f"(it speaks {' and '.join(map(repr, flipcodec.UPLINK_CODECS))})")
-    return str(name)
+PER_ROUND_KEYS = frozenset(s.key for s in per_round_settings())
+LocalRound = settings_dataclass("LocalRound", per_round_settings(), _LocalRoundMethods, extra=[
+    ("server_round", int, field(default=0)),
+    ("final_lr_fraction", float, field(default=1.0)),
+    # Cosine decay of the learning rate within the round; the server decays ``lr`` across rounds.
+])
 
 
 def train_local(

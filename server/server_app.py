@@ -16,9 +16,9 @@ A round in which no reply could be aggregated is logged as an error; a run that 
 without any aggregated round is marked ``failed`` in ``server.json``, with the reasons
 the clients gave, and the ServerApp raises.
 
-Run config keys are kebab-case, declared with their defaults in pyproject.toml's
-``[tool.flwr.app.config]``; relative paths are taken from the ServerApp's working
-directory.
+Run config keys are kebab-case, declared once in :mod:`common.settings` (pyproject.toml's
+``[tool.flwr.app.config]`` holds the same defaults); relative paths are taken from the
+ServerApp's working directory.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -38,10 +38,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common import aggregation as agg
-from common import codec, flipcodec, robust
+from common import codec, robust
 from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
+from common.settings import parse_settings, per_round_settings, read_by, settings_dataclass
 from common.tasks import select_task, task_for_dataset
 from common.training import evaluate
 from server import resume
@@ -53,70 +54,18 @@ SERVER_RESULTS = "server.json"
 app = ServerApp()
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """The run config, typed. Field ``x_y`` is run-config key ``x-y``."""
-
-    task: str = "4v5"
-    dataset: str = "mnist"
-    num_server_rounds: int = 20
-    local_epochs: int = 2
-    lr: float = 0.03
-    lr_schedule: str = "cosine"
-    """``cosine``: the clients' learning rate falls from ``lr`` to ``lr/100`` over the rounds."""
-    batch_size: int = 64
-    aggregation: str = agg.DEFAULT_MODE
-    vote_latent_scale: float = agg.DEFAULT_VOTE_LATENT_SCALE
-    bn_dtype: str = "float16"
-    uplink_codec: str = "signs"
-    """``signs``: every sign bit each round; ``flips``: only the signs changed against the global."""
-    encoder_sha256: str = ""
-    encoder_path: str = "artifacts/encoder"
-    data_root: str = "data"
-    out_dir: str = "runs/fedhybnn"
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.5
-    seed: int = 0
-    min_available_nodes: int = 3
-    min_train_nodes: int = 1
-    node_wait_s: float = 120.0
-    round_timeout_s: float = 600.0
-    max_weight_vs_median: float = robust.DEFAULT_MAX_WEIGHT_VS_MEDIAN
-    """A client weighs at most this many times the round's median num-examples (0: no cap)."""
-    max_num_examples: int = 0
-    """A client weighs at most this many examples (0: no cap)."""
-    bn_aggregation: str = robust.DEFAULT_BN_AGGREGATION
-    """``median``: the clients' coordinate-wise median of the batch-norm numbers; ``mean``: weighted mean."""
-    resume_dir: str = ""
-    """A run folder with a checkpoint (``server.resume``): go on after its last saved round."""
+class _ServerSettingsMethods:
+    """The run config, typed: one field per setting the server reads (common/settings.py);
+    field ``x_y`` is run-config key ``x-y``."""
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "ServerSettings":
-        """Typed settings; unknown keys are ignored, wrong types are a :class:`HyBNNError`."""
-        values = {}
-        for name, default in asdict(cls()).items():
-            key = name.replace("_", "-")
-            if key not in run_config:
-                continue
-            raw = run_config[key]
-            try:
-                values[name] = type(default)(raw) if not isinstance(default, bool) else bool(raw)
-            except (TypeError, ValueError) as exc:
-                raise HyBNNError(f"Run config {key}={raw!r} is not a {type(default).__name__} ({exc}).") from exc
-        settings = cls(**values)
+        """Typed, checked settings; a wrong type, a value out of range or a key that is no
+        setting is a :class:`HyBNNError` naming the key."""
+        settings = cls(**parse_settings(run_config, read_by("server"), "Run config"))
         task_for_dataset(settings.task, settings.dataset)
-        agg.check_mode(settings.aggregation)
-        if settings.bn_dtype not in codec.BN_DTYPES:
-            raise HyBNNError(f"Run config bn-dtype={settings.bn_dtype!r}; use one of {', '.join(codec.BN_DTYPES)}.")
-        if settings.uplink_codec not in flipcodec.UPLINK_CODECS:
-            raise HyBNNError(f"Run config uplink-codec={settings.uplink_codec!r}; "
-                             f"use one of {', '.join(flipcodec.UPLINK_CODECS)}.")
-        if settings.lr_schedule not in ("cosine", "constant"):
-            raise HyBNNError(f"Run config lr-schedule={settings.lr_schedule!r}; use cosine or constant.")
         robust.check_weight_bounds(settings.max_weight_vs_median, settings.max_num_examples,
                                    settings.bn_aggregation)
-        if settings.num_server_rounds < 1 or settings.local_epochs < 1 or settings.batch_size < 2:
-            raise HyBNNError("Run config num-server-rounds and local-epochs must be >= 1, batch-size >= 2.")
         return settings
 
     def lr_for_round(self, server_round: int) -> float:
@@ -128,17 +77,11 @@ class ServerSettings:
 
     def train_config(self, encoder_sha256: str) -> ConfigRecord:
         """What every client gets with the global model each round."""
-        return ConfigRecord({
-            "task": self.task,
-            "local-epochs": self.local_epochs,
-            "lr": self.lr,
-            "batch-size": self.batch_size,
-            "encoder-sha256": encoder_sha256,
-            "bn-dtype": self.bn_dtype,
-            "uplink-codec": self.uplink_codec,
-            "vote-latent-scale": self.vote_latent_scale,
-            "codec-version": codec.CODEC_VERSION,
-        })
+        values = {s.key: getattr(self, s.name) for s in per_round_settings()}
+        return ConfigRecord({**values, "encoder-sha256": encoder_sha256, "codec-version": codec.CODEC_VERSION})
+
+
+ServerSettings = settings_dataclass("ServerSettings", read_by("server"), _ServerSettingsMethods)
 
 
 def global_model(record: ArrayRecord, layout: codec.Layout, settings: ServerSettings) -> BNN:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common.errors import HyBNNError
 from common.profiles import PROFILES
+from common.settings import default as default_setting
 from common.tasks import TASKS
 
 DEFAULT_ENCODER = Path("artifacts/encoder")
@@ -224,13 +225,10 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 def _federation_settings(args: argparse.Namespace) -> dict:
     """The options `federate` and `deploy-local` share, as FederateConfig fields."""
-    return dict(
-        task=args.task, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
-        partition=args.partition, alpha=args.alpha, lr=args.lr, aggregation=args.aggregation,
-        uplink_codec=args.uplink_codec, encoder=args.encoder, data_root=args.data_root, out=args.out,
-        seed=args.seed, batch_size=args.batch_size, centralized_epochs=args.centralized_epochs,
-        dataset=_dataset(args), resume=args.resume,
-    )
+    from common.settings import command_settings
+
+    values = {s.field: getattr(args, s.field) for s in command_settings() if s.flag}
+    return {**values, "dataset": _dataset(args)}
 
 
 def cmd_federate(args: argparse.Namespace) -> None:
@@ -255,40 +253,42 @@ def cmd_deploy_local(args: argparse.Namespace) -> None:
     print(f"Results written to {args.out / 'results.json'}")
 
 
-def _add_federation_options(p: argparse.ArgumentParser, default_out: str) -> None:
-    p.add_argument("--task", type=task_spec, default="4v5",
-                   help="a named task or a spec such as 3v8 (docs/datasets.md; default: %(default)s)")
-    p.add_argument("--clients", type=positive_int, default=PROFILES["paper"].fed_clients,
-                   help="number of clients (default: %(default)s)")
-    p.add_argument("--rounds", type=positive_int, default=PROFILES["paper"].fed_rounds,
-                   help="federated rounds (default: %(default)s)")
-    p.add_argument("--local-epochs", type=positive_int, default=2,
-                   help="client epochs per round (default: %(default)s; docs/federated.md)")
-    p.add_argument("--partition", choices=["iid", "dirichlet"], default="iid",
-                   help="how the task's training data is split across clients (default: %(default)s)")
-    p.add_argument("--alpha", type=positive_float, default=0.5,
-                   help="Dirichlet concentration for --partition dirichlet (default: %(default)s)")
-    p.add_argument("--aggregation", choices=["vote", "mean"], default="vote",
-                   help="downlink: the weighted mean of the clients' signs as int8 latent weights, "
-                        "or its sign, 1 bit per weight (default: %(default)s; docs/federated.md)")
-    p.add_argument("--uplink-codec", choices=["signs", "flips"], default="signs",
-                   help="uplink: every sign bit, or only the signs changed against the received global "
-                        "model (default: %(default)s; docs/federated.md)")
-    p.add_argument("--lr", type=positive_float, default=0.03, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="default: %(default)s")
-    p.add_argument("--centralized-epochs", type=positive_int, default=None,
-                   help="epochs of the centralized reference (default: rounds x local epochs)")
-    _add_data_root(p)
-    _add_dataset(p)
-    _add_encoder(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=path_arg, default=Path(default_out),
-                   help="output directory (default: %(default)s). The run writes into a new folder inside "
-                        "it and replaces the earlier results only once it has a round of its own. Ctrl-C "
-                        "stops it within seconds, keeps the rounds completed (status 'stopped') and exits 130")
-    p.add_argument("--resume", type=path_arg, default=None, metavar="DIR",
-                   help="go on with a stopped or crashed run from its last saved round: give the run's "
-                        "--out folder and the same options as the run that saved it")
+FEDERATION_OPTION_TYPES = {"task": task_spec, "dataset": dataset_arg}
+"""Option types beyond what a setting's type and range give."""
+
+
+def _option_type(s) -> object:
+    """The argparse type of a setting: ranges beyond positive are checked later, with the run's message."""
+    if s.key in FEDERATION_OPTION_TYPES:
+        return FEDERATION_OPTION_TYPES[s.key]
+    if s.type is Path:
+        return path_arg
+    if s.type is int:
+        return positive_int if s.minimum is not None and s.minimum >= 1 else int
+    if s.type is float:
+        return positive_float if s.above == 0 else float
+    return str
+
+
+def _add_federation_options(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """One option per setting with a CLI flag (common/settings.py), its default, type and help from there."""
+    from common.settings import cli_default, command_settings
+
+    for s in command_settings():
+        if not s.flag:
+            continue
+        default = cli_default(s, defaults)
+        help_text = s.help
+        if s.default is not None:
+            help_text += " (default: %(default)s" + (f", or ${s.env}" if s.env else "") + ")"
+        kwargs = {"choices": list(s.choices)} if s.choices else {"type": _option_type(s)}
+        if s.key == "dataset" or s.type is Path and s.default is None:
+            kwargs["metavar"] = "NAME" if s.key == "dataset" else "DIR"
+        p.add_argument(s.flag, default=default, help=help_text, **kwargs)
+        if s.key == "dataset":
+            p.add_argument("--image-size", default=None, metavar="HxW",
+                           help="resize the data set's images to this size (N or HxW); images are never "
+                                "resized otherwise (default: none)")
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
@@ -384,12 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_reproduce)
 
     p = sub.add_parser("federate", help="FedHyBNN on Flower's simulation engine (Ray): N clients, one machine")
-    _add_federation_options(p, "runs/federate")
+    _add_federation_options(p)
     p.set_defaults(handler=cmd_federate)
 
     p = sub.add_parser("deploy-local", help="FedHyBNN as real processes: a SuperLink and one SuperNode per client")
-    _add_federation_options(p, "runs/deploy-local")
-    p.add_argument("--min-nodes", type=positive_int, default=1,
+    _add_federation_options(p, {"out": "runs/deploy-local"})
+    p.add_argument("--min-nodes", type=positive_int, default=default_setting("min-train-nodes"),
                    help="go on with this many SuperNodes when others are gone (default: %(default)s)")
     p.add_argument("--certs", type=path_arg, default=None, metavar="DIR",
                    help="credentials from `hybnn certs` (default: fresh ones for this run only)")

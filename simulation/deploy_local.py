@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import settings
 from common.errors import HyBNNError
 from server.resume import read_state
 from simulation import runs
@@ -51,11 +52,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 class DeployConfig(FederateConfig):
     """A :class:`FederateConfig` run as processes, plus the process-level settings."""
 
-    min_nodes: int = 1
-    """The federation goes on with this many SuperNodes when others are gone."""
+    min_nodes: int = settings.default("min-train-nodes")
+    """The federation goes on with this many SuperNodes when others are gone (run config min-train-nodes)."""
     node_wait_s: float = 60.0
-    """How long the server waits for all ``clients`` SuperNodes before going on without the missing."""
+    """How long the server waits for all ``clients`` SuperNodes before going on without the missing
+    (run config node-wait-s; shorter than the run config's default: the SuperNodes are local processes)."""
     round_timeout_s: float = 300.0
+    """Run config round-timeout-s; shorter than its default, for the same reason."""
     timeout_s: float = 1800.0
     """The whole run, start-up included."""
     kill_client_after_round: int | None = None
@@ -71,6 +74,11 @@ class DeployConfig(FederateConfig):
     """SuperNodes connect through the Fleet-only nginx front instead of the SuperLink's port."""
     stop_grace_s: float = 3.0
     """How long stopped processes get to exit before SIGKILL."""
+
+    def run_config(self, encoder_sha256: str) -> dict:
+        """:meth:`FederateConfig.run_config` with the deployment's own waits and minimum."""
+        return {**super().run_config(encoder_sha256), "min-train-nodes": self.min_nodes,
+                "node-wait-s": self.node_wait_s, "round-timeout-s": self.round_timeout_s}
 
 
 INSECURE_WARNING = (
@@ -316,8 +324,6 @@ def _deploy_local(config: DeployConfig, out: Path, started: float, signals: runs
     source = runs.resume_source(config.resume)
     artifact = load_encoder_artifact(config.encoder)
     run_config = config.run_config(artifact.sha256)
-    run_config.update({"min-available-nodes": config.clients, "min-train-nodes": config.min_nodes,
-                       "node-wait-s": config.node_wait_s, "round-timeout-s": config.round_timeout_s})
     if source is not None:
         run_config["resume-dir"] = str(source.resolve())
         print(f"Resuming {source} after round {runs.check_resumable(source, run_config)} of {config.rounds}",

@@ -32,9 +32,10 @@ import tempfile
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 
+from common import settings
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes, make_dir, save_figure
 
@@ -42,32 +43,10 @@ WITHIN_POINTS = 0.5
 """A round "reaches" the centralized accuracy when it is at most this many points below."""
 
 
-@dataclass
-class FederateConfig:
-    """One federated experiment. Defaults follow the paper: 3 clients, 20 rounds, IID."""
-
-    task: str = "4v5"
-    dataset: str = "mnist"
-    clients: int = 3
-    rounds: int = 20
-    local_epochs: int = 2
-    partition: str = "iid"
-    alpha: float = 0.5
-    lr: float = 0.03
-    aggregation: str = "vote"
-    uplink_codec: str = "signs"
-    """``signs`` (1 bit per binary weight) or ``flips`` (the signs changed against the global)."""
-    encoder: Path = Path("artifacts/encoder")
-    data_root: Path = Path("data")
-    out: Path = Path("runs/federate")
-    seed: int = 0
-    batch_size: int = 64
-    centralized_epochs: int | None = None
-    """Epochs of the centralized reference; ``None``: rounds x local epochs, the same data passes."""
-    vote_latent_scale: float = 0.1
-    progress: bool = True
-    resume: Path | None = None
-    """A stopped run's folder: go on after its last saved round (the same settings are required)."""
+class _FederateConfigMethods:
+    """One federated experiment: one field per setting with a ``field`` in common/settings.py
+    (the options of ``hybnn federate``), defaults from there. Defaults follow the paper:
+    3 clients, 20 rounds, IID."""
 
     @property
     def reference_epochs(self) -> int:
@@ -81,27 +60,24 @@ class FederateConfig:
         """The ServerApp/ClientApp run config (kebab-case keys) for this experiment."""
         from common.datasets import absolute_dataset
 
-        return {
-            "task": self.task,
+        values = {s.key: (str(v) if isinstance(v := getattr(self, s.field), Path) else v)
+                  for s in settings.command_settings() if s.scope == "run"}
+        values.update({
             "dataset": absolute_dataset(self.dataset),
-            "num-server-rounds": self.rounds,
-            "local-epochs": self.local_epochs,
-            "lr": self.lr,
-            "batch-size": self.batch_size,
-            "aggregation": self.aggregation,
-            "uplink-codec": self.uplink_codec,
-            "vote-latent-scale": self.vote_latent_scale,
             "encoder-sha256": encoder_sha256,
             "encoder-path": str(Path(self.encoder).resolve()),
             "data-root": str(Path(self.data_root).resolve()),
             "out-dir": str(Path(self.out).resolve()),
-            "partition": self.partition,
-            "dirichlet-alpha": self.alpha,
-            "seed": self.seed,
             "min-available-nodes": self.clients,
-            "min-train-nodes": 1,
-            "node-wait-s": 120,
-        }
+            "min-train-nodes": settings.default("min-train-nodes"),
+            "node-wait-s": settings.default("node-wait-s"),
+        })
+        return values
+
+
+FederateConfig = settings.settings_dataclass(
+    "FederateConfig", settings.command_settings(), _FederateConfigMethods, paths=Path, frozen=False,
+    by_field=True, extra=[("progress", bool, field(default=True))])
 
 
 def _say(config: FederateConfig, text: str) -> None:
@@ -110,9 +86,6 @@ def _say(config: FederateConfig, text: str) -> None:
 
 
 def check_config(config: FederateConfig) -> None:
-    from common.aggregation import check_mode
-    from common.flipcodec import UPLINK_CODECS
-    from common.partition import SCHEMES
     from common.tasks import task_for_dataset
     from common.training import MAX_EPOCHS, TrainConfig
 
@@ -124,11 +97,9 @@ def check_config(config: FederateConfig) -> None:
             shown = f"{value:.3g}" if value >= 10**7 else str(value)
             raise HyBNNError(f"{what} is {shown}; at most {MAX_EPOCHS} can be run. Pass a smaller value.")
     TrainConfig(epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed)
-    check_mode(config.aggregation)
-    if config.uplink_codec not in UPLINK_CODECS:
-        raise HyBNNError(f"Unknown uplink codec {config.uplink_codec!r}; use {' or '.join(UPLINK_CODECS)}.")
-    if config.partition not in SCHEMES:
-        raise HyBNNError(f"Unknown partition {config.partition!r}; use one of {', '.join(SCHEMES)}.")
+    for s in settings.command_settings():
+        if s.choices:
+            s.check(getattr(config, s.field), "Setting")
     if config.clients < 1 or config.rounds < 1 or config.local_epochs < 1:
         raise HyBNNError("clients, rounds and local epochs must all be at least 1.")
     if config.clients > 64:
