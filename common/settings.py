@@ -90,12 +90,12 @@ class Setting:
                 raise HyBNNError(f"{where} is not a whole number; expected {self.describe_type()}.")
             try:
                 value = int(raw) if not isinstance(raw, str) else int(raw.strip())
-            except (ValueError, OverflowError):
+            except (TypeError, ValueError, OverflowError):
                 raise HyBNNError(f"{where} is not {self.describe_type()}.") from None
         else:
             try:
                 value = float(raw)
-            except ValueError:
+            except (TypeError, ValueError):
                 raise HyBNNError(f"{where} is not {self.describe_type()}.") from None
             if not math.isfinite(value):
                 raise HyBNNError(f"{where} is not a finite number.")
