@@ -38,6 +38,7 @@ from common.bnn import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.tasks import select_task, task_for_dataset
 from common.training import TrainConfig, fit
+from common.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_to_payload
 
 log = logging.getLogger("hybnn.client")
 
@@ -151,19 +152,20 @@ class LocalRound:
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "LocalRound":
-        codec.check_version(config.get("codec-version"))
+        key = TRAIN_CONFIG
+        codec.check_version(config.get(key.codec_version))
         try:
             return cls(
-                task=str(config["task"]),
-                server_round=int(config.get("server-round", 0)),
-                local_epochs=int(config["local-epochs"]),
-                lr=float(config["lr"]),
-                batch_size=int(config["batch-size"]),
-                encoder_sha256=str(config["encoder-sha256"]),
-                bn_dtype=str(config.get("bn-dtype", "float16")),
-                vote_latent_scale=float(config.get("vote-latent-scale", aggregation.DEFAULT_VOTE_LATENT_SCALE)),
-                final_lr_fraction=float(config.get("final-lr-fraction", 1.0)),
-                uplink_codec=_uplink_codec(config.get("uplink-codec", "signs")),
+                task=str(config[key.task]),
+                server_round=int(config.get(key.server_round, 0)),
+                local_epochs=int(config[key.local_epochs]),
+                lr=float(config[key.lr]),
+                batch_size=int(config[key.batch_size]),
+                encoder_sha256=str(config[key.encoder_sha256]),
+                bn_dtype=str(config.get(key.bn_dtype, "float16")),
+                vote_latent_scale=float(config.get(key.vote_latent_scale, aggregation.DEFAULT_VOTE_LATENT_SCALE)),
+                final_lr_fraction=float(config.get(key.final_lr_fraction, 1.0)),
+                uplink_codec=_uplink_codec(config.get(key.uplink_codec, "signs")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise HyBNNError(f"The server's train config is incomplete or invalid ({exc}); "
@@ -198,11 +200,11 @@ def train_local(
     result = fit(model, x, y, train_config, progress=False)
     last = result.history[-1] if result.history else {"loss": float("nan"), "acc": float("nan")}
     metrics = {
-        "num-examples": int(len(y)),
-        "train-loss": float(last["loss"]),
-        "train-acc": float(last["acc"]),
-        "train-seconds": float(result.seconds),
-        "codec-version": codec.CODEC_VERSION,
+        METRIC.num_examples: int(len(y)),
+        METRIC.train_loss: float(last["loss"]),
+        METRIC.train_acc: float(last["acc"]),
+        METRIC.train_seconds: float(result.seconds),
+        METRIC.codec_version: codec.CODEC_VERSION,
     }
     if round_config.uplink_codec == "flips":
         # The reference is the sign of what was received; the server holds the same record.
@@ -216,21 +218,19 @@ def handle_train(msg: Message, context: Context, defaults: dict | None = None) -
     ``defaults`` stands in for run-config keys the context lacks (``run_simulation``
     gives the ClientApp an empty run config).
     """
-    from server.wire import payload_to_record, record_to_payload
-
     who = f"client node {context.node_id}"
     try:
         settings = ClientSettings.from_context(context, defaults)
         who = f"client partition {settings.partition_id}/{settings.num_partitions}"
-        if "config" not in msg.content.config_records or "arrays" not in msg.content.array_records:
-            raise HyBNNError("the train message lacks its 'arrays' or 'config' record; "
+        if RECORD.config not in msg.content.config_records or RECORD.arrays not in msg.content.array_records:
+            raise HyBNNError(f"the train message lacks its {RECORD.arrays!r} or {RECORD.config!r} record; "
                              "run the same HyBNN release on the server and the clients")
-        round_config = LocalRound.from_config(msg.content.config_records["config"])
+        round_config = LocalRound.from_config(msg.content.config_records[RECORD.config])
         artifact = load_client_encoder(settings.encoder_path, round_config.encoder_sha256)
         x, y = local_training_data(artifact, settings, round_config.task)
         torch.set_num_threads(1)
         payload, metrics = train_local(
-            record_to_payload(msg.content.array_records["arrays"]), x, y, round_config,
+            record_to_payload(msg.content.array_records[RECORD.arrays]), x, y, round_config,
             task_for_dataset(round_config.task, settings.dataset).num_classes,
             seed=settings.seed * 100_003 + round_config.server_round * 101 + settings.partition_id,
         )
@@ -238,10 +238,10 @@ def handle_train(msg: Message, context: Context, defaults: dict | None = None) -
         reason = f"{who} refused the round: {exc}"
         log.error(reason)
         return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-    metrics["partition-id"] = settings.partition_id
+    metrics[METRIC.partition_id] = settings.partition_id
     log.info("%s round %d: %d examples, loss %.4f, acc %.4f", who, round_config.server_round,
-             metrics["num-examples"], metrics["train-loss"], metrics["train-acc"])
-    content = RecordDict({"arrays": payload_to_record(payload), "metrics": MetricRecord(metrics)})
+             metrics[METRIC.num_examples], metrics[METRIC.train_loss], metrics[METRIC.train_acc])
+    content = RecordDict({RECORD.arrays: payload_to_record(payload), RECORD.metrics: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 

@@ -44,9 +44,9 @@ from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
 from common.tasks import select_task, task_for_dataset
 from common.training import evaluate
+from common.wire import TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
 from server import resume
 from server.strategy import PackedFedAvg, RoundLog
-from server.wire import payload_to_record, record_nbytes, record_to_payload
 
 SERVER_RESULTS = "server.json"
 
@@ -129,15 +129,15 @@ class ServerSettings:
     def train_config(self, encoder_sha256: str) -> ConfigRecord:
         """What every client gets with the global model each round."""
         return ConfigRecord({
-            "task": self.task,
-            "local-epochs": self.local_epochs,
-            "lr": self.lr,
-            "batch-size": self.batch_size,
-            "encoder-sha256": encoder_sha256,
-            "bn-dtype": self.bn_dtype,
-            "uplink-codec": self.uplink_codec,
-            "vote-latent-scale": self.vote_latent_scale,
-            "codec-version": codec.CODEC_VERSION,
+            TRAIN_CONFIG.task: self.task,
+            TRAIN_CONFIG.local_epochs: self.local_epochs,
+            TRAIN_CONFIG.lr: self.lr,
+            TRAIN_CONFIG.batch_size: self.batch_size,
+            TRAIN_CONFIG.encoder_sha256: encoder_sha256,
+            TRAIN_CONFIG.bn_dtype: self.bn_dtype,
+            TRAIN_CONFIG.uplink_codec: self.uplink_codec,
+            TRAIN_CONFIG.vote_latent_scale: self.vote_latent_scale,
+            TRAIN_CONFIG.codec_version: codec.CODEC_VERSION,
         })
 
 
