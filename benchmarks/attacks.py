@@ -60,10 +60,10 @@ def corrupt(content, attack: str, layout, seed: int, local_data=None):
     from flwr.app import MetricRecord, RecordDict
 
     from common import codec
-    from server.wire import payload_to_record, record_to_payload
+    from common.wire import METRIC, RECORD, payload_to_record, record_to_payload
 
-    metrics = dict(content["metrics"])
-    weights, bn = codec.decode(record_to_payload(content["arrays"]), layout, kind="signs")
+    metrics = dict(content[RECORD.metrics])
+    weights, bn = codec.decode(record_to_payload(content[RECORD.arrays]), layout, kind="signs")
     bn_dtype = "float16"
     rng = np.random.default_rng(seed)
     if attack == "sign-flip":
@@ -72,7 +72,7 @@ def corrupt(content, attack: str, layout, seed: int, local_data=None):
         weights = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=weights.shape)
     elif attack == "weight-hijack":
         weights = worst_output_layer(weights, bn, layout, *local_data)
-        metrics["num-examples"] = 10**18
+        metrics[METRIC.num_examples] = 10**18
     elif attack == "bn-poison":
         bn = np.full_like(bn, 60000.0)
     elif attack == "bn-overflow":
@@ -81,11 +81,11 @@ def corrupt(content, attack: str, layout, seed: int, local_data=None):
         metrics.update({"node-id": 1, "uplink-bytes": 1, "reply-bytes": 1, "sign-flips": 0, "weight": 10**9,
                         "downlink-bytes": 1})
     elif attack == "bad-metrics":
-        metrics.update({"train-loss": [0.0, 0.0], "train-acc": 1e308})
+        metrics.update({METRIC.train_loss: [0.0, 0.0], METRIC.train_acc: 1e308})
     elif attack != "none":
         raise ValueError(f"unknown attack {attack!r}")
-    return RecordDict({"arrays": payload_to_record(codec.encode_signs(weights, bn, bn_dtype)),
-                       "metrics": MetricRecord(metrics)})
+    return RecordDict({RECORD.arrays: payload_to_record(codec.encode_signs(weights, bn, bn_dtype)),
+                       RECORD.metrics: MetricRecord(metrics)})
 
 
 def worst_output_layer(weights, bn, layout, x, y):
@@ -126,13 +126,14 @@ def adversarial_client_app(run_config: dict, attack: str, hostile: set[int], in_
         from common import codec
         from common.bnn import BNNConfig
         from common.tasks import get_task
+        from common.wire import RECORD
 
         reply = handle_train(msg, context, defaults=run_config)
         partition = int(context.node_config.get("partition-id", -1))
         if partition not in hostile or reply.has_error():
             return reply
         layout = codec.layout_for(BNNConfig.for_task(in_bits, get_task(run_config["task"]).num_classes))
-        round_config = LocalRound.from_config(msg.content["config"])
+        round_config = LocalRound.from_config(msg.content[RECORD.config])
         artifact = load_client_encoder(ClientSettings.from_context(context, run_config).encoder_path,
                                        round_config.encoder_sha256)
         local_data = local_training_data(artifact, ClientSettings.from_context(context, run_config), round_config.task)

@@ -40,6 +40,7 @@ from common.errors import HyBNNError
 from common.settings import parse_settings, per_round_settings, read_by, settings_dataclass
 from common.tasks import select_task, task_for_dataset
 from common.training import TrainConfig, fit
+from common.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_to_payload
 
 log = logging.getLogger("hybnn.client")
 
@@ -126,20 +127,22 @@ class _LocalRoundMethods:
     """The train config of one round, as the server sent it: the per-round settings
     (common/settings.py), the round's number and the learning rate's decay within it."""
 
-    REQUIRED = ("task", "local-epochs", "lr", "batch-size", "encoder-sha256")
+    REQUIRED = (TRAIN_CONFIG.task, TRAIN_CONFIG.local_epochs, TRAIN_CONFIG.lr, TRAIN_CONFIG.batch_size,
+                TRAIN_CONFIG.encoder_sha256)
     """Sent by every release; a round without one of them cannot be trained as the server meant."""
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "LocalRound":
-        codec.check_version(config.get("codec-version"))
+        key = TRAIN_CONFIG
+        codec.check_version(config.get(key.codec_version))
         try:
-            missing = [key for key in cls.REQUIRED if key not in config]
+            missing = [name for name in cls.REQUIRED if name not in config]
             if missing:
                 raise HyBNNError(f"it lacks {', '.join(missing)}")
             values = parse_settings({k: v for k, v in config.items() if k in PER_ROUND_KEYS},
                                     per_round_settings(), "train config")
-            return cls(**values, server_round=int(config.get("server-round", 0)),
-                       final_lr_fraction=float(config.get("final-lr-fraction", 1.0)))
+            return cls(**values, server_round=int(config.get(key.server_round, 0)),
+                       final_lr_fraction=float(config.get(key.final_lr_fraction, 1.0)))
         except (HyBNNError, TypeError, ValueError) as exc:
             raise HyBNNError(f"The server's train config is incomplete or invalid ({exc}); "
                              "run the same HyBNN release on the server and the clients.") from exc
@@ -174,11 +177,11 @@ def train_local(
     result = fit(model, x, y, train_config, progress=False)
     last = result.history[-1] if result.history else {"loss": float("nan"), "acc": float("nan")}
     metrics = {
-        "num-examples": int(len(y)),
-        "train-loss": float(last["loss"]),
-        "train-acc": float(last["acc"]),
-        "train-seconds": float(result.seconds),
-        "codec-version": codec.CODEC_VERSION,
+        METRIC.num_examples: int(len(y)),
+        METRIC.train_loss: float(last["loss"]),
+        METRIC.train_acc: float(last["acc"]),
+        METRIC.train_seconds: float(result.seconds),
+        METRIC.codec_version: codec.CODEC_VERSION,
     }
     if round_config.uplink_codec == "flips":
         # The reference is the sign of what was received; the server holds the same record.
@@ -192,21 +195,19 @@ def handle_train(msg: Message, context: Context, defaults: dict | None = None) -
     ``defaults`` stands in for run-config keys the context lacks (``run_simulation``
     gives the ClientApp an empty run config).
     """
-    from server.wire import payload_to_record, record_to_payload
-
     who = f"client node {context.node_id}"
     try:
         settings = ClientSettings.from_context(context, defaults)
         who = f"client partition {settings.partition_id}/{settings.num_partitions}"
-        if "config" not in msg.content.config_records or "arrays" not in msg.content.array_records:
-            raise HyBNNError("the train message lacks its 'arrays' or 'config' record; "
+        if RECORD.config not in msg.content.config_records or RECORD.arrays not in msg.content.array_records:
+            raise HyBNNError(f"the train message lacks its {RECORD.arrays!r} or {RECORD.config!r} record; "
                              "run the same HyBNN release on the server and the clients")
-        round_config = LocalRound.from_config(msg.content.config_records["config"])
+        round_config = LocalRound.from_config(msg.content.config_records[RECORD.config])
         artifact = load_client_encoder(settings.encoder_path, round_config.encoder_sha256)
         x, y = local_training_data(artifact, settings, round_config.task)
         torch.set_num_threads(1)
         payload, metrics = train_local(
-            record_to_payload(msg.content.array_records["arrays"]), x, y, round_config,
+            record_to_payload(msg.content.array_records[RECORD.arrays]), x, y, round_config,
             task_for_dataset(round_config.task, settings.dataset).num_classes,
             seed=settings.seed * 100_003 + round_config.server_round * 101 + settings.partition_id,
         )
@@ -214,10 +215,10 @@ def handle_train(msg: Message, context: Context, defaults: dict | None = None) -
         reason = f"{who} refused the round: {exc}"
         log.error(reason)
         return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-    metrics["partition-id"] = settings.partition_id
+    metrics[METRIC.partition_id] = settings.partition_id
     log.info("%s round %d: %d examples, loss %.4f, acc %.4f", who, round_config.server_round,
-             metrics["num-examples"], metrics["train-loss"], metrics["train-acc"])
-    content = RecordDict({"arrays": payload_to_record(payload), "metrics": MetricRecord(metrics)})
+             metrics[METRIC.num_examples], metrics[METRIC.train_loss], metrics[METRIC.train_acc])
+    content = RecordDict({RECORD.arrays: payload_to_record(payload), RECORD.metrics: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 

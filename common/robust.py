@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import HyBNNError
+from common.wire import METRIC
 
 DEFAULT_MAX_WEIGHT_VS_MEDIAN = 1.25
 """A client weighs at most this many times the round's median ``num-examples``; 0: no cap."""
@@ -60,15 +61,15 @@ class MetricSpec:
 
 
 CLIENT_METRICS: dict[str, MetricSpec] = {
-    "num-examples": MetricSpec(int, 1, required=True),
-    "codec-version": MetricSpec(int, 0, required=True),
-    "partition-id": MetricSpec(int, 0),
-    "train-loss": MetricSpec(float, 0.0),
-    "train-acc": MetricSpec(float, 0.0, 1.0),
-    "train-seconds": MetricSpec(float, 0.0),
+    METRIC.num_examples: MetricSpec(int, 1, required=True),
+    METRIC.codec_version: MetricSpec(int, 0, required=True),
+    METRIC.partition_id: MetricSpec(int, 0),
+    METRIC.train_loss: MetricSpec(float, 0.0),
+    METRIC.train_acc: MetricSpec(float, 0.0, 1.0),
+    METRIC.train_seconds: MetricSpec(float, 0.0),
 }
 """What a client may report, and nothing else counts. ``train-*`` are averaged over the round."""
-AVERAGED_METRICS = ("train-loss", "train-acc", "train-seconds")
+AVERAGED_METRICS = (METRIC.train_loss, METRIC.train_acc, METRIC.train_seconds)
 
 
 def _short(value: object, limit: int = 60) -> str:

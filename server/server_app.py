@@ -45,9 +45,9 @@ from common.fileio import atomic_write_bytes
 from common.settings import parse_settings, per_round_settings, read_by, settings_dataclass
 from common.tasks import select_task, task_for_dataset
 from common.training import evaluate
+from common.wire import TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
 from server import resume
 from server.strategy import PackedFedAvg, RoundLog
-from server.wire import payload_to_record, record_nbytes, record_to_payload
 
 SERVER_RESULTS = "server.json"
 
@@ -78,7 +78,8 @@ class _ServerSettingsMethods:
     def train_config(self, encoder_sha256: str) -> ConfigRecord:
         """What every client gets with the global model each round."""
         values = {s.key: getattr(self, s.name) for s in per_round_settings()}
-        return ConfigRecord({**values, "encoder-sha256": encoder_sha256, "codec-version": codec.CODEC_VERSION})
+        return ConfigRecord({**values, TRAIN_CONFIG.encoder_sha256: encoder_sha256,
+                             TRAIN_CONFIG.codec_version: codec.CODEC_VERSION})
 
 
 ServerSettings = settings_dataclass("ServerSettings", read_by("server"), _ServerSettingsMethods)

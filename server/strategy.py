@@ -44,13 +44,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 from common import aggregation, codec, flipcodec, robust
-from server.wire import payload_to_record, record_nbytes, record_to_payload
-
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
-CONFIG_KEY = "config"
-NUM_EXAMPLES_KEY = "num-examples"
-VERSION_KEY = "codec-version"
+from common.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
 
 
 @dataclass
@@ -80,17 +74,17 @@ def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None
     ``bn_dtype`` is the downlink's batch-norm dtype: every batch-norm number must fit it.
     """
     content = msg.content
-    if set(content.array_records) != {ARRAYS_KEY} or set(content.metric_records) != {METRICS_KEY}:
+    if set(content.array_records) != {RECORD.arrays} or set(content.metric_records) != {RECORD.metrics}:
         raise codec.CodecError(
-            f"the reply must hold exactly the ArrayRecord {ARRAYS_KEY!r} and the MetricRecord "
-            f"{METRICS_KEY!r}, it holds {sorted(content.array_records)} and {sorted(content.metric_records)}"
+            f"the reply must hold exactly the ArrayRecord {RECORD.arrays!r} and the MetricRecord "
+            f"{RECORD.metrics!r}, it holds {sorted(content.array_records)} and {sorted(content.metric_records)}"
         )
     if len(content.config_records):
         raise codec.CodecError(f"the reply carries unexpected config records {sorted(content.config_records)}")
-    raw_metrics = content.metric_records[METRICS_KEY]
-    codec.check_version(raw_metrics.get(VERSION_KEY))
+    raw_metrics = content.metric_records[RECORD.metrics]
+    codec.check_version(raw_metrics.get(METRIC.codec_version))
     metrics, ignored = robust.check_client_metrics(raw_metrics)
-    arrays = content.array_records[ARRAYS_KEY]
+    arrays = content.array_records[RECORD.arrays]
     payload = record_to_payload(arrays)
     sign_bits = 8 * layout.n_bits_bytes
     if flipcodec.is_flips(payload):
@@ -105,7 +99,7 @@ def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None
         node_id=msg.metadata.src_node_id,
         weights=weights,
         bn=bn,
-        num_examples=int(metrics[NUM_EXAMPLES_KEY]),
+        num_examples=int(metrics[METRIC.num_examples]),
         metrics=metrics,
         uplink_bytes=record_nbytes(arrays),
         reply_bytes=record_nbytes(content),
@@ -151,9 +145,9 @@ class PackedFedAvg(FedAvg):
             min_train_nodes=min_train_nodes,
             min_evaluate_nodes=0,
             min_available_nodes=min_available_nodes,
-            weighted_by_key=NUM_EXAMPLES_KEY,
-            arrayrecord_key=ARRAYS_KEY,
-            configrecord_key=CONFIG_KEY,
+            weighted_by_key=METRIC.num_examples,
+            arrayrecord_key=RECORD.arrays,
+            configrecord_key=RECORD.config,
         )
         self.layout = layout
         self.mode = aggregation.check_mode(mode)
@@ -220,10 +214,10 @@ class PackedFedAvg(FedAvg):
         sample_size = max(int(len(nodes) * self.fraction_train), min(self.min_train_nodes, len(nodes)))
         node_ids = random.sample(nodes, sample_size)
         log(INFO, "configure_train: sampled %d nodes (out of %d)", len(node_ids), len(nodes))
-        config[VERSION_KEY] = codec.CODEC_VERSION
-        config["server-round"] = server_round
+        config[TRAIN_CONFIG.codec_version] = codec.CODEC_VERSION
+        config[TRAIN_CONFIG.server_round] = server_round
         if self.lr_for_round is not None:
-            config["lr"] = float(self.lr_for_round(server_round))
+            config[TRAIN_CONFIG.lr] = float(self.lr_for_round(server_round))
         round_log = self.rounds.setdefault(server_round, RoundLog(server_round))
         round_log.downlink_bytes = record_nbytes(arrays)
         round_log.sampled = len(node_ids)
@@ -308,18 +302,18 @@ class PackedFedAvg(FedAvg):
             "sign_bits_per_binary_weight": reply.sign_bits / n_binary,
             "sign_flips": reply.flips,
             "downlink_bytes": downlink_bytes,
-            "reported": {k.replace("-", "_"): v for k, v in reply.metrics.items() if k != VERSION_KEY},
+            "reported": {k.replace("-", "_"): v for k, v in reply.metrics.items() if k != METRIC.codec_version},
         }
 
     def _aggregate(self, good: list[CheckedReply], weights: list[int]) -> tuple[ArrayRecord, MetricRecord]:
         """The global record and the round's metrics from checked replies and their capped weights."""
         # Flower's FedAvg arithmetic on the unpacked +-1 weights.
         contents = [
-            RecordDict({ARRAYS_KEY: ArrayRecord({"w": Array(r.weights)}),
-                        METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: w})})
+            RecordDict({RECORD.arrays: ArrayRecord({"w": Array(r.weights)}),
+                        RECORD.metrics: MetricRecord({METRIC.num_examples: w})})
             for r, w in zip(good, weights)
         ]
-        mean = np.clip(aggregate_arrayrecords(contents, NUM_EXAMPLES_KEY)["w"].numpy(), -1.0, 1.0)
+        mean = np.clip(aggregate_arrayrecords(contents, METRIC.num_examples)["w"].numpy(), -1.0, 1.0)
         bn = robust.aggregate_bn([r.bn for r in good], weights, self.bn_aggregation)
         metrics = MetricRecord(robust.averaged_metrics([r.metrics for r in good], weights))
         metrics["agreement"] = float(np.mean(np.abs(mean)))

@@ -16,8 +16,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from common import codec
 from common.bnn import BNNConfig
+from common.wire import METRIC, RECORD, payload_to_record, record_nbytes, record_to_payload
 from server.strategy import PackedFedAvg
-from server.wire import payload_to_record, record_nbytes, record_to_payload
 
 CONFIG = BNNConfig(in_bits=64, hidden=(32,), num_classes=2)  # 64x32 + 32x2 = 2,112 binary weights
 LAYOUT = codec.layout_for(CONFIG)
@@ -41,12 +41,12 @@ def honest_bn(rng: np.random.Generator) -> np.ndarray:
 
 def message(node_id: int, arrays: ArrayRecord, metrics: dict) -> Message:
     ins = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
-    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=ins)
+    return Message(content=RecordDict({RECORD.arrays: arrays, RECORD.metrics: MetricRecord(metrics)}), reply_to=ins)
 
 
 def honest_metrics(node_id: int, n: int = N_HONEST_EXAMPLES) -> dict:
-    return {"num-examples": n, "train-loss": 0.2, "train-acc": 0.95, "train-seconds": 1.5,
-            "codec-version": codec.CODEC_VERSION, "partition-id": node_id - 1}
+    return {METRIC.num_examples: n, METRIC.train_loss: 0.2, METRIC.train_acc: 0.95,
+            METRIC.train_seconds: 1.5, METRIC.codec_version: codec.CODEC_VERSION, METRIC.partition_id: node_id - 1}
 
 
 class Federation:
@@ -222,7 +222,7 @@ def test_metric_forgery_cannot_overwrite_the_servers_measurements(hostile, caplo
     assert set(entries) == {1, 2, 3, 4, 5}
     for n in hostile:
         entry = entries[n]
-        assert entry["uplink_bytes"] == record_nbytes(attack[n].content["arrays"]) > 1
+        assert entry["uplink_bytes"] == record_nbytes(attack[n].content[RECORD.arrays]) > 1
         assert entry["weight"] == N_HONEST_EXAMPLES and entry["capped"] is False
         assert not {"node_id", "uplink_bytes", "sign_flips", "weight"} & set(entry["reported"])
     assert sum("does not know, ignored" in r.getMessage() for r in caplog.records) == len(hostile)
@@ -231,17 +231,17 @@ def test_metric_forgery_cannot_overwrite_the_servers_measurements(hostile, caplo
 
 @pytest.mark.parametrize("hostile", HOSTILE_SETS)
 @pytest.mark.parametrize("bad", [
-    {"train-acc": 1e308},
-    {"train-acc": -0.1},
-    {"train-loss": [0.1, 0.2]},
-    {"train-loss": -1.0},
-    {"train-loss": float("inf")},
-    {"train-seconds": float("nan")},
-    {"num-examples": 100.0},
-    {"num-examples": [100]},
-    {"num-examples": -5},
-    {"partition-id": 1.5},
-    {"codec-version": [1]},
+    {METRIC.train_acc: 1e308},
+    {METRIC.train_acc: -0.1},
+    {METRIC.train_loss: [0.1, 0.2]},
+    {METRIC.train_loss: -1.0},
+    {METRIC.train_loss: float("inf")},
+    {METRIC.train_seconds: float("nan")},
+    {METRIC.num_examples: 100.0},
+    {METRIC.num_examples: [100]},
+    {METRIC.num_examples: -5},
+    {METRIC.partition_id: 1.5},
+    {METRIC.codec_version: [1]},
 ], ids=lambda bad: "-".join(f"{k}={v}" for k, v in bad.items()))
 def test_malformed_metrics_are_dropped_and_the_round_goes_on(hostile, bad):
     fed = Federation()
@@ -255,11 +255,11 @@ def test_malformed_metrics_are_dropped_and_the_round_goes_on(hostile, bad):
 def test_missing_num_examples_is_dropped():
     fed = Federation()
     reply = fed.honest_reply(5)
-    metrics = {k: v for k, v in honest_metrics(5).items() if k != "num-examples"}
-    reply = message(5, reply.content["arrays"], metrics)
+    metrics = {k: v for k, v in honest_metrics(5).items() if k != METRIC.num_examples}
+    reply = message(5, reply.content[RECORD.arrays], metrics)
     strategy, _, _ = run_round(fed.replies({5: reply}))
     assert [d["node_id"] for d in strategy.rounds[1].dropped] == [5]
-    assert "num-examples" in strategy.rounds[1].dropped[0]["reason"]
+    assert METRIC.num_examples in strategy.rounds[1].dropped[0]["reason"]
 
 
 @pytest.mark.parametrize("hostile", HOSTILE_SETS)
@@ -323,6 +323,7 @@ def test_averaged_metrics_stay_finite_for_the_largest_finite_claims():
     from common import robust
 
     big = float(np.finfo(np.float64).max)
-    averaged = robust.averaged_metrics([{"train-loss": big}, {"train-loss": big, "train-seconds": 1.0}], [2500, 2000])
-    assert np.isfinite(averaged["train-loss"]) and averaged["train-loss"] <= big
-    assert averaged["train-seconds"] == 1.0
+    averaged = robust.averaged_metrics([{METRIC.train_loss: big}, {METRIC.train_loss: big, METRIC.train_seconds: 1.0}],
+                                       [2500, 2000])
+    assert np.isfinite(averaged[METRIC.train_loss]) and averaged[METRIC.train_loss] <= big
+    assert averaged[METRIC.train_seconds] == 1.0

@@ -12,7 +12,7 @@ from flwr.common.constant import ErrorCode
 
 from common import codec
 from common.bnn import BNN, BNNConfig
-from server.wire import payload_to_record, record_to_payload
+from common.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_to_payload
 
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -38,9 +38,10 @@ def sha_of(path: Path) -> str:
 
 def train_message(sha: str, bnn_bits: int = 200) -> Message:
     model = BNN(BNNConfig(in_bits=bnn_bits))
-    config = ConfigRecord({"task": "4v5", "local-epochs": 1, "lr": 0.01, "batch-size": 32,
-                           "encoder-sha256": sha, "codec-version": codec.CODEC_VERSION, "server-round": 1})
-    content = RecordDict({"arrays": payload_to_record(codec.encode_model(model)), "config": config})
+    key = TRAIN_CONFIG
+    config = ConfigRecord({key.task: "4v5", key.local_epochs: 1, key.lr: 0.01, key.batch_size: 32,
+                           key.encoder_sha256: sha, key.codec_version: codec.CODEC_VERSION, key.server_round: 1})
+    content = RecordDict({RECORD.arrays: payload_to_record(codec.encode_model(model)), RECORD.config: config})
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
@@ -82,16 +83,16 @@ def test_reply_holds_only_the_packed_bnn_and_metrics(encoder_dir, tmp_path, monk
     reply = client_app.handle_train(train_message(sha_of(encoder_dir)), context(encoder_dir, tmp_path))
     assert not reply.has_error(), reply.error
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics"}
+    assert set(content.keys()) == {RECORD.arrays, RECORD.metrics}
     assert len(content.config_records) == 0
-    payload = record_to_payload(content.array_records["arrays"])
+    payload = record_to_payload(content.array_records[RECORD.arrays])
     assert set(payload) == {"bnn"}
     layout = codec.layout_for(BNNConfig())
     assert payload["bnn"].dtype == np.uint8 and payload["bnn"].shape == (layout.n_bits_bytes + 2 * layout.n_bn,)
-    metrics = dict(content.metric_records["metrics"])
-    assert set(metrics) == {"num-examples", "train-loss", "train-acc", "train-seconds", "codec-version",
-                            "partition-id"}
-    assert metrics["num-examples"] == 120
+    metrics = dict(content.metric_records[RECORD.metrics])
+    assert set(metrics) == {METRIC.num_examples, METRIC.train_loss, METRIC.train_acc, METRIC.train_seconds,
+                            METRIC.codec_version, METRIC.partition_id}
+    assert metrics[METRIC.num_examples] == 120
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     # Settings came from the node config.
     assert seen["settings"].partition_id == 0 and seen["settings"].num_partitions == 3
@@ -112,6 +113,6 @@ def test_old_codec_version_is_refused(encoder_dir, tmp_path):
     from client.client_app import handle_train
 
     msg = train_message(sha_of(encoder_dir))
-    msg.content["config"]["codec-version"] = 0
+    msg.content[RECORD.config][TRAIN_CONFIG.codec_version] = 0
     reply = handle_train(msg, context(encoder_dir, tmp_path))
     assert reply.has_error() and "codec version" in reply.error.reason

@@ -139,7 +139,7 @@ def test_packed_payload_is_one_twentieth_of_float_fedavg(model):
     """Serialized sizes as Flower sends them: packed record vs stock float32 FedAvg record."""
     from flwr.app import ArrayRecord
 
-    from server.wire import payload_to_record, record_nbytes
+    from common.wire import payload_to_record, record_nbytes
 
     packed = record_nbytes(payload_to_record(codec.encode_model(model)))
     stock = record_nbytes(ArrayRecord(model.state_dict()))

@@ -244,18 +244,19 @@ def task_identity():
 def _reply(node_id: int, payload: dict, n: int = 100):
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from server.wire import payload_to_record
+    from common.wire import METRIC, RECORD, payload_to_record
 
     ins = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
-    metrics = MetricRecord({"num-examples": n, "train-loss": 0.5, "train-acc": 0.9,
-                            "codec-version": codec.CODEC_VERSION, "partition-id": node_id})
-    return Message(content=RecordDict({"arrays": payload_to_record(payload), "metrics": metrics}), reply_to=ins)
+    metrics = MetricRecord({METRIC.num_examples: n, METRIC.train_loss: 0.5, METRIC.train_acc: 0.9,
+                            METRIC.codec_version: codec.CODEC_VERSION, METRIC.partition_id: node_id})
+    return Message(content=RecordDict({RECORD.arrays: payload_to_record(payload), RECORD.metrics: metrics}),
+                   reply_to=ins)
 
 
 @pytest.mark.parametrize("mode", ["vote", "mean"])
 def test_strategy_decodes_flips_against_the_global_it_sent(task_identity, mode):
+    from common.wire import record_to_payload
     from server.strategy import PackedFedAvg
-    from server.wire import record_to_payload
 
     layout = codec.layout_for(SMALL)
     rng = np.random.default_rng(1)
@@ -295,6 +296,7 @@ def test_strategy_decodes_flips_against_the_global_it_sent(task_identity, mode):
 
 def test_client_sends_flips_when_the_server_asks():
     from client.client_app import LocalRound, train_local
+    from common.wire import TRAIN_CONFIG
     from flwr.app import ConfigRecord
 
     layout = codec.layout_for(BNNConfig())
@@ -303,9 +305,10 @@ def test_client_sends_flips_when_the_server_asks():
     downlink = codec.encode_model(global_model)
     x = torch.where(torch.rand(64, 200) < 0.5, -1.0, 1.0)
     y = torch.randint(0, 2, (64,))
-    base = {"task": "4v5", "local-epochs": 1, "lr": 0.001, "batch-size": 32, "encoder-sha256": "x",
-            "codec-version": codec.CODEC_VERSION}
-    flips_round = LocalRound.from_config(ConfigRecord({**base, "uplink-codec": "flips"}))
+    key = TRAIN_CONFIG
+    base = {key.task: "4v5", key.local_epochs: 1, key.lr: 0.001, key.batch_size: 32, key.encoder_sha256: "x",
+            key.codec_version: codec.CODEC_VERSION}
+    flips_round = LocalRound.from_config(ConfigRecord({**base, key.uplink_codec: "flips"}))
     payload, _ = train_local(downlink, x, y, flips_round, 2, seed=0)
     assert fc.is_flips(payload)
     received, _ = codec.decode(downlink, layout)
@@ -317,4 +320,4 @@ def test_client_sends_flips_when_the_server_asks():
     from common.errors import HyBNNError
 
     with pytest.raises(HyBNNError, match="uplink-codec 'gzip' is unknown"):
-        LocalRound.from_config(ConfigRecord({**base, "uplink-codec": "gzip"}))
+        LocalRound.from_config(ConfigRecord({**base, key.uplink_codec: "gzip"}))

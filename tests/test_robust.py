@@ -7,6 +7,7 @@ import pytest
 
 from common import robust
 from common.errors import HyBNNError
+from common.wire import METRIC
 
 
 def test_weight_cap_uses_the_lower_median():
@@ -25,21 +26,21 @@ def test_a_minority_stays_below_half_of_the_weight():
 
 def test_metric_schema():
     checked, unknown = robust.check_client_metrics(
-        {"num-examples": 10, "codec-version": 1, "train-acc": 1, "node-id": 3, "uplink-bytes": 1.0})
-    assert checked == {"num-examples": 10, "codec-version": 1, "train-acc": 1.0}
-    assert isinstance(checked["train-acc"], float)
+        {METRIC.num_examples: 10, METRIC.codec_version: 1, METRIC.train_acc: 1, "node-id": 3, "uplink-bytes": 1.0})
+    assert checked == {METRIC.num_examples: 10, METRIC.codec_version: 1, METRIC.train_acc: 1.0}
+    assert isinstance(checked[METRIC.train_acc], float)
     assert unknown == ["node-id", "uplink-bytes"]
-    for bad in ({"train-acc": 1.5}, {"train-loss": [0.1]}, {"num-examples": 10.0}, {"num-examples": 0},
-                {"train-loss": float("nan")}, {"train-seconds": -1.0}):
+    for bad in ({METRIC.train_acc: 1.5}, {METRIC.train_loss: [0.1]}, {METRIC.num_examples: 10.0},
+                {METRIC.num_examples: 0}, {METRIC.train_loss: float("nan")}, {METRIC.train_seconds: -1.0}):
         with pytest.raises(robust.ReplyError):
-            robust.check_client_metrics({"num-examples": 10, "codec-version": 1, **bad})
+            robust.check_client_metrics({METRIC.num_examples: 10, METRIC.codec_version: 1, **bad})
     with pytest.raises(robust.ReplyError, match="lacks"):
-        robust.check_client_metrics({"num-examples": 10})
+        robust.check_client_metrics({METRIC.num_examples: 10})
 
 
 def test_averaged_metrics_weigh_only_the_clients_that_report():
-    metrics = [{"train-acc": 1.0, "train-loss": 0.5}, {"train-acc": 0.0}]
-    assert robust.averaged_metrics(metrics, [3, 1]) == {"train-acc": 0.75, "train-loss": 0.5}
+    metrics = [{METRIC.train_acc: 1.0, METRIC.train_loss: 0.5}, {METRIC.train_acc: 0.0}]
+    assert robust.averaged_metrics(metrics, [3, 1]) == {METRIC.train_acc: 0.75, METRIC.train_loss: 0.5}
 
 
 def test_bn_aggregation():

@@ -9,8 +9,8 @@ from flwr.common.constant import ErrorCode
 
 from common import codec
 from common.bnn import BNNConfig
+from common.wire import METRIC, RECORD, payload_to_record, record_nbytes, record_to_payload
 from server.strategy import PackedFedAvg
-from server.wire import payload_to_record, record_nbytes, record_to_payload
 
 CONFIG = BNNConfig(in_bits=8, hidden=(2,), num_classes=2)  # 16 + 4 = 20 binary weights
 LAYOUT = codec.layout_for(CONFIG)
@@ -22,10 +22,10 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 def reply(node_id: int, signs: np.ndarray, bn: np.ndarray, n: int, **overrides) -> Message:
     ins = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
     arrays = overrides.pop("arrays", payload_to_record(codec.encode_signs(signs, bn)))
-    metrics = {"num-examples": n, "train-loss": 0.5, "train-acc": 0.9, "codec-version": codec.CODEC_VERSION,
-               "partition-id": node_id}
+    metrics = {METRIC.num_examples: n, METRIC.train_loss: 0.5, METRIC.train_acc: 0.9,
+               METRIC.codec_version: codec.CODEC_VERSION, METRIC.partition_id: node_id}
     metrics.update(overrides.pop("metrics", {}))
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    content = RecordDict({RECORD.arrays: arrays, RECORD.metrics: MetricRecord(metrics)})
     return Message(content=content, reply_to=ins)
 
 
@@ -55,8 +55,8 @@ def test_vote_matches_hand_computation():
     assert np.all(weights[5:] == 1)
     # Batch norm: the num-examples-weighted mean (2*1 + 2 + 4) / 4 = 2.
     np.testing.assert_allclose(global_bn, 2.0)
-    assert metrics["train-acc"] == pytest.approx(0.9)
-    assert "partition-id" not in metrics and "codec-version" not in metrics
+    assert metrics[METRIC.train_acc] == pytest.approx(0.9)
+    assert METRIC.partition_id not in metrics and METRIC.codec_version not in metrics
     assert set(record_to_payload(arrays)) == {"bnn"}
 
 
@@ -81,17 +81,17 @@ def test_bad_replies_are_left_out_and_the_round_goes_on():
         reply(3, signs_of(1), bn, 100, arrays=ArrayRecord({"bnn": Array(np.zeros(5, np.uint8))})),  # size
         reply(4, signs_of(1), bn, 100, arrays=ArrayRecord({"w": Array(np.zeros(3, np.float32))})),  # keys
         reply(5, signs_of(1), bn, 0),                                                             # weight
-        reply(6, signs_of(1), bn, 100, metrics={"num-examples": float("nan")}),
-        reply(7, signs_of(1), bn, 100, metrics={"codec-version": 99}),
-        reply(8, signs_of(1), bn, 100, metrics={"train-loss": float("inf")}),
+        reply(6, signs_of(1), bn, 100, metrics={METRIC.num_examples: float("nan")}),
+        reply(7, signs_of(1), bn, 100, metrics={METRIC.codec_version: 99}),
+        reply(8, signs_of(1), bn, 100, metrics={METRIC.train_loss: float("inf")}),
         Message(error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node gone"), reply_to=ins),
     ]
-    raw = Message(content=RecordDict({"arrays": ArrayRecord({"bnn": Array(dtype="uint8", shape=(4,), stype="raw",
-                                                                         data=b"\x00" * 4)}),
-                                      "metrics": MetricRecord({"num-examples": 5, "codec-version": 1})}),
+    raw = Message(content=RecordDict({RECORD.arrays: ArrayRecord({"bnn": Array(dtype="uint8", shape=(4,), stype="raw",
+                                                                           data=b"\x00" * 4)}),
+                                      RECORD.metrics: MetricRecord({METRIC.num_examples: 5, METRIC.codec_version: 1})}),
                   reply_to=Message(content=RecordDict(), dst_node_id=10, message_type="train"))
     extra = reply(11, signs_of(1), bn, 100)
-    extra.content["config"] = ConfigRecord({"images": b"leak"})
+    extra.content[RECORD.config] = ConfigRecord({"images": b"leak"})
     strategy = PackedFedAvg(LAYOUT, mode="vote")
     arrays, _ = strategy.aggregate_train(1, [*bad, raw, extra, good])
     weights, _ = decode_global(arrays)
@@ -114,5 +114,5 @@ def test_uplink_is_measured_per_client():
     strategy = PackedFedAvg(LAYOUT)
     strategy.aggregate_train(1, [r])
     entry = strategy.rounds[1].clients[0]
-    assert entry["uplink_bytes"] == record_nbytes(r.content["arrays"])
+    assert entry["uplink_bytes"] == record_nbytes(r.content[RECORD.arrays])
     assert entry["reply_bytes"] == record_nbytes(r.content) > entry["uplink_bytes"]

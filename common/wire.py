@@ -1,0 +1,94 @@
+"""The Flower messages of FedHyBNN: record and key names, and numpy payloads as records.
+
+Shared by the ServerApp and the ClientApp; the only module of :mod:`common` that imports
+``flwr``. A train message holds the ArrayRecord ``RECORD.arrays`` (the global model) and
+the ConfigRecord ``RECORD.config`` (keys :data:`TRAIN_CONFIG`); a reply holds
+``RECORD.arrays`` (the client's update) and the MetricRecord ``RECORD.metrics`` (keys
+:data:`METRIC`). Each name is written here once; the server, the client, the checks of
+:mod:`common.robust` and the tests use these constants.
+
+It is also the only place that turns a ``dict[str, np.ndarray]`` of :mod:`common.codec`
+into an ``ArrayRecord`` and back, and that measures what a record weighs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from common.codec import CodecError
+
+
+@dataclass(frozen=True)
+class RecordKeys:
+    """The names of the records in a train message and in its reply."""
+
+    arrays: str = "arrays"
+    """ArrayRecord: the global model (message) or the client's update (reply)."""
+    config: str = "config"
+    """ConfigRecord of the train message, keys :class:`TrainConfigKeys`."""
+    metrics: str = "metrics"
+    """MetricRecord of the reply, keys :class:`MetricKeys`."""
+
+
+@dataclass(frozen=True)
+class TrainConfigKeys:
+    """The keys of the train config the server sends with the global model each round."""
+
+    task: str = "task"
+    server_round: str = "server-round"
+    local_epochs: str = "local-epochs"
+    lr: str = "lr"
+    batch_size: str = "batch-size"
+    final_lr_fraction: str = "final-lr-fraction"
+    encoder_sha256: str = "encoder-sha256"
+    bn_dtype: str = "bn-dtype"
+    uplink_codec: str = "uplink-codec"
+    vote_latent_scale: str = "vote-latent-scale"
+    codec_version: str = "codec-version"
+
+
+@dataclass(frozen=True)
+class MetricKeys:
+    """The keys of the metrics a client replies with (checked by :data:`common.robust.CLIENT_METRICS`)."""
+
+    num_examples: str = "num-examples"
+    codec_version: str = "codec-version"
+    partition_id: str = "partition-id"
+    train_loss: str = "train-loss"
+    train_acc: str = "train-acc"
+    train_seconds: str = "train-seconds"
+
+
+RECORD = RecordKeys()
+TRAIN_CONFIG = TrainConfigKeys()
+METRIC = MetricKeys()
+
+
+def record_nbytes(record: ArrayRecord | MetricRecord | ConfigRecord | RecordDict) -> int:
+    """Bytes of ``record`` as Flower serializes it for transport.
+
+    Flower 1.42 sends a record as a tree of deflated objects (the record, one object
+    per ``Array``, one per data chunk of at most 5 MB); this is the sum of their
+    lengths, each unique object counted once, as each is pushed once.
+    """
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+
+
+def payload_to_record(payload: dict[str, np.ndarray]) -> ArrayRecord:
+    """One ``Array`` per payload key (numpy serialization, dtype kept)."""
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in payload.items()})
+
+
+def record_to_payload(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The numpy arrays of ``record``; :class:`CodecError` if one does not decode."""
+    payload = {}
+    for key, array in record.items():
+        try:
+            payload[key] = array.numpy()
+        except (TypeError, ValueError, OSError, EOFError) as exc:
+            raise CodecError(f"array {key!r} is not a numpy array ({exc})") from exc
+    return payload
