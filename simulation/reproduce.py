@@ -13,6 +13,11 @@ Stages, in order:
    pair task, written under ``DIR/federated/<task>/``;
 6. **report**: ``DIR/results.json``, ``DIR/report.md`` and the PNG plots.
 
+The transfer profiles (:class:`common.profiles.TransferProfile`) run
+:func:`reproduce_transfer` instead: an encoder per data set or union of the profile,
+each one's codes through the BNN on every task of every data set, the baselines once
+per (data set, task), and :mod:`common.transfer`'s report and heatmaps.
+
 Nothing already written is destroyed by a failed run:
 
 * the run writes into a hidden sibling directory ``.DIR.partial-<pid>`` and moves
