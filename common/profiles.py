@@ -75,23 +75,26 @@ class TransferProfile:
         return asdict(self)
 
 
-# Budget: at most 45 minutes on 2 quiet cores (2 torch threads). Costs per unit, from
-# docs/encoder.md and measurements on this project's 2-core machine (1 thread, load
-# 0.9 to 2.1, in parentheses): a VAE epoch over 60k images 19-35 s (49 s); encoding
-# 70k images into codes 5 s; a pair task's BNN, 100 epochs, 3-4 s (6 s); all10's BNN
-# (512 hidden, 60k codes) 30-60 s (100 s); a CNN baseline epoch 2-2.7 s on a pair task
-# (2.9 s), 8-12 s on all10 (14 s).
-#   encoders: 8 epochs on 60k + 8 on 60k + 8 on the 120k union = 32 x 60k-image
-#             epochs = 10-19 min (26 min at 1 thread);
-#   features: 3 encoders x 140k images, under 1 min;
-#   hybnn:    3 encoders x 2 data sets x (5 pairs + all10) = 36 BNNs, 5-8 min (13 min);
-#   baselines: 2 models x 2 data sets x 6 tasks x 5 epochs, 7-8.5 min (9.6 min).
-# Total 23-36 min on 2 cores. Eight VAE epochs: an 8-epoch Fashion-MNIST encoder
-# matched a 20-epoch one on every task (docs/datasets.md), and 20 epochs would not fit.
-# The union gets the same epochs (each image seen as often as by the single data set
-# encoders, twice the steps), so its in-domain numbers are not lowered by half the
-# passes over each image. Baselines: 5 epochs, not the paper profile's 15, to fit.
-PROFILES["transfer"] = TransferProfile("transfer", vae_epochs=8, union_vae_epochs=8, bnn_epochs=100,
+# Budget: at most 45 minutes on 2 quiet cores. Costs per unit, from docs/encoder.md and
+# docs/reproduce.md (2 torch threads) and, in parentheses, measured on the project's
+# 2-core machine with 1 torch thread at load average 0.9 to 2.1: a VAE epoch over 60k
+# images 19-35 s (49 s); encoding 70k images into codes (5 s); a pair task's BNN, 100
+# epochs, 3-4 s (6 s); all10's BNN (512 hidden, 60k codes) 30-60 s (100 s); a CNN
+# baseline epoch on a pair task 2-2.7 s (2.9 s), on all10 8-12 s (14 s).
+#   encoders:  6 epochs on 60k + 6 on 60k + 6 on the 120k union = 24 x 60k-image epochs,
+#              8-14 min (20 min);
+#   features:  3 encoders x 140k images, under 1 min;
+#   hybnn:     3 encoders x 2 data sets x (5 pairs + all10) = 36 BNNs, 5-8 min (13 min);
+#   baselines: 2 models x 2 data sets x 6 tasks x 5 epochs = 24 runs, 7-8.5 min (10 min).
+# Total 20-31 min with 2 threads, about 43 min with 1: within 45 either way.
+# Six VAE epochs, not the paper's 20 (which would not fit three times): the encoder's
+# codes change little past a few epochs (an 8-epoch Fashion-MNIST encoder matched a
+# 20-epoch one on every task, docs/datasets.md; a 3-epoch MNIST encoder was within
+# half a point on all10, docs/encoder.md). The union gets the same epochs, not the same
+# steps: every image is seen as often as by the single data set encoders, so the
+# union's in-domain numbers are not lowered by fewer passes over each image. Baselines:
+# 5 epochs, not 15, to fit.
+PROFILES["transfer"] = TransferProfile("transfer", vae_epochs=6, union_vae_epochs=6, bnn_epochs=100,
                                        baseline_epochs=5)
 PROFILES["transfer-smoke"] = TransferProfile("transfer-smoke", vae_epochs=1, union_vae_epochs=1,
                                              bnn_epochs=2, baseline_epochs=1,
