@@ -175,3 +175,18 @@ def test_a_record_with_an_accuracy_out_of_range_is_refused():
     results["results"]["mnist"] = {"mnist": {"0v1": {"hybnn": {"test_acc": 1.5}}}}
     with pytest.raises(HyBNNError, match="test_acc in"):
         validate_results(results)
+
+
+def test_interrupted_run_leaves_out_and_encoders_untouched(first_run, workspace, monkeypatch, capsys):
+    import common.baselines
+
+    before, encoders_before = tree(first_run), tree(workspace / "encoders")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.baselines, "train_baseline", interrupt)
+    assert run(workspace, first_run, "--tasks", "0v1") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert tree(first_run) == before and tree(workspace / "encoders") == encoders_before
+    assert not list(workspace.glob(".*partial*"))
