@@ -5,6 +5,11 @@ epochs, three federated clients. ``quick`` is a first look with short training
 (about 5 minutes on 2 cores).
 ``smoke`` exists for the end-to-end tests: it trains on a few thousand samples for
 one or two epochs, so its accuracies mean nothing.
+
+``transfer`` measures how well one frozen encoder serves another data set: encoders
+pretrained on MNIST, on Fashion-MNIST and on their union, each with the paper's BNN
+on the six tasks of both data sets (:class:`TransferProfile`, docs/datasets.md).
+``transfer-smoke`` is its tiny variant for the end-to-end test.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class Profile:
         return asdict(self)
 
 
-PROFILES: dict[str, Profile] = {
+PROFILES: dict[str, "Profile | TransferProfile"] = {
     "quick": Profile("quick", vae_epochs=2, bnn_epochs=20, baseline_epochs=1,
                      fed_clients=3, fed_rounds=3, fed_local_epochs=1),
     "paper": Profile("paper", vae_epochs=20, bnn_epochs=100, baseline_epochs=15,
@@ -43,7 +48,61 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def get_profile(name: str) -> Profile:
+@dataclass(frozen=True)
+class TransferProfile:
+    """The transfer experiment: which encoders, which tasks, how long each stage trains.
+
+    Every encoder uses the default :class:`common.vae.VAEConfig` (for the data's image
+    shape) and :class:`common.vae.VAETrainConfig` with ``vae_epochs`` (``union_vae_epochs``
+    for an encoder trained on a union), so a change of the default recipe reaches it.
+    """
+
+    name: str
+    vae_epochs: int
+    union_vae_epochs: int
+    bnn_epochs: int
+    baseline_epochs: int
+    encoders: tuple[str, ...] = ("mnist", "fashion-mnist", "mnist+fashion-mnist")
+    """What each encoder is pretrained on (a data set or a union ``A+B``); also its name."""
+    datasets: tuple[str, ...] = ("mnist", "fashion-mnist")
+    """The data sets whose tasks every encoder is tested on."""
+    vae_images: int | None = None
+    """Pretrain on the first this many training images of each data set (None: all)."""
+    train_limit: int | None = None
+    """Train the baselines on the first this many samples of a task (None: all)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Budget: at most 45 minutes on 2 quiet cores. Costs per unit, from docs/encoder.md and
+# docs/reproduce.md (2 torch threads) and, in parentheses, measured on the project's
+# 2-core machine with 1 torch thread at load average 0.9 to 2.1: a VAE epoch over 60k
+# images 19-35 s (49 s); encoding 70k images into codes (5 s); a pair task's BNN, 100
+# epochs, 3-4 s (6 s); all10's BNN (512 hidden, 60k codes) 30-60 s (100 s); a CNN
+# baseline epoch on a pair task 2-2.7 s (2.9 s), on all10 8-12 s (14 s).
+#   encoders:  6 epochs on 60k + 6 on 60k + 6 on the 120k union = 24 x 60k-image epochs,
+#              8-14 min (20 min);
+#   features:  3 encoders x 140k images, under 1 min;
+#   hybnn:     3 encoders x 2 data sets x (5 pairs + all10) = 36 BNNs, 5-8 min (13 min);
+#   baselines: 2 models x 2 data sets x 6 tasks x 5 epochs = 24 runs, 7-8.5 min (10 min).
+# Total 20-31 min with 2 threads, about 43 min with 1: within 45 either way.
+# Six VAE epochs, not the paper's 20 (which would not fit three times): the encoder's
+# codes change little past a few epochs (an 8-epoch Fashion-MNIST encoder matched a
+# 20-epoch one on every task, docs/datasets.md; a 3-epoch MNIST encoder was within
+# half a point on all10, docs/encoder.md). The union gets the same epochs, not the same
+# steps: every image is seen as often as by the single data set encoders, so the
+# union's in-domain numbers are not lowered by fewer passes over each image. Baselines:
+# 5 epochs, not 15, to fit.
+PROFILES["transfer"] = TransferProfile("transfer", vae_epochs=6, union_vae_epochs=6, bnn_epochs=100,
+                                       baseline_epochs=5)
+PROFILES["transfer-smoke"] = TransferProfile("transfer-smoke", vae_epochs=1, union_vae_epochs=1,
+                                             bnn_epochs=2, baseline_epochs=1,
+                                             vae_images=512, train_limit=512)
+"""Tiny, for the end-to-end test: accuracies mean nothing."""
+
+
+def get_profile(name: str) -> Profile | TransferProfile:
     try:
         return PROFILES[name]
     except KeyError:

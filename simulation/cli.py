@@ -373,14 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="the paper's experiment end to end: results.json, report.md, plots")
     p.add_argument("--profile", choices=list(PROFILES), default="paper",
-                   help="quick: a first look in minutes; paper: the paper's epochs (default: %(default)s)")
+                   help="quick: a first look in minutes; paper: the paper's epochs; transfer: encoders "
+                        "trained on mnist, fashion-mnist and both, each tested on the tasks of both data "
+                        "sets (docs/datasets.md); smoke, transfer-smoke: for the tests (default: %(default)s)")
     p.add_argument("--out", type=path_arg, required=True, help="output directory")
     _add_data_root(p)
     p.add_argument("--encoder-dir", type=path_arg, default=None,
-                   help="encoder artifact to reuse or create (default: artifacts/encoder-PROFILE)")
+                   help="encoder artifact to reuse or create (default: artifacts/encoder-PROFILE); for "
+                        "the transfer profiles the folder holding one artifact per encoder, "
+                        "DIR/encoder-PROFILE-NAME (default: artifacts)")
     p.add_argument("--tasks", type=task_name, nargs="+", default=list(TASKS),
-                   help="tasks to run (default: all six)")
-    p.add_argument("--no-federated", action="store_true", help="skip the three-client FedHyBNN runs")
+                   help="tasks to run (default: all six; transfer runs each on every data set)")
+    p.add_argument("--no-federated", action="store_true",
+                   help="skip the three-client FedHyBNN runs (the transfer profiles have none)")
     p.set_defaults(handler=cmd_reproduce)
 
     p = sub.add_parser("federate", help="FedHyBNN on Flower's simulation engine (Ray): N clients, one machine")

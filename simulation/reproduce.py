@@ -13,6 +13,11 @@ Stages, in order:
    pair task, written under ``DIR/federated/<task>/``;
 6. **report**: ``DIR/results.json``, ``DIR/report.md`` and the PNG plots.
 
+The transfer profiles (:class:`common.profiles.TransferProfile`) run
+:func:`reproduce_transfer` instead: an encoder per data set or union of the profile,
+each one's codes through the BNN on every task of every data set, the baselines once
+per (data set, task), and :mod:`common.transfer`'s report and heatmaps.
+
 Nothing already written is destroyed by a failed run:
 
 * the run writes into a hidden sibling directory ``.DIR.partial-<pid>`` and moves
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from common.errors import HyBNNError
-from common.profiles import Profile, get_profile
+from common.profiles import Profile, TransferProfile, get_profile
 
 STAGES = ("encoder", "features", "hybnn", "baselines", "federated", "report")
 
@@ -126,25 +131,52 @@ def _move_into_place(staging: Path, target: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------ stages
+def encoder_training_images(dataset: str, data_root: Path, limit: int | None = None):
+    """The VAE's training images of ``dataset`` (one data set or a union ``A+B``).
+
+    ``limit`` keeps the first ``limit`` training images of each data set (of each part of
+    a union, so a small union still holds all of its data sets). Returns ``(images,
+    datasets, data_sha256)`` as :func:`common.datasets.pretrain_images` does.
+    """
+    import numpy as np
+
+    from common.data import dataset_sha256
+    from common.datasets import pretrain_images
+
+    images, datasets, data_sha = pretrain_images(dataset, data_root)
+    if limit is None:
+        return images, datasets, data_sha
+    parts = [d.load(data_root, "train") for d in datasets]
+    images = np.concatenate([p[0][:limit] for p in parts])
+    labels = np.concatenate([p[1][:limit] for p in parts])
+    return images, datasets, dataset_sha256(images, labels)
+
+
 def ensure_encoder(
     profile: Profile,
     encoder_dir: Path,
     data_root: Path,
     *,
+    dataset: str = "mnist",
+    epochs: int | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ):
-    """Reuse the matching artifact in ``encoder_dir`` or pretrain one; return ``(artifact, info)``."""
-    from common.data import dataset_sha256, load_mnist
+    """Reuse the matching artifact in ``encoder_dir`` or pretrain one; return ``(artifact, info)``.
+
+    The encoder is trained on ``dataset`` (a data set or a union ``A+B``, as
+    ``hybnn pretrain --dataset`` takes) for ``epochs`` (default: the profile's
+    ``vae_epochs``) with the default :class:`VAEConfig` for the data's image shape; the
+    profile's ``vae_images`` limits the images per data set. A manifest that matches
+    the architecture, the training config and the training data's sha256 is reused.
+    """
     from common.encoder import encoder_matches, load_encoder_artifact, save_encoder_artifact
     from common.vae import VAEConfig, VAETrainConfig, train_vae
 
-    images, labels = load_mnist(data_root, "train")
-    if profile.vae_images is not None:
-        images, labels = images[: profile.vae_images], labels[: profile.vae_images]
-    data_sha = dataset_sha256(images, labels)
-    vae_config = VAEConfig()
-    train_config = VAETrainConfig(epochs=profile.vae_epochs)
+    images, datasets, data_sha = encoder_training_images(dataset, data_root, profile.vae_images)
+    epochs = profile.vae_epochs if epochs is None else epochs
+    vae_config = VAEConfig(image_shape=datasets[0].shape)
+    train_config = VAETrainConfig(epochs=epochs)
     started = time.perf_counter()
     if encoder_matches(encoder_dir, vae_config, data_sha, train_config.to_dict()):
         artifact = load_encoder_artifact(encoder_dir)
@@ -152,12 +184,14 @@ def ensure_encoder(
         say(f"    reusing the encoder in {encoder_dir} (its manifest matches this profile)")
     else:
         say(f"    no matching encoder in {encoder_dir}: pretraining the VAE for "
-            f"{profile.vae_epochs} epochs on {len(images)} images")
+            f"{epochs} epochs on {len(images)} images of {dataset}")
         vae, history = train_vae(images, vae_config, train_config, progress=progress)
         staging = _staging_dir(encoder_dir)
         try:
             save_encoder_artifact(vae, staging, data_sha256=data_sha,
-                                  train_config=train_config.to_dict(), history=history)
+                                  train_config=train_config.to_dict(), history=history,
+                                  datasets=[d.name for d in datasets],
+                                  data_fingerprints={d.name: d.fingerprint(data_root) for d in datasets})
             kept = _move_into_place(staging, encoder_dir)
         finally:
             if staging.exists():
@@ -175,6 +209,7 @@ def ensure_encoder(
         "latent_bits": artifact.manifest.get("latent_bits"),
         "epochs": artifact.manifest.get("train_config", {}).get("epochs"),
         "data_sha256": artifact.manifest.get("data_sha256"),
+        "datasets": [d.name for d in datasets],
         "train_images": int(len(images)),
         "previous_kept_as": None if kept is None else str(kept),
     }
@@ -182,24 +217,27 @@ def ensure_encoder(
 
 
 def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir: Path,
-              *, progress: bool = True, seed: int = 0) -> dict:
-    """Train the task's BNN (:meth:`BNNConfig.for_task`) and save it under ``models_dir/<task>``."""
+              *, progress: bool = True, seed: int = 0, dataset: str = "mnist",
+              record_root: Path | None = None) -> dict:
+    """Train the task's BNN (:meth:`BNNConfig.for_task`) on ``dataset``'s codes and save it
+    under ``models_dir/<task>``; the result names that folder relative to ``record_root``
+    (default: the parent of ``models_dir``, the run's directory)."""
     from common.bnn_io import save_bnn
     from dataclasses import replace
 
-    from common.pipeline import HYBNN_TRAIN_CONFIG, train_hybnn
-    from common.tasks import get_task
-
-    task = get_task(task_name)
-    config = replace(HYBNN_TRAIN_CONFIG, epochs=epochs, seed=seed)
-    run = train_hybnn(artifact, task, data_root, config, progress=progress)
     from common.features import load_codes
-    from common.tasks import select_task
+    from common.pipeline import HYBNN_TRAIN_CONFIG, train_hybnn
+    from common.tasks import select_task, task_for_dataset
 
-    _, labels = load_codes(artifact, data_root, "train", progress=False)  # cached: cheap
+    task = task_for_dataset(task_name, dataset)
+    config = replace(HYBNN_TRAIN_CONFIG, epochs=epochs, seed=seed)
+    run = train_hybnn(artifact, task, data_root, config, progress=progress, dataset=dataset)
+    _, labels = load_codes(artifact, data_root, "train", progress=False, dataset=dataset)  # cached: cheap
     train_samples = int(len(select_task(labels, labels, task)[1]))
-    model_dir = models_dir / task.name
-    save_bnn(run.model, model_dir, meta={"task": task.name, "encoder_sha256": artifact.sha256,
+    model_dir = models_dir / task.slug
+    save_bnn(run.model, model_dir, meta={"task": task.name, "dataset": dataset,
+                                         "class_names": list(task.class_names),
+                                         "encoder_sha256": artifact.sha256,
                                          "test_acc": run.test_acc, "train": config.to_dict(),
                                          "train_seconds": run.train.seconds})
     return {
@@ -213,7 +251,7 @@ def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir
         "in_bits": run.model.config.in_bits,
         "hidden": list(run.model.config.hidden),
         "num_classes": run.model.config.num_classes,
-        "model_dir": str(Path("models") / task.name),
+        "model_dir": str(model_dir.relative_to(record_root or models_dir.parent)),
     }
 
 
@@ -296,7 +334,9 @@ def reproduce(
     from common.baselines import BASELINES, train_baseline
     from common.tasks import PAIR_TASKS
 
-    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    prof = profile if isinstance(profile, (Profile, TransferProfile)) else get_profile(profile)
+    if isinstance(prof, TransferProfile):
+        return reproduce_transfer(prof, out_dir, data_root, encoder_dir, tasks, progress=progress)
     task_names = _unique_tasks(tasks)
     out_dir = Path(out_dir)
     data_root = Path(data_root)
@@ -388,6 +428,162 @@ def reproduce(
     print("", flush=True)
     print(report.summary_table(results), flush=True)
     print(f"\nWrote {out_dir / report.RESULTS_FILE}, {out_dir / report.REPORT_FILE} and the plots "
+          f"in {out_dir} ({results['total_seconds'] / 60:.1f} min)."
+          + (f" The earlier run is kept as {kept}." if kept else ""), flush=True)
+    return results
+
+
+# ------------------------------------------------------------------ transfer
+def transfer_encoder_dirs(profile: TransferProfile, encoder_parent: Path | str | None) -> dict[str, Path]:
+    """``{encoder name: its artifact directory}``: ``PARENT/encoder-<profile>-<name>``.
+
+    ``PARENT`` is ``--encoder-dir`` (default ``artifacts``). The profile is in the name
+    so that ``transfer-smoke`` never replaces the real ``transfer`` encoders.
+    """
+    from common.encoder import MANIFEST_FILE
+
+    parent = Path("artifacts") if encoder_parent is None else Path(encoder_parent)
+    if parent.exists() and not parent.is_dir():
+        raise HyBNNError(
+            f"--encoder-dir {parent} is a file. For the {profile.name} profile it names the folder "
+            "that holds its encoders (one artifact per encoder, created if missing).")
+    if (parent / MANIFEST_FILE).exists():
+        raise HyBNNError(
+            f"--encoder-dir {parent} is an encoder artifact, but the {profile.name} profile trains "
+            f"{len(profile.encoders)} encoders ({', '.join(profile.encoders)}) and takes the folder that "
+            "holds them: pass its parent folder, or a new one (default: artifacts).")
+    dirs = {name: parent / f"encoder-{profile.name}-{name}" for name in profile.encoders}
+    for path in dirs.values():
+        check_encoder_dir(path)
+    return dirs
+
+
+def _transfer_tasks(tasks: Iterable[str] | None, profile: TransferProfile) -> list[str]:
+    """The named tasks to run on every data set (default: all six)."""
+    from common.tasks import TASKS, task_for_dataset
+
+    names = list(TASKS) if tasks is None else list(dict.fromkeys(tasks))
+    if not names:
+        raise HyBNNError(f"No tasks given. Pass --tasks with one or more of: {', '.join(TASKS)}.")
+    for name in names:
+        if name not in TASKS:  # a task must exist in every data set: the named ones only
+            raise HyBNNError(f"Unknown task {name!r} for the {profile.name} profile, which runs each task "
+                             f"on every data set ({', '.join(profile.datasets)}). Valid tasks are: "
+                             f"{', '.join(TASKS)}; `hybnn train --dataset D --task SPEC` trains any other.")
+        for dataset in profile.datasets:
+            task_for_dataset(name, dataset)
+    return names
+
+
+def reproduce_transfer(
+    profile: TransferProfile,
+    out_dir: Path | str,
+    data_root: Path | str = Path("data"),
+    encoder_parent: Path | str | None = None,
+    tasks: Iterable[str] | None = None,
+    *,
+    progress: bool = True,
+) -> dict:
+    """The transfer experiment: every encoder of ``profile`` with the paper's BNN on every
+    task of every data set, and the baselines once per (data set, task).
+
+    Writes ``out_dir`` (results.json, report.md, heatmaps, the BNNs under
+    ``models/<encoder>/<data set>/<task>``) with the same care for existing directories
+    as :func:`reproduce`; returns results.json's content (:mod:`common.transfer`).
+    """
+    from common import transfer as report
+    from common.baselines import train_baseline
+    from common.features import load_codes
+
+    task_names = _transfer_tasks(tasks, profile)
+    out_dir, data_root = Path(out_dir), Path(data_root)
+    encoder_dirs = transfer_encoder_dirs(profile, encoder_parent)
+    check_out_dir(out_dir)
+
+    def say(text: str) -> None:
+        if progress:
+            print(text, flush=True)
+
+    n_enc, n_data = len(profile.encoders), len(profile.datasets)
+    runs = len(task_names) * n_data
+    total_steps = 2 * n_enc + n_enc * runs + runs * len(report.BASELINE_MODELS) + 1
+    step = 0
+
+    def stage(text: str) -> None:
+        nonlocal step
+        step += 1
+        say(f"[{step}/{total_steps}] {text}")
+
+    started = time.perf_counter()
+    load_start = _load_average()
+    staging = _staging_dir(out_dir)
+    try:
+        results = report.new_results(profile.to_dict())
+        stages: dict[str, float] = {"encoders": 0.0, "features": 0.0}
+        results["stages"] = stages
+        artifacts = {}
+        for name in profile.encoders:
+            union = "+" in name
+            epochs = profile.union_vae_epochs if union else profile.vae_epochs
+            t0 = time.perf_counter()
+            stage(f"encoder {name} ({epochs} VAE epochs)")
+            artifact, info = ensure_encoder(profile, encoder_dirs[name], data_root, dataset=name,
+                                            epochs=epochs, progress=progress, say=say)
+            stages["encoders"] += time.perf_counter() - t0
+            artifacts[name] = artifact
+            results["encoders"][name] = info
+
+            t0 = time.perf_counter()
+            stage(f"features: encoder {name} on {', '.join(profile.datasets)} train and test (cached)")
+            for dataset in profile.datasets:
+                for split in ("train", "test"):
+                    load_codes(artifact, data_root, split, progress=progress, dataset=dataset)
+            stages["features"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for name, artifact in artifacts.items():
+            per_dataset = results["results"].setdefault(name, {})
+            for dataset in profile.datasets:
+                for task in task_names:
+                    stage(f"hybnn, encoder {name}, {dataset} {task} ({profile.bnn_epochs} epochs)")
+                    entry = run_hybnn(artifact, task, profile.bnn_epochs, data_root,
+                                      staging / "models" / name / dataset, progress=progress,
+                                      dataset=dataset, record_root=staging)
+                    per_dataset.setdefault(dataset, {}).setdefault(task, {})["hybnn"] = entry
+                    say(f"    test accuracy {entry['test_acc']:.4f} in {entry['train_seconds']:.1f} s")
+        stages["hybnn"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for dataset in profile.datasets:
+            for task in task_names:
+                for model in report.BASELINE_MODELS:
+                    stage(f"{model} on {dataset} {task} ({profile.baseline_epochs} epochs)")
+                    entry = train_baseline(model, task, epochs=profile.baseline_epochs, data_root=data_root,
+                                           seed=0, progress=progress, limit=profile.train_limit,
+                                           dataset=dataset)
+                    entry = {k: v for k, v in entry.items() if k not in ("model", "task")}
+                    for name in profile.encoders:  # the same run beside every encoder's row
+                        results["results"][name][dataset][task][model] = entry
+                    say(f"    test accuracy {entry['test_acc']:.4f} in {entry['train_seconds']:.1f} s")
+        stages["baselines"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stage("report: results.json, report.md, heatmaps")
+        results["transfer_costs"] = report.transfer_costs(results)
+        results["machine"] = _machine(load_start)
+        results["total_seconds"] = time.perf_counter() - started
+        report.write_outputs(results, staging)
+        stages["report"] = time.perf_counter() - t0
+        results["total_seconds"] = time.perf_counter() - started
+        report.write_outputs(results, staging)  # again, with the report stage's own time
+        kept = _move_into_place(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+    print("", flush=True)
+    print(report.summary_table(results), flush=True)
+    print(f"\nWrote {out_dir / report.RESULTS_FILE}, {out_dir / report.REPORT_FILE} and the heatmaps "
           f"in {out_dir} ({results['total_seconds'] / 60:.1f} min)."
           + (f" The earlier run is kept as {kept}." if kept else ""), flush=True)
     return results
