@@ -59,8 +59,8 @@ def corrupt(content, attack: str, layout, seed: int, local_data=None):
     import numpy as np
     from flwr.app import MetricRecord, RecordDict
 
-    from common import codec
-    from common.wire import METRIC, RECORD, payload_to_record, record_to_payload
+    from common.federated import codec
+    from common.federated.wire import METRIC, RECORD, payload_to_record, record_to_payload
 
     metrics = dict(content[RECORD.metrics])
     weights, bn = codec.decode(record_to_payload(content[RECORD.arrays]), layout, kind="signs")
@@ -91,9 +91,9 @@ def corrupt(content, attack: str, layout, seed: int, local_data=None):
 def worst_output_layer(weights, bn, layout, x, y):
     """``weights`` with the output layer's signs as trained or negated, whichever is less accurate on
     ``(x, y)``. Always negating would undo itself once the global model carries the negation."""
-    from common import aggregation, codec
-    from common.bnn import BNN
-    from common.training import evaluate
+    from common.federated import aggregation, codec
+    from common.bnn.model import BNN
+    from common.bnn.training import evaluate
 
     rows, cols = layout.binary_shapes[-1]
     negated = weights.copy()
@@ -123,10 +123,10 @@ def adversarial_client_app(run_config: dict, attack: str, hostile: set[int], in_
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         from client.client_app import ClientSettings, LocalRound, load_client_encoder, local_training_data
-        from common import codec
-        from common.bnn import BNNConfig
-        from common.tasks import get_task
-        from common.wire import RECORD
+        from common.federated import codec
+        from common.bnn.model import BNNConfig
+        from common.data.tasks import get_task
+        from common.federated.wire import RECORD
 
         reply = handle_train(msg, context, defaults=run_config)
         partition = int(context.node_config.get("partition-id", -1))
@@ -214,8 +214,8 @@ def main() -> None:
     if not all(0 < k < args.clients for k in args.adversaries):
         parser.error(f"--adversaries must lie between 1 and {args.clients - 1}")
 
-    from common.encoder import load_encoder_artifact
-    from common.features import load_codes
+    from common.encoder.artifact import load_encoder_artifact
+    from common.encoder.features import load_codes
 
     artifact = load_encoder_artifact(args.encoder)
     for split in ("train", "test"):  # once, before any simulated client reads the cache

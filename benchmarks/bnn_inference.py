@@ -10,8 +10,8 @@ single-threaded, the C kernel is plain sequential code):
 
 * torch float32: the training-form BNN in eval mode under ``torch.inference_mode``, fed
   the +-1 float tensor (unpacking the codes is *not* timed, which favours torch);
-* numpy: :func:`common.edge.predict` on the packed codes;
-* C: ``hybnn.c`` from :mod:`common.export_c`, compiled with ``cc -O3 -march=native``
+* numpy: :func:`common.edge.deploy.predict` on the packed codes;
+* C: ``hybnn.c`` from :mod:`common.edge.export_c`, compiled with ``cc -O3 -march=native``
   (and, for reference, with the portable test flags ``-O2`` without ``-march``),
   loaded with ctypes.
 
@@ -40,11 +40,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common.bnn import BNN, BNNConfig, codes_to_inputs
-from common.edge import predict as numpy_predict
-from common.edge import save_npz, to_deployment
-from common.export_c import FAST_FLAGS, STRICT_FLAGS, build_kernel, generate_c
-from common.training import TrainConfig, fit
+from common.bnn.model import BNN, BNNConfig, codes_to_inputs
+from common.edge.deploy import predict as numpy_predict
+from common.edge.deploy import save_npz, to_deployment
+from common.edge.export_c import FAST_FLAGS, STRICT_FLAGS, build_kernel, generate_c
+from common.bnn.training import TrainConfig, fit
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -70,9 +70,9 @@ def synthetic_model(seed: int = 0) -> BNN:
 
 def load_inputs(args: argparse.Namespace, in_bits: int, n: int) -> tuple[np.ndarray, str]:
     if args.encoder:
-        from common.encoder import load_encoder_artifact
-        from common.features import load_codes
-        from common.tasks import get_task, select_task
+        from common.encoder.artifact import load_encoder_artifact
+        from common.encoder.features import load_codes
+        from common.data.tasks import get_task, select_task
 
         artifact = load_encoder_artifact(args.encoder)
         codes, labels = load_codes(artifact, args.data_root, "test", progress=False)
@@ -100,7 +100,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     if args.model:
-        from common.bnn_io import load_bnn
+        from common.bnn.store import load_bnn
 
         model, _ = load_bnn(args.model)
         model_source = args.model

@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import torch
 
-from common.encoder import load_encoder_artifact
-from common.pipeline import HYBNN_TRAIN_CONFIG, train_hybnn
-from common.tasks import PAIR_TASKS, get_task
+from common.encoder.artifact import load_encoder_artifact
+from common.bnn.pipeline import HYBNN_TRAIN_CONFIG, train_hybnn
+from common.data.tasks import PAIR_TASKS, get_task
 
 
 def recipe(text: str) -> tuple[int, float]:

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.bnn import codes_to_inputs
-from common.bnn_io import load_bnn
-from common.data import DEFAULT_DATA_ROOT
-from common.edge import predict, to_deployment
-from common.encoder import load_encoder_artifact
+from common.bnn.model import codes_to_inputs
+from common.bnn.store import load_bnn
+from common.data.mnist import DEFAULT_DATA_ROOT
+from common.edge.deploy import predict, to_deployment
+from common.encoder.artifact import load_encoder_artifact
 from common.errors import HyBNNError
-from common.export_c import STRICT_FLAGS, build_kernel
-from common.features import load_codes
-from common.tasks import TASKS, get_task, select_task
-from common.training import predict as torch_predict
+from common.edge.export_c import STRICT_FLAGS, build_kernel
+from common.encoder.features import load_codes
+from common.data.tasks import TASKS, get_task, select_task
+from common.bnn.training import predict as torch_predict
 
 
 def main() -> int:

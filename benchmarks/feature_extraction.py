@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from common.data import load_mnist
-from common.encoder import load_encoder_artifact
-from common.features import DEFAULT_BATCH_SIZE, encode_images
-from common.vae import Encoder, VAEConfig
+from common.data.mnist import load_mnist
+from common.encoder.artifact import load_encoder_artifact
+from common.encoder.features import DEFAULT_BATCH_SIZE, encode_images
+from common.encoder.vae import Encoder, VAEConfig
 
 
 def main() -> None:

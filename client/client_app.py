@@ -10,12 +10,12 @@ Each round a client
    encoder's hash) and keeps its partition of the task's training samples, chosen
    with flwr-datasets partitioners from ``partition-id`` / ``num-partitions``;
 3. trains the BNN for ``local-epochs`` from the received global model;
-4. replies with the packed BNN (signs + batch norm, :mod:`common.codec`), or, when the
+4. replies with the packed BNN (signs + batch norm, :mod:`common.federated.codec`), or, when the
    train config says ``uplink-codec = "flips"``, only the signs that changed against the
-   global model it received (:mod:`common.flipcodec`), and a few metrics. Nothing else
+   global model it received (:mod:`common.federated.flipcodec`), and a few metrics. Nothing else
    leaves the client: no images, codes, labels or indices.
 
-Settings (declared in :mod:`common.settings`) come from the node config first, then the
+Settings (declared in :mod:`common.federated.settings`) come from the node config first, then the
 run config, then defaults: ``encoder-path``, ``data-root``, ``dataset``, ``partition-id``,
 ``num-partitions``; the partition scheme (``partition``, ``dirichlet-alpha``, ``seed``)
 comes from the run config (an experiment setting), unless the node config sets it. The
@@ -34,13 +34,13 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from common import aggregation, codec, flipcodec
-from common.bnn import BNN, BNNConfig, codes_to_inputs
+from common.federated import aggregation, codec, flipcodec
+from common.bnn.model import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
-from common.settings import parse_settings, per_round_settings, read_by, settings_dataclass
-from common.tasks import select_task, task_for_dataset
-from common.training import TrainConfig, fit
-from common.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_to_payload
+from common.federated.settings import parse_settings, per_round_settings, read_by, settings_dataclass
+from common.data.tasks import select_task, task_for_dataset
+from common.bnn.training import TrainConfig, fit
+from common.federated.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_to_payload
 
 log = logging.getLogger("hybnn.client")
 
@@ -49,7 +49,7 @@ app = ClientApp()
 
 class _ClientSettingsMethods:
     """Where this client's encoder and data live, and which share of the data is its own: one
-    field per setting the client reads (common/settings.py); field ``x_y`` is key ``x-y``."""
+    field per setting the client reads (common/federated/settings.py); field ``x_y`` is key ``x-y``."""
 
     @classmethod
     def from_context(cls, context: Context, defaults: dict | None = None) -> "ClientSettings":
@@ -89,7 +89,7 @@ _DATA: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def load_client_encoder(path: Path, expected_sha256: str):
     """The frozen encoder at ``path``, refused unless its sha256 is ``expected_sha256``."""
-    from common.encoder import load_encoder_artifact
+    from common.encoder.artifact import load_encoder_artifact
 
     if not expected_sha256:
         raise HyBNNError("The server named no encoder sha256 in its train config; the run config "
@@ -107,8 +107,8 @@ def load_client_encoder(path: Path, expected_sha256: str):
 
 def local_training_data(artifact, settings: ClientSettings, task_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """This client's share of the task's training samples, as (+-1 inputs, labels)."""
-    from common.features import load_codes
-    from common.partition import partition_indices
+    from common.encoder.features import load_codes
+    from common.data.partition import partition_indices
 
     key = (artifact.sha256, str(settings.data_root), settings.dataset, task_name, settings.partition_id,
            settings.num_partitions, settings.partition, settings.dirichlet_alpha, settings.seed)
@@ -125,7 +125,7 @@ def local_training_data(artifact, settings: ClientSettings, task_name: str) -> t
 
 class _LocalRoundMethods:
     """The train config of one round, as the server sent it: the per-round settings
-    (common/settings.py), the round's number and the learning rate's decay within it."""
+    (common/federated/settings.py), the round's number and the learning rate's decay within it."""
 
     REQUIRED = (TRAIN_CONFIG.task, TRAIN_CONFIG.local_epochs, TRAIN_CONFIG.lr, TRAIN_CONFIG.batch_size,
                 TRAIN_CONFIG.encoder_sha256)

@@ -102,7 +102,7 @@ trap 'exit 143' TERM
 chown -R 49999:49999 "$HYBNN_CERTS"        # read by the images' user "app"
 install -d -o 49999 -g 49999 "$HYBNN_RESULTS"
 "$PYTHON" -c 'import sys; from pathlib import Path; from tests.conftest import fixed_encoder; fixed_encoder(Path(sys.argv[1]))' "$HYBNN_ENCODER"
-ENCODER_SHA256=$("$PYTHON" -c 'import sys; from common.encoder import load_encoder_artifact; print(load_encoder_artifact(sys.argv[1]).sha256)' "$HYBNN_ENCODER")
+ENCODER_SHA256=$("$PYTHON" -c 'import sys; from common.encoder.artifact import load_encoder_artifact; print(load_encoder_artifact(sys.argv[1]).sha256)' "$HYBNN_ENCODER")
 timed "hybnn data" "${HYBNN[@]}" data --data-root "$DATA_ROOT" >/dev/null
 # hybnn writes its files readable by their owner only; the containers' user needs to read these.
 install -d "$HYBNN_MNIST" && install -m 644 "$DATA_ROOT"/MNIST/raw/*-ubyte "$HYBNN_MNIST"/

@@ -3,7 +3,7 @@
 After every round the ServerApp saves, under ``<out-dir>/checkpoint/``:
 
 * ``global-rNNNN.safetensors``: the global model's payload (the arrays of the
-  ``ArrayRecord`` the clients receive next, :mod:`common.codec`), as numpy arrays;
+  ``ArrayRecord`` the clients receive next, :mod:`common.federated.codec`), as numpy arrays;
 * ``state.json``: the round it follows, the run's identity (task, encoder sha256,
   codec version, BNN shape) and every setting that decides the model (seed, rounds,
   learning rate and its schedule, partition, ...), the sha256 of the arrays file, and
@@ -142,8 +142,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
 
 
 def check_payload(checkpoint: Checkpoint, layout) -> None:
-    """Refuse checkpoint arrays that are not a global model of this BNN (``layout``, :mod:`common.codec`)."""
-    from common.codec import CodecError, decode
+    """Refuse checkpoint arrays that are not a global model of this BNN (``layout``, :mod:`common.federated.codec`)."""
+    from common.federated.codec import CodecError, decode
 
     try:
         decode(checkpoint.payload, layout)

@@ -7,7 +7,7 @@ It writes, after every round, so that a stopped run leaves what it reached:
 
 * ``<out-dir>/server.json``: run config, encoder hash, per round the global test
   accuracy and loss, the bytes each client sent and received, dropped replies;
-* ``<out-dir>/global/``: the global BNN (:func:`common.bnn_io.save_bnn`), its latent
+* ``<out-dir>/global/``: the global BNN (:func:`common.bnn.store.save_bnn`), its latent
   weights being the vote or the mean the clients restart from;
 * ``<out-dir>/checkpoint/``: what ``resume-dir`` needs to go on from that round
   (:mod:`server.resume`).
@@ -16,7 +16,7 @@ A round in which no reply could be aggregated is logged as an error; a run that 
 without any aggregated round is marked ``failed`` in ``server.json``, with the reasons
 the clients gave, and the ServerApp raises.
 
-Run config keys are kebab-case, declared once in :mod:`common.settings` (pyproject.toml's
+Run config keys are kebab-case, declared once in :mod:`common.federated.settings` (pyproject.toml's
 ``[tool.flwr.app.config]`` holds the same defaults); relative paths are taken from the
 ServerApp's working directory.
 """
@@ -37,15 +37,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from common import aggregation as agg
-from common import codec, robust
-from common.bnn import BNN, BNNConfig, codes_to_inputs
+from common.federated import aggregation as agg
+from common.federated import codec, robust
+from common.bnn.model import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
-from common.settings import parse_settings, per_round_settings, read_by, settings_dataclass
-from common.tasks import select_task, task_for_dataset
-from common.training import evaluate
-from common.wire import TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
+from common.federated.settings import parse_settings, per_round_settings, read_by, settings_dataclass
+from common.data.tasks import select_task, task_for_dataset
+from common.bnn.training import evaluate
+from common.federated.wire import TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
 from server import resume
 from server.strategy import PackedFedAvg, RoundLog
 
@@ -55,7 +55,7 @@ app = ServerApp()
 
 
 class _ServerSettingsMethods:
-    """The run config, typed: one field per setting the server reads (common/settings.py);
+    """The run config, typed: one field per setting the server reads (common/federated/settings.py);
     field ``x_y`` is run-config key ``x-y``."""
 
     @classmethod
@@ -124,9 +124,9 @@ def failure_reasons(rounds: list[dict]) -> list[str]:
 
 def run_server(grid: Grid, settings: ServerSettings) -> dict:
     """The whole federated run; returns what it wrote to ``server.json``."""
-    from common.bnn_io import save_bnn
-    from common.encoder import load_encoder_artifact
-    from common.features import load_codes
+    from common.bnn.store import save_bnn
+    from common.encoder.artifact import load_encoder_artifact
+    from common.encoder.features import load_codes
 
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,12 @@ raises an uncaught ``InconsistentMessageReplies`` when one reply is odd, which e
 the whole run. This strategy
 
 * validates every reply completely before it is used (error replies, a second reply
-  from the same node, record layout, the metrics against :data:`common.robust.CLIENT_METRICS`,
+  from the same node, record layout, the metrics against :data:`common.federated.robust.CLIENT_METRICS`,
   codec version, payload size, batch-norm numbers finite, within the downlink's dtype
   and with positive variances) and drops a bad one with a log line that says what
   happened and what to do, so the other clients' round goes on; anything that still
   fails on one reply drops that reply, never the round;
-* bounds every client's weight (:func:`common.robust.capped_weights`: ``num-examples``
+* bounds every client's weight (:func:`common.federated.robust.capped_weights`: ``num-examples``
   at most ``max_weight_vs_median`` times the round's median, and ``max_num_examples``),
   logs each capped reply and records it in the round's log;
 * unpacks each good reply's sign bits to +-1 and lets Flower's own FedAvg arithmetic
@@ -19,9 +19,9 @@ the whole run. This strategy
   weighted mean (``"mean"``);
 * keeps what it measures (node id, bytes, flips, weight) apart from what a client
   reports (``reported``), so that a client's metrics cannot overwrite them;
-* sends back the vote (1 bit per weight) or the quantized mean (``common.aggregation``);
+* sends back the vote (1 bit per weight) or the quantized mean (``common.federated.aggregation``);
 * accepts an update as full sign bits or as the sign flips against the round's global
-  model (``common.flipcodec``): it keeps the signs it sent each round as the reference,
+  model (``common.federated.flipcodec``): it keeps the signs it sent each round as the reference,
   and a flip update taken against any other reference is refused like any malformed one;
 * samples nodes with a deadline: it waits for ``min_available_nodes`` up to
   ``node_wait_s`` seconds, then goes on with whoever is connected, if at least
@@ -43,8 +43,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
-from common import aggregation, codec, flipcodec, robust
-from common.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
+from common.federated import aggregation, codec, flipcodec, robust
+from common.federated.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
 
 
 @dataclass
@@ -54,7 +54,7 @@ class CheckedReply:
     bn: np.ndarray
     num_examples: int
     metrics: dict[str, int | float]
-    """The client's metrics that passed :func:`common.robust.check_client_metrics`."""
+    """The client's metrics that passed :func:`common.federated.robust.check_client_metrics`."""
     uplink_bytes: int
     reply_bytes: int
     sign_bits: int = 0
@@ -123,7 +123,7 @@ class RoundLog:
 
 
 class PackedFedAvg(FedAvg):
-    """FedAvg over the packed BNN of :mod:`common.codec`; see the module docstring."""
+    """FedAvg over the packed BNN of :mod:`common.federated.codec`; see the module docstring."""
 
     def __init__(
         self,

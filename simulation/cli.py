@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from common.errors import HyBNNError
-from common.profiles import PROFILES
-from common.settings import default as default_setting
-from common.tasks import TASKS
+from common.experiments.profiles import PROFILES
+from common.federated.settings import default as default_setting
+from common.data.tasks import TASKS
 
 DEFAULT_ENCODER = Path("artifacts/encoder")
 
@@ -77,7 +77,7 @@ def task_name(text: str) -> str:
 
 
 def _add_data_root(p: argparse.ArgumentParser) -> None:
-    from common.data import DEFAULT_DATA_ROOT
+    from common.data.mnist import DEFAULT_DATA_ROOT
 
     p.add_argument("--data-root", type=path_arg, default=DEFAULT_DATA_ROOT,
                    help="where MNIST, Fashion-MNIST and the feature cache live (default: %(default)s, "
@@ -110,7 +110,7 @@ def _add_dataset(p: argparse.ArgumentParser, union: bool = False) -> None:
 
 def _dataset(args: argparse.Namespace) -> str:
     """The data set name with the --image-size request folded in (name@HxW)."""
-    from common.datasets import with_image_size
+    from common.data.datasets import with_image_size
 
     return with_image_size(args.dataset, args.image_size)
 
@@ -129,8 +129,8 @@ def _add_encoder(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------ handlers
 def cmd_data(args: argparse.Namespace) -> None:
-    from common.data import ensure_mnist
-    from common.datasets import get_dataset
+    from common.data.mnist import ensure_mnist
+    from common.data.datasets import get_dataset
 
     if args.dataset == "mnist" and args.image_size is None:
         print(f"MNIST is ready under {ensure_mnist(args.data_root)}")
@@ -143,10 +143,10 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from common.datasets import pretrain_images
-    from common.encoder import MANIFEST_FILE, WEIGHTS_FILE, save_encoder_artifact
+    from common.data.datasets import pretrain_images
+    from common.encoder.artifact import MANIFEST_FILE, WEIGHTS_FILE, save_encoder_artifact
     from common.fileio import keeping_earlier
-    from common.vae import VAEConfig, VAETrainConfig, train_vae
+    from common.encoder.vae import VAEConfig, VAETrainConfig, train_vae
 
     check_out(args.out)
     train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed)
@@ -165,8 +165,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from common.encoder import load_encoder_artifact
-    from common.features import load_codes
+    from common.encoder.artifact import load_encoder_artifact
+    from common.encoder.features import load_codes
 
     artifact = load_encoder_artifact(args.encoder)
     for split in ("train", "test"):
@@ -175,14 +175,14 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from common.bnn_io import META_NAME, WEIGHTS_NAME, save_bnn
+    from common.bnn.store import META_NAME, WEIGHTS_NAME, save_bnn
     from common.fileio import keeping_earlier
-    from common.encoder import load_encoder_artifact
-    from common.pipeline import train_hybnn
-    from common.tasks import task_for_dataset
+    from common.encoder.artifact import load_encoder_artifact
+    from common.bnn.pipeline import train_hybnn
+    from common.data.tasks import task_for_dataset
     from dataclasses import replace
 
-    from common.pipeline import HYBNN_TRAIN_CONFIG  # --help states its defaults; tests/test_cli.py keeps them in step
+    from common.bnn.pipeline import HYBNN_TRAIN_CONFIG  # --help states its defaults; tests/test_cli.py keeps them in step
 
     dataset = _dataset(args)
     task = task_for_dataset(args.task, dataset)
@@ -205,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
-    from common.baselines import train_baseline
+    from common.experiments.baselines import train_baseline
 
     result = train_baseline(args.model, args.task, epochs=args.epochs, data_root=args.data_root,
                             seed=args.seed, dataset=_dataset(args))
@@ -225,7 +225,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 def _federation_settings(args: argparse.Namespace) -> dict:
     """The options `federate` and `deploy-local` share, as FederateConfig fields."""
-    from common.settings import command_settings
+    from common.federated.settings import command_settings
 
     values = {s.field: getattr(args, s.field) for s in command_settings() if s.flag}
     return {**values, "dataset": _dataset(args)}
@@ -271,8 +271,8 @@ def _option_type(s) -> object:
 
 
 def _add_federation_options(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    """One option per setting with a CLI flag (common/settings.py), its default, type and help from there."""
-    from common.settings import cli_default, command_settings
+    """One option per setting with a CLI flag (common/federated/settings.py), its default, type and help from there."""
+    from common.federated.settings import cli_default, command_settings
 
     for s in command_settings():
         if not s.flag:
@@ -303,7 +303,7 @@ def cmd_certs(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from common.edge import export_model
+    from common.edge.deploy import export_model
 
     check_out(args.out)
     for path in export_model(args.model, args.out, args.format):

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import settings
+from common.federated import settings
 from common.errors import HyBNNError
 from server.resume import read_state
 from simulation import runs
@@ -291,7 +291,7 @@ def _rounds_done(server_json: Path) -> int:
 def check_dataset_reachable(name: str) -> None:
     """Refuse a data set registered in this process: the SuperLink and SuperNodes are
     processes of their own, started from the command line, and cannot call its loader."""
-    from common.datasets import SIZE_SUFFIX, registered_datasets
+    from common.data.datasets import SIZE_SUFFIX, registered_datasets
 
     m = SIZE_SUFFIX.match(name)
     base = m.group(1) if m else name
@@ -317,8 +317,8 @@ def deploy_local(config: DeployConfig) -> dict:
 
 
 def _deploy_local(config: DeployConfig, out: Path, started: float, signals: runs.StopSignals) -> dict:
-    from common.encoder import load_encoder_artifact
-    from common.features import load_codes
+    from common.encoder.artifact import load_encoder_artifact
+    from common.encoder.features import load_codes
     from server.server_app import SERVER_RESULTS
 
     source = runs.resume_source(config.resume)

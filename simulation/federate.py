@@ -35,7 +35,7 @@ import warnings
 from dataclasses import asdict, field
 from pathlib import Path
 
-from common import settings
+from common.federated import settings
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes, make_dir, save_figure
 
@@ -44,7 +44,7 @@ WITHIN_POINTS = 0.5
 
 
 class _FederateConfigMethods:
-    """One federated experiment: one field per setting with a ``field`` in common/settings.py
+    """One federated experiment: one field per setting with a ``field`` in common/federated/settings.py
     (the options of ``hybnn federate``), defaults from there. Defaults follow the paper:
     3 clients, 20 rounds, IID."""
 
@@ -58,7 +58,7 @@ class _FederateConfigMethods:
 
     def run_config(self, encoder_sha256: str) -> dict:
         """The ServerApp/ClientApp run config (kebab-case keys) for this experiment."""
-        from common.datasets import absolute_dataset
+        from common.data.datasets import absolute_dataset
 
         values = {s.key: (str(v) if isinstance(v := getattr(self, s.field), Path) else v)
                   for s in settings.command_settings() if s.scope == "run"}
@@ -86,8 +86,8 @@ def _say(config: FederateConfig, text: str) -> None:
 
 
 def check_config(config: FederateConfig) -> None:
-    from common.tasks import task_for_dataset
-    from common.training import MAX_EPOCHS, TrainConfig
+    from common.data.tasks import task_for_dataset
+    from common.bnn.training import MAX_EPOCHS, TrainConfig
 
     task_for_dataset(config.task, config.dataset)
     for what, value in (("--rounds", config.rounds), ("--local-epochs", config.local_epochs),
@@ -110,10 +110,10 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
     """A centralized HyBNN on the same encoder, task and data: the accuracy to reach."""
     import torch
 
-    from common.bnn import BNN, BNNConfig, codes_to_inputs
-    from common.features import load_codes
-    from common.tasks import select_task, task_for_dataset
-    from common.training import TrainConfig, evaluate, fit
+    from common.bnn.model import BNN, BNNConfig, codes_to_inputs
+    from common.encoder.features import load_codes
+    from common.data.tasks import select_task, task_for_dataset
+    from common.bnn.training import TrainConfig, evaluate, fit
 
     task = task_for_dataset(config.task, config.dataset)
     bits = int(artifact.config.latent_bits)
@@ -148,7 +148,7 @@ def simulation_apps(run_config: dict):
     from flwr.serverapp import Grid, ServerApp
 
     from client.client_app import handle_train
-    from common.datasets import register_all, registered_datasets
+    from common.data.datasets import register_all, registered_datasets
     from server.server_app import ServerSettings, run_server
 
     datasets = registered_datasets()  # the clients may run in other processes (Ray workers)
@@ -352,9 +352,9 @@ def federate(config: FederateConfig) -> dict:
     Ctrl-C or SIGTERM stops it within seconds: the rounds completed so far are published
     with status ``stopped`` and ``KeyboardInterrupt`` is raised.
     """
-    from common.datasets import carry_registered
-    from common.encoder import load_encoder_artifact
-    from common.features import load_codes
+    from common.data.datasets import carry_registered
+    from common.encoder.artifact import load_encoder_artifact
+    from common.encoder.features import load_codes
     from server.server_app import SERVER_RESULTS
     from simulation import runs
 
@@ -403,7 +403,7 @@ def start_federation_worker(run_config: dict, clients: int, staging: Path,
     """:func:`run_federation` in a child process in its own session, logging to ``staging/logs``.
 
     ``datasets``: registered data sets the child registers first
-    (:func:`common.datasets.carry_registered`)."""
+    (:func:`common.data.datasets.carry_registered`)."""
     logs = staging / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     spec = logs / "simulation.json"
@@ -463,7 +463,7 @@ def _worker_main(spec_path: str) -> int:
     """The child process of :func:`federate`: the Ray simulation of one run."""
     from simulation.runs import stop_with_parent
 
-    from common.datasets import receive_carried
+    from common.data.datasets import receive_carried
 
     spec = json.loads(Path(spec_path).read_text())
     stop_with_parent(int(spec["parent_pid"]))

@@ -13,10 +13,10 @@ Stages, in order:
    pair task, written under ``DIR/federated/<task>/``;
 6. **report**: ``DIR/results.json``, ``DIR/report.md`` and the PNG plots.
 
-The transfer profiles (:class:`common.profiles.TransferProfile`) run
+The transfer profiles (:class:`common.experiments.profiles.TransferProfile`) run
 :func:`reproduce_transfer` instead: an encoder per data set or union of the profile,
 each one's codes through the BNN on every task of every data set, the baselines once
-per (data set, task), and :mod:`common.transfer`'s report and heatmaps.
+per (data set, task), and :mod:`common.experiments.transfer`'s report and heatmaps.
 
 Nothing already written is destroyed by a failed run:
 
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from common.errors import HyBNNError
-from common.profiles import Profile, TransferProfile, get_profile
+from common.experiments.profiles import Profile, TransferProfile, get_profile
 
 STAGES = ("encoder", "features", "hybnn", "baselines", "federated", "report")
 
@@ -68,7 +68,7 @@ def _is_nonempty_dir(path: Path) -> bool:
 
 def check_out_dir(out_dir: Path) -> None:
     """Refuse an ``--out`` that is a file, or a non-empty directory not written by us."""
-    from common.report import RESULTS_FILE
+    from common.experiments.report import RESULTS_FILE
 
     if out_dir.exists() and not out_dir.is_dir():
         raise HyBNNError(
@@ -86,7 +86,7 @@ def check_out_dir(out_dir: Path) -> None:
 
 def check_encoder_dir(encoder_dir: Path) -> None:
     """Refuse an encoder directory that is a file, or a non-empty directory with no manifest."""
-    from common.encoder import MANIFEST_FILE
+    from common.encoder.artifact import MANIFEST_FILE
 
     if encoder_dir.exists() and not encoder_dir.is_dir():
         raise HyBNNError(
@@ -136,12 +136,12 @@ def encoder_training_images(dataset: str, data_root: Path, limit: int | None = N
 
     ``limit`` keeps the first ``limit`` training images of each data set (of each part of
     a union, so a small union still holds all of its data sets). Returns ``(images,
-    datasets, data_sha256)`` as :func:`common.datasets.pretrain_images` does.
+    datasets, data_sha256)`` as :func:`common.data.datasets.pretrain_images` does.
     """
     import numpy as np
 
-    from common.data import dataset_sha256
-    from common.datasets import pretrain_images
+    from common.data.mnist import dataset_sha256
+    from common.data.datasets import pretrain_images
 
     images, datasets, data_sha = pretrain_images(dataset, data_root)
     if limit is None:
@@ -170,8 +170,8 @@ def ensure_encoder(
     profile's ``vae_images`` limits the images per data set. A manifest that matches
     the architecture, the training config and the training data's sha256 is reused.
     """
-    from common.encoder import encoder_matches, load_encoder_artifact, save_encoder_artifact
-    from common.vae import VAEConfig, VAETrainConfig, train_vae
+    from common.encoder.artifact import encoder_matches, load_encoder_artifact, save_encoder_artifact
+    from common.encoder.vae import VAEConfig, VAETrainConfig, train_vae
 
     images, datasets, data_sha = encoder_training_images(dataset, data_root, profile.vae_images)
     epochs = profile.vae_epochs if epochs is None else epochs
@@ -222,12 +222,12 @@ def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir
     """Train the task's BNN (:meth:`BNNConfig.for_task`) on ``dataset``'s codes and save it
     under ``models_dir/<task>``; the result names that folder relative to ``record_root``
     (default: the parent of ``models_dir``, the run's directory)."""
-    from common.bnn_io import save_bnn
+    from common.bnn.store import save_bnn
     from dataclasses import replace
 
-    from common.features import load_codes
-    from common.pipeline import HYBNN_TRAIN_CONFIG, train_hybnn
-    from common.tasks import select_task, task_for_dataset
+    from common.encoder.features import load_codes
+    from common.bnn.pipeline import HYBNN_TRAIN_CONFIG, train_hybnn
+    from common.data.tasks import select_task, task_for_dataset
 
     task = task_for_dataset(task_name, dataset)
     config = replace(HYBNN_TRAIN_CONFIG, epochs=epochs, seed=seed)
@@ -302,7 +302,7 @@ def _machine(load_start: float | None) -> dict:
 
 
 def _unique_tasks(tasks: Iterable[str] | None) -> list[str]:
-    from common.tasks import TASKS, get_task
+    from common.data.tasks import TASKS, get_task
 
     names = list(TASKS) if tasks is None else list(dict.fromkeys(tasks))
     if not names:
@@ -330,9 +330,9 @@ def reproduce(
     ``encoder_dir`` defaults to ``artifacts/encoder-<profile>``. ``tasks`` defaults
     to all six. See the module docstring for what happens to existing directories.
     """
-    from common import report
-    from common.baselines import BASELINES, train_baseline
-    from common.tasks import PAIR_TASKS
+    from common.experiments import report
+    from common.experiments.baselines import BASELINES, train_baseline
+    from common.data.tasks import PAIR_TASKS
 
     prof = profile if isinstance(profile, (Profile, TransferProfile)) else get_profile(profile)
     if isinstance(prof, TransferProfile):
@@ -372,7 +372,7 @@ def reproduce(
 
         t0 = time.perf_counter()
         stage("features: encoding MNIST train and test into 200-bit codes (cached)")
-        from common.features import load_codes
+        from common.encoder.features import load_codes
 
         for split in ("train", "test"):
             load_codes(artifact, data_root, split, progress=progress)
@@ -440,7 +440,7 @@ def transfer_encoder_dirs(profile: TransferProfile, encoder_parent: Path | str |
     ``PARENT`` is ``--encoder-dir`` (default ``artifacts``). The profile is in the name
     so that ``transfer-smoke`` never replaces the real ``transfer`` encoders.
     """
-    from common.encoder import MANIFEST_FILE
+    from common.encoder.artifact import MANIFEST_FILE
 
     parent = Path("artifacts") if encoder_parent is None else Path(encoder_parent)
     if parent.exists() and not parent.is_dir():
@@ -460,7 +460,7 @@ def transfer_encoder_dirs(profile: TransferProfile, encoder_parent: Path | str |
 
 def _transfer_tasks(tasks: Iterable[str] | None, profile: TransferProfile) -> list[str]:
     """The named tasks to run on every data set (default: all six)."""
-    from common.tasks import TASKS, task_for_dataset
+    from common.data.tasks import TASKS, task_for_dataset
 
     names = list(TASKS) if tasks is None else list(dict.fromkeys(tasks))
     if not names:
@@ -489,11 +489,11 @@ def reproduce_transfer(
 
     Writes ``out_dir`` (results.json, report.md, heatmaps, the BNNs under
     ``models/<encoder>/<data set>/<task>``) with the same care for existing directories
-    as :func:`reproduce`; returns results.json's content (:mod:`common.transfer`).
+    as :func:`reproduce`; returns results.json's content (:mod:`common.experiments.transfer`).
     """
-    from common import transfer as report
-    from common.baselines import train_baseline
-    from common.features import load_codes
+    from common.experiments import transfer as report
+    from common.experiments.baselines import train_baseline
+    from common.encoder.features import load_codes
 
     task_names = _transfer_tasks(tasks, profile)
     out_dir, data_root = Path(out_dir), Path(data_root)

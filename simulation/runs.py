@@ -118,10 +118,10 @@ def check_resumable(source: Path, run_config: dict) -> int:
     """Refuse, before anything starts, a checkpoint the run could not continue; its round."""
     from dataclasses import asdict
 
-    from common import codec
-    from common.bnn import BNNConfig
-    from common.encoder import load_encoder_artifact
-    from common.tasks import task_for_dataset
+    from common.federated import codec
+    from common.bnn.model import BNNConfig
+    from common.encoder.artifact import load_encoder_artifact
+    from common.data.tasks import task_for_dataset
     from server import resume
     from server.server_app import ServerSettings
 

@@ -26,8 +26,8 @@ def fixed_encoder(path: Path) -> Path:
     test that uses it, so its MNIST codes are computed once and then read from the cache."""
     import torch
 
-    from common.encoder import save_encoder_artifact
-    from common.vae import BinaryVAE, VAEConfig
+    from common.encoder.artifact import save_encoder_artifact
+    from common.encoder.vae import BinaryVAE, VAEConfig
 
     torch.manual_seed(1234)
     save_encoder_artifact(BinaryVAE(VAEConfig()).eval(), path, data_sha256="0" * 64, train_config={}, history=[])
@@ -37,7 +37,7 @@ def fixed_encoder(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     """The data root with real MNIST, fetched once (from local files or the pinned mirror)."""
-    from common.data import ensure_mnist
+    from common.data.mnist import ensure_mnist
 
     root = Path(os.environ.get("HYBNN_DATA_ROOT", REPO_ROOT / "data"))
     ensure_mnist(root)
@@ -52,10 +52,10 @@ def mnist_encoder(mnist_root, tmp_path_factory):
     train and check BNNs on the whole MNIST test set of every task within seconds.
     ``$HYBNN_TEST_ENCODER`` names a better artifact to use instead.
     """
-    from common.data import dataset_sha256, load_mnist
-    from common.encoder import load_encoder_artifact, save_encoder_artifact
-    from common.features import load_codes
-    from common.vae import VAEConfig, VAETrainConfig, train_vae
+    from common.data.mnist import dataset_sha256, load_mnist
+    from common.encoder.artifact import load_encoder_artifact, save_encoder_artifact
+    from common.encoder.features import load_codes
+    from common.encoder.vae import VAEConfig, VAETrainConfig, train_vae
 
     if os.environ.get("HYBNN_TEST_ENCODER"):
         artifact = load_encoder_artifact(os.environ["HYBNN_TEST_ENCODER"])

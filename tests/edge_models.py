@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.bnn import BNN, BNNConfig, codes_to_inputs
+from common.bnn.model import BNN, BNNConfig, codes_to_inputs
 from common.packing import packed_length, unpack_bits
-from common.training import TrainConfig, fit, predict
+from common.bnn.training import TrainConfig, fit, predict
 
 
 def random_codes(rng: np.random.Generator, n: int, in_bits: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common import aggregation
+from common.federated import aggregation
 
 
 def test_weighted_sign_mean_and_vote_by_hand():

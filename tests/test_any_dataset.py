@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from common.datasets import DatasetSpec, Source, register_dataset, unregister_dataset
+from common.data.datasets import DatasetSpec, Source, register_dataset, unregister_dataset
 
 NAME = "squares16"
 CLASSES = ("north-west", "north-east", "south-west", "south-east")
@@ -39,10 +39,10 @@ def squares16():
 
 @pytest.mark.slow
 def test_a_registered_dataset_of_another_shape_runs_every_stage(tmp_path, squares16, capsys, monkeypatch):
-    from common.bnn_io import load_bnn
-    from common.datasets import get_dataset
-    from common.encoder import load_encoder_artifact
-    from common.features import cache_path
+    from common.bnn.store import load_bnn
+    from common.data.datasets import get_dataset
+    from common.encoder.artifact import load_encoder_artifact
+    from common.encoder.features import cache_path
     from simulation.cli import main
 
     monkeypatch.setenv("RAY_DEDUP_LOGS", "0")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from common import codec
-from common.bnn import BNNConfig
-from common.wire import METRIC, RECORD, payload_to_record, record_nbytes, record_to_payload
+from common.federated import codec
+from common.bnn.model import BNNConfig
+from common.federated.wire import METRIC, RECORD, payload_to_record, record_nbytes, record_to_payload
 from server.strategy import PackedFedAvg
 
 CONFIG = BNNConfig(in_bits=64, hidden=(32,), num_classes=2)  # 64x32 + 32x2 = 2,112 binary weights
@@ -278,7 +278,7 @@ def test_a_second_reply_from_the_same_node_is_dropped(hostile):
 
 
 def test_a_failure_while_aggregating_keeps_the_model_and_the_run(monkeypatch):
-    from common import robust
+    from common.federated import robust
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -320,7 +320,7 @@ def test_an_error_reply_cannot_flood_or_escape_the_log_and_results():
 
 
 def test_averaged_metrics_stay_finite_for_the_largest_finite_claims():
-    from common import robust
+    from common.federated import robust
 
     big = float(np.finfo(np.float64).max)
     averaged = robust.averaged_metrics([{METRIC.train_loss: big}, {METRIC.train_loss: big, METRIC.train_seconds: 1.0}],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.baselines import (
+from common.experiments.baselines import (
     BASELINES,
     BaselineCNN,
     BinaryConv2d,
@@ -17,7 +17,7 @@ from common.baselines import (
 )
 from common.binarize import LatentClipMixin, clip_latent_weights_
 from common.errors import HyBNNError
-from common.training import TrainConfig, fit
+from common.bnn.training import TrainConfig, fit
 
 
 def images(n: int = 8, seed: int = 0) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import torch
 
 from common.binarize import clip_latent_weights_, sign, sign_ste
-from common.bnn import BinaryLinear
+from common.bnn.model import BinaryLinear
 
 
 def test_sign_of_zero_is_plus_one():

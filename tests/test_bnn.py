@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.bnn import BNN, BNNConfig, codes_to_inputs, default_hidden
-from common.bnn_io import load_bnn, save_bnn
+from common.bnn.model import BNN, BNNConfig, codes_to_inputs, default_hidden
+from common.bnn.store import load_bnn, save_bnn
 from common.errors import HyBNNError
 from common.packing import pack_signs
-from common.training import TrainConfig, evaluate, fit
+from common.bnn.training import TrainConfig, evaluate, fit
 
 
 def test_paper_shape_and_configurable_depth():
@@ -26,7 +26,7 @@ def test_paper_shape_and_configurable_depth():
 
 def test_task_default_shapes():
     """Pair tasks get the paper's 128 hidden units; ten classes get 512 (docs/reproduce.md)."""
-    from common.tasks import TASKS, get_task
+    from common.data.tasks import TASKS, get_task
 
     shapes = {name: BNNConfig.for_task(200, get_task(name).num_classes) for name in TASKS}
     for name in ("0v1", "2v3", "4v5", "6v7", "8v9"):
@@ -108,8 +108,8 @@ def test_corrupt_or_missing_model_is_refused(tmp_path):
 def test_train_hybnn_takes_the_task_shape_unless_told(mnist_encoder):
     from dataclasses import replace
 
-    from common.pipeline import HYBNN_TRAIN_CONFIG, train_hybnn
-    from common.tasks import get_task
+    from common.bnn.pipeline import HYBNN_TRAIN_CONFIG, train_hybnn
+    from common.data.tasks import get_task
 
     artifact, data_root = mnist_encoder
     one_epoch = replace(HYBNN_TRAIN_CONFIG, epochs=1)

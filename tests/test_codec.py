@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import codec
-from common.bnn import BNN, BNNConfig
+from common.federated import codec
+from common.bnn.model import BNN, BNNConfig
 from common.packing import pack_signs
 
 
@@ -139,7 +139,7 @@ def test_packed_payload_is_one_twentieth_of_float_fedavg(model):
     """Serialized sizes as Flower sends them: packed record vs stock float32 FedAvg record."""
     from flwr.app import ArrayRecord
 
-    from common.wire import payload_to_record, record_nbytes
+    from common.federated.wire import payload_to_record, record_nbytes
 
     packed = record_nbytes(payload_to_record(codec.encode_model(model)))
     stock = record_nbytes(ArrayRecord(model.state_dict()))

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import data
+from common.data import mnist as data
 from common.errors import HyBNNError
-from common.tasks import TASKS, get_task, select_task
+from common.data.tasks import TASKS, get_task, select_task
 
 
 def fake_mnist_pickle(rng: np.random.Generator) -> tuple[bytes, np.ndarray]:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from common import datasets
-from common.datasets import DatasetSpec, Source, get_dataset
+from common.data import datasets
+from common.data.datasets import DatasetSpec, Source, get_dataset
 from common.errors import HyBNNError
-from common.tasks import get_task, select_task, task_for_dataset
+from common.data.tasks import get_task, select_task, task_for_dataset
 from tests.conftest import REPO_ROOT, fixed_encoder
 
 
@@ -65,7 +65,7 @@ def make_folder(root: Path, classes=("ant", "bee"), per_class=3, size=(12, 10), 
 
 # ------------------------------------------------------------------ built-in data sets
 def test_mnist_entry_is_mnist(mnist_root):
-    from common.data import load_mnist
+    from common.data.mnist import load_mnist
 
     data = get_dataset("mnist")
     assert data.shape == (28, 28, 1) and data.class_names == tuple("0123456789")
@@ -86,7 +86,7 @@ def test_fashion_mnist_from_the_debian_package(tmp_path):
 
 
 def test_fashion_mnist_local_files_come_first_and_wrong_ones_are_refused(tmp_path, monkeypatch):
-    from common.data import write_idx
+    from common.data.mnist import write_idx
 
     raw = datasets.fashion_raw_dir(tmp_path)
     raw.mkdir(parents=True)
@@ -103,7 +103,7 @@ def test_fashion_mnist_local_files_come_first_and_wrong_ones_are_refused(tmp_pat
 def test_a_damaged_gz_file_is_refused_naming_it(tmp_path, monkeypatch):
     import gzip
 
-    from common.data import write_idx
+    from common.data.mnist import write_idx
 
     raw = datasets.fashion_raw_dir(tmp_path)
     raw.mkdir(parents=True)
@@ -241,7 +241,7 @@ def test_task_names_resolve_against_the_datasets_classes():
 # ------------------------------------------------------------------ the shape-aware encoder
 @pytest.mark.parametrize("shape", [(16, 16, 3), (20, 12, 1), (28, 28, 1)])
 def test_vae_follows_the_image_shape(shape):
-    from common.vae import BinaryVAE, VAEConfig, images_to_tensor
+    from common.encoder.vae import BinaryVAE, VAEConfig, images_to_tensor
 
     config = VAEConfig(image_shape=shape)
     vae = BinaryVAE(config).eval()
@@ -254,7 +254,7 @@ def test_vae_follows_the_image_shape(shape):
 
 
 def test_old_manifest_without_an_image_shape_is_an_mnist_encoder():
-    from common.vae import VAEConfig
+    from common.encoder.vae import VAEConfig
 
     d = VAEConfig().to_dict()
     del d["image_shape"]
@@ -283,8 +283,8 @@ def test_task_naming_a_missing_class_is_refused_through_the_cli(tmp_path):
 
 
 def test_feature_cache_is_keyed_by_encoder_and_data(tmp_path):
-    from common.encoder import load_encoder_artifact
-    from common.features import cache_path, load_codes
+    from common.encoder.artifact import load_encoder_artifact
+    from common.encoder.features import cache_path, load_codes
 
     artifact = load_encoder_artifact(fixed_encoder(tmp_path / "enc"))
     a = make_npz(tmp_path / "a.npz", shape=(28, 28), class_names=None)
@@ -345,7 +345,7 @@ def test_a_registered_data_set_reaches_another_process_as_plain_arrays(tmp_path)
     (entry,) = carried
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(carried))
-    script = ("import json, sys; from pathlib import Path; from common import datasets; "
+    script = ("import json, sys; from pathlib import Path; from common.data import datasets; "
               "datasets.receive_carried(json.loads(Path(sys.argv[1]).read_text())); "
               "print(datasets.get_dataset('carried54@8x8').fingerprint(sys.argv[2]))")
     got = subprocess.run([sys.executable, "-c", script, str(spec_file), str(tmp_path)], cwd=REPO_ROOT,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.bnn import BNN, BNNConfig
-from common.edge import (
+from common.bnn.model import BNN, BNNConfig
+from common.edge.deploy import (
     DeployedBNN,
     export_model,
     load_npz,
@@ -240,7 +240,7 @@ def test_corrupt_npz_files_are_refused(tmp_path, paper_model: BNN) -> None:
 
 
 def test_export_model_npz_from_a_model_and_from_a_saved_bnn(tmp_path, paper_model: BNN) -> None:
-    from common.bnn_io import save_bnn
+    from common.bnn.store import save_bnn
 
     (npz,) = export_model(paper_model, tmp_path / "a", "npz")
     saved = save_bnn(paper_model, tmp_path / "bnn", {"task": "synthetic"})

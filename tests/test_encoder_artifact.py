@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.encoder import (MANIFEST_FILE, MANIFEST_KEYS, WEIGHTS_FILE, EncoderArtifact,
+from common.encoder.artifact import (MANIFEST_FILE, MANIFEST_KEYS, WEIGHTS_FILE, EncoderArtifact,
                             encoder_matches, load_encoder_artifact, save_encoder_artifact)
 from common.errors import HyBNNError
-from common.features import encode_images
-from common.vae import BinaryVAE, VAEConfig
+from common.encoder.features import encode_images
+from common.encoder.vae import BinaryVAE, VAEConfig
 
 SMALL = VAEConfig(latent_bits=16, channels=(4, 8))
 DATA_SHA = "ab" * 32
@@ -151,7 +151,7 @@ def test_resave_replaces_the_artifact_whole(tmp_path: Path, artifact: EncoderArt
 
 def test_failed_save_keeps_the_old_artifact(tmp_path: Path, artifact: EncoderArtifact,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.encoder as enc
+    import common.encoder.artifact as enc
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.bnn import BNN, BNNConfig
-from common.edge import export_model, to_deployment
+from common.bnn.model import BNN, BNNConfig
+from common.edge.deploy import export_model, to_deployment
 from common.errors import HyBNNError
-from common.export_c import (
+from common.edge.export_c import (
     FAST_FLAGS,
     HEADER_NAME,
     SOURCE_NAME,
@@ -165,11 +165,11 @@ def test_more_classes_than_a_byte_holds_are_refused() -> None:
 def test_whole_mnist_test_set_agrees_for_every_task(tmp_path, task_name: str, mnist_encoder) -> None:
     """numpy and C (strict flags) give torch's predictions on the task's entire test set."""
     artifact, data_root = mnist_encoder
-    from common.bnn import codes_to_inputs
-    from common.edge import predict
-    from common.features import load_codes
-    from common.tasks import get_task, select_task
-    from common.training import TrainConfig, fit, predict as torch_predict
+    from common.bnn.model import codes_to_inputs
+    from common.edge.deploy import predict
+    from common.encoder.features import load_codes
+    from common.data.tasks import get_task, select_task
+    from common.bnn.training import TrainConfig, fit, predict as torch_predict
 
     task = get_task(task_name)
     train_codes, train_labels = select_task(*load_codes(artifact, data_root, "train", progress=False), task)

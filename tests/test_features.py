@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import common.features as features
-from common.encoder import EncoderArtifact, save_encoder_artifact
-from common.features import cache_path, encode_images, load_codes
+import common.encoder.features as features
+from common.encoder.artifact import EncoderArtifact, save_encoder_artifact
+from common.encoder.features import cache_path, encode_images, load_codes
 from common.packing import unpack_bits
-from common.vae import BinaryVAE, VAEConfig, images_to_tensor
+from common.encoder.vae import BinaryVAE, VAEConfig, images_to_tensor
 
 
 def fake_mnist(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +109,7 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path: Path, fake_data: dict
         np.savez(path, codes=codes ^ np.uint8(1), labels=labels, version=np.int64(features.CACHE_FORMAT_VERSION))
     else:
         np.savez(path, codes=codes, labels=labels, version=np.int64(1))
-    with caplog.at_level(logging.WARNING, logger="common.features"):
+    with caplog.at_level(logging.WARNING, logger="common.encoder.features"):
         rebuilt, _ = load_codes(art, tmp_path / "data", "test", progress=False)
     assert np.array_equal(rebuilt, codes)
     assert fake_data["encode"] == 2
@@ -123,7 +123,7 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path: Path, fake_data: dict
 
 
 def test_inference_encoder_matches_the_training_form() -> None:
-    from common.features import InferenceEncoder
+    from common.encoder.features import InferenceEncoder
 
     torch.manual_seed(0)
     encoder = BinaryVAE(VAEConfig()).encoder
@@ -144,7 +144,7 @@ def test_an_unwritable_cache_is_skipped_with_a_warning(tmp_path: Path, fake_data
     data_root = tmp_path / "data"
     data_root.mkdir()
     (data_root / "features").write_text("a file where the cache folder should be")
-    with caplog.at_level(logging.WARNING, logger="common.features"):
+    with caplog.at_level(logging.WARNING, logger="common.encoder.features"):
         codes, _ = load_codes(art, data_root, "test", progress=False)
     assert codes.shape == (40, 25)
     assert "Feature cache not written" in caplog.text and "features" in caplog.text
@@ -153,7 +153,7 @@ def test_an_unwritable_cache_is_skipped_with_a_warning(tmp_path: Path, fake_data
 
 def test_a_manifest_with_another_slope_does_not_reuse_the_codes(tmp_path: Path, fake_data: dict) -> None:
     """Same weights (same cache folder), another activation slope: other codes, so the cache is rebuilt."""
-    from common.encoder import load_encoder_artifact
+    from common.encoder.artifact import load_encoder_artifact
 
     art = make_artifact(tmp_path / "a")
     codes, _ = load_codes(art, tmp_path / "data", "test", progress=False)
@@ -169,7 +169,7 @@ def test_a_manifest_with_another_slope_does_not_reuse_the_codes(tmp_path: Path, 
 
 @pytest.mark.parametrize("slope", [float("nan"), float("inf"), -0.1, 1.0])
 def test_a_manifest_slope_outside_its_range_is_refused(tmp_path: Path, slope: float) -> None:
-    from common.encoder import load_encoder_artifact
+    from common.encoder.artifact import load_encoder_artifact
     from common.errors import HyBNNError
 
     make_artifact(tmp_path / "a")
@@ -196,7 +196,7 @@ def test_a_cache_that_is_not_a_regular_file_is_replaced_not_read(tmp_path: Path,
         path.mkdir()
     else:
         path.symlink_to(tmp_path / "gone")
-    with caplog.at_level(logging.WARNING, logger="common.features"):
+    with caplog.at_level(logging.WARNING, logger="common.encoder.features"):
         codes, _ = load_codes(art, tmp_path / "data", "test", progress=False)
     assert codes.shape[1] == 25 and fake_data["encode"] == 1
     assert str(path) in caplog.text

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import codec
-from common import flipcodec as fc
-from common.bnn import BNN, BNNConfig
+from common.federated import codec
+from common.federated import flipcodec as fc
+from common.bnn.model import BNN, BNNConfig
 
 
 @pytest.fixture()
@@ -244,7 +244,7 @@ def task_identity():
 def _reply(node_id: int, payload: dict, n: int = 100):
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from common.wire import METRIC, RECORD, payload_to_record
+    from common.federated.wire import METRIC, RECORD, payload_to_record
 
     ins = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
     metrics = MetricRecord({METRIC.num_examples: n, METRIC.train_loss: 0.5, METRIC.train_acc: 0.9,
@@ -255,7 +255,7 @@ def _reply(node_id: int, payload: dict, n: int = 100):
 
 @pytest.mark.parametrize("mode", ["vote", "mean"])
 def test_strategy_decodes_flips_against_the_global_it_sent(task_identity, mode):
-    from common.wire import record_to_payload
+    from common.federated.wire import record_to_payload
     from server.strategy import PackedFedAvg
 
     layout = codec.layout_for(SMALL)
@@ -296,7 +296,7 @@ def test_strategy_decodes_flips_against_the_global_it_sent(task_identity, mode):
 
 def test_client_sends_flips_when_the_server_asks():
     from client.client_app import LocalRound, train_local
-    from common.wire import TRAIN_CONFIG
+    from common.federated.wire import TRAIN_CONFIG
     from flwr.app import ConfigRecord
 
     layout = codec.layout_for(BNNConfig())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common import data
+from common.data import mnist as data
 from tests.test_inputs import cli, data_root_with
 
 
@@ -129,11 +129,11 @@ def test_a_consistent_set_passes_the_check(tmp_path):
 @pytest.mark.parametrize("command", ["train", "federate"])
 def test_a_huge_learning_rate_is_refused_before_the_work(command, lr, capsys, tmp_path, monkeypatch):
     """1e308 overflowed inside the optimizer (a traceback); any rate above 10 is a typo."""
-    import common.pipeline
+    import common.bnn.pipeline
 
     from tests.conftest import fixed_encoder
 
-    monkeypatch.setattr(common.pipeline, "fit", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(common.bnn.pipeline, "fit", lambda *a, **k: pytest.fail("training started"))
     task = ["--task", "0v1"]
     extra = ["--rounds", "1", "--clients", "2"] if command == "federate" else []
     rc, error = cli(capsys, command, *task, *extra, "--lr", lr, "--encoder", fixed_encoder(tmp_path / "enc"),
@@ -161,11 +161,11 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, capsys, t
 
 @pytest.mark.parametrize("below", ["", "sub"])
 def test_an_out_through_a_dangling_link_stops_train_before_the_work(below, capsys, tmp_path, monkeypatch):
-    import common.pipeline
+    import common.bnn.pipeline
 
     from tests.conftest import fixed_encoder
 
-    monkeypatch.setattr(common.pipeline, "fit", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(common.bnn.pipeline, "fit", lambda *a, **k: pytest.fail("training started"))
     (tmp_path / "link").symlink_to(tmp_path / "gone")
     out = tmp_path / "link" / below if below else tmp_path / "link"
     rc, error = cli(capsys, "train", "--task", "0v1", "--encoder", fixed_encoder(tmp_path / "enc"), "--out", out)
@@ -213,14 +213,14 @@ def test_pretrain_again_into_the_same_out_keeps_the_earlier_encoder(tmp_path, mn
     """The VAE's training is replaced by an untrained VAE here (an epoch takes minutes); the files are real."""
     import torch
 
-    import common.vae
-    from common.vae import BinaryVAE, VAEConfig
+    import common.encoder.vae
+    from common.encoder.vae import BinaryVAE, VAEConfig
     from tests.conftest import fixed_encoder
 
     out = fixed_encoder(tmp_path / "enc")
     first = {name: (out / name).read_bytes() for name in ("manifest.json", "encoder.safetensors")}
     torch.manual_seed(99)
-    monkeypatch.setattr(common.vae, "train_vae", lambda *a, **k: (BinaryVAE(VAEConfig()), []))
+    monkeypatch.setattr(common.encoder.vae, "train_vae", lambda *a, **k: (BinaryVAE(VAEConfig()), []))
     assert cli(capsys, "pretrain", "--epochs", "1", "--data-root", mnist_root, "--out", out)[0] == 0
     (kept,) = out.glob("replaced-*")
     assert {name: (kept / name).read_bytes() for name in first} == first

@@ -21,12 +21,12 @@ import pytest
 import torch
 
 import common.fileio as fileio
-from common import data
-from common.bnn import BNN, BNNConfig
-from common.bnn_io import load_bnn, save_bnn
+from common.data import mnist as data
+from common.bnn.model import BNN, BNNConfig
+from common.bnn.store import load_bnn, save_bnn
 from common.errors import HyBNNError
 from common.fileio import FileWriteError, atomic_write_bytes, check_output_dir
-from common.training import MAX_EPOCHS, TrainConfig, fit
+from common.bnn.training import MAX_EPOCHS, TrainConfig, fit
 from simulation.cli import main
 from tests.conftest import fixed_encoder
 
@@ -122,9 +122,9 @@ def small_disk(tmp_path, monkeypatch):
 @pytest.fixture()
 def no_work(monkeypatch):
     """Make every long-running entry point fail the test if it is reached."""
-    import common.edge
-    import common.pipeline
-    import common.vae
+    import common.edge.deploy
+    import common.bnn.pipeline
+    import common.encoder.vae
     import simulation.deploy_local
     import simulation.federate
     import simulation.reproduce
@@ -132,8 +132,8 @@ def no_work(monkeypatch):
     def reached(*_args, **_kwargs):
         raise AssertionError("the work started although the input check should have stopped it")
 
-    for module, name in ((common.pipeline, "train_hybnn"), (common.vae, "train_vae"),
-                         (common.edge, "export_model"), (simulation.federate, "federate"),
+    for module, name in ((common.bnn.pipeline, "train_hybnn"), (common.encoder.vae, "train_vae"),
+                         (common.edge.deploy, "export_model"), (simulation.federate, "federate"),
                          (simulation.deploy_local, "deploy_local"), (simulation.reproduce, "reproduce")):
         monkeypatch.setattr(module, name, reached)
 
@@ -276,14 +276,14 @@ def test_a_batch_larger_than_the_data_trains_on_all_of_it():
     (["baseline", "--model", "fp-cnn", "--task", "0v1", "--epochs", HUGE], f"from 1 to {MAX_EPOCHS}"),
 ])
 def test_impossible_sizes_are_clear_errors(args, expected, capsys, tmp_path, encoder, monkeypatch):
-    import common.pipeline
-    import common.vae
+    import common.bnn.pipeline
+    import common.encoder.vae
 
     def reached(*_args, **_kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(common.pipeline, "fit", reached)
-    monkeypatch.setattr(common.vae, "train_vae", reached)
+    monkeypatch.setattr(common.bnn.pipeline, "fit", reached)
+    monkeypatch.setattr(common.encoder.vae, "train_vae", reached)
     extra = ["--encoder", encoder] if args[0] == "train" else []
     extra += ["--out", tmp_path / "out"] if args[0] in ("train", "pretrain") else []
     rc, error = cli(capsys, *args, *extra)
@@ -291,7 +291,7 @@ def test_impossible_sizes_are_clear_errors(args, expected, capsys, tmp_path, enc
 
 
 def test_library_configs_refuse_what_the_command_line_refuses():
-    from common.vae import VAETrainConfig
+    from common.encoder.vae import VAETrainConfig
 
     for bad in (dict(epochs=0), dict(epochs=MAX_EPOCHS + 1), dict(batch_size=1), dict(lr=float("nan")),
                 dict(lr=-1.0), dict(seed=2**64), dict(final_lr_fraction=2.0)):
@@ -367,8 +367,8 @@ def test_every_malformed_idx_file_is_one_clear_error(tmp_path, content, expected
 
 def test_a_rewritten_feature_cache_is_rebuilt_through_the_cli(tmp_path, mnist_root, encoder, capsys, caplog):
     """Codes rewritten in place (right shape, old hash) are noticed and computed again."""
-    from common.encoder import load_encoder_artifact
-    from common.features import cache_digest, cache_path, load_codes
+    from common.encoder.artifact import load_encoder_artifact
+    from common.encoder.features import cache_digest, cache_path, load_codes
 
     artifact = load_encoder_artifact(encoder)
     load_codes(artifact, mnist_root, "train", progress=False)
@@ -382,7 +382,7 @@ def test_a_rewritten_feature_cache_is_rebuilt_through_the_cli(tmp_path, mnist_ro
              sha256=np.str_(cache_digest(codes, labels)))
     train_stamp = cache_path(artifact, root, "train").stat().st_mtime_ns
     time.sleep(0.01)
-    with caplog.at_level("WARNING", logger="common.features"):
+    with caplog.at_level("WARNING", logger="common.encoder.features"):
         rc, _ = cli(capsys, "extract", "--encoder", encoder, "--data-root", root)
     assert rc == 0
     assert f"Feature cache {damaged} is stale or corrupt" in caplog.text and "rebuilding" in caplog.text

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from common.errors import HyBNNError
-from common.partition import partition_indices
+from common.data.partition import partition_indices
 
 LABELS = np.random.default_rng(0).integers(0, 2, 3000)
 

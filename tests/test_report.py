@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common import report
+from common.experiments import report
 from common.errors import HyBNNError
 
 

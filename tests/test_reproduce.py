@@ -59,7 +59,7 @@ def test_smoke_run_writes_results_report_plots_and_models(first_run, workspace):
 
 
 def test_saved_bnn_loads_and_scores_like_the_run(first_run):
-    from common.bnn_io import load_bnn
+    from common.bnn.store import load_bnn
 
     model, sidecar = load_bnn(first_run / "models" / "0v1")
     results = json.loads((first_run / "results.json").read_text())
@@ -102,14 +102,14 @@ def test_bad_encoder_path_fails_cleanly_and_leaves_out_untouched(first_run, work
 
 
 def test_interrupted_run_leaves_out_and_encoder_untouched(first_run, workspace, monkeypatch, capsys):
-    import common.baselines
+    import common.experiments.baselines
 
     before, encoder_before = tree(first_run), tree(workspace / "encoder")
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.baselines, "train_baseline", interrupt)
+    monkeypatch.setattr(common.experiments.baselines, "train_baseline", interrupt)
     assert run(workspace, first_run, "--no-federated") == 130
     assert "interrupted" in capsys.readouterr().err
     assert tree(first_run) == before

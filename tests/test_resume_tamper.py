@@ -17,9 +17,9 @@ from common.errors import HyBNNError
 @pytest.fixture(scope="module")
 def genuine(tmp_path_factory):
     """A run config, and a function that saves a real checkpoint after round 1 into a folder."""
-    from common import codec
-    from common.bnn import BNN, BNNConfig
-    from common.encoder import load_encoder_artifact
+    from common.federated import codec
+    from common.bnn.model import BNN, BNNConfig
+    from common.encoder.artifact import load_encoder_artifact
     from server import resume
     from server.server_app import ServerSettings
 

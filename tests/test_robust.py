@@ -1,13 +1,13 @@
-"""common.robust without Flower: weight caps, the client metric schema, batch-norm aggregation."""
+"""common.federated.robust without Flower: weight caps, the client metric schema, batch-norm aggregation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from common import robust
+from common.federated import robust
 from common.errors import HyBNNError
-from common.wire import METRIC
+from common.federated.wire import METRIC
 
 
 def test_weight_cap_uses_the_lower_median():

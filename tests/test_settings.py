@@ -1,4 +1,4 @@
-"""One schema for the federated settings (common/settings.py): every place that declares
+"""One schema for the federated settings (common/federated/settings.py): every place that declares
 or reads them agrees with it, and a bad value is refused with a message naming its key."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from common import settings
+from common.federated import settings
 from common.errors import HyBNNError
-from common.settings import SETTINGS, Setting
+from common.federated.settings import SETTINGS, Setting
 from tests.conftest import REPO_ROOT
 
 
@@ -42,7 +42,8 @@ def test_the_schema_is_well_formed():
 
 
 def test_choices_and_defaults_agree_with_the_modules_that_use_them():
-    from common import aggregation, codec, flipcodec, partition, robust
+    from common.data import partition
+    from common.federated import aggregation, codec, flipcodec, robust
 
     assert settings.setting("aggregation").choices == aggregation.MODES
     assert settings.default("aggregation") == aggregation.DEFAULT_MODE
@@ -63,14 +64,14 @@ def test_pyproject_run_config_agrees_with_the_schema():
     for key, value in table.items():
         s = expected[key]
         assert type(value) is _value_type(s) and value == s.default, (key, value, s.default)
-    # What `python -m common.settings --pyproject` prints is the same table.
+    # What `python -m common.federated.settings --pyproject` prints is the same table.
     printed = tomllib.loads(settings.pyproject_block())["tool"]["flwr"]["app"]["config"]
     assert printed == table
 
 
 def test_the_docs_run_config_table_is_the_schema_s():
     text = (REPO_ROOT / "docs" / "federated.md").read_text()
-    assert settings.markdown_table() in text, "regenerate it: python -m common.settings --markdown"
+    assert settings.markdown_table() in text, "regenerate it: python -m common.federated.settings --markdown"
     for s in settings.run_settings():
         assert f"| `{s.key}` | {settings.markdown_default(s)} |" in text, s.key
     node_section = text[text.index("Node config, per SuperNode"):]
@@ -80,7 +81,7 @@ def test_the_docs_run_config_table_is_the_schema_s():
 
 def test_the_module_prints_the_pyproject_block_without_torch_or_flwr():
     code = ("import sys, runpy; sys.argv = ['x', '--pyproject']\n"
-            "try:\n    runpy.run_module('common.settings', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "try:\n    runpy.run_module('common.federated.settings', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'flwr') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -160,7 +161,7 @@ def test_deploy_local_node_config_uses_the_client_s_keys(tmp_path):
 # ------------------------------------------------------------------ the command line
 @pytest.mark.parametrize("command, out", [("federate", "runs/federate"), ("deploy-local", "runs/deploy-local")])
 def test_cli_options_are_the_schema_s(command, out, monkeypatch):
-    from common.profiles import PROFILES
+    from common.experiments.profiles import PROFILES
     from simulation.cli import _federation_settings, build_parser
     from simulation.federate import FederateConfig
 

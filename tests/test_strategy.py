@@ -7,9 +7,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from common import codec
-from common.bnn import BNNConfig
-from common.wire import METRIC, RECORD, payload_to_record, record_nbytes, record_to_payload
+from common.federated import codec
+from common.bnn.model import BNNConfig
+from common.federated.wire import METRIC, RECORD, payload_to_record, record_nbytes, record_to_payload
 from server.strategy import PackedFedAvg
 
 CONFIG = BNNConfig(in_bits=8, hidden=(2,), num_classes=2)  # 16 + 4 = 20 binary weights

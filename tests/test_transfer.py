@@ -19,7 +19,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, mnist_root) -> Path:
     """A data root that shares MNIST with the repository but keeps its feature cache private."""
-    from common.datasets import get_dataset
+    from common.data.datasets import get_dataset
 
     root = tmp_path_factory.mktemp("transfer")
     (root / "data").mkdir()
@@ -78,7 +78,7 @@ def test_results_json_schema(first_run, workspace):
 
 
 def test_report_table_and_transfer_statement_follow_the_numbers(first_run):
-    from common.transfer import summarize
+    from common.experiments.transfer import summarize
 
     results = json.loads((first_run / "results.json").read_text())
     report = (first_run / "report.md").read_text()
@@ -138,7 +138,7 @@ def test_foreign_nonempty_out_is_refused(workspace, capsys):
 
 
 def test_transfer_costs_are_differences_to_the_in_domain_encoder():
-    from common.transfer import new_results, transfer_costs, validate_results
+    from common.experiments.transfer import new_results, transfer_costs, validate_results
 
     def entry(acc):
         return {"test_acc": acc}
@@ -168,7 +168,7 @@ def test_transfer_costs_are_differences_to_the_in_domain_encoder():
 
 def test_a_record_with_an_accuracy_out_of_range_is_refused():
     from common.errors import HyBNNError
-    from common.transfer import new_results, validate_results
+    from common.experiments.transfer import new_results, validate_results
 
     results = new_results({"name": "transfer"})
     results["encoders"]["mnist"] = {"datasets": ["mnist"], "sha256": "0" * 64}
@@ -178,14 +178,14 @@ def test_a_record_with_an_accuracy_out_of_range_is_refused():
 
 
 def test_interrupted_run_leaves_out_and_encoders_untouched(first_run, workspace, monkeypatch, capsys):
-    import common.baselines
+    import common.experiments.baselines
 
     before, encoders_before = tree(first_run), tree(workspace / "encoders")
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.baselines, "train_baseline", interrupt)
+    monkeypatch.setattr(common.experiments.baselines, "train_baseline", interrupt)
     assert run(workspace, first_run, "--tasks", "0v1") == 130
     assert "interrupted" in capsys.readouterr().err
     assert tree(first_run) == before and tree(workspace / "encoders") == encoders_before

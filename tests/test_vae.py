@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.errors import HyBNNError
-from common.vae import (BinaryVAE, VAEConfig, VAETrainConfig, bernoulli_ste, images_to_tensor,
+from common.encoder.vae import (BinaryVAE, VAEConfig, VAETrainConfig, bernoulli_ste, images_to_tensor,
                         kl_to_half, train_vae)
 
 

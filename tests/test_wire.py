@@ -1,11 +1,11 @@
-"""The message format's names: written once in common.wire, and stable across releases."""
+"""The message format's names: written once in common.federated.wire, and stable across releases."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 
-from common import robust
-from common.wire import METRIC, RECORD, TRAIN_CONFIG
+from common.federated import robust
+from common.federated.wire import METRIC, RECORD, TRAIN_CONFIG
 
 
 def test_names_are_the_released_ones():

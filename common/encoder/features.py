@@ -34,14 +34,14 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
-from common.data import load_mnist
+from common.data.mnist import load_mnist
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes, make_dir
 from common.packing import pack_bits, packed_length
-from common.vae import MNIST_SHAPE, Encoder, images_to_tensor
+from common.encoder.vae import MNIST_SHAPE, Encoder, images_to_tensor
 
 if TYPE_CHECKING:
-    from common.encoder import EncoderArtifact
+    from common.encoder.artifact import EncoderArtifact
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ DEFAULT_BATCH_SIZE = 1024
 
 
 class InferenceEncoder(nn.Module):
-    """An :class:`~common.vae.Encoder` rearranged for fast CPU inference, same function.
+    """An :class:`~common.encoder.vae.Encoder` rearranged for fast CPU inference, same function.
 
     Each BatchNorm is folded into the conv before it (eval statistics), the
     activations run in place, and the tensors use the channels-last layout, which
@@ -103,7 +103,7 @@ def encode_images(
 
     Runs the encoder in eval mode under ``torch.inference_mode`` (no autograd
     bookkeeping), one batch at a time so memory stays flat for any ``N``. An
-    :class:`~common.vae.Encoder` runs as its :class:`InferenceEncoder` (same function,
+    :class:`~common.encoder.vae.Encoder` runs as its :class:`InferenceEncoder` (same function,
     about twice as fast); any other module runs as given.
     """
     was_training = encoder.training
@@ -141,7 +141,7 @@ def check_encoder_shape(artifact: "EncoderArtifact", dataset) -> None:
     """Refuse a data set whose images are not the shape the encoder was built for."""
     need = tuple(artifact.config.image_shape)
     if tuple(dataset.shape) != need:
-        from common.datasets import SIZE_SUFFIX
+        from common.data.datasets import SIZE_SUFFIX
 
         sized = SIZE_SUFFIX.match(dataset.name)
         as_options = (f"--dataset {sized.group(1)} --image-size {sized.group(2)}x{sized.group(3)}" if sized
@@ -228,7 +228,7 @@ def load_codes(
     Reads the cache if it is valid, otherwise encodes the images and writes the cache.
     A data set of another image shape than the encoder's is refused.
     """
-    from common.datasets import get_dataset
+    from common.data.datasets import get_dataset
 
     data = get_dataset(dataset)
     check_encoder_shape(artifact, data)

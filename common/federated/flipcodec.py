@@ -3,12 +3,12 @@
 A client starts every round from the global model it received. Once training
 settles, few of its signs differ from that starting point, so the positions of the
 flipped signs carry the update in far fewer bits than the 1-bit sign codec of
-:mod:`common.codec`. The reference is the sign of what the client received
+:mod:`common.federated.codec`. The reference is the sign of what the client received
 (``sign(0) = +1``): the vote itself in ``vote`` mode, the sign of the quantized mean in
 ``mean`` mode. The server knows that reference because it sent it: the current
 round's global model.
 
-Numpy in, numpy out, no Flower import, like :mod:`common.codec`.
+Numpy in, numpy out, no Flower import, like :mod:`common.federated.codec`.
 
 Payload
 -------
@@ -56,7 +56,7 @@ import zlib
 
 import numpy as np
 
-from common import codec
+from common.federated import codec
 from common.packing import pack_bits, packed_length, unpack_bits
 
 UPLINK_CODECS = ("signs", "flips")
@@ -211,7 +211,7 @@ def encode_flips(
 
 
 def encode_model_flips(model, reference: np.ndarray, bn_dtype: str = "float16") -> dict[str, np.ndarray]:
-    """The flip uplink of a trained :class:`common.bnn.BNN` against ``reference``."""
+    """The flip uplink of a trained :class:`common.bnn.model.BNN` against ``reference``."""
     layout = codec.layout_for(model.config)
     return encode_flips(reference, codec.binary_latents(model), codec.bn_vector(model, layout), bn_dtype)
 
@@ -312,7 +312,7 @@ def to_signs_payload(
 ) -> tuple[dict[str, np.ndarray], dict]:
     """The full sign payload a flip payload stands for, and ``info`` (see :func:`parse`).
 
-    Returning a sign payload lets the receiver run it through :func:`common.codec.decode`,
+    Returning a sign payload lets the receiver run it through :func:`common.federated.codec.decode`,
     so batch norm gets the very same checks as in the full codec.
     """
     positions, bn_bytes, info = parse(payload, layout, reference)

@@ -5,9 +5,9 @@ Shared by the ServerApp and the ClientApp; the only module of :mod:`common` that
 the ConfigRecord ``RECORD.config`` (keys :data:`TRAIN_CONFIG`); a reply holds
 ``RECORD.arrays`` (the client's update) and the MetricRecord ``RECORD.metrics`` (keys
 :data:`METRIC`). Each name is written here once; the server, the client, the checks of
-:mod:`common.robust` and the tests use these constants.
+:mod:`common.federated.robust` and the tests use these constants.
 
-It is also the only place that turns a ``dict[str, np.ndarray]`` of :mod:`common.codec`
+It is also the only place that turns a ``dict[str, np.ndarray]`` of :mod:`common.federated.codec`
 into an ``ArrayRecord`` and back, and that measures what a record weighs.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from common.codec import CodecError
+from common.federated.codec import CodecError
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class TrainConfigKeys:
 
 @dataclass(frozen=True)
 class MetricKeys:
-    """The keys of the metrics a client replies with (checked by :data:`common.robust.CLIENT_METRICS`)."""
+    """The keys of the metrics a client replies with (checked by :data:`common.federated.robust.CLIENT_METRICS`)."""
 
     num_examples: str = "num-examples"
     codec_version: str = "codec-version"

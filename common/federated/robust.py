@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import HyBNNError
-from common.wire import METRIC
+from common.federated.wire import METRIC
 
 DEFAULT_MAX_WEIGHT_VS_MEDIAN = 1.25
 """A client weighs at most this many times the round's median ``num-examples``; 0: no cap."""

@@ -1,6 +1,6 @@
 """The deployment form of a trained BNN, its exact conversion, and a numpy engine.
 
-Training form (:class:`common.bnn.BNN`): latent float weights, float batch norm.
+Training form (:class:`common.bnn.model.BNN`): latent float weights, float batch norm.
 Deployment form (:class:`DeployedBNN`, as in FINN and Larq Compute Engine): packed
 sign bits and integers only.
 
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.bnn import BNN, BNNConfig
+from common.bnn.model import BNN, BNNConfig
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes, make_dir
 from common.packing import BIT_ORDER, pack_signs, packed_length
@@ -205,9 +205,9 @@ def _padding_bits_set(packed: np.ndarray, n_bits: int) -> bool:
 
 # ---------------------------------------------------------------- conversion
 def _require_trained_bnn(model: object) -> BNN:
-    fix = "Export a BNN trained with `hybnn train` (common.bnn.BNN after common.training.fit)."
+    fix = "Export a BNN trained with `hybnn train` (common.bnn.model.BNN after common.bnn.training.fit)."
     if not isinstance(model, BNN):
-        raise HyBNNError(f"Cannot export a {type(model).__name__}: only a trained BNN (common.bnn.BNN) has a deployment form. {fix}")
+        raise HyBNNError(f"Cannot export a {type(model).__name__}: only a trained BNN (common.bnn.model.BNN) has a deployment form. {fix}")
     for name, bn in [*((f"hidden_bn.{i}", b) for i, b in enumerate(model.hidden_bn)), ("out_bn", model.out_bn)]:
         if not isinstance(bn, nn.BatchNorm1d) or bn.running_mean is None or bn.running_var is None:
             raise HyBNNError(f"{name} keeps no running statistics, so its eval-mode output is undefined. {fix}")
@@ -463,15 +463,15 @@ def export_model(model_or_deployed: BNN | DeployedBNN | Path | str, out_dir: Pat
                  fmt: Literal["c", "npz"]) -> list[Path]:
     """Write the deployment form to ``out_dir``; return the files written.
 
-    ``model_or_deployed``: a trained :class:`~common.bnn.BNN`, a :class:`DeployedBNN`, or
-    the path of a BNN saved by :func:`common.bnn_io.save_bnn`. ``fmt``: ``"c"`` (a C99
-    header and source, :mod:`common.export_c`) or ``"npz"`` (for :func:`load_npz`).
+    ``model_or_deployed``: a trained :class:`~common.bnn.model.BNN`, a :class:`DeployedBNN`, or
+    the path of a BNN saved by :func:`common.bnn.store.save_bnn`. ``fmt``: ``"c"`` (a C99
+    header and source, :mod:`common.edge.export_c`) or ``"npz"`` (for :func:`load_npz`).
     """
     if fmt not in ("c", "npz"):
         raise HyBNNError(f"Unknown export format {fmt!r}; use 'c' or 'npz'.")
     meta: dict = {}
     if isinstance(model_or_deployed, (str, Path)):
-        from common.bnn_io import load_bnn
+        from common.bnn.store import load_bnn
 
         model_or_deployed, sidecar = load_bnn(model_or_deployed)
         meta = {"source": sidecar.get("meta", {}), "weights_sha256": sidecar.get("weights_sha256")}
@@ -479,6 +479,6 @@ def export_model(model_or_deployed: BNN | DeployedBNN | Path | str, out_dir: Pat
     out_dir = make_dir(out_dir)
     if fmt == "npz":
         return [save_npz(deployed, out_dir / NPZ_NAME)]
-    from common.export_c import write_c
+    from common.edge.export_c import write_c
 
     return write_c(deployed, out_dir)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.bnn import BNN, BNNConfig
+from common.bnn.model import BNN, BNNConfig
 from common.errors import HyBNNError
 from common.packing import pack_signs, packed_length, unpack_signs
 

@@ -1,7 +1,7 @@
 """Saving and loading a trained BNN: safetensors weights plus a JSON sidecar.
 
 ``model.safetensors`` holds the state dict (latent weights and batch-norm state);
-``model.json`` holds the :class:`~common.bnn.BNNConfig`, the weights' sha256 and
+``model.json`` holds the :class:`~common.bnn.model.BNNConfig`, the weights' sha256 and
 free-form metadata (task, encoder sha256, accuracy, ...).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from common.bnn import BNN, BNNConfig
+from common.bnn.model import BNN, BNNConfig
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes, make_dir
 

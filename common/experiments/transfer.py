@@ -7,7 +7,7 @@ it, so they can be redrawn from an old record with :func:`write_outputs`::
     {
       "schema": "hybnn-transfer/1",
       "profile": "transfer",
-      "profile_config": {...},                      # common.profiles.TransferProfile
+      "profile_config": {...},                      # common.experiments.profiles.TransferProfile
       "encoders": {
         "mnist": {"datasets": ["mnist"], "sha256": ..., "path": ..., "reused": bool,
                   "seconds": ..., "epochs": ..., "train_images": ..., ...},

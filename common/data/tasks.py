@@ -189,9 +189,9 @@ def get_task(name: str, class_names: Sequence[str] | None = None, dataset: str =
 
 
 def task_for_dataset(name: str, dataset) -> Task:
-    """:func:`get_task` over the classes of a resolved :class:`common.datasets.Dataset` or its name."""
+    """:func:`get_task` over the classes of a resolved :class:`common.data.datasets.Dataset` or its name."""
     if isinstance(dataset, str):
-        from common.datasets import get_dataset
+        from common.data.datasets import get_dataset
 
         dataset = get_dataset(dataset)
     return get_task(name, dataset.class_names, dataset.name)

@@ -8,7 +8,7 @@ Layout of an artifact directory::
                               config, the weights' sha256, creation time
 
 The sha256 of ``encoder.safetensors`` is the encoder's identity: features are cached
-under it (:mod:`common.features`) and a federated client refuses an encoder whose hash
+under it (:mod:`common.encoder.features`) and a federated client refuses an encoder whose hash
 differs from the one the server names.
 
 Files are written to temporary names in the same directory and renamed into place,
@@ -30,10 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from common.data import sha256_file
+from common.data.mnist import sha256_file
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes, make_dir
-from common.vae import BinaryVAE, Encoder, VAEConfig
+from common.encoder.vae import BinaryVAE, Encoder, VAEConfig
 
 FORMAT = "hybnn-encoder"
 FORMAT_VERSION = 1
@@ -95,7 +95,7 @@ def save_encoder_artifact(
     """Write ``out_dir/encoder.safetensors`` and ``out_dir/manifest.json``; return the loaded artifact.
 
     ``datasets`` names the data set(s) the encoder was trained on (default ``["mnist"]``),
-    ``data_fingerprints`` their fingerprints (:meth:`common.datasets.Dataset.fingerprint`);
+    ``data_fingerprints`` their fingerprints (:meth:`common.data.datasets.Dataset.fingerprint`);
     the manifest records both and the input shape ``[H, W, C]``.
     Only the encoder is saved (the decoder is not needed after pretraining). Each file
     is written to a temporary name and renamed, so an existing artifact is replaced

@@ -37,10 +37,10 @@ binary logits a learnable scale, the same as the HyBNN BNN's output layer. In
 ``fp-cnn`` the weights are real and ``act`` is ReLU. Layers have no bias (batch
 norm follows each one).
 
-All three train through :func:`common.training.fit` with the project's default
-:class:`~common.training.TrainConfig` (Adam at 1e-2 with cosine decay, batch 256);
+All three train through :func:`common.bnn.training.fit` with the project's default
+:class:`~common.bnn.training.TrainConfig` (Adam at 1e-2 with cosine decay, batch 256);
 only the number of epochs differs between them. The HyBNN BNN uses its own measured
-recipe (``common.pipeline.HYBNN_TRAIN_CONFIG``). Nothing here is tuned against HyBNN.
+recipe (``common.bnn.pipeline.HYBNN_TRAIN_CONFIG``). Nothing here is tuned against HyBNN.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.binarize import LatentClipMixin, sign, sign_ste
-from common.bnn import BinaryLinear
+from common.bnn.model import BinaryLinear
 from common.errors import HyBNNError
-from common.training import TrainConfig, evaluate, fit
+from common.bnn.training import TrainConfig, evaluate, fit
 
 BASELINES: tuple[str, ...] = ("bcnn-sign", "bcnn-centered", "fp-cnn")
 INPUT_MODES: tuple[str, ...] = ("sign", "centered", "real")
@@ -196,9 +196,9 @@ def images_to_inputs(images_uint8: np.ndarray) -> torch.Tensor:
 
 def task_images(data_root: Path | str, task, split: str, dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
     """The task's ``(images (N,C,H,W) in [0,1], labels)`` from ``dataset``'s ``split``."""
-    from common.data import load_mnist
-    from common.datasets import get_dataset
-    from common.tasks import select_task
+    from common.data.mnist import load_mnist
+    from common.data.datasets import get_dataset
+    from common.data.tasks import select_task
 
     data = get_dataset(dataset)
     images, labels = load_mnist(data_root, split) if data.is_mnist else data.load(data_root, split)
@@ -225,12 +225,12 @@ def train_baseline(
     ``history`` holds one ``{"epoch", "loss", "acc"}`` per epoch on the training
     batches. ``limit`` keeps only the first ``limit`` training samples (for tests).
 
-    ``train_config`` defaults to the project's one :class:`~common.training.TrainConfig`
+    ``train_config`` defaults to the project's one :class:`~common.bnn.training.TrainConfig`
     (Adam 1e-2, batch 256, cosine decay), the recipe the HyBNN BNN trains with; its
     ``epochs`` and ``seed`` are replaced by the arguments.
     """
-    from common.datasets import get_dataset
-    from common.tasks import task_for_dataset
+    from common.data.datasets import get_dataset
+    from common.data.tasks import task_for_dataset
 
     data = get_dataset(dataset)
     task = task_for_dataset(task_name, data)

@@ -6,7 +6,7 @@ Its input is already binary (the encoder's code as +-1), so it needs no input
 binarization. Weights are binarized with :func:`common.binarize.sign_ste`;
 the real-valued latent weights are what the optimizer updates, clipped to [-1, 1].
 
-The deployment form (packed weights, integer thresholds) lives in ``common/edge.py``.
+The deployment form (packed weights, integer thresholds) lives in ``common/edge/deploy.py``.
 """
 
 from __future__ import annotations

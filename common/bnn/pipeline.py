@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from common.bnn import BNN, BNNConfig, check_trainable, codes_to_inputs
-from common.tasks import Task, select_task
-from common.training import TrainConfig, TrainResult, evaluate, fit
+from common.bnn.model import BNN, BNNConfig, check_trainable, codes_to_inputs
+from common.data.tasks import Task, select_task
+from common.bnn.training import TrainConfig, TrainResult, evaluate, fit
 
 
 HYBNN_TRAIN_CONFIG = TrainConfig(epochs=100, batch_size=2048, lr=6e-2)
@@ -30,7 +30,7 @@ class HyBNNRun:
 def task_inputs(artifact, data_root: Path | str, task: Task, split: str,
                 dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
     """The task's ``(+-1 inputs (N, bits), labels)`` from the encoder's cached codes of ``dataset``."""
-    from common.features import load_codes
+    from common.encoder.features import load_codes
 
     codes, labels = load_codes(artifact, data_root, split, dataset=dataset)
     codes, labels = select_task(codes, labels, task)

@@ -6,7 +6,7 @@ report can be redrawn from an old results.json with :func:`write_outputs`::
     {
       "schema": "hybnn-results/1",
       "profile": "paper",
-      "profile_config": {...},                 # common.profiles.Profile
+      "profile_config": {...},                 # common.experiments.profiles.Profile
       "encoder": {"sha256": ..., "path": ..., "reused": bool, "seconds": ..., ...},
       "tasks": {
         "0v1": {
@@ -148,7 +148,7 @@ def cost_ratios(results: dict) -> dict:
     so a short profile still predicts the paper profile's ratio (the two agree in the
     paper profile). ``worst`` is the largest ratio over the pair tasks.
     """
-    from common.tasks import PAIR_TASKS
+    from common.data.tasks import PAIR_TASKS
 
     per_task = {}
     for task in PAIR_TASKS:

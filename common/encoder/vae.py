@@ -132,7 +132,7 @@ class VAETrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from common.training import check_training_options
+        from common.bnn.training import check_training_options
 
         check_training_options(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                seed=self.seed, final_lr_fraction=self.final_lr_fraction)

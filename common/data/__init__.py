@@ -1,0 +1,1 @@
+"""Stage 1, the data: image data sets and their sources, classification tasks, client partitions."""
