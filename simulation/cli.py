@@ -235,7 +235,7 @@ def cmd_federate(args: argparse.Namespace) -> None:
     from simulation.federate import FederateConfig, describe, federate
 
     check_out(args.out)
-    config = FederateConfig(**_federation_settings(args))
+    config = FederateConfig(**_federation_settings(args), ray_address=args.ray_address)
     results = federate(config)
     print(describe(results))
     print(f"Results written to {args.out / 'results.json'} and {args.out / 'federated.png'}")
@@ -388,8 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the three-client FedHyBNN runs (the transfer profiles have none)")
     p.set_defaults(handler=cmd_reproduce)
 
-    p = sub.add_parser("federate", help="FedHyBNN on Flower's simulation engine (Ray): N clients, one machine")
+    p = sub.add_parser("federate", help="FedHyBNN on Flower's simulation engine (Ray): N clients, one machine "
+                                        "or a Ray cluster")
     _add_federation_options(p)
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="join the running Ray cluster whose head node's GCS is at HOST:PORT (`ray start --head "
+                        "--port PORT`), from a node of that cluster, instead of starting Ray on this machine; "
+                        "every node needs the project, the encoder and the data root at the same paths "
+                        "(docs/scale.md) (default: none)")
     p.set_defaults(handler=cmd_federate)
 
     p = sub.add_parser("deploy-local", help="FedHyBNN as real processes: a SuperLink and one SuperNode per client")

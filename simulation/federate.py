@@ -1,4 +1,5 @@
-"""``hybnn federate``: FedHyBNN on Flower's simulation engine (Ray backend), one machine.
+"""``hybnn federate``: FedHyBNN on Flower's simulation engine (Ray backend), one machine
+(or a running Ray cluster with ``--ray-address``: simulation/ray_cluster.py).
 
 The run has three parts, all in this process:
 
@@ -77,7 +78,11 @@ class _FederateConfigMethods:
 
 FederateConfig = settings.settings_dataclass(
     "FederateConfig", settings.command_settings(), _FederateConfigMethods, paths=Path, frozen=False,
-    by_field=True, extra=[("progress", bool, field(default=True))])
+    by_field=True, extra=[
+        ("progress", bool, field(default=True)),
+        # HOST:PORT of a running Ray cluster to join (simulation/ray_cluster.py); None: a private one.
+        ("ray_address", str | None, field(default=None)),
+    ])
 
 
 def _say(config: FederateConfig, text: str) -> None:
@@ -104,6 +109,10 @@ def check_config(config: FederateConfig) -> None:
         raise HyBNNError("clients, rounds and local epochs must all be at least 1.")
     if config.clients > 64:
         raise HyBNNError(f"{config.clients} simulated clients is more than this command supports (64).")
+    if config.ray_address is not None:
+        from simulation.ray_cluster import parse_ray_address
+
+        parse_ray_address(config.ray_address)
 
 
 def centralized_reference(artifact, config: FederateConfig) -> dict:
@@ -168,20 +177,24 @@ def simulation_apps(run_config: dict):
     return server_app, client_app
 
 
-def run_federation(run_config: dict, clients: int, apps: tuple | None = None) -> None:
+def run_federation(run_config: dict, clients: int, apps: tuple | None = None,
+                   ray_address: str | None = None) -> None:
     """Flower's simulation engine, Ray backend, one CPU per simulated client.
 
     ``apps`` is ``(server_app, client_app)``, by default :func:`simulation_apps`.
+    ``ray_address``: join that Ray cluster instead of starting one on this machine.
     """
     import logging
 
     from flwr.simulation import run_simulation
 
+    from simulation.ray_cluster import backend_init_args
+
     server_app, client_app = apps or simulation_apps(run_config)
     cpus = max(1, os.cpu_count() or 1)
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "logging_level": logging.WARNING, "log_to_driver": True},
+        "init_args": backend_init_args(ray_address, cpus, logging.WARNING),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -361,6 +374,10 @@ def federate(config: FederateConfig) -> dict:
     check_config(config)
     started = time.perf_counter()
     out = Path(config.out)
+    if config.ray_address is not None:
+        from simulation.ray_cluster import check_ray_cluster
+
+        _say(config, check_ray_cluster(config.ray_address).describe())
     with runs.StopSignals() as signals:
         source = runs.resume_source(config.resume)
         artifact = load_encoder_artifact(config.encoder)
@@ -386,7 +403,8 @@ def federate(config: FederateConfig) -> dict:
         with tempfile.TemporaryDirectory(prefix="hybnn-datasets-") as carried_dir:
             try:
                 carried = carry_registered(config.dataset, config.data_root, Path(carried_dir))
-                worker = start_federation_worker(run_config, config.clients, staging, carried)
+                worker = start_federation_worker(run_config, config.clients, staging, carried,
+                                                 ray_address=config.ray_address)
                 _watch_worker(config, worker, staging)
             except KeyboardInterrupt:
                 print("Stopping the federation ...", file=sys.stderr, flush=True)
@@ -399,7 +417,8 @@ def federate(config: FederateConfig) -> dict:
 
 
 def start_federation_worker(run_config: dict, clients: int, staging: Path,
-                            datasets: list[dict] | None = None) -> subprocess.Popen:
+                            datasets: list[dict] | None = None,
+                            ray_address: str | None = None) -> subprocess.Popen:
     """:func:`run_federation` in a child process in its own session, logging to ``staging/logs``.
 
     ``datasets``: registered data sets the child registers first
@@ -408,7 +427,8 @@ def start_federation_worker(run_config: dict, clients: int, staging: Path,
     logs.mkdir(parents=True, exist_ok=True)
     spec = logs / "simulation.json"
     atomic_write_bytes(spec, json.dumps({"run_config": run_config, "clients": clients,
-                                         "datasets": datasets or [], "parent_pid": os.getpid()}).encode())
+                                         "datasets": datasets or [], "parent_pid": os.getpid(),
+                                         "ray_address": ray_address}).encode())
     project = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
@@ -468,7 +488,12 @@ def _worker_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     stop_with_parent(int(spec["parent_pid"]))
     receive_carried(spec.get("datasets", []))
-    run_federation(spec["run_config"], int(spec["clients"]))
+    ray_address = spec.get("ray_address")
+    if ray_address:
+        from simulation.ray_cluster import exit_unless_joined
+
+        exit_unless_joined(ray_address)
+    run_federation(spec["run_config"], int(spec["clients"]), ray_address=ray_address)
     return 0
 
 
