@@ -221,3 +221,14 @@ def test_a_wrong_ray_address_fails_before_anything_runs(tmp_path):
     assert proc.returncode == 2
     assert "hybnn federate: error: --ray-address 'ray://head:10001'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_worker_gives_up_when_ray_does_not_join():
+    """The simulation worker's watchdog: no ``ray.init`` within the limit ends the process, with a message."""
+    code = ("import time\nfrom simulation.ray_cluster import exit_unless_joined\n"
+            "exit_unless_joined('10.0.0.5:6379', timeout_s=1)\ntime.sleep(60)\n")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 3
+    assert "could not join the Ray cluster at 10.0.0.5:6379 within 1 s" in proc.stderr
+    assert time.monotonic() - started < 30
