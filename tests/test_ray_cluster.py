@@ -155,13 +155,8 @@ def test_federate_joins_a_two_node_ray_cluster(tmp_path, mnist_root, two_node_cl
     assert len(runs) == 2, f"the clients ran on {len(runs)} node(s) only: {runs}"
 
 
-def _closed_port() -> int:
-    """A loopback port nothing listens on (bound and closed again)."""
-    return _free_port()
-
-
 def test_federate_refuses_an_unreachable_ray_address(tmp_path):
-    address = f"127.0.0.1:{_closed_port()}"
+    address = f"127.0.0.1:{_free_port()}"  # bound and closed again: nothing listens there
     cmd = [str(BIN / "hybnn"), "federate", "--ray-address", address, "--encoder", str(tmp_path / "none"),
            "--out", str(tmp_path / "run")]
     started = time.monotonic()
