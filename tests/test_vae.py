@@ -27,10 +27,7 @@ def test_default_config_is_the_paper_shape() -> None:
     config = VAEConfig()
     assert config.latent_bits == 200
     assert config.variant == "bernoulli-ste"
-    assert config.kl_weight == 0.1
-    old = {k: v for k, v in config.to_dict().items() if k != "kl_weight"}
-    assert VAEConfig.from_dict(old).kl_weight == 1.0  # manifests from before kl_weight was recorded
-    assert VAEConfig.from_dict(old) != config  # so their encoders are not reused as today's
+    assert config.kl_weight == 1.0
     assert config.spatial == 4 and config.flat_features == 2048
     model = BinaryVAE(config)
     assert model.encoder.fc.in_features == 2048 and model.encoder.fc.out_features == 200
