@@ -124,3 +124,40 @@ def test_train_hybnn_takes_the_task_shape_unless_told(mnist_encoder):
     other = train_hybnn(artifact, get_task("0v1"), data_root, replace(one_epoch, seed=1), hidden=(16,),
                         progress=False)
     assert not torch.equal(other.model.hidden[0].weight, narrow.model.hidden[0].weight)
+
+
+def test_input_dropout_zeroes_training_inputs_only():
+    seen: list[torch.Tensor] = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                seen.append(x.detach().clone())
+            return self.linear(x)
+
+    x = torch.ones(512, 64)
+    y = torch.randint(0, 2, (512,))
+    model = Spy()
+    fit(model, x, y, TrainConfig(epochs=2, batch_size=128, input_dropout=0.25), progress=False)
+    zeroed = float(torch.cat(seen).eq(0).float().mean())
+    assert 0.2 < zeroed < 0.3
+    assert set(torch.cat(seen).unique().tolist()) == {0.0, 1.0}  # zeroed, never rescaled
+    seen.clear()
+    fit(Spy(), x, y, TrainConfig(epochs=1, batch_size=128), progress=False)
+    assert torch.cat(seen).eq(1).all()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, float("nan"), True])
+def test_input_dropout_outside_zero_to_one_is_refused(bad):
+    with pytest.raises(HyBNNError, match="input_dropout"):
+        TrainConfig(input_dropout=bad)
+
+
+def test_hybnn_recipe_keeps_every_input_bit():
+    from common.pipeline import HYBNN_TRAIN_CONFIG
+
+    assert HYBNN_TRAIN_CONFIG.input_dropout == 0.0

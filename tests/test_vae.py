@@ -27,6 +27,7 @@ def test_default_config_is_the_paper_shape() -> None:
     config = VAEConfig()
     assert config.latent_bits == 200
     assert config.variant == "bernoulli-ste"
+    assert config.kl_weight == 1.0
     assert config.spatial == 4 and config.flat_features == 2048
     model = BinaryVAE(config)
     assert model.encoder.fc.in_features == 2048 and model.encoder.fc.out_features == 200

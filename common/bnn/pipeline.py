@@ -15,7 +15,8 @@ from common.bnn.training import TrainConfig, TrainResult, evaluate, fit
 HYBNN_TRAIN_CONFIG = TrainConfig(epochs=100, batch_size=2048, lr=6e-2)
 """The BNN's recipe, for every task. In paper-profile runs, batch 2048 at Adam 6e-2
 matched batch 1024 at 3e-2 (pair mean 99.61% vs 99.59%, all10 97.06% vs 97.26%) and
-trains in about 3/4 of the time (benchmarks/bnn_recipe.py, docs/reproduce.md). The
+trains in about 3/4 of the time (benchmarks/bnn_recipe.py, docs/reproduce.md).
+``input_dropout`` stays 0 (runs with 0.2 are in docs/datasets.md). The
 baselines keep the generic :class:`TrainConfig` recipe."""
 
 

@@ -82,11 +82,18 @@ class TrainConfig:
     final_lr_fraction: float = 0.01
     weight_decay: float = 0.0
     seed: int = 0
+    input_dropout: float = 0.0
+    """During training, each input value of a batch is zeroed with this probability (no
+    rescaling); evaluation sees every input. A regulariser for models on binary codes."""
 
     def __post_init__(self) -> None:
         check_training_options(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                seed=self.seed, final_lr_fraction=self.final_lr_fraction,
                                weight_decay=self.weight_decay)
+        p = self.input_dropout
+        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 <= p < 1:
+            raise HyBNNError(f"input_dropout is {_show(p)}; it must be a number from 0 up to "
+                             "(not including) 1.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,7 +150,11 @@ def fit(
             idx = order[begin : begin + batch_size]
             if len(idx) < MIN_BATCH_SIZE:  # a last batch of one: batch norm needs two samples
                 continue
-            logits = model(x[idx])
+            inputs = x[idx]
+            if config.input_dropout > 0:
+                keep = torch.rand(inputs.shape, generator=generator) >= config.input_dropout
+                inputs = inputs * keep
+            logits = model(inputs)
             loss = F.cross_entropy(logits, y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

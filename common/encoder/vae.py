@@ -14,7 +14,7 @@ the flattened ``128 x ceil(H/8) x ceil(W/8)`` map; the 200-bit latent stays.
 Default variant ``"bernoulli-ste"``: a true binary VAE. Each of the 200 latent units is
 Bernoulli with ``p = sigmoid(logit)``; during training a hard 0/1 sample is drawn and
 the gradient flows straight through to ``p`` (``b + p - stop_grad(p)``). The KL term is
-to the prior Bernoulli(0.5). The decoder sees the sample as +-1.
+to the prior Bernoulli(0.5), weighted by ``kl_weight`` (1.0 by default). The decoder sees the sample as +-1.
 
 Variant ``"deterministic-ste"``: no sampling, no KL; the decoder sees ``sign(logit)``
 with the straight-through gradient of :func:`common.binarize.sign_ste` applied to
@@ -52,7 +52,8 @@ class VAEConfig:
     channels: tuple[int, ...] = (32, 64, 128)
     variant: str = "bernoulli-ste"
     kl_weight: float = 1.0
-    """Weight of KL(q(b|x) || Bernoulli(0.5)) relative to the summed pixel BCE."""
+    """Weight of KL(q(b|x) || Bernoulli(0.5)) relative to the summed pixel BCE. Fashion-MNIST
+    runs with 0.1 are in docs/datasets.md; the default stays until MNIST is confirmed."""
     leaky_slope: float = 0.2
     image_shape: tuple[int, int, int] = MNIST_SHAPE
     """The input images' (height, width, channels): the first conv takes the channels, the
