@@ -158,6 +158,6 @@ def test_input_dropout_outside_zero_to_one_is_refused(bad):
 
 
 def test_hybnn_recipe_keeps_every_input_bit():
-    from common.pipeline import HYBNN_TRAIN_CONFIG
+    from common.bnn.pipeline import HYBNN_TRAIN_CONFIG
 
     assert HYBNN_TRAIN_CONFIG.input_dropout == 0.0
