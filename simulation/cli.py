@@ -45,6 +45,26 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def probability_below_one(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 up to 1, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, got {text}")
+    return value
+
+
 def path_arg(text: str) -> Path:
     """A file or folder path; an empty one (an unset shell variable) would mean the current folder."""
     if not text:
@@ -153,7 +173,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     images, datasets, data_sha = pretrain_images(args.dataset, args.data_root, args.image_size)
     print(f"Pretraining on {' + '.join(d.name for d in datasets)}: {len(images)} images of shape "
           f"{datasets[0].shape} (H, W, C)")
-    vae, history = train_vae(images, VAEConfig(image_shape=datasets[0].shape), train_config)
+    vae, history = train_vae(images, VAEConfig(image_shape=datasets[0].shape,
+                                                 **({} if args.kl_weight is None else {"kl_weight": args.kl_weight})),
+                             train_config)
     with keeping_earlier(args.out, (MANIFEST_FILE, WEIGHTS_FILE)) as kept:
         artifact = save_encoder_artifact(
             vae, args.out, data_sha256=data_sha, train_config=train_config.to_dict(), history=history,
@@ -189,7 +211,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = check_out(args.out or Path("runs") / f"bnn-{task.slug}")
     config = replace(HYBNN_TRAIN_CONFIG, epochs=args.epochs, seed=args.seed,
                      lr=args.lr or HYBNN_TRAIN_CONFIG.lr,
-                     batch_size=args.batch_size or HYBNN_TRAIN_CONFIG.batch_size)
+                     batch_size=args.batch_size or HYBNN_TRAIN_CONFIG.batch_size,
+                     input_dropout=HYBNN_TRAIN_CONFIG.input_dropout if args.input_dropout is None
+                     else args.input_dropout)
     artifact = load_encoder_artifact(args.encoder)
     run = train_hybnn(artifact, task, args.data_root, config, hidden=args.hidden, dataset=dataset)
     with keeping_earlier(out, (META_NAME, WEIGHTS_NAME)) as kept:
@@ -330,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path_arg, default=DEFAULT_ENCODER, help="artifact directory (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=PROFILES["paper"].vae_epochs,
                    help="VAE epochs on the data set's training images (default: %(default)s; at most 10000)")
+    p.add_argument("--kl-weight", type=non_negative_float, default=None,
+                   help="weight of the KL term to the Bernoulli(0.5) prior; lower keeps more of "
+                        "the image in the 200 bits (default: 1.0; docs/encoder.md)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_pretrain)
 
@@ -355,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate (default: 0.06)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="default: 2048; at least 2 (batch norm)")
+    p.add_argument("--input-dropout", type=probability_below_one, default=None,
+                   help="zero each input bit with this probability while training, from 0 up to "
+                        "(not including) 1; regularises many-class tasks (default: 0, "
+                        "docs/datasets.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=path_arg, default=None,
                    help="where to save the trained BNN (default: runs/bnn-TASK)")

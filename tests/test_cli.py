@@ -23,6 +23,9 @@ def hybnn(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
         (["train", "--task", "0v1", "--epochs", "0"], "expected a positive integer, got 0"),
         (["train", "--task", "0v1", "--lr", "nan"], "expected a positive finite number"),
         (["train", "--task", "0v1", "--hidden", "128,x"], "comma-separated positive layer widths"),
+        (["train", "--task", "0v1", "--input-dropout", "1"], "from 0 up to (not including) 1, got 1"),
+        (["train", "--task", "0v1", "--input-dropout", "nan"], "from 0 up to (not including) 1, got nan"),
+        (["pretrain", "--kl-weight", "-0.1"], "expected a finite number >= 0, got -0.1"),
         (["baseline", "--model", "resnet", "--task", "0v1"], "invalid choice: 'resnet'"),
         (["reproduce", "--profile", "huge", "--out", "x"], "invalid choice: 'huge'"),
     ],
@@ -41,6 +44,14 @@ def test_train_help_states_the_recipe_the_code_uses():
     assert f"Adam learning rate (default: {HYBNN_TRAIN_CONFIG.lr:g})" in text
     assert f"--batch-size BATCH_SIZE default: {HYBNN_TRAIN_CONFIG.batch_size}" in text
     assert "default: 128, the paper's, for the pair tasks; 512 for all10" in text
+    assert f"(default: {HYBNN_TRAIN_CONFIG.input_dropout:g}, docs/datasets.md)" in text
+
+
+def test_pretrain_help_states_the_vae_default():
+    from common.encoder.vae import VAEConfig
+
+    text = " ".join(hybnn("pretrain", "--help").stdout.split())
+    assert f"(default: {VAEConfig().kl_weight}; docs/encoder.md)" in text
 
 
 def test_missing_encoder_names_the_path_and_the_fix(tmp_path, mnist_root):
