@@ -92,7 +92,7 @@ class ContinualConfig:
     """Hidden widths of the task-incremental BNNs (default: the paper's 128 for two classes)."""
     class_hidden: tuple[int, ...] | None = None
     """Hidden widths of the class-incremental BNN (default: 512 for more than two classes)."""
-    distill: float = 0.0
+    distill: float = 1.0
     """Weight of the distillation term in the class scenario's replay runs: the model's outputs for
     the earlier classes are pulled towards those of the model as it was before the task (0: off)."""
     seed: int = 0
@@ -122,6 +122,10 @@ class ContinualConfig:
             raise HyBNNError(f"Unknown task-incremental method in {list(self.task_methods)}; use "
                              f"{', '.join(TASK_IL_METHODS)}.")
         check_training_options(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) \
+                or not 0 <= self.distill <= 1000:
+            raise HyBNNError(f"The distillation weight (--distill) is {self.distill!r}; it must be a number "
+                             "from 0 (off) to 1000.")
         if self.later_lr is not None:
             check_training_options(epochs=self.epochs, batch_size=self.batch_size, lr=self.later_lr,
                                    seed=self.seed)

@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate of the first task (default: %(default)s)")
     p.add_argument("--later-lr", type=positive_float, default=None,
                    help="Adam learning rate of the later tasks (default: %(default)s)")
-    p.add_argument("--distill", type=float, default=0.0,
+    p.add_argument("--distill", type=float, default=1.0,
                    help="class scenario, replay runs: weight of distillation towards the model before "
                         "the task, 0 = off (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=2048,

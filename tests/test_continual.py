@@ -66,6 +66,7 @@ def test_overlapping_tasks_are_fine_when_the_task_is_known():
     ({"tasks": ()}, "task list is empty"),
     ({"epochs": 0}, "epochs"),
     ({"later_lr": -1.0}, "learning rate"),
+    ({"distill": float("nan")}, "distillation weight"),
 ])
 def test_bad_configs_are_refused(kwargs, message):
     from common.continual import ContinualConfig
