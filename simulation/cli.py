@@ -236,7 +236,9 @@ def cmd_continual(args: argparse.Namespace) -> None:
         tasks=tuple(specs), scenarios=("task", "class") if args.scenario == "both" else (args.scenario,),
         replay_codes=tuple(args.replay_codes),
         replay_strategies=("reservoir", "balanced") if args.replay_strategy == "both" else (args.replay_strategy,),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, later_lr=args.later_lr,
+        epochs=args.class_epochs if args.epochs is None else args.epochs,
+        task_epochs=args.task_epochs if args.epochs is None else args.epochs,
+        replay_flip=args.replay_flip, batch_size=args.batch_size, lr=args.lr, later_lr=args.later_lr,
         distill=args.distill, task_hidden=args.hidden, class_hidden=args.class_hidden, seed=args.seed,
         dataset=_dataset(args))
     artifact = load_encoder_artifact(args.encoder)
@@ -427,8 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-strategy", choices=["reservoir", "balanced", "both"], default="both",
                    help="how the buffer is filled: reservoir sampling or an even split over the classes "
                         "seen (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=20,
-                   help="epochs per task (default: %(default)s; at most 10000)")
+    p.add_argument("--task-epochs", type=positive_int, default=100,
+                   help="task scenario: epochs per task (default: %(default)s, the BNN recipe's)")
+    p.add_argument("--class-epochs", type=positive_int, default=15,
+                   help="class scenario: epochs per task, and joint training's epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs per task in both scenarios (overrides the two above; at most 10000)")
     p.add_argument("--lr", type=positive_float, default=0.06,
                    help="Adam learning rate of the first task (default: %(default)s)")
     p.add_argument("--later-lr", type=positive_float, default=None,
@@ -436,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=float, default=1.0,
                    help="class scenario, replay runs: weight of distillation towards the model before "
                         "the task, 0 = off (default: %(default)s)")
+    p.add_argument("--replay-flip", type=float, default=0.05,
+                   help="class scenario, replay runs: probability that each bit of a replayed code is "
+                        "flipped, drawn afresh for every task, 0 = off (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=2048,
                    help="default: %(default)s")
     p.add_argument("--hidden", type=hidden_sizes, default=None,

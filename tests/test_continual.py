@@ -67,6 +67,7 @@ def test_overlapping_tasks_are_fine_when_the_task_is_known():
     ({"epochs": 0}, "epochs"),
     ({"later_lr": -1.0}, "learning rate"),
     ({"distill": float("nan")}, "distillation weight"),
+    ({"replay_flip": 0.7}, "bit-flip probability"),
 ])
 def test_bad_configs_are_refused(kwargs, message):
     from common.continual import ContinualConfig
@@ -120,7 +121,7 @@ def test_replay_buffers_keep_at_most_their_capacity_of_real_examples(strategy):
 def test_task_incremental_methods(pairs):
     from common.continual import ContinualConfig, run_task_incremental
 
-    config = ContinualConfig(epochs=2)
+    config = ContinualConfig(epochs=2, task_epochs=2)
     runs = {m: run_task_incremental(pairs, m, config, 200, progress=False)
             for m in ("finetune", "shared-multihead", "frozen-heads")}
     for run in runs.values():
@@ -153,8 +154,9 @@ def test_cli_defaults_match_the_library():
 
     args = build_parser().parse_args(["continual", "--out", "x"])
     config = ContinualConfig()
-    for name in ("epochs", "lr", "later_lr", "distill", "batch_size"):
+    for name in ("lr", "later_lr", "distill", "batch_size", "replay_flip", "task_epochs"):
         assert getattr(args, name) == getattr(config, name), name
+    assert args.class_epochs == config.epochs and args.epochs is None
     assert args.replay_codes == list(config.replay_codes)
 
 
