@@ -588,7 +588,8 @@ def render_report(results: dict, command: str = "") -> str:
         lines += ["Command:", "", f"    {command}", ""]
     lines += [f"Encoder sha256 `{results['encoder']['sha256']}` ({results['encoder']['path']}); data set "
               f"`{results['config']['dataset']}`; tasks in order: {', '.join(tasks)}; "
-              f"{results['config']['epochs']} epochs per task; {results['total_seconds']:.0f} s in all.", "",
+              f"{results['config']['task_epochs']} epochs per task (task scenario), "
+              f"{results['config']['epochs']} (class scenario); {results['total_seconds']:.0f} s in all.", "",
               "Accuracies in %; forgetting and backward transfer in points; replay bytes = codes x "
               f"(packed code + {LABEL_BYTES} label byte).", "",
               "| scenario | method | buffer codes | replay bytes | final avg acc | final all-class acc | "
