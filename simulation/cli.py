@@ -247,6 +247,36 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
               encoder_dir=args.encoder_dir, tasks=args.tasks, federated=not args.no_federated)
 
 
+def cmd_continual(args: argparse.Namespace) -> None:
+    import shlex
+
+    from common.continual import ContinualConfig, run_continual, split_task_list, write_outputs
+    from common.datasets import get_dataset
+    from common.encoder import load_encoder_artifact
+    from common.features import check_encoder_shape
+
+    check_out(args.out)
+    specs = [spec for text in args.tasks for spec in split_task_list(text)]
+    config = ContinualConfig(
+        tasks=tuple(specs), scenarios=("task", "class") if args.scenario == "both" else (args.scenario,),
+        replay_codes=tuple(args.replay_codes),
+        replay_strategies=("reservoir", "balanced") if args.replay_strategy == "both" else (args.replay_strategy,),
+        epochs=args.class_epochs if args.epochs is None else args.epochs,
+        task_epochs=args.task_epochs if args.epochs is None else args.epochs,
+        replay_flip=args.replay_flip, batch_size=args.batch_size, lr=args.lr, later_lr=args.later_lr,
+        distill=args.distill, task_hidden=args.hidden, class_hidden=args.class_hidden, seed=args.seed,
+        dataset=_dataset(args))
+    artifact = load_encoder_artifact(args.encoder)
+    check_encoder_shape(artifact, get_dataset(config.dataset))  # before any training
+    results = run_continual(artifact, args.data_root, config)
+    command = "hybnn " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if args.argv is None else args.argv))
+    kept = write_outputs(results, args.out, command)
+    if kept is not None:
+        print(f"The earlier results in {args.out} are kept in {kept}")
+    print(f"Results written to {args.out} (results.json, report.md, acc_matrix.png, "
+          f"final_acc_vs_replay_bytes.png) in {results['total_seconds']:.0f} s")
+
+
 def _federation_settings(args: argparse.Namespace) -> dict:
     """The options `federate` and `deploy-local` share, as FederateConfig fields."""
     from common.federated.settings import command_settings
@@ -419,6 +449,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the three-client FedHyBNN runs (the transfer profiles have none)")
     p.set_defaults(handler=cmd_reproduce)
 
+    # common/continual.py imports torch, so its ContinualConfig defaults are repeated here;
+    # tests/test_continual.py keeps them in step.
+    p = sub.add_parser("continual", help="learn tasks one after another on the frozen encoder: task- and "
+                                         "class-incremental, with replay of stored codes (docs/continual.md)")
+    p.add_argument("--tasks", nargs="+", default=["0v1,2v3,4v5,6v7,8v9"], metavar="TASKS",
+                   help="the task sequence, comma-separated (use ; between specs that hold commas, or "
+                        "give the tasks as separate words) (default: %(default)s)")
+    p.add_argument("--scenario", choices=["task", "class", "both"], default="both",
+                   help="task-incremental (task known at test time), class-incremental (one output per "
+                        "class, task unknown) or both (default: %(default)s)")
+    p.add_argument("--replay-codes", type=int, nargs="+", default=[0, 500, 2000, 5000], metavar="N",
+                   help="class scenario: replay buffer sizes in codes, 0 = fine-tuning without replay "
+                        "(default: %(default)s)")
+    p.add_argument("--replay-strategy", choices=["reservoir", "balanced", "both"], default="both",
+                   help="how the buffer is filled: reservoir sampling or an even split over the classes "
+                        "seen (default: %(default)s)")
+    p.add_argument("--task-epochs", type=positive_int, default=100,
+                   help="task scenario: epochs per task (default: %(default)s, the BNN recipe's)")
+    p.add_argument("--class-epochs", type=positive_int, default=15,
+                   help="class scenario: epochs per task, and joint training's epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs per task in both scenarios (overrides the two above; at most 10000)")
+    p.add_argument("--lr", type=positive_float, default=0.06,
+                   help="Adam learning rate of the first task (default: %(default)s)")
+    p.add_argument("--later-lr", type=positive_float, default=None,
+                   help="Adam learning rate of the later tasks (default: %(default)s)")
+    p.add_argument("--distill", type=float, default=1.0,
+                   help="class scenario, replay runs: weight of distillation towards the model before "
+                        "the task, 0 = off (default: %(default)s)")
+    p.add_argument("--replay-flip", type=float, default=0.05,
+                   help="class scenario, replay runs: probability that each bit of a replayed code is "
+                        "flipped, drawn afresh for every task, 0 = off (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=2048,
+                   help="default: %(default)s")
+    p.add_argument("--hidden", type=hidden_sizes, default=None,
+                   help="task scenario: hidden widths (default: 128, the paper's, for two-class tasks)")
+    p.add_argument("--class-hidden", type=hidden_sizes, default=None,
+                   help="class scenario: hidden widths (default: 512, as for all10)")
+    _add_data_root(p)
+    _add_dataset(p)
+    _add_encoder(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=path_arg, required=True,
+                   help="output directory; earlier results there are moved to DIR/replaced-TIME/")
+    p.set_defaults(handler=cmd_continual)
+
     p = sub.add_parser("federate", help="FedHyBNN on Flower's simulation engine (Ray): N clients, one machine "
                                         "or a Ray cluster")
     _add_federation_options(p)
@@ -467,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         args.handler(args)
     except HyBNNError as exc:

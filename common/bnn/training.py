@@ -12,6 +12,7 @@ import math
 import numbers
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -114,11 +115,13 @@ def fit(
     *,
     desc: str = "train",
     progress: bool = True,
+    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``(x, y)`` with Adam and cross-entropy; return the per-epoch history.
 
     A batch size larger than the training set trains on the whole set as one batch per
-    epoch (with a warning). Fewer than two training examples is a :class:`HyBNNError`:
+    epoch (with a warning). ``extra_loss(logits, x_batch)`` is added to the cross-entropy
+    (continual learning's distillation term). Fewer than two training examples is a :class:`HyBNNError`:
     batch norm cannot train on them.
     """
     if len(x) < MIN_BATCH_SIZE:
@@ -156,6 +159,8 @@ def fit(
                 inputs = inputs * keep
             logits = model(inputs)
             loss = F.cross_entropy(logits, y[idx])
+            if extra_loss is not None:
+                loss = loss + extra_loss(logits, x[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
