@@ -250,10 +250,10 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 def cmd_continual(args: argparse.Namespace) -> None:
     import shlex
 
-    from common.continual import ContinualConfig, run_continual, split_task_list, write_outputs
-    from common.datasets import get_dataset
-    from common.encoder import load_encoder_artifact
-    from common.features import check_encoder_shape
+    from common.bnn.continual import ContinualConfig, run_continual, split_task_list, write_outputs
+    from common.data.datasets import get_dataset
+    from common.encoder.artifact import load_encoder_artifact
+    from common.encoder.features import check_encoder_shape
 
     check_out(args.out)
     specs = [spec for text in args.tasks for spec in split_task_list(text)]
@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the three-client FedHyBNN runs (the transfer profiles have none)")
     p.set_defaults(handler=cmd_reproduce)
 
-    # common/continual.py imports torch, so its ContinualConfig defaults are repeated here;
+    # common/bnn/continual.py imports torch, so its ContinualConfig defaults are repeated here;
     # tests/test_continual.py keeps them in step.
     p = sub.add_parser("continual", help="learn tasks one after another on the frozen encoder: task- and "
                                          "class-incremental, with replay of stored codes (docs/continual.md)")

@@ -1,4 +1,4 @@
-"""Continual learning on the frozen encoder (common/continual.py and `hybnn continual`)."""
+"""Continual learning on the frozen encoder (common/bnn/continual.py and `hybnn continual`)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory, mnist_root):
     """The fixed untrained encoder (its MNIST codes are cached once for every test) and the data root."""
-    from common.encoder import load_encoder_artifact
+    from common.encoder.artifact import load_encoder_artifact
 
     return load_encoder_artifact(fixed_encoder(tmp_path_factory.mktemp("enc"))), mnist_root
 
 
 @pytest.fixture(scope="module")
 def pairs(encoder):
-    from common.continual import resolve_tasks, task_data
-    from common.features import load_codes
+    from common.bnn.continual import resolve_tasks, task_data
+    from common.encoder.features import load_codes
 
     artifact, root = encoder
     codes = {s: load_codes(artifact, root, s, progress=False) for s in ("train", "test")}
@@ -34,7 +34,7 @@ def pairs(encoder):
 
 
 def test_task_lists_split_on_commas_or_semicolons():
-    from common.continual import split_task_list
+    from common.bnn.continual import split_task_list
 
     assert split_task_list("0v1,2v3, 4v5") == ["0v1", "2v3", "4v5"]
     assert split_task_list("0,2v1,3;4v5") == ["0,2v1,3", "4v5"]
@@ -48,14 +48,14 @@ def test_task_lists_split_on_commas_or_semicolons():
     (["0v1", "3v12"], ("task",), "Unknown task '3v12'"),
 ])
 def test_bad_task_sequences_are_refused(specs, scenarios, message):
-    from common.continual import resolve_tasks
+    from common.bnn.continual import resolve_tasks
 
     with pytest.raises(HyBNNError, match=message):
         resolve_tasks(specs, "mnist", scenarios)
 
 
 def test_overlapping_tasks_are_fine_when_the_task_is_known():
-    from common.continual import resolve_tasks
+    from common.bnn.continual import resolve_tasks
 
     assert [t.name for t in resolve_tasks(["0v1", "1v2"], "mnist", ("task",))] == ["0v1", "1v2"]
 
@@ -70,14 +70,14 @@ def test_overlapping_tasks_are_fine_when_the_task_is_known():
     ({"replay_flip": 0.7}, "bit-flip probability"),
 ])
 def test_bad_configs_are_refused(kwargs, message):
-    from common.continual import ContinualConfig
+    from common.bnn.continual import ContinualConfig
 
     with pytest.raises(HyBNNError, match=message):
         ContinualConfig(**kwargs)
 
 
 def test_metrics_of_a_known_matrix():
-    from common.continual import summarize
+    from common.bnn.continual import summarize
 
     m = [[0.9, 0.1, 0.0],
          [0.5, 0.8, 0.2],
@@ -94,7 +94,7 @@ def test_metrics_of_a_known_matrix():
 
 @pytest.mark.parametrize("strategy", ["reservoir", "balanced"])
 def test_replay_buffers_keep_at_most_their_capacity_of_real_examples(strategy):
-    from common.continual import ReplayBuffer
+    from common.bnn.continual import ReplayBuffer
 
     rng = np.random.default_rng(0)
     buffer = ReplayBuffer(60, strategy, code_bytes=25, seed=0)
@@ -119,7 +119,7 @@ def test_replay_buffers_keep_at_most_their_capacity_of_real_examples(strategy):
 
 
 def test_task_incremental_methods(pairs):
-    from common.continual import ContinualConfig, run_task_incremental
+    from common.bnn.continual import ContinualConfig, run_task_incremental
 
     config = ContinualConfig(epochs=2, task_epochs=2)
     runs = {m: run_task_incremental(pairs, m, config, 200, progress=False)
@@ -135,7 +135,7 @@ def test_task_incremental_methods(pairs):
 
 
 def test_class_incremental_replay_beats_fine_tuning(pairs):
-    from common.continual import ContinualConfig, run_class_incremental
+    from common.bnn.continual import ContinualConfig, run_class_incremental
 
     config = ContinualConfig(epochs=2, class_hidden=(128,))
     finetune = run_class_incremental(pairs, "finetune", config, 200, progress=False)
@@ -149,7 +149,7 @@ def test_class_incremental_replay_beats_fine_tuning(pairs):
 
 
 def test_cli_defaults_match_the_library():
-    from common.continual import ContinualConfig
+    from common.bnn.continual import ContinualConfig
     from simulation.cli import build_parser
 
     args = build_parser().parse_args(["continual", "--out", "x"])
@@ -215,8 +215,8 @@ def test_cli_bad_input_exits_2(encoder, tmp_path, extra, message):
 def test_cli_refuses_an_encoder_of_another_input_shape(tmp_path, mnist_root):
     import torch
 
-    from common.encoder import save_encoder_artifact
-    from common.vae import BinaryVAE, VAEConfig
+    from common.encoder.artifact import save_encoder_artifact
+    from common.encoder.vae import BinaryVAE, VAEConfig
 
     torch.manual_seed(0)
     save_encoder_artifact(BinaryVAE(VAEConfig(image_shape=(32, 32, 3))).eval(), tmp_path / "enc",

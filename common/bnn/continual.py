@@ -48,11 +48,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.bnn import BNN, BNNConfig, BinaryLinear, check_trainable, codes_to_inputs, default_hidden
+from common.bnn.model import BNN, BNNConfig, BinaryLinear, check_trainable, codes_to_inputs, default_hidden
 from common.errors import HyBNNError
 from common.packing import pack_bits, packed_length
-from common.tasks import Task
-from common.training import MAX_EPOCHS, TrainConfig, check_training_options, fit, predict
+from common.data.tasks import Task
+from common.bnn.training import MAX_EPOCHS, TrainConfig, check_training_options, fit, predict
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class ContinualConfig:
     epochs: int = 15
     """Epochs per task in the class scenario (``joint`` gets this many over all tasks' data)."""
     task_epochs: int = 100
-    """Epochs per task in the task scenario (the BNN recipe's 100: common/pipeline.py)."""
+    """Epochs per task in the task scenario (the BNN recipe's 100: common/bnn/pipeline.py)."""
     batch_size: int = 2048
     lr: float = 6e-2
     later_lr: float | None = None
@@ -166,7 +166,7 @@ def resolve_tasks(specs: Sequence[str], dataset, scenarios: Sequence[str] = SCEN
     have and, when the class scenario runs, two tasks that share a class (its one output
     per class would then mean two things).
     """
-    from common.tasks import task_for_dataset
+    from common.data.tasks import task_for_dataset
 
     specs = list(specs)
     if not specs:
@@ -209,7 +209,7 @@ class TaskData:
 
 def task_data(codes: dict[str, tuple[np.ndarray, np.ndarray]], tasks: Sequence[Task]) -> list[TaskData]:
     """Split the data set's codes (``{"train": (codes, labels), "test": ...}``) into the tasks."""
-    from common.tasks import select_task
+    from common.data.tasks import select_task
 
     out = []
     for task in tasks:
@@ -249,7 +249,7 @@ class MultiHeadBNN(nn.Module):
 
 class _TaskView(nn.Module):
     """One task's path through a :class:`MultiHeadBNN`: the shared layers and that task's head,
-    so that the one training loop (:func:`common.training.fit`) trains only those."""
+    so that the one training loop (:func:`common.bnn.training.fit`) trains only those."""
 
     def __init__(self, model: MultiHeadBNN, task: int) -> None:
         super().__init__()
@@ -535,8 +535,8 @@ def planned_runs(config: ContinualConfig) -> list[tuple[str, str, int, str]]:
 def run_continual(artifact, data_root: Path | str, config: ContinualConfig, *, progress: bool = True,
                   log_line=print) -> dict:
     """Every planned run over the frozen encoder's codes; the results (``{"runs": [...], ...}``)."""
-    from common.datasets import get_dataset
-    from common.features import check_encoder_shape, load_codes
+    from common.data.datasets import get_dataset
+    from common.encoder.features import check_encoder_shape, load_codes
 
     dataset = get_dataset(config.dataset)
     check_encoder_shape(artifact, dataset)
