@@ -102,8 +102,40 @@ def check_config(config: FederateConfig) -> None:
             s.check(getattr(config, s.field), "Setting")
     if config.clients < 1 or config.rounds < 1 or config.local_epochs < 1:
         raise HyBNNError("clients, rounds and local epochs must all be at least 1.")
-    if config.clients > 64:
-        raise HyBNNError(f"{config.clients} simulated clients is more than this command supports (64).")
+    check_scale(config)
+
+
+MAX_CLIENTS = 10_000
+"""Simulated clients per run: each is a node in the in-memory SuperLink, whose message
+delivery loop visits every node ten times a second (docs/scale.md)."""
+MEMORY_PER_CLIENT_BYTES = 64 * 1024
+"""What one simulated node costs the simulation's process, measured with 1,000 nodes (docs/scale.md)."""
+MEMORY_PER_RAY_WORKER_BYTES = 600 * 1024 * 1024
+"""One Ray worker process with torch, Flower and the task's codes loaded (docs/scale.md)."""
+
+
+def check_scale(config: FederateConfig) -> None:
+    """Refuse, before anything starts, a sampling, failure rate, thread count or client count the run
+    cannot honour, or one that would not fit in memory."""
+    from common.resources import check_fits_in_memory
+
+    for key in ("clients-per-round", "client-failure-rate", "threads", "round-timeout-s"):
+        s = settings.setting(key)
+        s.check(getattr(config, s.field), "Option --" + s.field.replace("_", "-") + ":")
+    if config.clients > MAX_CLIENTS:
+        raise HyBNNError(f"--clients {config.clients} is more than one machine's simulation supports "
+                         f"({MAX_CLIENTS}); run the clients as SuperNodes on several machines instead.")
+    if config.clients_per_round > config.clients:
+        raise HyBNNError(f"--clients-per-round {config.clients_per_round} is more than the {config.clients} "
+                         "clients; sample at most --clients of them (0 samples every client).")
+    cpus = os.cpu_count() or 1
+    if config.threads > cpus:
+        raise HyBNNError(f"--threads {config.threads} is more than this machine's {cpus} CPUs; each simulated "
+                         "client holds that many, so none could run.")
+    workers = max(1, cpus // config.threads)
+    check_fits_in_memory(config.clients * MEMORY_PER_CLIENT_BYTES + (workers + 1) * MEMORY_PER_RAY_WORKER_BYTES,
+                         f"A simulation of {config.clients} clients with {workers} Ray worker(s)",
+                         "Use fewer --clients, or more --threads per client (fewer workers at once).")
 
 
 def centralized_reference(artifact, config: FederateConfig) -> dict:
@@ -128,9 +160,9 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
     model = BNN(BNNConfig.for_task(bits, task.num_classes))
     train_config = TrainConfig(epochs=epochs, lr=config.lr,
                                batch_size=config.batch_size, seed=config.seed)
-    # A 26k-weight BNN gains nothing from intra-op threads; on a busy machine they cost 10x.
+    # A 26k-weight BNN gains little from intra-op threads; on a busy machine they cost 10x.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(config.threads)
     try:
         result = fit(model, *split["train"], train_config, desc=f"centralized {task.name}",
                      progress=config.progress)
@@ -141,8 +173,9 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
             "train_seconds": result.seconds, "train_examples": int(len(split["train"][1]))}
 
 
-def simulation_apps(run_config: dict):
-    """The project's ServerApp and ClientApp, with ``run_config`` as their run config."""
+def simulation_apps(run_config: dict, threads: int = 1):
+    """The project's ServerApp and ClientApp, with ``run_config`` as their run config; each
+    ClientApp call uses ``threads`` torch threads."""
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
@@ -163,13 +196,13 @@ def simulation_apps(run_config: dict):
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
         register_all(datasets)
-        return handle_train(msg, context, defaults=run_config)
+        return handle_train(msg, context, defaults=run_config, threads=threads)
 
     return server_app, client_app
 
 
-def run_federation(run_config: dict, clients: int, apps: tuple | None = None) -> None:
-    """Flower's simulation engine, Ray backend, one CPU per simulated client.
+def run_federation(run_config: dict, clients: int, apps: tuple | None = None, threads: int = 1) -> None:
+    """Flower's simulation engine, Ray backend, ``threads`` CPUs (and torch threads) per simulated client.
 
     ``apps`` is ``(server_app, client_app)``, by default :func:`simulation_apps`.
     """
@@ -177,10 +210,10 @@ def run_federation(run_config: dict, clients: int, apps: tuple | None = None) ->
 
     from flwr.simulation import run_simulation
 
-    server_app, client_app = apps or simulation_apps(run_config)
+    server_app, client_app = apps or simulation_apps(run_config, threads)
     cpus = max(1, os.cpu_count() or 1)
     backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": min(threads, cpus), "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "logging_level": logging.WARNING, "log_to_driver": True},
     }
     with warnings.catch_warnings():
@@ -209,8 +242,11 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
             "sign_flip_fraction": r.get("sign_flip_fraction"),
             "downlink_bytes": r["downlink_bytes"],
             "clients": r["clients"],
+            "sampled": r.get("sampled"),
+            "replied": r.get("replied"),
             "dropped": r["dropped"],
             "capped": r.get("capped", []),
+            "seconds": r.get("seconds"),
         }
         for r in server.get("rounds", [])
     ]
@@ -386,7 +422,7 @@ def federate(config: FederateConfig) -> dict:
         with tempfile.TemporaryDirectory(prefix="hybnn-datasets-") as carried_dir:
             try:
                 carried = carry_registered(config.dataset, config.data_root, Path(carried_dir))
-                worker = start_federation_worker(run_config, config.clients, staging, carried)
+                worker = start_federation_worker(run_config, config.clients, staging, carried, config.threads)
                 _watch_worker(config, worker, staging)
             except KeyboardInterrupt:
                 print("Stopping the federation ...", file=sys.stderr, flush=True)
@@ -399,7 +435,7 @@ def federate(config: FederateConfig) -> dict:
 
 
 def start_federation_worker(run_config: dict, clients: int, staging: Path,
-                            datasets: list[dict] | None = None) -> subprocess.Popen:
+                            datasets: list[dict] | None = None, threads: int = 1) -> subprocess.Popen:
     """:func:`run_federation` in a child process in its own session, logging to ``staging/logs``.
 
     ``datasets``: registered data sets the child registers first
@@ -408,7 +444,8 @@ def start_federation_worker(run_config: dict, clients: int, staging: Path,
     logs.mkdir(parents=True, exist_ok=True)
     spec = logs / "simulation.json"
     atomic_write_bytes(spec, json.dumps({"run_config": run_config, "clients": clients,
-                                         "datasets": datasets or [], "parent_pid": os.getpid()}).encode())
+                                         "datasets": datasets or [], "parent_pid": os.getpid(),
+                                         "threads": threads}).encode())
     project = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
@@ -468,7 +505,7 @@ def _worker_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     stop_with_parent(int(spec["parent_pid"]))
     receive_carried(spec.get("datasets", []))
-    run_federation(spec["run_config"], int(spec["clients"]))
+    run_federation(spec["run_config"], int(spec["clients"]), threads=int(spec.get("threads", 1)))
     return 0
 
 
