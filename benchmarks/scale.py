@@ -60,7 +60,9 @@ def run_point(args, artifact, clients: int, per_round: int) -> dict:
     config = FederateConfig(task=args.task, clients=clients, clients_per_round=per_round, rounds=args.rounds,
                             local_epochs=args.local_epochs, partition=args.partition, alpha=args.alpha,
                             encoder=args.encoder, data_root=args.data_root, threads=args.threads,
-                            client_failure_rate=args.client_failure_rate, progress=False)
+                            client_failure_rate=args.client_failure_rate, progress=False,
+                            aggregation=args.aggregation,
+                            **({"lr": args.lr} if args.lr else {}))
     check_config(config)
     staging = args.out / f"c{clients}-k{per_round}"
     staging.mkdir(parents=True, exist_ok=True)
@@ -100,6 +102,7 @@ def run_point(args, artifact, clients: int, per_round: int) -> dict:
         "aggregated_per_round": sum(len(r["clients"]) for r in rounds) / len(rounds),
         "dropped_per_round": sum(len(r["dropped"]) for r in rounds) / len(rounds),
         "final_test_acc": rounds[-1]["test_acc"],
+        "test_acc_per_round": [r["test_acc"] for r in rounds],
     }
 
 
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CLIENTS:PER_ROUND pairs, comma-separated (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per point (default: %(default)s)")
     parser.add_argument("--local-epochs", type=int, default=1, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=None, help="clients' learning rate (default: the run config's)")
+    parser.add_argument("--aggregation", default="vote", choices=["vote", "mean"])
     parser.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet"])
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=1)
@@ -154,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}, threads {args.threads}, "
               f"{args.rounds} rounds, {args.local_epochs} local epoch(s), {args.partition} "
-              f"alpha {args.alpha}, task {args.task}", flush=True)
+              f"alpha {args.alpha}, task {args.task}, lr {args.lr or 'default'}, {args.aggregation}, "
+              f"failure rate {args.client_failure_rate}", flush=True)
         print(f"{'clients':>7} {'per round':>9} {'round 1 s':>9} {'s/round':>8} {'peak MiB':>9} "
               f"{'KiB/round':>9} {'agg':>5} {'drop':>5} {'acc':>6} {'wall s':>7}", flush=True)
         for clients, per_round in points:

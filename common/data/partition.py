@@ -71,7 +71,8 @@ def all_partitions(
     if len(labels) < num_partitions:
         raise HyBNNError(f"{len(labels)} samples cannot be split into {num_partitions} partitions.")
     disable_progress_bars()
-    dataset = Dataset.from_dict({"label": labels, "index": np.arange(len(labels), dtype=np.int64)})
+    # numpy format: a partition's indices come out as one array, not row by row.
+    dataset = Dataset.from_dict({"label": labels, "index": np.arange(len(labels), dtype=np.int64)}).with_format("numpy")
 
     def split(partitioner) -> list[np.ndarray]:
         partitioner.dataset = dataset
