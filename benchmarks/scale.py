@@ -51,6 +51,19 @@ def parse_points(text: str) -> list[tuple[int, int]]:
     return points
 
 
+def extra_run_config(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs, each checked against the settings schema."""
+    from common.federated.settings import BY_KEY, run_settings
+
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in BY_KEY or BY_KEY[key] not in run_settings():
+            raise HyBNNError(f"--run-config: expected KEY=VALUE with a run-config key, got {pair!r}")
+        values[key] = BY_KEY[key].parse(value, "--run-config")
+    return values
+
+
 def run_point(args, artifact, clients: int, per_round: int) -> dict:
     """One federated run; its timings, memory and bytes."""
     from common.resources import process_tree_rss_bytes
@@ -69,6 +82,7 @@ def run_point(args, artifact, clients: int, per_round: int) -> dict:
     (staging / "server.json").unlink(missing_ok=True)
     run_config = config.run_config(artifact.sha256)
     run_config["out-dir"] = str(staging.resolve())
+    run_config.update(extra_run_config(args.run_config))
     started = time.perf_counter()
     worker = start_federation_worker(run_config, clients, staging, None, args.threads)
     peak = 0
@@ -143,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--client-failure-rate", type=float, default=0.0)
+    parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further run-config key, e.g. bn-aggregation=mean (repeatable)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per point (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -160,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}, threads {args.threads}, "
               f"{args.rounds} rounds, {args.local_epochs} local epoch(s), {args.partition} "
               f"alpha {args.alpha}, task {args.task}, lr {args.lr or 'default'}, {args.aggregation}, "
-              f"failure rate {args.client_failure_rate}", flush=True)
+              f"failure rate {args.client_failure_rate} {' '.join(args.run_config)}", flush=True)
         print(f"{'clients':>7} {'per round':>9} {'round 1 s':>9} {'s/round':>8} {'peak MiB':>9} "
               f"{'KiB/round':>9} {'agg':>5} {'drop':>5} {'acc':>6} {'wall s':>7}", flush=True)
         for clients, per_round in points:

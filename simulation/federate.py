@@ -107,7 +107,7 @@ def check_config(config: FederateConfig) -> None:
 
 MAX_CLIENTS = 10_000
 """Simulated clients per run: each is a node in the in-memory SuperLink, whose message
-delivery loop visits every node ten times a second (docs/scale.md)."""
+delivery loop asks for every node's messages ten times a second (docs/scale.md)."""
 MEMORY_PER_CLIENT_BYTES = 64 * 1024
 """What one simulated node costs the simulation's process, measured with 1,000 nodes (docs/scale.md)."""
 MEMORY_PER_RAY_WORKER_BYTES = 600 * 1024 * 1024
@@ -293,6 +293,15 @@ def import_plotting() -> None:
     import matplotlib.pyplot  # noqa: F401
 
 
+MAX_CLIENT_LINES = 10
+"""federated.png draws one line per client up to this many clients, else their mean per round."""
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def plot_rounds(results: dict, path: Path) -> Path:
     """Accuracy and loss per round, per client (local training) and global (test)."""
     import matplotlib
@@ -312,6 +321,12 @@ def plot_rounds(results: dict, path: Path) -> Path:
             d["round"].append(r["round"])
             d["acc"].append(reported.get("train_acc"))
             d["loss"].append(reported.get("train_loss"))
+    if len(per_client) > MAX_CLIENT_LINES:  # many sampled clients: their mean per round, not a line each
+        per_client = {f"mean of the {len(per_client)} clients": {
+            "round": [r["round"] for r in rounds if r["clients"]],
+            "acc": [_mean(c.get("reported", {}).get("train_acc") for c in r["clients"]) for r in rounds if r["clients"]],
+            "loss": [_mean(c.get("reported", {}).get("train_loss") for c in r["clients"]) for r in rounds
+                     if r["clients"]]}}
     for name, d in sorted(per_client.items()):
         ax_acc.plot(d["round"], d["acc"], marker=".", label=f"{name} (local train)")
         ax_loss.plot(d["round"], d["loss"], marker=".", label=f"{name} (local train)")
@@ -413,7 +428,9 @@ def federate(config: FederateConfig) -> dict:
                      f"{config.reference_epochs} epochs")
         centralized = centralized_reference(artifact, config)
         _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}")
-        _say(config, f"FedHyBNN: {config.clients} simulated clients, {config.rounds} rounds, "
+        _say(config, f"FedHyBNN: {config.clients} simulated clients"
+                     + (f" ({config.clients_per_round} sampled per round)" if config.clients_per_round else "")
+                     + f", {config.rounds} rounds, "
                      f"{config.partition} partition, {config.aggregation} aggregation (Flower simulation, Ray)")
         import_plotting()  # now, not in the seconds a stopped run has to write its results
         staging = runs.staging_dir(out)
