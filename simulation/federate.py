@@ -109,16 +109,17 @@ MAX_CLIENTS = 10_000
 """Simulated clients per run: each is a node in the in-memory SuperLink, whose message
 delivery loop asks for every node's messages ten times a second (docs/scale.md)."""
 MEMORY_PER_CLIENT_BYTES = 64 * 1024
-"""What one simulated node costs the simulation's process, measured with 1,000 nodes (docs/scale.md)."""
+"""What one simulated node may cost: runs of 1,000 clients peaked about 15 MiB above runs of 10
+(docs/scale.md, Measurements); 64 KiB leaves room for larger records."""
 MEMORY_PER_RAY_WORKER_BYTES = 600 * 1024 * 1024
-"""One Ray worker process with torch, Flower and the task's codes loaded (docs/scale.md)."""
+"""One Ray worker process with torch, Flower and the task's codes loaded, counted once more for the
+simulation process: a 2-worker run peaked at 3.2 GiB summed over all its processes, shared pages
+counted in each, so this is a floor the machine must clear, not a forecast (docs/scale.md)."""
 
 
 def check_scale(config: FederateConfig) -> None:
     """Refuse, before anything starts, a sampling, failure rate, thread count or client count the run
-    cannot honour, or one that would not fit in memory."""
-    from common.resources import check_fits_in_memory
-
+    cannot honour."""
     for key in ("clients-per-round", "client-failure-rate", "threads", "round-timeout-s"):
         s = settings.setting(key)
         s.check(getattr(config, s.field), "Option --" + s.field.replace("_", "-") + ":")
@@ -132,7 +133,13 @@ def check_scale(config: FederateConfig) -> None:
     if config.threads > cpus:
         raise HyBNNError(f"--threads {config.threads} is more than this machine's {cpus} CPUs; each simulated "
                          "client holds that many, so none could run.")
-    workers = max(1, cpus // config.threads)
+
+
+def check_simulation_memory(config: FederateConfig) -> None:
+    """Refuse a simulation whose estimated memory exceeds what is available now."""
+    from common.resources import check_fits_in_memory
+
+    workers = max(1, (os.cpu_count() or 1) // config.threads)
     check_fits_in_memory(config.clients * MEMORY_PER_CLIENT_BYTES + (workers + 1) * MEMORY_PER_RAY_WORKER_BYTES,
                          f"A simulation of {config.clients} clients with {workers} Ray worker(s)",
                          "Use fewer --clients, or more --threads per client (fewer workers at once).")
@@ -410,6 +417,7 @@ def federate(config: FederateConfig) -> dict:
     from simulation import runs
 
     check_config(config)
+    check_simulation_memory(config)
     started = time.perf_counter()
     out = Path(config.out)
     with runs.StopSignals() as signals:

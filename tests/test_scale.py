@@ -201,3 +201,15 @@ def test_fifty_clients_ten_per_round_with_failures_on_ray(tmp_path, mnist_root):
     assert injected >= 1                   # at p=0.5, 20 draws: all succeeding has odds 1e-6
     server = json.loads((out / "server.json").read_text())
     assert server["run_config"]["clients_per_round"] == 10
+
+
+def test_a_simulation_that_would_not_fit_in_memory_is_refused(monkeypatch):
+    import common.resources
+    from common.errors import HyBNNError
+    from simulation.federate import FederateConfig, check_config, check_simulation_memory
+
+    config = FederateConfig(clients=1000, clients_per_round=100)
+    check_config(config)
+    monkeypatch.setattr(common.resources, "available_memory_bytes", lambda: 512 * 1024 * 1024)
+    with pytest.raises(HyBNNError, match="1000 clients.*only 512.0 MiB"):
+        check_simulation_memory(config)
