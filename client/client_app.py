@@ -25,6 +25,7 @@ per-round settings (task, learning rate, codecs, ...) come in each round's train
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import field
 from pathlib import Path
 
@@ -82,9 +83,12 @@ NODE_CONFIG_HINT = (
     'encoder-path=\'/path/to/encoder\' data-root=\'/path/to/data\'".'
 )
 
-# Per-process caches: a SuperNode runs many rounds, the encoder and codes do not change.
+# Per-process caches: a SuperNode runs many rounds, and a simulation's worker process serves many
+# clients; the encoder, the task's codes and the split into partitions do not change, so each is
+# read or computed once per process and shared read-only by every client the process serves.
 _ENCODERS: dict[tuple[str, str], object] = {}
-_DATA: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_TASK_DATA: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_PARTITIONS: dict[tuple, list[np.ndarray]] = {}
 
 
 def load_client_encoder(path: Path, expected_sha256: str):
@@ -108,19 +112,38 @@ def load_client_encoder(path: Path, expected_sha256: str):
 def local_training_data(artifact, settings: ClientSettings, task_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """This client's share of the task's training samples, as (+-1 inputs, labels)."""
     from common.encoder.features import load_codes
-    from common.data.partition import partition_indices
+    from common.data.partition import all_partitions
 
-    key = (artifact.sha256, str(settings.data_root), settings.dataset, task_name, settings.partition_id,
-           settings.num_partitions, settings.partition, settings.dirichlet_alpha, settings.seed)
-    if key not in _DATA:
+    if not 0 <= settings.partition_id < settings.num_partitions:
+        raise HyBNNError(
+            f"partition-id {settings.partition_id} is outside 0..{settings.num_partitions - 1}; give each "
+            f"client a distinct partition-id below num-partitions={settings.num_partitions}. {NODE_CONFIG_HINT}")
+    data_key = (artifact.sha256, str(settings.data_root), settings.dataset, task_name)
+    if data_key not in _TASK_DATA:
         task = task_for_dataset(task_name, settings.dataset)
         codes, labels = load_codes(artifact, settings.data_root, "train", progress=False, dataset=settings.dataset)
         codes, labels = select_task(codes, labels, task)
-        idx = partition_indices(labels, settings.partition_id, settings.num_partitions,
-                                settings.partition, settings.dirichlet_alpha, settings.seed)
-        bits = int(artifact.config.latent_bits)
-        _DATA[key] = (codes_to_inputs(codes[idx], bits), torch.from_numpy(labels[idx]))
-    return _DATA[key]
+        _TASK_DATA[data_key] = (codes_to_inputs(codes, int(artifact.config.latent_bits)), torch.from_numpy(labels))
+    x, y = _TASK_DATA[data_key]
+    split_key = (*data_key, settings.num_partitions, settings.partition, settings.dirichlet_alpha, settings.seed)
+    if split_key not in _PARTITIONS:
+        _PARTITIONS[split_key] = all_partitions(y.numpy(), settings.num_partitions, settings.partition,
+                                                settings.dirichlet_alpha, settings.seed)
+    idx = torch.from_numpy(_PARTITIONS[split_key][settings.partition_id])
+    if len(idx) < 2:
+        raise HyBNNError(
+            f"its partition holds {len(idx)} training example(s) of task {task_name} ({settings.partition} split "
+            f"into {settings.num_partitions}); batch norm needs at least 2. Use fewer clients or a larger "
+            "dirichlet-alpha")
+    return x[idx], y[idx]
+
+
+def injected_failure(rate: float, seed: int, server_round: int, partition_id: int) -> bool:
+    """Whether this client fails this round on purpose (``client-failure-rate``, a testing aid):
+    a draw seeded with (seed, round, partition), so a rerun fails the same clients."""
+    if rate <= 0:
+        return False
+    return random.Random(f"hybnn-failure:{seed}:{server_round}:{partition_id}").random() < rate
 
 
 class _LocalRoundMethods:
@@ -171,8 +194,9 @@ def train_local(
     weights, bn = codec.decode(global_payload, layout, kind)
     model = BNN(config)
     codec.load_into_model(model, layout, aggregation.client_start_latent(weights, kind, round_config.vote_latent_scale), bn)
+    # A partition smaller than a batch trains as one batch (many small clients: no warning per client).
     train_config = TrainConfig(epochs=round_config.local_epochs, lr=round_config.lr,
-                               batch_size=round_config.batch_size, seed=seed,
+                               batch_size=max(2, min(round_config.batch_size, len(y))), seed=seed,
                                final_lr_fraction=round_config.final_lr_fraction)
     result = fit(model, x, y, train_config, progress=False)
     last = result.history[-1] if result.history else {"loss": float("nan"), "acc": float("nan")}
@@ -189,11 +213,11 @@ def train_local(
     return codec.encode_model(model, round_config.bn_dtype), metrics
 
 
-def handle_train(msg: Message, context: Context, defaults: dict | None = None) -> Message:
+def handle_train(msg: Message, context: Context, defaults: dict | None = None, threads: int = 1) -> Message:
     """The train handler without Flower's decorator, so tests and the simulation can call it.
 
     ``defaults`` stands in for run-config keys the context lacks (``run_simulation``
-    gives the ClientApp an empty run config).
+    gives the ClientApp an empty run config); ``threads``: torch threads for the training.
     """
     who = f"client node {context.node_id}"
     try:
@@ -203,9 +227,13 @@ def handle_train(msg: Message, context: Context, defaults: dict | None = None) -
             raise HyBNNError(f"the train message lacks its {RECORD.arrays!r} or {RECORD.config!r} record; "
                              "run the same HyBNN release on the server and the clients")
         round_config = LocalRound.from_config(msg.content.config_records[RECORD.config])
+        if injected_failure(round_config.client_failure_rate, settings.seed, round_config.server_round,
+                            settings.partition_id):
+            raise HyBNNError(f"injected failure (client-failure-rate {round_config.client_failure_rate:g}, "
+                             "a testing aid)")
         artifact = load_client_encoder(settings.encoder_path, round_config.encoder_sha256)
         x, y = local_training_data(artifact, settings, round_config.task)
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         payload, metrics = train_local(
             record_to_payload(msg.content.array_records[RECORD.arrays]), x, y, round_config,
             task_for_dataset(round_config.task, settings.dataset).num_classes,

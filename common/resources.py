@@ -34,6 +34,58 @@ def available_memory_bytes() -> int | None:
     return min(candidates) if candidates else None
 
 
+def use_threads(threads: int) -> None:
+    """Run torch's intra-op work on ``threads`` threads (``--threads``). HyBNN's models are tiny: on a
+    busy machine more threads than one mostly wait for each other (docs/scale.md)."""
+    import torch
+
+    if threads < 1:
+        raise HyBNNError(f"--threads must be at least 1, got {threads}.")
+    torch.set_num_threads(threads)
+
+
+def process_tree_rss_bytes(pid: int | None = None) -> int:
+    """Resident memory of process ``pid`` (default: this one) and all its descendants, in bytes:
+    psutil when installed, else /proc."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            rss[int(entry.name)] = int(fields[21]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        total += rss.get(current, 0)
+        stack.extend(children.get(current, []))
+    return total
+
+
 def check_fits_in_memory(needed_bytes: int, what: str, fix: str) -> None:
     """Raise :class:`HyBNNError` if ``needed_bytes`` exceed the memory available now."""
     available = available_memory_bytes()

@@ -193,6 +193,9 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
                                             if c.get("sign_flips") is not None),
                 "downlink_bytes": round_log.downlink_bytes,
                 "clients": clients,
+                "connected": round_log.connected,
+                "sampled": round_log.sampled_nodes,
+                "replied": round_log.replied,
                 "dropped": round_log.dropped,
                 "capped": round_log.capped,
                 "seconds": time.perf_counter() - started,
@@ -204,8 +207,9 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
                 "task": task.name, "dataset": settings.dataset, "class_names": list(task.class_names),
                 "encoder_sha256": artifact.sha256, "round": server_round,
                 "test_acc": metrics["acc"], "aggregation": settings.aggregation})
-            log(INFO, "Round %d: global test accuracy %.4f (%d clients, %d left out)",
-                server_round, metrics["acc"], len(clients), len(round_log.dropped))
+            log(INFO, "Round %d: global test accuracy %.4f (%d sampled of %d, %d aggregated, %d left out)",
+                server_round, metrics["acc"], len(round_log.sampled_nodes), round_log.connected, len(clients),
+                len(round_log.dropped))
         write()
         if server_round and any(r["clients"] for r in results["rounds"]):
             resume.save_checkpoint(out_dir, server_round, record_to_payload(arrays), ident, record={
@@ -224,6 +228,8 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
         max_weight_vs_median=settings.max_weight_vs_median,
         max_num_examples=settings.max_num_examples,
         bn_aggregation=settings.bn_aggregation,
+        clients_per_round=settings.clients_per_round,
+        seed=settings.seed,
     )
     if checkpoint is None:
         initial_arrays = strategy.encode_global(codec.binary_latents(initial), codec.bn_vector(initial, layout))

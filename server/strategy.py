@@ -26,6 +26,10 @@ the whole run. This strategy
 * samples nodes with a deadline: it waits for ``min_available_nodes`` up to
   ``node_wait_s`` seconds, then goes on with whoever is connected, if at least
   ``min_train_nodes``. Flower's own sampling waits forever when a node is gone for good.
+  It trains ``clients_per_round`` of them each round (0: all), drawn from the sorted node
+  ids by a generator seeded with ``(seed, round)`` (:func:`sample_nodes`), and records who
+  was sampled, who replied and who was left out and why: a sampled node with no reply when
+  the round's timeout passed is recorded as such and not waited for;
 * measures the serialized bytes of every model that travels, per client and round.
 """
 
@@ -120,6 +124,22 @@ class RoundLog:
     """Replies whose weight was capped: node id, reported num-examples, the weight used."""
     downlink_bytes: int = 0
     sampled: int = 0
+    sampled_nodes: list[int] = field(default_factory=list)
+    """The node ids sampled for this round, in the order sent."""
+    replied: list[int] = field(default_factory=list)
+    """The sampled nodes whose reply (good or not) arrived before the round's timeout."""
+    connected: int = 0
+    """Nodes connected when the round was sampled."""
+
+
+def sample_nodes(nodes: Iterable[int], k: int, seed: int, server_round: int) -> list[int]:
+    """``k`` distinct nodes of ``nodes`` (all when ``k`` is 0 or at least their number), drawn
+    by a generator seeded with ``(seed, server_round)``: the same nodes, seed and round give the
+    same sample, whatever order the nodes are listed in."""
+    ordered = sorted(set(nodes))
+    if k <= 0 or k >= len(ordered):
+        return ordered
+    return random.Random(f"hybnn-sample:{seed}:{server_round}").sample(ordered, k)
 
 
 class PackedFedAvg(FedAvg):
@@ -138,6 +158,8 @@ class PackedFedAvg(FedAvg):
         max_weight_vs_median: float = robust.DEFAULT_MAX_WEIGHT_VS_MEDIAN,
         max_num_examples: int = 0,
         bn_aggregation: str = robust.DEFAULT_BN_AGGREGATION,
+        clients_per_round: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -159,6 +181,10 @@ class PackedFedAvg(FedAvg):
         self.max_weight_vs_median = max_weight_vs_median
         self.max_num_examples = max_num_examples
         self.bn_aggregation = bn_aggregation
+        if clients_per_round < 0:
+            raise ValueError(f"clients_per_round must be at least 0, got {clients_per_round}")
+        self.clients_per_round = clients_per_round
+        self.seed = seed
         self.rounds: dict[int, RoundLog] = {}
         self.references: dict[int, np.ndarray] = {}
         """The global weights sent in each round still being aggregated: what flip updates refer to."""
@@ -211,8 +237,10 @@ class PackedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         nodes = self._wait_for_nodes(grid)
-        sample_size = max(int(len(nodes) * self.fraction_train), min(self.min_train_nodes, len(nodes)))
-        node_ids = random.sample(nodes, sample_size)
+        node_ids = sample_nodes(nodes, self.clients_per_round, self.seed, server_round)
+        if 0 < len(nodes) < self.clients_per_round:
+            log(WARNING, "Round %d: only %d nodes connected, fewer than clients-per-round %d; training all of them.",
+                server_round, len(nodes), self.clients_per_round)
         log(INFO, "configure_train: sampled %d nodes (out of %d)", len(node_ids), len(nodes))
         config[TRAIN_CONFIG.codec_version] = codec.CODEC_VERSION
         config[TRAIN_CONFIG.server_round] = server_round
@@ -221,6 +249,8 @@ class PackedFedAvg(FedAvg):
         round_log = self.rounds.setdefault(server_round, RoundLog(server_round))
         round_log.downlink_bytes = record_nbytes(arrays)
         round_log.sampled = len(node_ids)
+        round_log.sampled_nodes = list(node_ids)
+        round_log.connected = len(nodes)
         self.set_reference(server_round, arrays)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
@@ -239,8 +269,11 @@ class PackedFedAvg(FedAvg):
 
         good: list[CheckedReply] = []
         seen: set[int] = set()
+        sampled = set(round_log.sampled_nodes)
         for msg in replies:
             node = msg.metadata.src_node_id
+            if node not in seen and node in sampled:
+                round_log.replied.append(node)
             if node in seen:
                 drop(node, "a second reply from this node in the same round", "Only its first reply counts.")
                 continue
@@ -259,6 +292,9 @@ class PackedFedAvg(FedAvg):
                 log(INFO, "Round %d: node %d reported metrics the server does not know, ignored: %s",
                     server_round, node, ", ".join(reply.ignored_metrics))
             good.append(reply)
+        for node in sorted(sampled - seen):
+            drop(node, "no reply before the round's timeout (round-timeout-s)",
+                 "The round went on without it; a late reply is discarded.")
         weights = robust.capped_weights([r.num_examples for r in good], self.max_weight_vs_median,
                                         self.max_num_examples)
         for reply, weight in zip(good, weights):

@@ -506,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_federate)
 
     p = sub.add_parser("deploy-local", help="FedHyBNN as real processes: a SuperLink and one SuperNode per client")
-    _add_federation_options(p, {"out": "runs/deploy-local"})
+    # The SuperNodes are local processes: a shorter round timeout than the run config's default.
+    _add_federation_options(p, {"out": "runs/deploy-local", "round-timeout-s": 300.0})
     p.add_argument("--min-nodes", type=positive_int, default=default_setting("min-train-nodes"),
                    help="go on with this many SuperNodes when others are gone (default: %(default)s)")
     p.add_argument("--certs", type=path_arg, default=None, metavar="DIR",
@@ -537,7 +538,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path_arg, required=True, help="output directory")
     p.set_defaults(handler=cmd_export)
 
+    for name, command in sub.choices.items():
+        if not any("--threads" in action.option_strings for action in command._actions):
+            _add_threads(command)
     return parser
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    from common.federated.settings import setting
+
+    threads = setting("threads")
+    p.add_argument("--threads", type=positive_int, default=threads.default,
+                   help="torch threads of this process (default: %(default)s; docs/scale.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     try:
+        if args.command != "certs":
+            from common.resources import use_threads
+
+            use_threads(args.threads)
         args.handler(args)
     except HyBNNError as exc:
         print(f"hybnn {args.command}: error: {exc}", file=sys.stderr)

@@ -107,12 +107,51 @@ def check_config(config: FederateConfig) -> None:
             s.check(getattr(config, s.field), "Setting")
     if config.clients < 1 or config.rounds < 1 or config.local_epochs < 1:
         raise HyBNNError("clients, rounds and local epochs must all be at least 1.")
-    if config.clients > 64:
-        raise HyBNNError(f"{config.clients} simulated clients is more than this command supports (64).")
     if config.ray_address is not None:
         from simulation.ray_cluster import parse_ray_address
 
         parse_ray_address(config.ray_address)
+    check_scale(config)
+
+
+MAX_CLIENTS = 10_000
+"""Simulated clients per run: each is a node in the in-memory SuperLink, whose message
+delivery loop asks for every node's messages ten times a second (docs/scale.md)."""
+MEMORY_PER_CLIENT_BYTES = 64 * 1024
+"""What one simulated node may cost: runs of 1,000 clients peaked about 15 MiB above runs of 10
+(docs/scale.md, Measurements); 64 KiB leaves room for larger records."""
+MEMORY_PER_RAY_WORKER_BYTES = 600 * 1024 * 1024
+"""One Ray worker process with torch, Flower and the task's codes loaded, counted once more for the
+simulation process: a 2-worker run peaked at 3.2 GiB summed over all its processes, shared pages
+counted in each, so this is a floor the machine must clear, not a forecast (docs/scale.md)."""
+
+
+def check_scale(config: FederateConfig) -> None:
+    """Refuse, before anything starts, a sampling, failure rate, thread count or client count the run
+    cannot honour."""
+    for key in ("clients-per-round", "client-failure-rate", "threads", "round-timeout-s"):
+        s = settings.setting(key)
+        s.check(getattr(config, s.field), "Option --" + s.field.replace("_", "-") + ":")
+    if config.clients > MAX_CLIENTS:
+        raise HyBNNError(f"--clients {config.clients} is more than one machine's simulation supports "
+                         f"({MAX_CLIENTS}); run the clients as SuperNodes on several machines instead.")
+    if config.clients_per_round > config.clients:
+        raise HyBNNError(f"--clients-per-round {config.clients_per_round} is more than the {config.clients} "
+                         "clients; sample at most --clients of them (0 samples every client).")
+    cpus = os.cpu_count() or 1
+    if config.threads > cpus:
+        raise HyBNNError(f"--threads {config.threads} is more than this machine's {cpus} CPUs; each simulated "
+                         "client holds that many, so none could run.")
+
+
+def check_simulation_memory(config: FederateConfig) -> None:
+    """Refuse a simulation whose estimated memory exceeds what is available now."""
+    from common.resources import check_fits_in_memory
+
+    workers = max(1, (os.cpu_count() or 1) // config.threads)
+    check_fits_in_memory(config.clients * MEMORY_PER_CLIENT_BYTES + (workers + 1) * MEMORY_PER_RAY_WORKER_BYTES,
+                         f"A simulation of {config.clients} clients with {workers} Ray worker(s)",
+                         "Use fewer --clients, or more --threads per client (fewer workers at once).")
 
 
 def centralized_reference(artifact, config: FederateConfig) -> dict:
@@ -137,9 +176,9 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
     model = BNN(BNNConfig.for_task(bits, task.num_classes))
     train_config = TrainConfig(epochs=epochs, lr=config.lr,
                                batch_size=config.batch_size, seed=config.seed)
-    # A 26k-weight BNN gains nothing from intra-op threads; on a busy machine they cost 10x.
+    # A 26k-weight BNN gains little from intra-op threads; on a busy machine they cost 10x.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(config.threads)
     try:
         result = fit(model, *split["train"], train_config, desc=f"centralized {task.name}",
                      progress=config.progress)
@@ -150,8 +189,9 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
             "train_seconds": result.seconds, "train_examples": int(len(split["train"][1]))}
 
 
-def simulation_apps(run_config: dict):
-    """The project's ServerApp and ClientApp, with ``run_config`` as their run config."""
+def simulation_apps(run_config: dict, threads: int = 1):
+    """The project's ServerApp and ClientApp, with ``run_config`` as their run config; each
+    ClientApp call uses ``threads`` torch threads."""
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
@@ -172,14 +212,14 @@ def simulation_apps(run_config: dict):
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
         register_all(datasets)
-        return handle_train(msg, context, defaults=run_config)
+        return handle_train(msg, context, defaults=run_config, threads=threads)
 
     return server_app, client_app
 
 
-def run_federation(run_config: dict, clients: int, apps: tuple | None = None,
+def run_federation(run_config: dict, clients: int, apps: tuple | None = None, threads: int = 1,
                    ray_address: str | None = None) -> None:
-    """Flower's simulation engine, Ray backend, one CPU per simulated client.
+    """Flower's simulation engine, Ray backend, ``threads`` CPUs (and torch threads) per simulated client.
 
     ``apps`` is ``(server_app, client_app)``, by default :func:`simulation_apps`.
     ``ray_address``: join that Ray cluster instead of starting one on this machine.
@@ -190,10 +230,10 @@ def run_federation(run_config: dict, clients: int, apps: tuple | None = None,
 
     from simulation.ray_cluster import backend_init_args
 
-    server_app, client_app = apps or simulation_apps(run_config)
+    server_app, client_app = apps or simulation_apps(run_config, threads)
     cpus = max(1, os.cpu_count() or 1)
     backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": min(threads, cpus), "num_gpus": 0.0},
         "init_args": backend_init_args(ray_address, cpus, logging.WARNING),
     }
     with warnings.catch_warnings():
@@ -222,8 +262,11 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
             "sign_flip_fraction": r.get("sign_flip_fraction"),
             "downlink_bytes": r["downlink_bytes"],
             "clients": r["clients"],
+            "sampled": r.get("sampled"),
+            "replied": r.get("replied"),
             "dropped": r["dropped"],
             "capped": r.get("capped", []),
+            "seconds": r.get("seconds"),
         }
         for r in server.get("rounds", [])
     ]
@@ -270,6 +313,15 @@ def import_plotting() -> None:
     import matplotlib.pyplot  # noqa: F401
 
 
+MAX_CLIENT_LINES = 10
+"""federated.png draws one line per client up to this many clients, else their mean per round."""
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def plot_rounds(results: dict, path: Path) -> Path:
     """Accuracy and loss per round, per client (local training) and global (test)."""
     import matplotlib
@@ -289,6 +341,12 @@ def plot_rounds(results: dict, path: Path) -> Path:
             d["round"].append(r["round"])
             d["acc"].append(reported.get("train_acc"))
             d["loss"].append(reported.get("train_loss"))
+    if len(per_client) > MAX_CLIENT_LINES:  # many sampled clients: their mean per round, not a line each
+        per_client = {f"mean of the {len(per_client)} clients": {
+            "round": [r["round"] for r in rounds if r["clients"]],
+            "acc": [_mean(c.get("reported", {}).get("train_acc") for c in r["clients"]) for r in rounds if r["clients"]],
+            "loss": [_mean(c.get("reported", {}).get("train_loss") for c in r["clients"]) for r in rounds
+                     if r["clients"]]}}
     for name, d in sorted(per_client.items()):
         ax_acc.plot(d["round"], d["acc"], marker=".", label=f"{name} (local train)")
         ax_loss.plot(d["round"], d["loss"], marker=".", label=f"{name} (local train)")
@@ -372,6 +430,7 @@ def federate(config: FederateConfig) -> dict:
     from simulation import runs
 
     check_config(config)
+    check_simulation_memory(config)
     started = time.perf_counter()
     out = Path(config.out)
     if config.ray_address is not None:
@@ -394,7 +453,9 @@ def federate(config: FederateConfig) -> dict:
                      f"{config.reference_epochs} epochs")
         centralized = centralized_reference(artifact, config)
         _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}")
-        _say(config, f"FedHyBNN: {config.clients} simulated clients, {config.rounds} rounds, "
+        _say(config, f"FedHyBNN: {config.clients} simulated clients"
+                     + (f" ({config.clients_per_round} sampled per round)" if config.clients_per_round else "")
+                     + f", {config.rounds} rounds, "
                      f"{config.partition} partition, {config.aggregation} aggregation (Flower simulation, Ray)")
         import_plotting()  # now, not in the seconds a stopped run has to write its results
         staging = runs.staging_dir(out)
@@ -403,7 +464,7 @@ def federate(config: FederateConfig) -> dict:
         with tempfile.TemporaryDirectory(prefix="hybnn-datasets-") as carried_dir:
             try:
                 carried = carry_registered(config.dataset, config.data_root, Path(carried_dir))
-                worker = start_federation_worker(run_config, config.clients, staging, carried,
+                worker = start_federation_worker(run_config, config.clients, staging, carried, config.threads,
                                                  ray_address=config.ray_address)
                 _watch_worker(config, worker, staging)
             except KeyboardInterrupt:
@@ -417,7 +478,7 @@ def federate(config: FederateConfig) -> dict:
 
 
 def start_federation_worker(run_config: dict, clients: int, staging: Path,
-                            datasets: list[dict] | None = None,
+                            datasets: list[dict] | None = None, threads: int = 1,
                             ray_address: str | None = None) -> subprocess.Popen:
     """:func:`run_federation` in a child process in its own session, logging to ``staging/logs``.
 
@@ -428,7 +489,7 @@ def start_federation_worker(run_config: dict, clients: int, staging: Path,
     spec = logs / "simulation.json"
     atomic_write_bytes(spec, json.dumps({"run_config": run_config, "clients": clients,
                                          "datasets": datasets or [], "parent_pid": os.getpid(),
-                                         "ray_address": ray_address}).encode())
+                                         "threads": threads, "ray_address": ray_address}).encode())
     project = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
@@ -493,7 +554,8 @@ def _worker_main(spec_path: str) -> int:
         from simulation.ray_cluster import exit_unless_joined
 
         exit_unless_joined(ray_address)
-    run_federation(spec["run_config"], int(spec["clients"]), ray_address=ray_address)
+    run_federation(spec["run_config"], int(spec["clients"]), threads=int(spec.get("threads", 1)),
+                   ray_address=ray_address)
     return 0
 
 

@@ -169,7 +169,12 @@ def test_cli_options_are_the_schema_s(command, out, monkeypatch):
     parser = build_parser()
     args = parser.parse_args([command])
     values = _federation_settings(args)
-    defaults = FederateConfig()
+    if command == "deploy-local":
+        from simulation.deploy_local import DeployConfig
+
+        defaults = DeployConfig()  # its own, shorter round timeout: the SuperNodes are local processes
+    else:
+        defaults = FederateConfig()
     for s in settings.command_settings():
         if not s.flag:
             continue
@@ -186,7 +191,7 @@ def test_cli_options_are_the_schema_s(command, out, monkeypatch):
         if s.flag:
             assert s.flag in help_text, s.flag
             if s.default is not None:
-                shown = out if s.key == "out" else s.default
+                shown = out if s.key == "out" else getattr(defaults, s.field)
                 assert f"(default: {shown}" in help_text, s.flag
 
 

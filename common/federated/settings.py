@@ -57,6 +57,8 @@ class Setting:
     above: float | None = None
     """Exclusive lower bound (``lr`` above 0)."""
     maximum: float | None = None
+    below: float | None = None
+    """Exclusive upper bound (``client-failure-rate`` below 1)."""
     field: str | None = None
     """The ``FederateConfig`` field and CLI option (``--`` + field) that set it; None: neither."""
     cli: bool = True
@@ -113,6 +115,8 @@ class Setting:
             raise HyBNNError(f"{where} must be above {self.above:g}; use {self.range_text()}.")
         if self.maximum is not None and value > self.maximum:
             raise HyBNNError(f"{where} is above {self.maximum:g}; use {self.range_text()}.")
+        if self.below is not None and not value < self.below:
+            raise HyBNNError(f"{where} must be below {self.below:g}; use {self.range_text()}.")
 
     def describe_type(self) -> str:
         return {str: "a string", Path: "a path (string)", int: "an integer", float: "a number"}[self.type]
@@ -126,6 +130,8 @@ class Setting:
             parts.append(f"> {self.above:g}")
         if self.maximum is not None:
             parts.append(f"<= {self.maximum:g}")
+        if self.below is not None:
+            parts.append(f"< {self.below:g}")
         if self.choices:
             return "one of " + ", ".join(self.choices)
         return " ".join(parts)
@@ -192,7 +198,15 @@ SETTINGS: tuple[Setting, ...] = (
             "node-wait-s", minimum=1),
     Setting("node-wait-s", float, 120.0, "how long to wait for min-available-nodes before going on with "
             "min-train-nodes", minimum=0),
-    Setting("round-timeout-s", float, 600.0, "longest wait for the replies of one round", above=0),
+    Setting("round-timeout-s", float, 600.0, "longest wait for the replies of one round; a sampled client "
+            "that has not replied by then is left out of that round (docs/scale.md)", above=0,
+            field="round_timeout_s"),
+    Setting("clients-per-round", int, 0, "clients sampled for each round, drawn afresh each round from the "
+            "connected nodes with the seed (0: every connected node; docs/scale.md)", minimum=0,
+            field="clients_per_round"),
+    Setting("client-failure-rate", float, 0.0, "testing aid: each sampled client fails its round (an error "
+            "reply) with this probability, drawn from the seed, the round and its partition (docs/scale.md)",
+            reads="both", minimum=0, below=1, field="client_failure_rate", per_round=True),
     Setting("max-weight-vs-median", float, 1.25, "a client's weight is at most this multiple of the round's "
             "median num-examples (0: no cap; else >= 1)", minimum=0),
     Setting("max-num-examples", int, 0, "a client's weight is at most this many examples (0: no cap)",
@@ -202,6 +216,9 @@ SETTINGS: tuple[Setting, ...] = (
     # ---------------------------------------------------------------- hybnn federate / deploy-local only
     Setting("clients", int, 3, "number of clients (the run config's min-available-nodes and the SuperNodes' "
             "num-partitions)", scope="command", minimum=1, field="clients"),
+    Setting("threads", int, 1, "torch threads of each process, and the CPUs each simulated client holds "
+            "(clients running at once: the machine's CPUs / threads; docs/scale.md)", scope="command",
+            minimum=1, field="threads"),
     Setting("centralized-epochs", int, None, "epochs of the centralized reference (default: rounds x local "
             "epochs)", scope="command", minimum=1, field="centralized_epochs"),
     Setting("out", Path, "runs/federate", "output directory. The run writes into a new folder inside it and "
