@@ -93,23 +93,26 @@ def test_ctrl_c_stops_federate_keeps_the_rounds_and_resume_finishes(tmp_path, mn
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_run_that_aggregated_nothing_fails_and_keeps_earlier_results(tmp_path, mnist_root):
-    """Four clients, Dirichlet(0.01) on two classes: every client refuses its (near empty) partition."""
+    """Four clients that all fail their round: with seed 0 a failure rate of 0.99 fails each of them."""
+    from client.client_app import injected_failure
+
+    assert all(injected_failure(0.99, 0, 1, partition) for partition in range(4))
     encoder = fixed_encoder(tmp_path / "encoder")
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.json").write_text(json.dumps(EARLIER))
-    cmd = _federate_cmd(encoder, mnist_root, out, "--rounds", "1", "--partition", "dirichlet", "--alpha", "0.01")
+    cmd = _federate_cmd(encoder, mnist_root, out, "--rounds", "1", "--client-failure-rate", "0.99", "--seed", "0")
     cmd[cmd.index("--clients") + 1] = "4"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=380, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "aggregated nothing" in proc.stderr
-    assert "could not split" in proc.stderr and "(4 replies)" in proc.stderr
+    assert "injected failure" in proc.stderr and "(4 replies)" in proc.stderr
     assert json.loads((out / "results.json").read_text()) == EARLIER
     staged = list(out.glob(".run-*"))
     assert len(staged) == 1
     server = json.loads((staged[0] / "server.json").read_text())
-    assert server["status"] == "failed" and "could not split" in server["failure"]
+    assert server["status"] == "failed" and "injected failure" in server["failure"]
     assert "ERROR" in (staged[0] / "logs" / "simulation.log").read_text()
 
 
