@@ -264,7 +264,7 @@ def cmd_continual(args: argparse.Namespace) -> None:
         epochs=args.class_epochs if args.epochs is None else args.epochs,
         task_epochs=args.task_epochs if args.epochs is None else args.epochs,
         replay_flip=args.replay_flip, batch_size=args.batch_size, lr=args.lr, later_lr=args.later_lr,
-        distill=args.distill, task_hidden=args.hidden, class_hidden=args.class_hidden, seed=args.seed,
+        distill=args.distill, input_dropout=args.input_dropout, task_hidden=args.hidden, class_hidden=args.class_hidden, seed=args.seed,
         dataset=_dataset(args))
     artifact = load_encoder_artifact(args.encoder)
     check_encoder_shape(artifact, get_dataset(config.dataset))  # before any training
@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-flip", type=float, default=0.05,
                    help="class scenario, replay runs: probability that each bit of a replayed code is "
                         "flipped, drawn afresh for every task, 0 = off (default: %(default)s)")
+    p.add_argument("--input-dropout", type=float, default=0.2,
+                   help="class scenario, every run: probability that each input bit of a training batch "
+                        "is zeroed, 0 = off (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=2048,
                    help="default: %(default)s")
     p.add_argument("--hidden", type=hidden_sizes, default=None,

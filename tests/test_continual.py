@@ -68,12 +68,23 @@ def test_overlapping_tasks_are_fine_when_the_task_is_known():
     ({"later_lr": -1.0}, "learning rate"),
     ({"distill": float("nan")}, "distillation weight"),
     ({"replay_flip": 0.7}, "bit-flip probability"),
+    ({"input_dropout": 1.0}, "input dropout"),
+    ({"input_dropout": True}, "input dropout"),
 ])
 def test_bad_configs_are_refused(kwargs, message):
     from common.bnn.continual import ContinualConfig
 
     with pytest.raises(HyBNNError, match=message):
         ContinualConfig(**kwargs)
+
+
+def test_input_dropout_is_part_of_the_class_recipe_only():
+    from common.bnn.continual import ContinualConfig
+
+    config = ContinualConfig(input_dropout=0.3, later_lr=0.01)
+    assert config.train_config(0, "class").input_dropout == 0.3
+    assert config.train_config(2, "class").lr == 0.01
+    assert config.train_config(2, "task").input_dropout == 0.0  # the paper's recipe
 
 
 def test_metrics_of_a_known_matrix():
@@ -137,7 +148,8 @@ def test_task_incremental_methods(pairs):
 def test_class_incremental_replay_beats_fine_tuning(pairs):
     from common.bnn.continual import ContinualConfig, run_class_incremental
 
-    config = ContinualConfig(epochs=2, class_hidden=(128,))
+    # two epochs on the small test encoder: too short a budget for input dropout's regularisation
+    config = ContinualConfig(epochs=2, class_hidden=(128,), input_dropout=0.0)
     finetune = run_class_incremental(pairs, "finetune", config, 200, progress=False)
     replay = run_class_incremental(pairs, "replay", config, 200, replay_codes=1000, strategy="balanced",
                                    progress=False)
@@ -154,7 +166,7 @@ def test_cli_defaults_match_the_library():
 
     args = build_parser().parse_args(["continual", "--out", "x"])
     config = ContinualConfig()
-    for name in ("lr", "later_lr", "distill", "batch_size", "replay_flip", "task_epochs"):
+    for name in ("lr", "later_lr", "distill", "batch_size", "replay_flip", "input_dropout", "task_epochs"):
         assert getattr(args, name) == getattr(config, name), name
     assert args.class_epochs == config.epochs and args.epochs is None
     assert args.replay_codes == list(config.replay_codes)

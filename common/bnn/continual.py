@@ -100,6 +100,10 @@ class ContinualConfig:
     replay_flip: float = 0.05
     """Class scenario, replay runs: each replayed code has each bit flipped with this probability,
     afresh for every task, so that the repeated buffer is not learnt by heart (0: off)."""
+    input_dropout: float = 0.2
+    """Class scenario (every run, joint included): each input bit of a training batch is zeroed with
+    this probability (:class:`common.bnn.training.TrainConfig`), so that neither the repeated buffer
+    nor the new task's codes are learnt bit by bit (0: off). The task scenario keeps the paper's recipe."""
     seed: int = 0
     dataset: str = "mnist"
 
@@ -136,6 +140,10 @@ class ContinualConfig:
                 or not 0 <= self.distill <= 1000:
             raise HyBNNError(f"The distillation weight (--distill) is {self.distill!r}; it must be a number "
                              "from 0 (off) to 1000.")
+        if isinstance(self.input_dropout, bool) or not isinstance(self.input_dropout, (int, float)) \
+                or not 0 <= self.input_dropout <= 0.9:
+            raise HyBNNError(f"The input dropout (--input-dropout) is {self.input_dropout!r}; it must be from "
+                             "0 (off) to 0.9.")
         if self.later_lr is not None:
             check_training_options(epochs=self.epochs, batch_size=self.batch_size, lr=self.later_lr,
                                    seed=self.seed)
@@ -143,8 +151,10 @@ class ContinualConfig:
     def train_config(self, step: int, scenario: str = "class") -> TrainConfig:
         """The recipe of the ``step``-th task (its own seed, so runs are reproducible)."""
         lr = self.lr if step == 0 or self.later_lr is None else self.later_lr
-        epochs = self.task_epochs if scenario == "task" else self.epochs
-        return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=lr, seed=self.seed + step)
+        if scenario == "task":
+            return TrainConfig(epochs=self.task_epochs, batch_size=self.batch_size, lr=lr, seed=self.seed + step)
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=lr, seed=self.seed + step,
+                           input_dropout=self.input_dropout)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
