@@ -301,6 +301,26 @@ def _machine(load_start: float | None) -> dict:
             "torch_version": torch.__version__, "load_start": load_start, "load_end": _load_average()}
 
 
+def _publish(results: dict, report, staging: Path, out_dir: Path, *, started: float,
+             load_start: float | None, report_started: float) -> Path | None:
+    """Write ``report``'s outputs into ``staging``, then move it to ``out_dir``; the earlier run's new name."""
+    results["machine"] = _machine(load_start)
+    results["total_seconds"] = time.perf_counter() - started
+    report.write_outputs(results, staging)
+    results["stages"]["report"] = time.perf_counter() - report_started
+    results["total_seconds"] = time.perf_counter() - started
+    report.write_outputs(results, staging)  # again, with the report stage's own time
+    return _move_into_place(staging, out_dir)
+
+
+def _announce(results: dict, report, out_dir: Path, kept: Path | None, figures: str) -> None:
+    print("", flush=True)
+    print(report.summary_table(results), flush=True)
+    print(f"\nWrote {out_dir / report.RESULTS_FILE}, {out_dir / report.REPORT_FILE} and {figures} "
+          f"in {out_dir} ({results['total_seconds'] / 60:.1f} min)."
+          + (f" The earlier run is kept as {kept}." if kept else ""), flush=True)
+
+
 def _unique_tasks(tasks: Iterable[str] | None) -> list[str]:
     from common.data.tasks import TASKS, get_task
 
@@ -414,22 +434,12 @@ def reproduce(
         t0 = time.perf_counter()
         stage("report: results.json, report.md, plots")
         results["cost_ratio"] = report.cost_ratios(results)
-        results["machine"] = _machine(load_start)
-        results["total_seconds"] = time.perf_counter() - started
-        report.write_outputs(results, staging)
-        stages["report"] = time.perf_counter() - t0
-        results["total_seconds"] = time.perf_counter() - started
-        report.write_outputs(results, staging)  # again, with the report stage's own time
-        kept = _move_into_place(staging, out_dir)
+        kept = _publish(results, report, staging, out_dir, started=started, load_start=load_start,
+                        report_started=t0)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-    print("", flush=True)
-    print(report.summary_table(results), flush=True)
-    print(f"\nWrote {out_dir / report.RESULTS_FILE}, {out_dir / report.REPORT_FILE} and the plots "
-          f"in {out_dir} ({results['total_seconds'] / 60:.1f} min)."
-          + (f" The earlier run is kept as {kept}." if kept else ""), flush=True)
+    _announce(results, report, out_dir, kept, "the plots")
     return results
 
 
@@ -570,20 +580,10 @@ def reproduce_transfer(
         t0 = time.perf_counter()
         stage("report: results.json, report.md, heatmaps")
         results["transfer_costs"] = report.transfer_costs(results)
-        results["machine"] = _machine(load_start)
-        results["total_seconds"] = time.perf_counter() - started
-        report.write_outputs(results, staging)
-        stages["report"] = time.perf_counter() - t0
-        results["total_seconds"] = time.perf_counter() - started
-        report.write_outputs(results, staging)  # again, with the report stage's own time
-        kept = _move_into_place(staging, out_dir)
+        kept = _publish(results, report, staging, out_dir, started=started, load_start=load_start,
+                        report_started=t0)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-    print("", flush=True)
-    print(report.summary_table(results), flush=True)
-    print(f"\nWrote {out_dir / report.RESULTS_FILE}, {out_dir / report.REPORT_FILE} and the heatmaps "
-          f"in {out_dir} ({results['total_seconds'] / 60:.1f} min)."
-          + (f" The earlier run is kept as {kept}." if kept else ""), flush=True)
+    _announce(results, report, out_dir, kept, "the heatmaps")
     return results
