@@ -239,12 +239,14 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from simulation.reproduce import reproduce
+    from simulation.runs import StopSignals
 
     check_out(args.out)
     if args.encoder_dir is not None:
         check_out(args.encoder_dir, "--encoder-dir")
-    reproduce(profile=args.profile, out_dir=args.out, data_root=args.data_root,
-              encoder_dir=args.encoder_dir, tasks=args.tasks, federated=not args.no_federated)
+    with StopSignals():  # SIGTERM, like Ctrl-C, ends the run through its clean-up of the staging folder
+        reproduce(profile=args.profile, out_dir=args.out, data_root=args.data_root,
+                  encoder_dir=args.encoder_dir, tasks=args.tasks, federated=not args.no_federated)
 
 
 def cmd_continual(args: argparse.Namespace) -> None:

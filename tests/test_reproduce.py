@@ -149,3 +149,31 @@ def test_move_into_place_keeps_the_earlier_directory(tmp_path):
     kept = _move_into_place(staging, target)
     assert (target / "new").read_text() == "new" and (kept / "old").read_text() == "old"
     assert kept.name.startswith("d.previous-")
+
+
+def test_sigterm_removes_the_staging_folder_and_leaves_no_out(workspace, tmp_path):
+    """A run stopped by SIGTERM (a scheduler, `kill`) cleans up like one stopped by Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulation.cli", "reproduce", "--profile", "smoke", "--out", str(out),
+         "--data-root", str(workspace / "data"), "--encoder-dir", str(tmp_path / "encoder"),
+         "--tasks", "0v1", "--no-federated"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1])
+    staging = out.with_name(f".{out.name}.partial-{proc.pid}")
+    deadline = time.monotonic() + 120
+    while not staging.exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "the run never created its staging folder"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not staging.exists()
+    assert not out.exists()
