@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from common.errors import HyBNNError
@@ -21,48 +23,31 @@ from common.experiments.profiles import PROFILES
 from common.federated.settings import default as default_setting
 from common.data.tasks import TASKS
 
-DEFAULT_ENCODER = Path("artifacts/encoder")
+DEFAULT_ENCODER = Path(default_setting("encoder-path"))
 
 
 # ------------------------------------------------------------------ option types
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number_option(convert: Callable[[str], float], accept: Callable[[float], bool],
+                   wanted: str) -> Callable[[str], float]:
+    """An argparse ``type`` that converts, checks and names what it wanted in its error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if not accept(value):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def probability_below_one(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 up to 1, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, got {text}")
-    return value
+positive_int = _number_option(int, lambda v: v >= 1, "a positive integer")
+positive_float = _number_option(float, lambda v: 0 < v < math.inf, "a positive finite number")
+non_negative_float = _number_option(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+probability_below_one = _number_option(float, lambda v: 0 <= v < 1,
+                                       "a number from 0 up to (not including) 1")
 
 
 def path_arg(text: str) -> Path:
