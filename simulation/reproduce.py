@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -186,16 +187,12 @@ def ensure_encoder(
         say(f"    no matching encoder in {encoder_dir}: pretraining the VAE for "
             f"{epochs} epochs on {len(images)} images of {dataset}")
         vae, history = train_vae(images, vae_config, train_config, progress=progress)
-        staging = _staging_dir(encoder_dir)
-        try:
+        with _staged(encoder_dir) as staging:
             save_encoder_artifact(vae, staging, data_sha256=data_sha,
                                   train_config=train_config.to_dict(), history=history,
                                   datasets=[d.name for d in datasets],
                                   data_fingerprints={d.name: d.fingerprint(data_root) for d in datasets})
             kept = _move_into_place(staging, encoder_dir)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         if kept is not None:
             say(f"    the earlier, different encoder is kept as {kept}")
         artifact = load_encoder_artifact(encoder_dir)
@@ -321,6 +318,43 @@ def _announce(results: dict, report, out_dir: Path, kept: Path | None, figures: 
           + (f" The earlier run is kept as {kept}." if kept else ""), flush=True)
 
 
+class _Progress:
+    """Numbered stage lines (``[3/12] ...``) and indented notes; silent without ``progress``."""
+
+    def __init__(self, total_steps: int, progress: bool) -> None:
+        self.total_steps, self.progress, self.step = total_steps, progress, 0
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            print(text, flush=True)
+
+    def stage(self, text: str) -> None:
+        self.step += 1
+        self.say(f"[{self.step}/{self.total_steps}] {text}")
+
+
+@contextmanager
+def _staged(out_dir: Path):
+    """A staging folder beside ``out_dir``; removed on any exit (error, Ctrl-C, SIGTERM) unless published."""
+    staging = _staging_dir(out_dir)
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish(results: dict, report, staging: Path, out_dir: Path, *, started: float,
+            load_start: float | None, progress: _Progress, what: str, summary_key: str,
+            summarize: Callable[[dict], dict]) -> Path | None:
+    """The report stage: ``results[summary_key] = summarize(results)``, then the run is published."""
+    t0 = time.perf_counter()
+    progress.stage(f"report: results.json, report.md, {what}")
+    results[summary_key] = summarize(results)
+    return _publish(results, report, staging, out_dir, started=started, load_start=load_start,
+                    report_started=t0)
+
+
 def _unique_tasks(tasks: Iterable[str] | None) -> list[str]:
     from common.data.tasks import TASKS, get_task
 
@@ -364,23 +398,13 @@ def reproduce(
     check_out_dir(out_dir)
     check_encoder_dir(encoder_dir)
 
-    def say(text: str) -> None:
-        if progress:
-            print(text, flush=True)
-
     fed_tasks = [t for t in task_names if t in PAIR_TASKS] if federated else []
-    total_steps = 1 + 1 + len(task_names) * (1 + len(BASELINES)) + len(fed_tasks) + 1
-    step = 0
-
-    def stage(text: str) -> None:
-        nonlocal step
-        step += 1
-        say(f"[{step}/{total_steps}] {text}")
+    steps = _Progress(1 + 1 + len(task_names) * (1 + len(BASELINES)) + len(fed_tasks) + 1, progress)
+    say, stage = steps.say, steps.stage
 
     started = time.perf_counter()
     load_start = _load_average()
-    staging = _staging_dir(out_dir)
-    try:
+    with _staged(out_dir) as staging:
         stages: dict[str, float] = {}
 
         t0 = time.perf_counter()
@@ -431,14 +455,9 @@ def reproduce(
                 results["tasks"][task]["fedhybnn"] = entry
             stages["federated"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        stage("report: results.json, report.md, plots")
-        results["cost_ratio"] = report.cost_ratios(results)
-        kept = _publish(results, report, staging, out_dir, started=started, load_start=load_start,
-                        report_started=t0)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        kept = _finish(results, report, staging, out_dir, started=started, load_start=load_start,
+                       progress=steps, what="plots",
+                       summary_key="cost_ratio", summarize=report.cost_ratios)
     _announce(results, report, out_dir, kept, "the plots")
     return results
 
@@ -510,24 +529,14 @@ def reproduce_transfer(
     encoder_dirs = transfer_encoder_dirs(profile, encoder_parent)
     check_out_dir(out_dir)
 
-    def say(text: str) -> None:
-        if progress:
-            print(text, flush=True)
-
     n_enc, n_data = len(profile.encoders), len(profile.datasets)
     runs = len(task_names) * n_data
-    total_steps = 2 * n_enc + n_enc * runs + runs * len(report.BASELINE_MODELS) + 1
-    step = 0
-
-    def stage(text: str) -> None:
-        nonlocal step
-        step += 1
-        say(f"[{step}/{total_steps}] {text}")
+    steps = _Progress(2 * n_enc + n_enc * runs + runs * len(report.BASELINE_MODELS) + 1, progress)
+    say, stage = steps.say, steps.stage
 
     started = time.perf_counter()
     load_start = _load_average()
-    staging = _staging_dir(out_dir)
-    try:
+    with _staged(out_dir) as staging:
         results = report.new_results(profile.to_dict())
         stages: dict[str, float] = {"encoders": 0.0, "features": 0.0}
         results["stages"] = stages
@@ -577,13 +586,8 @@ def reproduce_transfer(
                     say(f"    test accuracy {entry['test_acc']:.4f} in {entry['train_seconds']:.1f} s")
         stages["baselines"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        stage("report: results.json, report.md, heatmaps")
-        results["transfer_costs"] = report.transfer_costs(results)
-        kept = _publish(results, report, staging, out_dir, started=started, load_start=load_start,
-                        report_started=t0)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        kept = _finish(results, report, staging, out_dir, started=started, load_start=load_start,
+                       progress=steps, what="heatmaps",
+                       summary_key="transfer_costs", summarize=report.transfer_costs)
     _announce(results, report, out_dir, kept, "the heatmaps")
     return results
