@@ -401,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: 2048; at least 2 (batch norm)")
     p.add_argument("--input-dropout", type=probability_below_one, default=None,
                    help="zero each input bit with this probability while training, from 0 up to "
-                        "(not including) 1; regularises many-class tasks (default: 0, "
-                        "docs/datasets.md)")
+                        "(not including) 1, 0 = off; keeps the BNN from memorising its training "
+                        "codes (default: 0.2, docs/datasets.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=path_arg, default=None,
                    help="where to save the trained BNN (default: runs/bnn-TASK)")
@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-flip", type=float, default=0.05,
                    help="class scenario, replay runs: probability that each bit of a replayed code is "
                         "flipped, drawn afresh for every task, 0 = off (default: %(default)s)")
-    p.add_argument("--input-dropout", type=float, default=0.2,
+    p.add_argument("--input-dropout", type=probability_below_one, default=0.2,
                    help="class scenario, every run: probability that each input bit of a training batch "
                         "is zeroed, 0 = off (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=2048,
