@@ -31,9 +31,11 @@ bytes field
       1 float32); the other bits are 0
 ...   full form: per hidden layer its ``u`` (uint8 when ``n + 1 <= 255``, else uint16),
       then its flip bits packed like the signs.
-      Update form: one byte ``step_index << 4 | k``, two bytes of reference digest
-      (sha256 of the reference thresholds), then a bit stream, most significant bit first:
-      for every hidden unit the Rice code (parameter ``k``) of the zigzag of ``d``, where
+      Update form: one byte ``step_index << 4 | k``, two bytes of reference digest (the
+      first bytes of sha256 over the reference's ``u`` as uint16 and its packed flips), then
+      a bit stream, most significant bit first: for every hidden unit the Rice code
+      (parameter ``k``: ``z >> k`` zero bits, a one bit, the low ``k`` bits of ``z``) of
+      ``z``, the zigzag of ``d`` (0, -1, 1, -2, ... as 0, 1, 2, 3, ...), where
       ``u = u_reference + STEPS[step_index] * d``; one bit "flips changed"; if set, the
       count of changed flips and their unit indices (increasing), each in
       ``ceil(log2(H + 1))`` bits; zero padding to a whole byte.
