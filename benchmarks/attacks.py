@@ -51,10 +51,12 @@ TARGET_POINTS = 1.0
 
 
 # ---------------------------------------------------------------------------- the hostile client
-def corrupt(content, attack: str, layout, seed: int, local_data=None):
+def corrupt(content, attack: str, layout, seed: int, local_data=None, reference_bn=None):
     """The ``RecordDict`` a hostile client sends instead of its honest ``content``.
 
     ``local_data`` is the client's ``(x, y)``, which ``weight-hijack`` uses to aim.
+    ``reference_bn``: the global batch norm the client received, which a threshold update
+    (``bn-encoding = "thresholds"``) is taken against; the corrupted reply uses the same encoding.
     """
     import numpy as np
     from flwr.app import MetricRecord, RecordDict
@@ -63,7 +65,9 @@ def corrupt(content, attack: str, layout, seed: int, local_data=None):
     from common.federated.wire import METRIC, RECORD, payload_to_record, record_to_payload
 
     metrics = dict(content[RECORD.metrics])
-    weights, bn = codec.decode(record_to_payload(content[RECORD.arrays]), layout, kind="signs")
+    honest = record_to_payload(content[RECORD.arrays])
+    encoding = codec.bn_encoding_of(honest)
+    weights, bn = codec.decode(honest, layout, kind="signs", reference_bn=reference_bn)
     bn_dtype = "float16"
     rng = np.random.default_rng(seed)
     if attack == "sign-flip":
@@ -84,8 +88,8 @@ def corrupt(content, attack: str, layout, seed: int, local_data=None):
         metrics.update({METRIC.train_loss: [0.0, 0.0], METRIC.train_acc: 1e308})
     elif attack != "none":
         raise ValueError(f"unknown attack {attack!r}")
-    return RecordDict({RECORD.arrays: payload_to_record(codec.encode_signs(weights, bn, bn_dtype)),
-                       RECORD.metrics: MetricRecord(metrics)})
+    payload = codec.encode_signs(weights, bn, bn_dtype, encoding, reference_bn, layout)
+    return RecordDict({RECORD.arrays: payload_to_record(payload), RECORD.metrics: MetricRecord(metrics)})
 
 
 def worst_output_layer(weights, bn, layout, x, y):
@@ -126,7 +130,7 @@ def adversarial_client_app(run_config: dict, attack: str, hostile: set[int], in_
         from common.federated import codec
         from common.bnn.model import BNNConfig
         from common.data.tasks import get_task
-        from common.federated.wire import RECORD
+        from common.federated.wire import RECORD, record_to_payload
 
         reply = handle_train(msg, context, defaults=run_config)
         partition = int(context.node_config.get("partition-id", -1))
@@ -138,7 +142,8 @@ def adversarial_client_app(run_config: dict, attack: str, hostile: set[int], in_
                                        round_config.encoder_sha256)
         local_data = local_training_data(artifact, ClientSettings.from_context(context, run_config), round_config.task)
         seed = 1000 * round_config.server_round + partition
-        return Message(content=corrupt(reply.content, attack, layout, seed, local_data), reply_to=msg)
+        _, received_bn = codec.decode(record_to_payload(msg.content[RECORD.arrays]), layout)
+        return Message(content=corrupt(reply.content, attack, layout, seed, local_data, received_bn), reply_to=msg)
 
     return app
 

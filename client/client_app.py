@@ -13,7 +13,10 @@ Each round a client
 4. replies with the packed BNN (signs + batch norm, :mod:`common.federated.codec`), or, when the
    train config says ``uplink-codec = "flips"``, only the signs that changed against the
    global model it received (:mod:`common.federated.flipcodec`), and a few metrics. Nothing else
-   leaves the client: no images, codes, labels or indices.
+   leaves the client: no images, codes, labels or indices. With ``bn-encoding = "thresholds"``
+   (:mod:`common.federated.thresholds`) it first makes the received thresholds trainable on its
+   data, and before replying sets its running statistics to those of its data, whose
+   thresholds it sends as a change against the received ones.
 
 Settings (declared in :mod:`common.federated.settings`) come from the node config first, then the
 run config, then defaults: ``encoder-path``, ``data-root``, ``dataset``, ``partition-id``,
@@ -35,7 +38,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from common.federated import aggregation, codec, flipcodec
+from common.federated import aggregation, codec, flipcodec, thresholds
 from common.bnn.model import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.federated.settings import parse_settings, per_round_settings, read_by, settings_dataclass
@@ -194,6 +197,9 @@ def train_local(
     weights, bn = codec.decode(global_payload, layout, kind)
     model = BNN(config)
     codec.load_into_model(model, layout, aggregation.client_start_latent(weights, kind, round_config.vote_latent_scale), bn)
+    threshold_bn = round_config.bn_encoding == "thresholds"
+    if codec.bn_encoding_of(global_payload) == "thresholds":
+        thresholds.calibrate(model, x)  # received thresholds -> a trainable batch norm firing at them
     # A partition smaller than a batch trains as one batch (many small clients: no warning per client).
     train_config = TrainConfig(epochs=round_config.local_epochs, lr=round_config.lr,
                                batch_size=max(2, min(round_config.batch_size, len(y))), seed=seed,
@@ -207,10 +213,14 @@ def train_local(
         METRIC.train_seconds: float(result.seconds),
         METRIC.codec_version: codec.CODEC_VERSION,
     }
+    if threshold_bn:
+        thresholds.recalibrate(model, x)  # the thresholds sent: this client's data, not its last batches
+    encoding = dict(bn_dtype=round_config.bn_dtype, bn_encoding=round_config.bn_encoding,
+                    reference_bn=bn if threshold_bn else None)
     if round_config.uplink_codec == "flips":
         # The reference is the sign of what was received; the server holds the same record.
-        return flipcodec.encode_model_flips(model, weights, round_config.bn_dtype), metrics
-    return codec.encode_model(model, round_config.bn_dtype), metrics
+        return flipcodec.encode_model_flips(model, weights, **encoding), metrics
+    return codec.encode_model(model, **encoding), metrics
 
 
 def handle_train(msg: Message, context: Context, defaults: dict | None = None, threads: int = 1) -> Message:

@@ -220,6 +220,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
         layout,
         mode=settings.aggregation,
         bn_dtype=settings.bn_dtype,
+        bn_encoding=settings.bn_encoding,
         min_train_nodes=settings.min_train_nodes,
         min_available_nodes=settings.min_available_nodes,
         node_wait_s=settings.node_wait_s,

@@ -16,7 +16,8 @@ the whole run. This strategy
 * unpacks each good reply's sign bits to +-1 and lets Flower's own FedAvg arithmetic
   (``aggregate_arrayrecords``) take the weighted mean of the signs; the batch-norm
   numbers are the clients' coordinate-wise median (``bn_aggregation="median"``) or the
-  weighted mean (``"mean"``);
+  weighted mean (``"mean"``), or, as thresholds (``bn_encoding="thresholds"``), the median
+  threshold and majority flip per unit (:func:`common.federated.thresholds.aggregate`);
 * keeps what it measures (node id, bytes, flips, weight) apart from what a client
   reports (``reported``), so that a client's metrics cannot overwrite them;
 * sends back the vote (1 bit per weight) or the quantized mean (``common.federated.aggregation``);
@@ -47,7 +48,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
-from common.federated import aggregation, codec, flipcodec, robust
+from common.federated import aggregation, codec, flipcodec, robust, thresholds
 from common.federated.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
 
 
@@ -63,6 +64,8 @@ class CheckedReply:
     reply_bytes: int
     sign_bits: int = 0
     """Bits the binary weights took on the wire (flip header and body, or the packed signs)."""
+    bn_step: int | None = None
+    """The step of a threshold update (1: exact), when the batch norm came as one."""
     flips: int | None = None
     """Signs that differ from the round's reference (the global model sent), when known."""
     ignored_metrics: list[str] = field(default_factory=list)
@@ -70,12 +73,15 @@ class CheckedReply:
 
 
 def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None = None,
-                bn_dtype: str = "float16") -> CheckedReply:
+                bn_dtype: str = "float16", reference_bn: np.ndarray | None = None,
+                bn_encoding: str | None = None) -> CheckedReply:
     """Validate one training reply completely; :class:`codec.CodecError` says what is wrong.
 
     ``reference`` is the global model's weights sent this round: a flip update is decoded
     against it (and refused without one), and every update's flips are counted against it.
     ``bn_dtype`` is the downlink's batch-norm dtype: every batch-norm number must fit it.
+    ``reference_bn``: the global batch norm sent this round, which a threshold update is
+    decoded against. ``bn_encoding``: the run's; a reply in the other one is refused.
     """
     content = msg.content
     if set(content.array_records) != {RECORD.arrays} or set(content.metric_records) != {RECORD.metrics}:
@@ -96,7 +102,10 @@ def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None
             raise codec.CodecError("a sign-flip update arrived, but the server holds no global model for this round")
         payload, info = flipcodec.to_signs_payload(payload, layout, reference)
         sign_bits = 8 * info["sign_bytes"]
-    weights, bn = codec.decode(payload, layout, kind="signs")
+    if bn_encoding is not None and codec.bn_encoding_of(payload) != bn_encoding:
+        raise codec.CodecError(f"its batch norm travels as {codec.bn_encoding_of(payload)}, this run's bn-encoding "
+                               f"is {bn_encoding}")
+    weights, bn = codec.decode(payload, layout, kind="signs", reference_bn=reference_bn)
     robust.check_bn_range(bn, robust.running_var_mask(layout.bn_names, layout.bn_sizes), bn_dtype)
     flips = None if reference is None else int(np.count_nonzero((weights >= 0) != (np.asarray(reference) >= 0)))
     return CheckedReply(
@@ -108,6 +117,7 @@ def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None
         uplink_bytes=record_nbytes(arrays),
         reply_bytes=record_nbytes(content),
         sign_bits=sign_bits,
+        bn_step=codec.bn_update_step(payload, layout),
         flips=flips,
         ignored_metrics=ignored,
     )
@@ -160,6 +170,7 @@ class PackedFedAvg(FedAvg):
         bn_aggregation: str = robust.DEFAULT_BN_AGGREGATION,
         clients_per_round: int = 0,
         seed: int = 0,
+        bn_encoding: str = "floats",
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -174,6 +185,7 @@ class PackedFedAvg(FedAvg):
         self.layout = layout
         self.mode = aggregation.check_mode(mode)
         self.bn_dtype = bn_dtype
+        self.bn_encoding = codec.check_bn_encoding(bn_encoding)
         self.node_wait_s = node_wait_s
         self.on_round = on_round
         self.lr_for_round = lr_for_round
@@ -188,11 +200,13 @@ class PackedFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self.references: dict[int, np.ndarray] = {}
         """The global weights sent in each round still being aggregated: what flip updates refer to."""
+        self.bn_references: dict[int, np.ndarray] = {}
+        """The global batch norm sent in that round: what threshold updates refer to."""
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> PackedFedAvg: aggregation %s, codec v%d, %d binary weights, %d batch-norm numbers",
-            self.mode, codec.CODEC_VERSION, self.layout.n_binary, self.layout.n_bn)
+        log(INFO, "\t└──> PackedFedAvg: aggregation %s, codec v%d, %d binary weights, %d batch-norm numbers as %s",
+            self.mode, codec.CODEC_VERSION, self.layout.n_binary, self.layout.n_bn, self.bn_encoding)
         log(INFO, "\t└──> weight cap %s x median num-examples%s, batch norm by %s",
             self.max_weight_vs_median or "no",
             f" and {self.max_num_examples}" if self.max_num_examples else "", self.bn_aggregation)
@@ -201,15 +215,17 @@ class PackedFedAvg(FedAvg):
     def encode_global(self, weights: np.ndarray, bn: np.ndarray) -> ArrayRecord:
         """The downlink record: the vote's bits, or the quantized mean (``self.mode``)."""
         if self.mode == "vote":
-            payload = codec.encode_signs(aggregation.vote(weights), bn, self.bn_dtype)
+            payload = codec.encode_signs(aggregation.vote(weights), bn, self.bn_dtype, self.bn_encoding,
+                                         layout=self.layout)
         else:
-            payload = codec.encode_latent(weights, bn, self.bn_dtype)
+            payload = codec.encode_latent(weights, bn, self.bn_dtype, self.bn_encoding, layout=self.layout)
         return payload_to_record(payload)
 
     def set_reference(self, server_round: int, arrays: ArrayRecord) -> None:
         """Remember the global model sent in ``server_round``; earlier rounds are forgotten."""
-        weights, _ = codec.decode(record_to_payload(arrays), self.layout)
+        weights, bn = codec.decode(record_to_payload(arrays), self.layout)
         self.references = {server_round: weights}
+        self.bn_references = {server_round: bn}
 
     # -------------------------------------------------------------- sampling
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -283,7 +299,8 @@ class PackedFedAvg(FedAvg):
                      "The others go on. " + _error_hint(msg.error.code))
                 continue
             try:
-                reply = check_reply(msg, self.layout, self.references.get(server_round), self.bn_dtype)
+                reply = check_reply(msg, self.layout, self.references.get(server_round), self.bn_dtype,
+                                    self.bn_references.get(server_round), self.bn_encoding)
             except Exception as exc:  # noqa: BLE001 - one hostile reply must never end the round
                 drop(node, f"malformed: {exc}",
                      "Check that the client runs the same HyBNN release and task as the server.")
@@ -337,6 +354,7 @@ class PackedFedAvg(FedAvg):
             "uplink_bits_per_binary_weight": 8 * reply.uplink_bytes / n_binary,
             "sign_bits_per_binary_weight": reply.sign_bits / n_binary,
             "sign_flips": reply.flips,
+            "bn_step": reply.bn_step,
             "downlink_bytes": downlink_bytes,
             "reported": {k.replace("-", "_"): v for k, v in reply.metrics.items() if k != METRIC.codec_version},
         }
@@ -350,7 +368,10 @@ class PackedFedAvg(FedAvg):
             for r, w in zip(good, weights)
         ]
         mean = np.clip(aggregate_arrayrecords(contents, METRIC.num_examples)["w"].numpy(), -1.0, 1.0)
-        bn = robust.aggregate_bn([r.bn for r in good], weights, self.bn_aggregation)
+        if self.bn_encoding == "thresholds":
+            bn = thresholds.aggregate([r.bn for r in good], weights, self.layout.shape, self.bn_aggregation)
+        else:
+            bn = robust.aggregate_bn([r.bn for r in good], weights, self.bn_aggregation)
         metrics = MetricRecord(robust.averaged_metrics([r.metrics for r in good], weights))
         metrics["agreement"] = float(np.mean(np.abs(mean)))
         return self.encode_global(mean, bn), metrics

@@ -86,9 +86,14 @@ def test_reply_holds_only_the_packed_bnn_and_metrics(encoder_dir, tmp_path, monk
     assert set(content.keys()) == {RECORD.arrays, RECORD.metrics}
     assert len(content.config_records) == 0
     payload = record_to_payload(content.array_records[RECORD.arrays])
-    assert set(payload) == {"bnn"}
+    assert set(payload) == {"bnt"}  # signs and threshold batch norm, the default bn-encoding
     layout = codec.layout_for(BNNConfig())
-    assert payload["bnn"].dtype == np.uint8 and payload["bnn"].shape == (layout.n_bits_bytes + 2 * layout.n_bn,)
+    from common.federated import thresholds
+
+    most = layout.n_bits_bytes + 1 + thresholds.update_budget(layout.shape) + layout.shape.output_bytes("float16")
+    assert payload["bnt"].dtype == np.uint8 and payload["bnt"].shape[0] <= most
+    sent = record_to_payload(train_message(sha_of(encoder_dir)).content.array_records[RECORD.arrays])
+    codec.decode(payload, layout, reference_bn=codec.decode(sent, layout)[1])  # an update against what it got
     metrics = dict(content.metric_records[RECORD.metrics])
     assert set(metrics) == {METRIC.num_examples, METRIC.train_loss, METRIC.train_acc, METRIC.train_seconds,
                             METRIC.codec_version, METRIC.partition_id}

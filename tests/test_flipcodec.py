@@ -311,12 +311,14 @@ def test_client_sends_flips_when_the_server_asks():
     flips_round = LocalRound.from_config(ConfigRecord({**base, key.uplink_codec: "flips"}))
     payload, _ = train_local(downlink, x, y, flips_round, 2, seed=0)
     assert fc.is_flips(payload)
-    received, _ = codec.decode(downlink, layout)
+    received, received_bn = codec.decode(downlink, layout)
     signs_payload, _ = train_local(downlink, x, y, LocalRound.from_config(ConfigRecord(base)), 2, seed=0)
-    assert set(signs_payload) == {codec.BNN_KEY}
-    # Same seed, same training: the flips decode to exactly the signs the full codec sends.
-    np.testing.assert_array_equal(fc.decode_flips(payload, layout, received)[0],
-                                  codec.decode(signs_payload, layout)[0])
+    assert set(signs_payload) == {codec.BNT_KEY} and set(payload) == {fc.FLIPT_KEY}  # bn-encoding thresholds
+    # Same seed, same training: the flips decode to exactly the signs and batch norm the full codec sends.
+    from_flips = fc.decode_flips(payload, layout, received, received_bn)
+    from_signs = codec.decode(signs_payload, layout, reference_bn=received_bn)
+    np.testing.assert_array_equal(from_flips[0], from_signs[0])
+    np.testing.assert_array_equal(from_flips[1], from_signs[1])
     from common.errors import HyBNNError
 
     with pytest.raises(HyBNNError, match="uplink-codec 'gzip' is unknown"):

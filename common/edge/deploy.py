@@ -228,9 +228,15 @@ def _preactivation_grid(n: int, width: int) -> torch.Tensor:
     return dots.expand(n + 1, width).contiguous()
 
 
-def _fold_hidden(linear: nn.Linear, bn: nn.BatchNorm1d, index: int) -> HiddenLayer:
-    n, h = linear.in_features, linear.out_features
-    fires = (bn(_preactivation_grid(n, h)) >= 0).numpy()  # sign(0) = +1, as common.binarize.sign
+def fold_sign_thresholds(bn: nn.BatchNorm1d, n: int, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``sign(bn(2p - n))`` of an eval-mode batch norm over ``n`` binary inputs, as integer thresholds.
+
+    Returns ``(threshold int16, flip bool)`` per unit, as :class:`HiddenLayer` holds them: the
+    unit fires iff ``p >= threshold`` (``p <= threshold`` where ``flip``), exactly (see the module doc).
+    """
+    h = bn.num_features
+    with torch.no_grad():
+        fires = (bn(_preactivation_grid(n, h)) >= 0).numpy()  # sign(0) = +1, as common.binarize.sign
     threshold = np.empty(h, dtype=np.int16)
     flip = np.zeros(h, dtype=np.bool_)
     for j in range(h):
@@ -247,7 +253,13 @@ def _fold_hidden(linear: nn.Linear, bn: nn.BatchNorm1d, index: int) -> HiddenLay
                 f"Hidden layer {index}, unit {j}: its sign is not a step function of the popcount, "
                 "so it has no threshold form. Check the model's batch-norm parameters."
             )
-    return HiddenLayer(n_in=n, weights=pack_signs(linear.weight.detach().numpy()), threshold=threshold, flip=flip)
+    return threshold, flip
+
+
+def _fold_hidden(linear: nn.Linear, bn: nn.BatchNorm1d, index: int) -> HiddenLayer:
+    threshold, flip = fold_sign_thresholds(bn, linear.in_features, index)
+    return HiddenLayer(n_in=linear.in_features, weights=pack_signs(linear.weight.detach().numpy()),
+                       threshold=threshold, flip=flip)
 
 
 def _cross_class_orders_match(logits: np.ndarray, scores: np.ndarray) -> bool:

@@ -13,7 +13,8 @@ Numpy in, numpy out, no Flower import, like :mod:`common.federated.codec`.
 Payload
 -------
 One array ``"flips"``, ``uint8``, so a record carries one ``Array`` header as the
-sign codec does. All integers little-endian.
+sign codec does (``"flipt"`` when the batch norm is a threshold block,
+``bn-encoding = "thresholds"``). All integers little-endian.
 
 ====== ====== ============================================================
 offset bytes  field
@@ -25,7 +26,8 @@ offset bytes  field
 14     4      ``F``, the number of flipped signs
 18     4      ``L``, the length of the body in bytes
 22     ``L``  body (see the methods below)
-22+L   ...    the ``K`` batch-norm numbers, float16 or float32, as in the sign codec
+22+L   ...    the batch norm as in the sign codec: ``K`` float16 or float32 numbers
+              (``"flips"``), or a threshold block (``"flipt"``)
 ====== ====== ============================================================
 
 Methods, the encoder picks whichever body is smallest for each message:
@@ -62,6 +64,8 @@ from common.packing import pack_bits, packed_length, unpack_bits
 UPLINK_CODECS = ("signs", "flips")
 """How a client's update carries its signs: all of them, or those changed against the global."""
 FLIPS_KEY = "flips"
+FLIPT_KEY = "flipt"
+"""A flip payload whose batch norm is a threshold block (:mod:`common.federated.thresholds`)."""
 FLIP_FORMAT_VERSION = 1
 METHOD_RICE = 0
 METHOD_BITMAP = 1
@@ -193,33 +197,41 @@ def encode_body(positions: np.ndarray, n_binary: int) -> tuple[int, bytes]:
 
 
 def encode_flips(
-    reference: np.ndarray, latent: np.ndarray, bn: np.ndarray, bn_dtype: str = "float16"
+    reference: np.ndarray, latent: np.ndarray, bn: np.ndarray, bn_dtype: str = "float16",
+    bn_encoding: str = "floats", reference_bn: np.ndarray | None = None, layout: codec.Layout | None = None,
 ) -> dict[str, np.ndarray]:
     """A ``flips`` payload: where ``sign(latent)`` differs from ``sign(reference)``, then ``bn``.
 
     ``reference`` is what the client started from (any real array; only its signs count),
-    ``latent`` its trained latent weights, ``bn`` its batch-norm numbers in layout order.
+    ``latent`` its trained latent weights, ``bn`` its batch-norm numbers in layout order,
+    written as the sign codec writes them (``bn_encoding``, ``reference_bn``: see
+    :func:`common.federated.codec.encode_signs`).
     """
     positions = flip_positions(reference, latent)
     n_binary = int(np.asarray(latent).size)
     method, body = encode_body(positions, n_binary)
     header = _HEADER.pack(FLIP_FORMAT_VERSION, method, reference_digest(reference), n_binary,
                           int(positions.size), len(body))
-    bn_bytes = codec.bn_wire_bytes(bn, bn_dtype).tobytes()  # as the sign codec writes them
+    if codec.check_bn_encoding(bn_encoding) == "floats":
+        bn_bytes, key = codec.bn_wire_bytes(bn, bn_dtype).tobytes(), FLIPS_KEY
+    else:
+        bn_bytes, key = codec.threshold_block(bn, layout, bn_dtype, reference_bn).tobytes(), FLIPT_KEY
     blob = np.frombuffer(header + body + bn_bytes, dtype=np.uint8).copy()
-    return {FLIPS_KEY: blob}
+    return {key: blob}
 
 
-def encode_model_flips(model, reference: np.ndarray, bn_dtype: str = "float16") -> dict[str, np.ndarray]:
+def encode_model_flips(model, reference: np.ndarray, bn_dtype: str = "float16", bn_encoding: str = "floats",
+                       reference_bn: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The flip uplink of a trained :class:`common.bnn.model.BNN` against ``reference``."""
     layout = codec.layout_for(model.config)
-    return encode_flips(reference, codec.binary_latents(model), codec.bn_vector(model, layout), bn_dtype)
+    return encode_flips(reference, codec.binary_latents(model), codec.bn_vector(model, layout), bn_dtype,
+                        bn_encoding, reference_bn, layout)
 
 
 # ------------------------------------------------------------------ decode and validate
 def is_flips(payload: dict[str, np.ndarray]) -> bool:
     """Whether ``payload`` is a flip payload (by its keys), as opposed to a full codec payload."""
-    return set(payload) == {FLIPS_KEY}
+    return set(payload) in ({FLIPS_KEY}, {FLIPT_KEY})
 
 
 def parse(payload: dict[str, np.ndarray], layout: codec.Layout, reference: np.ndarray) -> tuple[np.ndarray, bytes, dict]:
@@ -229,13 +241,15 @@ def parse(payload: dict[str, np.ndarray], layout: codec.Layout, reference: np.nd
     what the binary weights cost on the wire, batch norm excluded).
     """
     if not is_flips(payload):
-        raise FlipCodecError(f"payload keys are {sorted(payload)}; a flip payload holds only [{FLIPS_KEY!r}]")
-    blob = payload[FLIPS_KEY]
+        raise FlipCodecError(f"payload keys are {sorted(payload)}; a flip payload holds only [{FLIPS_KEY!r}] "
+                             f"or [{FLIPT_KEY!r}]")
+    key = next(iter(payload))
+    blob = payload[key]
     if not isinstance(blob, np.ndarray) or blob.dtype != np.uint8 or blob.ndim != 1:
-        raise FlipCodecError(f"'{FLIPS_KEY}' must be a 1-D uint8 array, got {codec._describe(blob)}")
+        raise FlipCodecError(f"'{key}' must be a 1-D uint8 array, got {codec._describe(blob)}")
     data = blob.tobytes()
     if len(data) < HEADER_BYTES:
-        raise FlipCodecError(f"'{FLIPS_KEY}' has {len(data)} bytes, less than its {HEADER_BYTES}-byte header (truncated)")
+        raise FlipCodecError(f"'{key}' has {len(data)} bytes, less than its {HEADER_BYTES}-byte header (truncated)")
     version, method, digest, n_binary, n_flips, body_len = _HEADER.unpack_from(data)
     if version != FLIP_FORMAT_VERSION:
         raise FlipCodecError(
@@ -259,12 +273,13 @@ def parse(payload: dict[str, np.ndarray], layout: codec.Layout, reference: np.nd
     if n_flips > n_binary:
         raise FlipCodecError(f"{n_flips} flips claimed, but there are only {n_binary} binary weights")
     bn_len = len(data) - HEADER_BYTES - body_len
-    allowed = {layout.n_bn * 2: "float16", layout.n_bn * 4: "float32"}
-    if body_len > len(data) - HEADER_BYTES or bn_len not in allowed:
+    # a threshold block has a length of its own; the sign codec checks it
+    allowed = {layout.n_bn * 2: "float16", layout.n_bn * 4: "float32"} if key == FLIPS_KEY else None
+    if body_len > len(data) - HEADER_BYTES or (allowed is not None and bn_len not in allowed) or bn_len <= 0:
+        takes = " or ".join(str(n) for n in allowed) if allowed is not None else "a threshold block"
         raise FlipCodecError(
-            f"'{FLIPS_KEY}' has {len(data)} bytes: a {HEADER_BYTES}-byte header, a {body_len}-byte body and "
-            f"{bn_len} bytes left for batch norm, which takes {' or '.join(str(n) for n in allowed)} "
-            "(truncated, or trailing garbage)"
+            f"'{key}' has {len(data)} bytes: a {HEADER_BYTES}-byte header, a {body_len}-byte body and "
+            f"{bn_len} bytes left for batch norm, which takes {takes} (truncated, or trailing garbage)"
         )
     body = data[HEADER_BYTES : HEADER_BYTES + body_len]
     if method == METHOD_RICE:
@@ -319,22 +334,24 @@ def to_signs_payload(
     bits = reference_bits(reference).copy()
     bits[positions] = ~bits[positions]
     blob = np.concatenate([pack_bits(bits), np.frombuffer(bn_bytes, dtype=np.uint8)])
-    return {codec.BNN_KEY: blob}, info
+    return {codec.BNT_KEY if FLIPT_KEY in payload else codec.BNN_KEY: blob}, info
 
 
 def decode_flips(
-    payload: dict[str, np.ndarray], layout: codec.Layout, reference: np.ndarray
+    payload: dict[str, np.ndarray], layout: codec.Layout, reference: np.ndarray,
+    reference_bn: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Validate against ``reference``; return ``(weights (B,) of +-1, bn (K,))`` as float32."""
+    """Validate against ``reference`` (and a threshold update against ``reference_bn``); return
+    ``(weights (B,) of +-1, bn (K,))`` as float32."""
     signs, _ = to_signs_payload(payload, layout, reference)
-    return codec.decode(signs, layout, kind="signs")
+    return codec.decode(signs, layout, kind="signs", reference_bn=reference_bn)
 
 
 def sign_bits_per_weight(payload: dict[str, np.ndarray], layout: codec.Layout) -> float:
     """Bits the binary weights cost in ``payload`` (flip header + body, or the packed signs),
     per binary weight; batch norm and record headers excluded."""
     if is_flips(payload):
-        data = payload[FLIPS_KEY]
+        data = next(iter(payload.values()))
         if data.size < HEADER_BYTES:
             raise FlipCodecError("truncated flip payload")
         body_len = _HEADER.unpack_from(data.tobytes())[5]
@@ -343,7 +360,7 @@ def sign_bits_per_weight(payload: dict[str, np.ndarray], layout: codec.Layout) -
 
 
 __all__ = [
-    "FLIPS_KEY", "FLIP_FORMAT_VERSION", "FlipCodecError", "HEADER_BYTES", "decode_flips", "encode_flips",
+    "FLIPS_KEY", "FLIPT_KEY", "FLIP_FORMAT_VERSION", "FlipCodecError", "HEADER_BYTES", "decode_flips", "encode_flips",
     "encode_model_flips", "flip_positions", "is_flips", "parse", "reference_digest", "rice_decode",
     "rice_encode", "sign_bits_per_weight", "to_signs_payload",
 ]

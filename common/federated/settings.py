@@ -167,6 +167,10 @@ SETTINGS: tuple[Setting, ...] = (
             above=0, field="vote_latent_scale", cli=False, per_round=True),
     Setting("bn-dtype", str, "float16", "batch-norm numbers on the wire", reads="both",
             choices=("float16", "float32"), per_round=True),
+    Setting("bn-encoding", str, "thresholds", "batch norm on the wire: thresholds, each hidden unit's integer "
+            "threshold and flip (the uplink as a change against the global model, at most 2 bits per unit) and "
+            "the output batch norm's numbers; or floats, every batch-norm number in bn-dtype (docs/federated.md)",
+            reads="both", choices=("thresholds", "floats"), field="bn_encoding", per_round=True),
     Setting("uplink-codec", str, "signs", "uplink: signs, every sign bit (1 bit per binary weight); or flips, "
             "only the signs changed against the received global model (docs/federated.md)", reads="both",
             choices=("signs", "flips"), field="uplink_codec", per_round=True),
