@@ -212,7 +212,8 @@ def train_local(
     kind = codec.validate(global_payload, layout)
     weights, bn = codec.decode(global_payload, layout, kind)
     model = BNN(config)
-    codec.load_into_model(model, layout, aggregation.client_start_latent(weights, kind, round_config.vote_latent_scale), bn)
+    codec.load_into_model(model, layout, aggregation.client_start_latent(
+        weights, kind, round_config.vote_latent_scale, round_config.mean_latent_scale), bn)
     # A partition smaller than a batch trains as one batch (many small clients: no warning per client).
     train_config = TrainConfig(epochs=round_config.local_epochs, lr=round_config.lr,
                                batch_size=max(2, min(round_config.batch_size, len(y))), seed=seed,

@@ -90,7 +90,8 @@ def global_model(record: ArrayRecord, layout: codec.Layout, settings: ServerSett
     weights, bn = codec.decode(record_to_payload(record), layout)
     kind = codec.payload_kind(record_to_payload(record))
     model = BNN(layout.config)
-    codec.load_into_model(model, layout, agg.client_start_latent(weights, kind, settings.vote_latent_scale), bn)
+    codec.load_into_model(model, layout, agg.client_start_latent(
+        weights, kind, settings.vote_latent_scale, settings.mean_latent_scale), bn)
     model.eval()
     return model
 

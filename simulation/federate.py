@@ -129,7 +129,7 @@ counted in each, so this is a floor the machine must clear, not a forecast (docs
 def check_scale(config: FederateConfig) -> None:
     """Refuse, before anything starts, a sampling, failure rate, thread count or client count the run
     cannot honour."""
-    for key in ("clients-per-round", "client-failure-rate", "threads", "round-timeout-s"):
+    for key in ("clients-per-round", "client-failure-rate", "threads", "round-timeout-s", "mean-latent-scale"):
         s = settings.setting(key)
         s.check(getattr(config, s.field), "Option --" + s.field.replace("_", "-") + ":")
     if config.clients > MAX_CLIENTS:

@@ -229,6 +229,8 @@ def test_a_hanging_client_stays_silent_past_the_round_s_timeout(tmp_path):
     (["--client-failure-rate", "-0.1"], "client-failure-rate"),
     (["--clients", "20000"], "more than one machine"),
     (["--client-failure-mode", "crash"], "invalid choice"),
+    (["--mean-latent-scale", "0"], "--mean-latent-scale: expected a positive"),
+    (["--mean-latent-scale", "1.5"], "mean-latent-scale=1.5 is above 1"),
 ])
 def test_bad_scale_options_exit_2_before_anything_starts(tmp_path, options, words):
     out = tmp_path / "run"

@@ -165,6 +165,9 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("vote", "mean"), field="aggregation"),
     Setting("vote-latent-scale", float, 0.1, "latent magnitude a client gives the voted signs", reads="both",
             above=0, field="vote_latent_scale", cli=False, per_round=True),
+    Setting("mean-latent-scale", float, 1.0, "mean mode: the clients restart from this multiple of the "
+            "received mean, 0 < x <= 1; below 1, weights all clients agree on stay within reach of a sign flip "
+            "(docs/scale.md)", reads="both", above=0, maximum=1, field="mean_latent_scale", per_round=True),
     Setting("bn-dtype", str, "float16", "batch-norm numbers on the wire", reads="both",
             choices=("float16", "float32"), per_round=True),
     Setting("uplink-codec", str, "signs", "uplink: signs, every sign bit (1 bit per binary weight); or flips, "
