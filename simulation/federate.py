@@ -107,6 +107,9 @@ def check_config(config: FederateConfig) -> None:
             s.check(getattr(config, s.field), "Setting")
     if config.clients < 1 or config.rounds < 1 or config.local_epochs < 1:
         raise HyBNNError("clients, rounds and local epochs must all be at least 1.")
+    from common.federated.robust import DEFAULT_BN_AGGREGATION, check_weight_bounds
+
+    check_weight_bounds(config.max_weight_vs_median, 0, DEFAULT_BN_AGGREGATION)
     if config.ray_address is not None:
         from simulation.ray_cluster import parse_ray_address
 

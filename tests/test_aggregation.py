@@ -38,7 +38,9 @@ def test_client_start_latent():
     signs = np.array([1.0, -1.0])
     np.testing.assert_allclose(aggregation.client_start_latent(signs, "signs", 0.1), [0.1, -0.1])
     mean = np.array([0.3, -1.0])
-    np.testing.assert_allclose(aggregation.client_start_latent(mean, "latent"), mean)
+    np.testing.assert_allclose(aggregation.client_start_latent(mean, "latent", mean_latent_scale=1.0), mean)
+    np.testing.assert_allclose(aggregation.client_start_latent(mean, "latent"),
+                               mean * aggregation.DEFAULT_MEAN_LATENT_SCALE)
 
 
 def test_a_mean_restarts_scaled_and_keeps_its_signs():

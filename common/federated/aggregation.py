@@ -34,8 +34,10 @@ MODES = ("vote", "mean")
 DEFAULT_MODE = "vote"
 DEFAULT_VOTE_LATENT_SCALE = 0.1
 """Latent magnitude a client gives the voted signs before local training (``vote`` mode)."""
-DEFAULT_MEAN_LATENT_SCALE = 1.0
-"""What a client multiplies the received mean by before local training (``mean`` mode)."""
+DEFAULT_MEAN_LATENT_SCALE = 0.25
+"""What a client multiplies the received mean by before local training (``mean`` mode). Measured in
+docs/scale.md: 1,000 clients of about 11 samples, and 3 clients, ended closer to the centralized model
+at 0.25 than at 1."""
 
 
 def check_mode(mode: str) -> str:

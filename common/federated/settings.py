@@ -165,7 +165,7 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("vote", "mean"), field="aggregation"),
     Setting("vote-latent-scale", float, 0.1, "latent magnitude a client gives the voted signs", reads="both",
             above=0, field="vote_latent_scale", cli=False, per_round=True),
-    Setting("mean-latent-scale", float, 1.0, "mean mode: the clients restart from this multiple of the "
+    Setting("mean-latent-scale", float, 0.25, "mean mode: the clients restart from this multiple of the "
             "received mean, 0 < x <= 1; below 1, weights all clients agree on stay within reach of a sign flip "
             "(docs/scale.md)", reads="both", above=0, maximum=1, field="mean_latent_scale", per_round=True),
     Setting("bn-dtype", str, "float16", "batch-norm numbers on the wire", reads="both",
@@ -215,7 +215,8 @@ SETTINGS: tuple[Setting, ...] = (
             "drops it as a straggler (docs/scale.md)", reads="both", choices=("error", "hang"),
             field="client_failure_mode", per_round=True),
     Setting("max-weight-vs-median", float, 1.25, "a client's weight is at most this multiple of the round's "
-            "median num-examples (0: no cap; else >= 1)", minimum=0),
+            "median num-examples (0: no cap; else >= 1); the cap also lowers honest clients that hold more "
+            "data than most (docs/scale.md)", minimum=0, field="max_weight_vs_median"),
     Setting("max-num-examples", int, 0, "a client's weight is at most this many examples (0: no cap)",
             minimum=0),
     Setting("bn-aggregation", str, "median", "median (coordinate-wise, over the clients) or mean (weighted) of "
