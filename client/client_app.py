@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import field
 from pathlib import Path
 
@@ -141,6 +142,24 @@ def local_training_data(artifact, settings: ClientSettings, task_name: str) -> t
     return x[idx], y[idx]
 
 
+FAILURE_MODES = ("error", "hang")
+"""How an injected failure shows (``client-failure-mode``): an error reply, or no reply in time."""
+HANG_TIMEOUT_FACTOR = 1.5
+"""A hanging client stays silent this many times the round's timeout, then answers too late to be read."""
+
+
+def preload(context: Context, run_config: dict) -> None:
+    """Read what every round needs into this process's caches: the encoder, the task's codes and the
+    split into partitions (the simulation does this before round 1, so that round 1's timeout does not
+    count it). A problem is left for the round to report, to the server, as an error reply."""
+    try:
+        settings = ClientSettings.from_context(context, run_config)
+        artifact = load_client_encoder(settings.encoder_path, str(run_config.get(TRAIN_CONFIG.encoder_sha256, "")))
+        local_training_data(artifact, settings, str(run_config.get(TRAIN_CONFIG.task, "")))
+    except HyBNNError as exc:
+        log.info("Nothing preloaded for node %s (its rounds will report it): %s", context.node_id, exc)
+
+
 def injected_failure(rate: float, seed: int, server_round: int, partition_id: int) -> bool:
     """Whether this client fails this round on purpose (``client-failure-rate``, a testing aid):
     a draw seeded with (seed, round, partition), so a rerun fails the same clients."""
@@ -196,7 +215,8 @@ def train_local(
     kind = codec.validate(global_payload, layout)
     weights, bn = codec.decode(global_payload, layout, kind)
     model = BNN(config)
-    codec.load_into_model(model, layout, aggregation.client_start_latent(weights, kind, round_config.vote_latent_scale), bn)
+    codec.load_into_model(model, layout, aggregation.client_start_latent(
+        weights, kind, round_config.vote_latent_scale, round_config.mean_latent_scale), bn)
     threshold_bn = round_config.bn_encoding == "thresholds"
     if codec.bn_encoding_of(global_payload) == "thresholds":
         thresholds.calibrate(model, x)  # received thresholds -> a trainable batch norm firing at them
@@ -239,8 +259,14 @@ def handle_train(msg: Message, context: Context, defaults: dict | None = None, t
         round_config = LocalRound.from_config(msg.content.config_records[RECORD.config])
         if injected_failure(round_config.client_failure_rate, settings.seed, round_config.server_round,
                             settings.partition_id):
-            raise HyBNNError(f"injected failure (client-failure-rate {round_config.client_failure_rate:g}, "
-                             "a testing aid)")
+            reason = f"injected failure (client-failure-rate {round_config.client_failure_rate:g}, a testing aid)"
+            if round_config.client_failure_mode == "hang":
+                silence = HANG_TIMEOUT_FACTOR * round_config.round_timeout_s
+                log.warning("%s round %d: %s: silent for %g s, past the round's timeout", who,
+                            round_config.server_round, reason, silence)
+                time.sleep(silence)
+                reason += f", silent for {silence:g} s"
+            raise HyBNNError(reason)
         artifact = load_client_encoder(settings.encoder_path, round_config.encoder_sha256)
         x, y = local_training_data(artifact, settings, round_config.task)
         torch.set_num_threads(threads)

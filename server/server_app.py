@@ -90,7 +90,8 @@ def global_model(record: ArrayRecord, layout: codec.Layout, settings: ServerSett
     weights, bn = codec.decode(record_to_payload(record), layout)
     kind = codec.payload_kind(record_to_payload(record))
     model = BNN(layout.config)
-    codec.load_into_model(model, layout, agg.client_start_latent(weights, kind, settings.vote_latent_scale), bn)
+    codec.load_into_model(model, layout, agg.client_start_latent(
+        weights, kind, settings.vote_latent_scale, settings.mean_latent_scale), bn)
     model.eval()
     return model
 
@@ -122,8 +123,11 @@ def failure_reasons(rounds: list[dict]) -> list[str]:
     return [f"{reason} ({n} {'reply' if n == 1 else 'replies'})" for reason, n in ranked]
 
 
-def run_server(grid: Grid, settings: ServerSettings) -> dict:
-    """The whole federated run; returns what it wrote to ``server.json``."""
+def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> dict:
+    """The whole federated run; returns what it wrote to ``server.json``.
+
+    ``node_partitions(grid)``: node id -> partition id, where the caller can tell (the simulation);
+    the clients are then sampled by partition (:func:`server.strategy.sample_nodes`)."""
     from common.bnn.store import save_bnn
     from common.encoder.artifact import load_encoder_artifact
     from common.encoder.features import load_codes
@@ -195,6 +199,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
                 "clients": clients,
                 "connected": round_log.connected,
                 "sampled": round_log.sampled_nodes,
+                "sampled_partitions": round_log.sampled_partitions,
                 "replied": round_log.replied,
                 "dropped": round_log.dropped,
                 "capped": round_log.capped,
@@ -231,6 +236,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict:
         bn_aggregation=settings.bn_aggregation,
         clients_per_round=settings.clients_per_round,
         seed=settings.seed,
+        node_partitions=node_partitions,
     )
     if checkpoint is None:
         initial_arrays = strategy.encode_global(codec.binary_latents(initial), codec.bn_vector(initial, layout))

@@ -27,8 +27,9 @@ the whole run. This strategy
 * samples nodes with a deadline: it waits for ``min_available_nodes`` up to
   ``node_wait_s`` seconds, then goes on with whoever is connected, if at least
   ``min_train_nodes``. Flower's own sampling waits forever when a node is gone for good.
-  It trains ``clients_per_round`` of them each round (0: all), drawn from the sorted node
-  ids by a generator seeded with ``(seed, round)`` (:func:`sample_nodes`), and records who
+  It trains ``clients_per_round`` of them each round (0: all), drawn from the nodes sorted by
+  partition where the server knows it (the simulation), else by node id, by a generator seeded
+  with ``(seed, round)`` (:func:`sample_nodes`), and records who
   was sampled, who replied and who was left out and why: a sampled node with no reply when
   the round's timeout passed is recorded as such and not waited for;
 * measures the serialized bytes of every model that travels, per client and round.
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 
@@ -136,20 +137,33 @@ class RoundLog:
     sampled: int = 0
     sampled_nodes: list[int] = field(default_factory=list)
     """The node ids sampled for this round, in the order sent."""
+    sampled_partitions: list[int | None] = field(default_factory=list)
+    """Each sampled node's partition id, where the server knows it (the simulation); else empty."""
     replied: list[int] = field(default_factory=list)
     """The sampled nodes whose reply (good or not) arrived before the round's timeout."""
     connected: int = 0
     """Nodes connected when the round was sampled."""
 
 
-def sample_nodes(nodes: Iterable[int], k: int, seed: int, server_round: int) -> list[int]:
+def sample_nodes(nodes: Iterable[int], k: int, seed: int, server_round: int,
+                 partitions: Mapping[int, int] | None = None) -> list[int]:
     """``k`` distinct nodes of ``nodes`` (all when ``k`` is 0 or at least their number), drawn
     by a generator seeded with ``(seed, server_round)``: the same nodes, seed and round give the
-    same sample, whatever order the nodes are listed in."""
-    ordered = sorted(set(nodes))
+    same sample, whatever order the nodes are listed in.
+
+    ``partitions`` (node id -> partition id, where known) orders the nodes by partition before
+    the draw, node ids without one after them: then the same partitions, seed and round give
+    the same sampled partitions, whatever ids the nodes have."""
+    ordered = sorted(set(nodes), key=_node_order(partitions))
     if k <= 0 or k >= len(ordered):
         return ordered
     return random.Random(f"hybnn-sample:{seed}:{server_round}").sample(ordered, k)
+
+
+def _node_order(partitions: Mapping[int, int] | None) -> Callable[[int], tuple]:
+    """Sort key of a node: its partition id (when known), then its node id."""
+    known = partitions or {}
+    return lambda node: (0, known[node], node) if node in known else (1, 0, node)
 
 
 class PackedFedAvg(FedAvg):
@@ -171,6 +185,7 @@ class PackedFedAvg(FedAvg):
         clients_per_round: int = 0,
         seed: int = 0,
         bn_encoding: str = "floats",
+        node_partitions: Callable[[Grid], Mapping[int, int]] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -197,6 +212,9 @@ class PackedFedAvg(FedAvg):
             raise ValueError(f"clients_per_round must be at least 0, got {clients_per_round}")
         self.clients_per_round = clients_per_round
         self.seed = seed
+        self.node_partitions = node_partitions
+        """Where the server can tell which partition each node holds (the simulation): node id -> partition id."""
+        self.partitions: dict[int, int] = {}
         self.rounds: dict[int, RoundLog] = {}
         self.references: dict[int, np.ndarray] = {}
         """The global weights sent in each round still being aggregated: what flip updates refer to."""
@@ -253,7 +271,9 @@ class PackedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         nodes = self._wait_for_nodes(grid)
-        node_ids = sample_nodes(nodes, self.clients_per_round, self.seed, server_round)
+        if self.node_partitions is not None:
+            self.partitions = dict(self.node_partitions(grid))
+        node_ids = sample_nodes(nodes, self.clients_per_round, self.seed, server_round, self.partitions)
         if 0 < len(nodes) < self.clients_per_round:
             log(WARNING, "Round %d: only %d nodes connected, fewer than clients-per-round %d; training all of them.",
                 server_round, len(nodes), self.clients_per_round)
@@ -266,6 +286,7 @@ class PackedFedAvg(FedAvg):
         round_log.downlink_bytes = record_nbytes(arrays)
         round_log.sampled = len(node_ids)
         round_log.sampled_nodes = list(node_ids)
+        round_log.sampled_partitions = [self.partitions.get(n) for n in node_ids] if self.partitions else []
         round_log.connected = len(nodes)
         self.set_reference(server_round, arrays)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -305,6 +326,11 @@ class PackedFedAvg(FedAvg):
                 drop(node, f"malformed: {exc}",
                      "Check that the client runs the same HyBNN release and task as the server.")
                 continue
+            known = self.partitions.get(node)
+            if known is not None and reply.metrics.get(METRIC.partition_id, known) != known:
+                log(WARNING, "Round %d: node %d reports partition %s, the server counted it as partition %d; "
+                    "the sample is still uniform, but another run with this seed may draw other partitions.",
+                    server_round, node, reply.metrics.get(METRIC.partition_id), known)
             if reply.ignored_metrics:
                 log(INFO, "Round %d: node %d reported metrics the server does not know, ignored: %s",
                     server_round, node, ", ".join(reply.ignored_metrics))
@@ -330,6 +356,9 @@ class PackedFedAvg(FedAvg):
             if self.on_round:
                 self.on_round(round_log)
             return None, None
+        # One order whatever order the replies arrived in: the same sums, to the last bit, in a rerun.
+        order = sorted(range(len(good)), key=lambda i: _node_order(self.partitions)(good[i].node_id))
+        good, weights = [good[i] for i in order], [weights[i] for i in order]
         try:
             arrays, metrics = self._aggregate(good, weights)
         except Exception as exc:  # noqa: BLE001 - checked replies should not fail; if they do, keep the model

@@ -107,6 +107,9 @@ def check_config(config: FederateConfig) -> None:
             s.check(getattr(config, s.field), "Setting")
     if config.clients < 1 or config.rounds < 1 or config.local_epochs < 1:
         raise HyBNNError("clients, rounds and local epochs must all be at least 1.")
+    from common.federated.robust import DEFAULT_BN_AGGREGATION, check_weight_bounds
+
+    check_weight_bounds(config.max_weight_vs_median, 0, DEFAULT_BN_AGGREGATION)
     if config.ray_address is not None:
         from simulation.ray_cluster import parse_ray_address
 
@@ -129,7 +132,7 @@ counted in each, so this is a floor the machine must clear, not a forecast (docs
 def check_scale(config: FederateConfig) -> None:
     """Refuse, before anything starts, a sampling, failure rate, thread count or client count the run
     cannot honour."""
-    for key in ("clients-per-round", "client-failure-rate", "threads", "round-timeout-s"):
+    for key in ("clients-per-round", "client-failure-rate", "threads", "round-timeout-s", "mean-latent-scale"):
         s = settings.setting(key)
         s.check(getattr(config, s.field), "Option --" + s.field.replace("_", "-") + ":")
     if config.clients > MAX_CLIENTS:
@@ -189,14 +192,62 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
             "train_seconds": result.seconds, "train_examples": int(len(split["train"][1]))}
 
 
+def simulated_node_partitions(grid) -> dict[int, int]:
+    """Node id -> partition id of the simulation's nodes, so that a seed samples the same partitions
+    in every run although Flower draws the node ids at random.
+
+    Flower 1.42's simulation registers its nodes one after the other, giving the i-th node
+    ``partition-id`` i (``vce_api._register_nodes``), and its in-memory LinkState, which the
+    simulation's Grid holds as ``state``, lists nodes in the order they were registered
+    (``InMemoryLinkState.get_node_info``). Empty when the Grid has no such state; each client's
+    reported partition id is checked against this map (``server/strategy.py``)."""
+    state = getattr(grid, "state", None)
+    if state is None or not callable(getattr(state, "get_node_info", None)):
+        return {}
+    return {int(info.node_id): i for i, info in enumerate(state.get_node_info())}
+
+
+CLIENTS_START_TIMEOUT_S = 600.0
+"""How long the ServerApp waits for the simulation's first client workers before round 1."""
+
+
+def wait_for_client_workers(grid, nodes_wanted: int, workers: int, timeout_s: float = CLIENTS_START_TIMEOUT_S) -> None:
+    """Wait for ``nodes_wanted`` nodes, send an empty query to ``workers`` of them and wait for the
+    replies, before round 1.
+
+    Flower's simulation starts Ray and its client workers while the ServerApp already runs; without
+    this wait, round 1's ``round-timeout-s`` would also count Ray's start (tens of seconds), and a
+    short timeout would leave round 1 without any reply. A worker answers the query once it has
+    loaded the ClientApp, the encoder, the task's codes and the split (:func:`client.client_app.preload`),
+    which each worker process does once."""
+    from logging import INFO, WARNING
+
+    from flwr.app import Message, MessageType, RecordDict
+    from flwr.supercore import log
+
+    started = time.monotonic()
+    while len(nodes := sorted(grid.get_node_ids())) < nodes_wanted and time.monotonic() - started < timeout_s:
+        time.sleep(0.2)  # the simulation registers its nodes after the ServerApp has started
+    nodes = nodes[:max(1, workers)]
+    queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+    left = max(1.0, timeout_s - (time.monotonic() - started))
+    replies = [m for m in grid.send_and_receive(queries, timeout=left) if not m.has_error()]
+    waited = time.monotonic() - started
+    if replies:
+        log(INFO, "Simulated clients ready after %.1f s (%d of %d workers answered).", waited, len(replies), len(nodes))
+    else:
+        log(WARNING, "No simulated client answered within %.0f s; starting round 1 anyway.", waited)
+
+
 def simulation_apps(run_config: dict, threads: int = 1):
     """The project's ServerApp and ClientApp, with ``run_config`` as their run config; each
-    ClientApp call uses ``threads`` torch threads."""
-    from flwr.app import Context, Message
+    ClientApp call uses ``threads`` torch threads. The ServerApp waits for the client workers
+    to start before round 1 (:func:`wait_for_client_workers`)."""
+    from flwr.app import Context, Message, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
 
-    from client.client_app import handle_train
+    from client.client_app import handle_train, preload
     from common.data.datasets import register_all, registered_datasets
     from server.server_app import ServerSettings, run_server
 
@@ -205,9 +256,17 @@ def simulation_apps(run_config: dict, threads: int = 1):
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_server(grid, ServerSettings.from_run_config({**run_config, **dict(context.run_config)}))
+        settings = ServerSettings.from_run_config({**run_config, **dict(context.run_config)})
+        wait_for_client_workers(grid, settings.min_available_nodes, max(1, (os.cpu_count() or 1) // threads))
+        run_server(grid, settings, node_partitions=simulated_node_partitions)
 
     client_app = ClientApp()
+
+    @client_app.query()
+    def _ready(msg: Message, context: Context) -> Message:
+        register_all(datasets)
+        preload(context, run_config)
+        return Message(content=RecordDict(), reply_to=msg)
 
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -263,6 +322,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
             "downlink_bytes": r["downlink_bytes"],
             "clients": r["clients"],
             "sampled": r.get("sampled"),
+            "sampled_partitions": r.get("sampled_partitions"),
             "replied": r.get("replied"),
             "dropped": r["dropped"],
             "capped": r.get("capped", []),

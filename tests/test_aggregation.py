@@ -38,7 +38,21 @@ def test_client_start_latent():
     signs = np.array([1.0, -1.0])
     np.testing.assert_allclose(aggregation.client_start_latent(signs, "signs", 0.1), [0.1, -0.1])
     mean = np.array([0.3, -1.0])
-    np.testing.assert_allclose(aggregation.client_start_latent(mean, "latent"), mean)
+    np.testing.assert_allclose(aggregation.client_start_latent(mean, "latent", mean_latent_scale=1.0), mean)
+    np.testing.assert_allclose(aggregation.client_start_latent(mean, "latent"),
+                               mean * aggregation.DEFAULT_MEAN_LATENT_SCALE)
+
+
+def test_a_mean_restarts_scaled_and_keeps_its_signs():
+    mean = np.array([1.0, -1.0, 0.5, -0.02, 0.0])
+    start = aggregation.client_start_latent(mean, "latent", mean_latent_scale=0.25)
+    np.testing.assert_allclose(start, [0.25, -0.25, 0.125, -0.005, 0.0])
+    np.testing.assert_array_equal(np.sign(start), np.sign(mean))
+    # The vote's scale and the mean's are apart: each kind takes its own.
+    np.testing.assert_allclose(aggregation.client_start_latent(np.array([1.0, -1.0]), "signs", 0.1, 0.25), [0.1, -0.1])
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="mean_latent_scale"):
+            aggregation.client_start_latent(mean, "latent", mean_latent_scale=bad)
 
 
 def test_unknown_mode():

@@ -48,6 +48,11 @@ def test_choices_and_defaults_agree_with_the_modules_that_use_them():
     assert settings.setting("aggregation").choices == aggregation.MODES
     assert settings.default("aggregation") == aggregation.DEFAULT_MODE
     assert settings.default("vote-latent-scale") == aggregation.DEFAULT_VOTE_LATENT_SCALE
+    assert settings.default("mean-latent-scale") == aggregation.DEFAULT_MEAN_LATENT_SCALE
+    from client.client_app import FAILURE_MODES
+
+    assert settings.setting("client-failure-mode").choices == FAILURE_MODES
+    assert settings.default("client-failure-mode") == FAILURE_MODES[0]
     assert settings.setting("bn-dtype").choices == tuple(codec.BN_DTYPES)
     assert settings.setting("uplink-codec").choices == flipcodec.UPLINK_CODECS
     assert settings.setting("partition").choices == partition.SCHEMES
@@ -229,6 +234,9 @@ def test_federate_help_imports_neither_torch_nor_flwr():
     ({"min-available-nodes": 0}, "min-available-nodes=0 is below 1"),
     ({"aggregation": "median"}, "aggregation 'median' is unknown; use one of vote, mean"),
     ({"bn-dtype": "int8"}, "bn-dtype 'int8' is unknown"),
+    ({"mean-latent-scale": 0}, "mean-latent-scale=0 must be above 0"),
+    ({"mean-latent-scale": 1.5}, "mean-latent-scale=1.5 is above 1"),
+    ({"client-failure-mode": "crash"}, "client-failure-mode 'crash' is unknown; use one of error, hang"),
     ({"num-server-round": 5}, "key 'num-server-round' is not a FedHyBNN setting. Did you mean 'num-server-rounds'?"),
     ({"alpha": 0.5}, "key 'alpha' is not a FedHyBNN setting"),
     ({"clients": 3}, "key 'clients' is not a FedHyBNN setting"),  # an option of the command, not of the run

@@ -165,6 +165,9 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("vote", "mean"), field="aggregation"),
     Setting("vote-latent-scale", float, 0.1, "latent magnitude a client gives the voted signs", reads="both",
             above=0, field="vote_latent_scale", cli=False, per_round=True),
+    Setting("mean-latent-scale", float, 0.25, "mean mode: the clients restart from this multiple of the "
+            "received mean, 0 < x <= 1; below 1, weights all clients agree on stay within reach of a sign flip "
+            "(docs/scale.md)", reads="both", above=0, maximum=1, field="mean_latent_scale", per_round=True),
     Setting("bn-dtype", str, "float16", "batch-norm numbers on the wire", reads="both",
             choices=("float16", "float32"), per_round=True),
     Setting("bn-encoding", str, "thresholds", "batch norm on the wire: thresholds, each hidden unit's integer "
@@ -203,16 +206,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("node-wait-s", float, 120.0, "how long to wait for min-available-nodes before going on with "
             "min-train-nodes", minimum=0),
     Setting("round-timeout-s", float, 600.0, "longest wait for the replies of one round; a sampled client "
-            "that has not replied by then is left out of that round (docs/scale.md)", above=0,
-            field="round_timeout_s"),
+            "that has not replied by then is left out of that round (docs/scale.md)", reads="both", above=0,
+            field="round_timeout_s", per_round=True),
     Setting("clients-per-round", int, 0, "clients sampled for each round, drawn afresh each round from the "
             "connected nodes with the seed (0: every connected node; docs/scale.md)", minimum=0,
             field="clients_per_round"),
-    Setting("client-failure-rate", float, 0.0, "testing aid: each sampled client fails its round (an error "
-            "reply) with this probability, drawn from the seed, the round and its partition (docs/scale.md)",
+    Setting("client-failure-rate", float, 0.0, "testing aid: each sampled client fails its round (as "
+            "client-failure-mode says) with this probability, drawn from the seed, the round and its partition (docs/scale.md)",
             reads="both", minimum=0, below=1, field="client_failure_rate", per_round=True),
+    Setting("client-failure-mode", str, "error", "testing aid: how an injected failure shows: error, an error "
+            "reply; hang, no reply in time: the client stays silent for 1.5 x round-timeout-s, so the server "
+            "drops it as a straggler (docs/scale.md)", reads="both", choices=("error", "hang"),
+            field="client_failure_mode", per_round=True),
     Setting("max-weight-vs-median", float, 1.25, "a client's weight is at most this multiple of the round's "
-            "median num-examples (0: no cap; else >= 1)", minimum=0),
+            "median num-examples (0: no cap; else >= 1); the cap also lowers honest clients that hold more "
+            "data than most (docs/scale.md)", minimum=0, field="max_weight_vs_median"),
     Setting("max-num-examples", int, 0, "a client's weight is at most this many examples (0: no cap)",
             minimum=0),
     Setting("bn-aggregation", str, "median", "median (coordinate-wise, over the clients) or mean (weighted) of "
