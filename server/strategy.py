@@ -357,7 +357,8 @@ class PackedFedAvg(FedAvg):
                 self.on_round(round_log)
             return None, None
         # One order whatever order the replies arrived in: the same sums, to the last bit, in a rerun.
-        order = sorted(range(len(good)), key=lambda i: _node_order(self.partitions)(good[i].node_id))
+        node_order = _node_order(self.partitions)
+        order = sorted(range(len(good)), key=lambda i: node_order(good[i].node_id))
         good, weights = [good[i] for i in order], [weights[i] for i in order]
         try:
             arrays, metrics = self._aggregate(good, weights)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -144,14 +145,17 @@ def test_federate_joins_a_two_node_ray_cluster(tmp_path, mnist_root, two_node_cl
     assert {c["reported"]["partition_id"] for c in round_1["clients"]} == {0, 1, 2, 3}
     assert not round_1["dropped"]
     # Each node has one CPU, so each holds one of the two ClientApp actors; both ran clients.
+    # ClientApp calls: the 4 clients' training and the queries the ServerApp sends before round 1.
+    queries = int(re.search(r"Simulated clients ready after [\d.]+ s \(\d+ of (\d+) workers answered\)",
+                            proc.stdout).group(1))
     # Task events reach the GCS about once a second: give them a few seconds.
     deadline = time.monotonic() + 15
     while True:
         runs = _client_runs_by_node(address)
-        if sum(runs.values()) >= 4 or time.monotonic() > deadline:
+        if sum(runs.values()) >= 4 + queries or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert sum(runs.values()) == 4, runs
+    assert sum(runs.values()) == 4 + queries, runs
     assert len(runs) == 2, f"the clients ran on {len(runs)} node(s) only: {runs}"
 
 

@@ -231,6 +231,7 @@ def test_a_hanging_client_stays_silent_past_the_round_s_timeout(tmp_path):
     (["--client-failure-mode", "crash"], "invalid choice"),
     (["--mean-latent-scale", "0"], "--mean-latent-scale: expected a positive"),
     (["--mean-latent-scale", "1.5"], "mean-latent-scale=1.5 is above 1"),
+    (["--max-weight-vs-median", "0.5"], "max-weight-vs-median=0.5; use 0 (no cap) or a multiple >= 1"),
 ])
 def test_bad_scale_options_exit_2_before_anything_starts(tmp_path, options, words):
     out = tmp_path / "run"
