@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from federate_run import federate
 
 TASKS = ("0v1", "2v3", "4v5", "6v7", "8v9")
 ENCODINGS = ("thresholds", "floats")
@@ -49,20 +48,10 @@ def run(task: str, encoding: str, seed: int, args: argparse.Namespace) -> dict:
         if results.get("status") == "finished" and len(results.get("rounds", [])) == args.rounds:
             print(f"[{name}] reusing {results_path}", flush=True)
             return results
-    command = [sys.executable, "-m", "simulation.cli", "federate", "--task", task, "--clients", str(args.clients),
-               "--rounds", str(args.rounds), "--partition", "iid", "--bn-encoding", encoding,
-               "--encoder", str(args.encoder), "--data-root", str(args.data_root), "--seed", str(seed),
-               "--threads", "1", "--out", str(out)]
-    print(f"[{name}] {' '.join(command[1:])}", flush=True)
-    started = time.perf_counter()
-    log_path = Path(args.out) / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
-        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-    if status != 0:
-        raise SystemExit(f"[{name}] hybnn federate exited with {status}; see {log_path}")
-    print(f"[{name}] done in {time.perf_counter() - started:.0f} s", flush=True)
-    return json.loads(results_path.read_text())
+    arguments = ["--task", task, "--clients", str(args.clients), "--rounds", str(args.rounds),
+                 "--partition", "iid", "--bn-encoding", encoding, "--encoder", str(args.encoder),
+                 "--data-root", str(args.data_root), "--seed", str(seed), "--threads", "1"]
+    return federate(arguments, name, out, Path(args.out) / f"{name}.log")
 
 
 def uplinks(results: dict) -> list[int]:

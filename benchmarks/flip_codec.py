@@ -32,10 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from federate_run import federate
 
 TASKS = ("0v1", "2v3", "4v5", "6v7", "8v9")
 CODECS = ("signs", "flips")
@@ -53,20 +52,11 @@ def run(task: str, uplink_codec: str, args: argparse.Namespace, lr: float | None
         if results.get("status") == "finished" and len(results.get("rounds", [])) == args.rounds:
             print(f"[{task} {uplink_codec}] reusing {results_path}", flush=True)
             return results
-    command = [sys.executable, "-m", "simulation.cli", "federate", "--task", task, "--clients", str(args.clients),
-               "--rounds", str(args.rounds), "--partition", "iid", "--uplink-codec", uplink_codec,
-               "--encoder", str(args.encoder), "--data-root", str(args.data_root), "--seed", str(args.seed),
-               "--out", str(out)] + (["--lr", str(lr)] if lr is not None else [])
-    print(f"[{task} {uplink_codec}] {' '.join(command[1:])}", flush=True)
-    started = time.perf_counter()
-    log_path = Path(args.out) / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
-        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-    if status != 0:
-        raise SystemExit(f"[{task} {uplink_codec}] hybnn federate exited with {status}; see {log_path}")
-    print(f"[{task} {uplink_codec}] done in {time.perf_counter() - started:.0f} s", flush=True)
-    return json.loads(results_path.read_text())
+    arguments = ["--task", task, "--clients", str(args.clients), "--rounds", str(args.rounds),
+                 "--partition", "iid", "--uplink-codec", uplink_codec, "--encoder", str(args.encoder),
+                 "--data-root", str(args.data_root), "--seed", str(args.seed)]
+    arguments += ["--lr", str(lr)] if lr is not None else []
+    return federate(arguments, f"{task} {uplink_codec}", out, Path(args.out) / f"{name}.log")
 
 
 def mean_after_first(results: dict, key: str) -> float:
