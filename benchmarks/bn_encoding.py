@@ -42,16 +42,11 @@ def run(task: str, encoding: str, seed: int, args: argparse.Namespace) -> dict:
     """One ``hybnn federate`` run (or its earlier results with ``--reuse``); its results.json."""
     name = f"{task}-{encoding}-s{seed}"
     out = Path(args.out) / name
-    results_path = out / "results.json"
-    if args.reuse and results_path.exists():
-        results = json.loads(results_path.read_text())
-        if results.get("status") == "finished" and len(results.get("rounds", [])) == args.rounds:
-            print(f"[{name}] reusing {results_path}", flush=True)
-            return results
     arguments = ["--task", task, "--clients", str(args.clients), "--rounds", str(args.rounds),
                  "--partition", "iid", "--bn-encoding", encoding, "--encoder", str(args.encoder),
                  "--data-root", str(args.data_root), "--seed", str(seed), "--threads", "1"]
-    return federate(arguments, name, out, Path(args.out) / f"{name}.log")
+    return federate(arguments, name, out, Path(args.out) / f"{name}.log",
+                    reuse=args.reuse, rounds=args.rounds)
 
 
 def uplinks(results: dict) -> list[int]:

@@ -9,12 +9,20 @@ import time
 from pathlib import Path
 
 
-def federate(arguments: list[str], label: str, out: Path, log_path: Path) -> dict:
+def federate(arguments: list[str], label: str, out: Path, log_path: Path, *,
+             reuse: bool = False, rounds: int | None = None) -> dict:
     """Run ``hybnn federate ARGUMENTS --out OUT``, its output in ``log_path``; its results.json.
 
+    With ``reuse``, an earlier run in ``out`` that finished all ``rounds`` is read instead.
     A run that fails ends the benchmark with the log's path: a comparison with a missing
     side would be no comparison.
     """
+    results_path = out / "results.json"
+    if reuse and results_path.exists():
+        results = json.loads(results_path.read_text())
+        if results.get("status") == "finished" and len(results.get("rounds", [])) == rounds:
+            print(f"[{label}] reusing {results_path}", flush=True)
+            return results
     command = [sys.executable, "-m", "simulation.cli", "federate", *arguments, "--out", str(out)]
     print(f"[{label}] {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
@@ -24,4 +32,4 @@ def federate(arguments: list[str], label: str, out: Path, log_path: Path) -> dic
     if status != 0:
         raise SystemExit(f"[{label}] hybnn federate exited with {status}; see {log_path}")
     print(f"[{label}] done in {time.perf_counter() - started:.0f} s", flush=True)
-    return json.loads((out / "results.json").read_text())
+    return json.loads(results_path.read_text())

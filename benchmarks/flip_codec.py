@@ -46,17 +46,12 @@ def run(task: str, uplink_codec: str, args: argparse.Namespace, lr: float | None
     """One ``hybnn federate`` run (or its earlier results with ``--reuse``); its results.json."""
     name = f"{task}-{uplink_codec}" + (f"-lr{lr:g}" if lr is not None else "")
     out = Path(args.out) / name
-    results_path = out / "results.json"
-    if args.reuse and results_path.exists():
-        results = json.loads(results_path.read_text())
-        if results.get("status") == "finished" and len(results.get("rounds", [])) == args.rounds:
-            print(f"[{task} {uplink_codec}] reusing {results_path}", flush=True)
-            return results
     arguments = ["--task", task, "--clients", str(args.clients), "--rounds", str(args.rounds),
                  "--partition", "iid", "--uplink-codec", uplink_codec, "--encoder", str(args.encoder),
                  "--data-root", str(args.data_root), "--seed", str(args.seed)]
     arguments += ["--lr", str(lr)] if lr is not None else []
-    return federate(arguments, f"{task} {uplink_codec}", out, Path(args.out) / f"{name}.log")
+    return federate(arguments, f"{task} {uplink_codec}", out, Path(args.out) / f"{name}.log",
+                    reuse=args.reuse, rounds=args.rounds)
 
 
 def mean_after_first(results: dict, key: str) -> float:
