@@ -38,9 +38,17 @@ class LatentClipMixin:
     """Marks a module whose ``weight`` is a latent weight of a binary layer."""
 
 
-def clip_latent_weights_(model: nn.Module) -> None:
-    """Clip every binary layer's latent weight to ``[-1, 1]``, in place."""
+def latent_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The latent weights of ``model``'s binary layers."""
+    return [module.weight for module in model.modules() if isinstance(module, LatentClipMixin)]  # type: ignore[attr-defined]
+
+
+def clip_latent_weights_(model: nn.Module | list[torch.Tensor]) -> None:
+    """Clip every binary layer's latent weight to ``[-1, 1]``, in place.
+
+    A training loop passes the list of :func:`latent_weights` once found, so that each
+    step does not walk the module tree again."""
+    weights = latent_weights(model) if isinstance(model, nn.Module) else model
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LatentClipMixin):
-                module.weight.clamp_(-1.0, 1.0)  # type: ignore[attr-defined]
+        for weight in weights:
+            weight.clamp_(-1.0, 1.0)

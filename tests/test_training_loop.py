@@ -1,0 +1,59 @@
+"""The training loop's mechanics: the dropout mask, clipping, reproducibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.binarize import clip_latent_weights_, latent_weights
+from common.bnn.model import BNN, BNNConfig
+from common.bnn.training import DROPOUT_RESOLUTION, TrainConfig, fit, keep_mask
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 0.9])
+def test_keep_mask_drops_at_the_asked_rate(p):
+    mask = keep_mask((500, 400), p, torch.Generator().manual_seed(1))
+    assert mask.dtype == torch.bool and mask.shape == (500, 400)
+    assert abs(float((~mask).float().mean()) - p) < 0.005  # 200,000 draws: sd <= 0.0011
+
+
+def test_keep_mask_is_seeded_and_differs_between_draws():
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    first = keep_mask((64, 200), 0.2, a)
+    assert torch.equal(first, keep_mask((64, 200), 0.2, b))
+    assert not torch.equal(first, keep_mask((64, 200), 0.2, a))
+
+
+def test_keep_mask_never_drops_everything_below_one():
+    mask = keep_mask((1000, 100), 1 - 1e-9, torch.Generator().manual_seed(0))
+    assert 0 < int(mask.sum()) < 100  # rounded to 65535/65536: one in 65,536 kept
+    assert DROPOUT_RESOLUTION == 2**16
+
+
+def test_clip_takes_a_model_or_its_latent_weights():
+    model = BNN(BNNConfig(in_bits=16, hidden=(8,)))
+    weights = latent_weights(model)
+    assert [w.shape for w in weights] == [(8, 16), (2, 8)]
+    with torch.no_grad():
+        for w in weights:
+            w.mul_(5)
+    clip_latent_weights_(weights)
+    assert all(float(w.abs().max()) == 1.0 for w in weights)
+
+
+def test_fit_is_reproducible_and_keeps_latent_weights_clipped():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2, (600, 32), generator=g).float() * 2 - 1
+    y = (x[:, 0] > 0).long()
+    config = TrainConfig(epochs=3, batch_size=128, lr=0.5, input_dropout=0.2, seed=7)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = BNN(BNNConfig(in_bits=32, hidden=(16,)))
+        runs.append((fit(model, x, y, config, progress=False), model))
+    (first, model_a), (second, model_b) = runs
+    assert first.history == second.history
+    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+    assert all(float(w.abs().max()) <= 1.0 for w in latent_weights(model_a))  # lr 0.5 pushes them past 1
+    assert [h["epoch"] for h in first.history] == [1, 2, 3]
+    assert all(0.0 <= h["acc"] <= 1.0 and h["loss"] > 0 for h in first.history)
