@@ -54,11 +54,26 @@ def test_report_table_has_paper_column_times_and_ratio():
     assert "| hybnn | 6.0 s | 40.0 s |" in text  # training time per model
     assert "**0.100**" in text
     # 6 s / 100 epochs vs 60 s / 15 epochs: the run's own ratio, 0.1
-    assert "| 0v1 | 6.0 s / 100 ep | 60.0 s / 15 ep | 0.100 | 0.100 |" in text
-    assert "which meets the target" in text
+    assert "| 0v1 | 6.0 s / 100 ep | 60.0 s / 15 ep | 0.100 | 0.100 | yes |" in text
+    assert "the run meets the target on every pair task (at most 0.1, 1/10, per task)" in text
     assert "## FedHyBNN" in text and "| 0v1 | 3 clients, 20 rounds | 99.80% | 99.90% | 3 |" in text
     assert "(1/26)" in text
     assert "HyBNN BNN shapes (input bits - hidden units - classes): 0v1 200-128-2, all10 200-512-10." in text
+
+
+def test_report_names_each_pair_task_that_misses_the_cost_target():
+    results = fake_results(federated=False)
+    results["tasks"]["2v3"] = {"hybnn": entry(0.99, 5.0, 100), "bcnn-centered": entry(0.99, 60.0, 15)}
+    results["tasks"]["0v1"]["hybnn"]["train_seconds"] = 7.2
+    ratios = report.cost_ratios(results)
+    assert ratios["per_task"]["0v1"]["meets_target"] is False
+    assert ratios["per_task"]["2v3"]["meets_target"] is True
+    assert ratios["meets_target"] is False
+    text = report.render_report(results)
+    assert "| 0v1 | 7.2 s / 100 ep | 60.0 s / 15 ep | 0.120 | 0.120 | **no** |" in text
+    assert "| 2v3 | 5.0 s / 100 ep | 60.0 s / 15 ep | 0.083 | 0.083 | yes |" in text
+    assert "the run misses the target on 0v1 (at most 0.1" in text
+    assert "(target <= 0.1 on every pair task: missed)" in report.summary_table(results)
 
 
 def test_cost_ratio_scales_short_profiles_to_paper_epochs_and_samples():
@@ -77,7 +92,7 @@ def test_summary_table_lists_every_task_and_model():
     assert lines[0].split() == ["task", "hybnn", "bcnn-sign", "bcnn-centered", "fp-cnn", "fedhybnn"]
     assert lines[1].startswith("0v1") and "99.91%" in lines[1] and "99.80%" in lines[1]
     assert lines[2].startswith("all10") and lines[2].rstrip().endswith("-")
-    assert "target <= 0.2" in text
+    assert "(target <= 0.1 on every pair task: met)" in text
 
 
 def test_write_outputs_writes_json_report_and_nonempty_pngs(tmp_path):

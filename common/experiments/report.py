@@ -54,8 +54,9 @@ BCNN_SIGN_REASON = (
     "bcnn-sign fails because sign(0) = +1 maps every pixel of an image in [0, 1] to +1, "
     "so the network sees the same constant image for every digit and can only guess one class."
 )
-COST_TARGET = 0.2
-"""Training cost target: HyBNN's BNN (100 epochs) at most 1/5 of bcnn-centered (15 epochs)."""
+COST_TARGET = 0.1
+"""Training cost target: HyBNN's BNN (100 epochs) at most 1/10 of bcnn-centered (15 epochs)
+on every pair task."""
 PAPER_EPOCHS = {"hybnn": 100, "bcnn-centered": 15}
 
 
@@ -146,7 +147,9 @@ def cost_ratios(results: dict) -> dict:
     ``at_paper_epochs`` scales each to the paper's epochs (100 and 15) from its time
     per epoch (and per training sample, when a profile caps the baselines' samples),
     so a short profile still predicts the paper profile's ratio (the two agree in the
-    paper profile). ``worst`` is the largest ratio over the pair tasks.
+    paper profile). Each task's ``meets_target`` compares its ratio at the paper's epochs
+    with :data:`COST_TARGET`; ``worst`` is the largest ratio over the pair tasks, so the
+    top-level ``meets_target`` holds when every pair task meets it.
     """
     from common.data.tasks import PAIR_TASKS
 
@@ -165,7 +168,8 @@ def cost_ratios(results: dict) -> dict:
             b["train_seconds"] / (b["epochs"] * b_n) * PAPER_EPOCHS["bcnn-centered"])
         per_task[task] = {"hybnn_seconds": h["train_seconds"], "hybnn_epochs": h["epochs"],
                           "bcnn_centered_seconds": b["train_seconds"], "bcnn_centered_epochs": b["epochs"],
-                          "measured": measured, "at_paper_epochs": scaled}
+                          "measured": measured, "at_paper_epochs": scaled,
+                          "meets_target": scaled <= COST_TARGET}
     worst = max((r["at_paper_epochs"] for r in per_task.values()), default=None)
     return {"per_task": per_task, "worst_at_paper_epochs": worst, "target": COST_TARGET,
             "meets_target": None if worst is None else worst <= COST_TARGET}
@@ -242,15 +246,18 @@ def render_report(results: dict) -> str:
         out += ["", "## Training cost: HyBNN BNN vs bcnn-centered", ""]
         rows = [[t, _secs(r["hybnn_seconds"]) + f" / {r['hybnn_epochs']} ep",
                  _secs(r["bcnn_centered_seconds"]) + f" / {r['bcnn_centered_epochs']} ep",
-                 f"{r['measured']:.3f}", f"{r['at_paper_epochs']:.3f}"]
+                 f"{r['measured']:.3f}", f"{r['at_paper_epochs']:.3f}",
+                 "yes" if r["meets_target"] else "**no**"]
                 for t, r in ratios["per_task"].items()]
         out.append(_markdown_table(["task", "HyBNN BNN", "bcnn-centered", "ratio (as run)",
-                                    "ratio at 100 vs 15 epochs"], rows))
-        verdict = "meets" if ratios["meets_target"] else "misses"
+                                    "ratio at 100 vs 15 epochs", f"meets <= {COST_TARGET:g}"], rows))
+        missed = [t for t, r in ratios["per_task"].items() if not r["meets_target"]]
+        verdict = ("meets the target on every pair task" if not missed
+                   else f"misses the target on {', '.join(missed)}")
         out += ["", f"Worst ratio at the paper's epochs (HyBNN 100, bcnn-centered 15): "
-                f"**{ratios['worst_at_paper_epochs']:.3f}**, which {verdict} the target of at most "
-                f"{COST_TARGET:g} (1/5). The BNN trains on cached 25-byte codes, so the encoder's cost "
-                "is paid once per data set, not per epoch."]
+                f"**{ratios['worst_at_paper_epochs']:.3f}**; the run {verdict} (at most "
+                f"{COST_TARGET:g}, 1/{round(1 / COST_TARGET)}, per task). The BNN trains on cached "
+                "25-byte codes, so the encoder's cost is paid once per data set, not per epoch."]
 
     fed_tasks = [t for t in tasks if "fedhybnn" in results["tasks"][t]]
     if fed_tasks:
@@ -316,7 +323,8 @@ def summary_table(results: dict) -> str:
     ratios = cost_ratios(results)
     if ratios["worst_at_paper_epochs"] is not None:
         lines.append(f"HyBNN BNN / bcnn-centered training time at 100 vs 15 epochs: "
-                     f"{ratios['worst_at_paper_epochs']:.3f} (target <= {COST_TARGET:g})")
+                     f"{ratios['worst_at_paper_epochs']:.3f} (target <= {COST_TARGET:g} on every pair task: "
+                     f"{'met' if ratios['meets_target'] else 'missed'})")
     return "\n".join(lines)
 
 
