@@ -57,3 +57,11 @@ def test_fit_is_reproducible_and_keeps_latent_weights_clipped():
     assert all(float(w.abs().max()) <= 1.0 for w in latent_weights(model_a))  # lr 0.5 pushes them past 1
     assert [h["epoch"] for h in first.history] == [1, 2, 3]
     assert all(0.0 <= h["acc"] <= 1.0 and h["loss"] > 0 for h in first.history)
+
+
+def test_fit_reports_wall_and_cpu_time():
+    x = torch.randint(0, 2, (256, 16)).float() * 2 - 1
+    y = (x[:, 0] > 0).long()
+    result = fit(BNN(BNNConfig(in_bits=16, hidden=(8,))), x, y, TrainConfig(epochs=2, batch_size=64),
+                 progress=False)
+    assert result.seconds > 0 and result.cpu_seconds > 0

@@ -220,8 +220,9 @@ def train_baseline(
 ) -> dict:
     """Train baseline ``model_name`` on task ``task_name``; test it on the task's MNIST test images.
 
-    Returns ``{"model", "task", "test_acc", "test_loss", "train_seconds", "epochs",
-    "history", "config", "train_config", "train_samples", "samples_per_second"}``;
+    Returns ``{"model", "task", "test_acc", "test_loss", "train_seconds",
+    "train_cpu_seconds", "epochs", "history", "config", "train_config", "train_samples",
+    "samples_per_second"}``;
     ``history`` holds one ``{"epoch", "loss", "acc"}`` per epoch on the training
     batches. ``limit`` keeps only the first ``limit`` training samples (for tests).
 
@@ -252,6 +253,7 @@ def train_baseline(
         "test_acc": metrics["acc"],
         "test_loss": metrics["loss"],
         "train_seconds": seconds,
+        "train_cpu_seconds": result.cpu_seconds,
         "epochs": epochs,
         "history": result.history,
         "config": model.config.to_dict(),
