@@ -17,6 +17,12 @@ def test_keep_mask_drops_at_the_asked_rate(p):
     assert abs(float((~mask).float().mean()) - p) < 0.005  # 200,000 draws: sd <= 0.0011
 
 
+def test_keep_mask_in_a_float_dtype_is_the_same_mask_as_zeros_and_ones():
+    as_bool = keep_mask((64, 200), 0.2, torch.Generator().manual_seed(5))
+    as_float = keep_mask((64, 200), 0.2, torch.Generator().manual_seed(5), dtype=torch.float32)
+    assert as_float.dtype == torch.float32 and torch.equal(as_float, as_bool.float())
+
+
 def test_keep_mask_is_seeded_and_differs_between_draws():
     a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     first = keep_mask((64, 200), 0.2, a)

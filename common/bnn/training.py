@@ -114,18 +114,21 @@ DROPOUT_RESOLUTION = 2**16
 is rounded to a multiple of 1/65536 (0.2 becomes 0.199997)."""
 
 
-def keep_mask(shape: tuple[int, ...], drop_probability: float, generator: torch.Generator) -> torch.Tensor:
-    """A boolean mask of ``shape``: each entry is False (drop) with ``drop_probability``,
-    rounded to a multiple of 1/:data:`DROPOUT_RESOLUTION`.
+def keep_mask(shape: tuple[int, ...], drop_probability: float, generator: torch.Generator,
+              dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """A mask of ``shape`` in ``dtype``: each entry is 0 (drop) with ``drop_probability``,
+    rounded to a multiple of 1/:data:`DROPOUT_RESOLUTION`, else 1.
 
     ``torch.rand`` draws 32 random bits per float; here every 64-bit draw of
-    ``generator`` gives four 16-bit numbers, a quarter of the draws.
+    ``generator`` gives four 16-bit numbers, a quarter of the draws. The comparison
+    writes straight into ``dtype`` (a bool mask converted afterwards costs more).
     """
     n = math.prod(shape)
     words = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(2**63), None, generator=generator)
     lowest = -(DROPOUT_RESOLUTION // 2)  # the 16-bit numbers are uniform over [-32768, 32767]
     threshold = lowest + min(round(drop_probability * DROPOUT_RESOLUTION), DROPOUT_RESOLUTION - 1)
-    return words.view(torch.int16)[:n].view(shape) >= threshold
+    mask = torch.empty(shape, dtype=dtype)
+    return torch.ge(words.view(torch.int16)[:n].view(shape), threshold, out=mask)
 
 
 @dataclass
@@ -193,7 +196,8 @@ def fit(
             x_batch, y_batch = x.index_select(0, idx), y.index_select(0, idx)
             inputs = x_batch
             if config.input_dropout > 0:
-                inputs = x_batch * keep_mask(x_batch.shape, config.input_dropout, generator)
+                inputs = keep_mask(x_batch.shape, config.input_dropout, generator,
+                                   dtype=x_batch.dtype).mul_(x_batch)
             logits = model(inputs)
             loss = F.cross_entropy(logits, y_batch)
             if extra_loss is not None:
