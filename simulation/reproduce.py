@@ -241,6 +241,7 @@ def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir
         "test_acc": run.test_acc,
         "test_loss": run.test_loss,
         "train_seconds": run.train.seconds,
+        "train_cpu_seconds": run.train.cpu_seconds,
         "epochs": epochs,
         "history": run.train.history,
         "train_config": config.to_dict(),

@@ -76,6 +76,18 @@ def test_report_names_each_pair_task_that_misses_the_cost_target():
     assert "(target <= 0.1 on every pair task: missed)" in report.summary_table(results)
 
 
+def test_cost_table_shows_the_cpu_time_ratio_when_both_runs_recorded_it():
+    results = fake_results(federated=False)
+    assert "CPU-time ratio" not in report.render_report(results)
+    results["tasks"]["0v1"]["hybnn"]["train_cpu_seconds"] = 3.0
+    results["tasks"]["0v1"]["bcnn-centered"]["train_cpu_seconds"] = 40.0
+    ratio = report.cost_ratios(results)["per_task"]["0v1"]
+    assert ratio["cpu_at_paper_epochs"] == pytest.approx(3.0 / 40.0)
+    assert ratio["at_paper_epochs"] == pytest.approx(0.1)  # the target is still judged on wall time
+    text = report.render_report(results)
+    assert "| 0v1 | 6.0 s / 100 ep | 60.0 s / 15 ep | 0.100 | 0.100 | yes | 0.075 |" in text
+
+
 def test_cost_ratio_scales_short_profiles_to_paper_epochs_and_samples():
     results = fake_results(federated=False)
     results["tasks"]["0v1"]["hybnn"] = entry(0.99, 1.2, 20)                # 0.06 s/epoch
