@@ -233,6 +233,9 @@ def train_local(
         METRIC.train_seconds: float(result.seconds),
         METRIC.codec_version: codec.CODEC_VERSION,
     }
+    if round_config.uplink_codec == "flips" and round_config.server_round >= 2:
+        # Before the thresholds are recalibrated, so that they fit the signs this client reports.
+        metrics[METRIC.flips_dropped] = flipcodec.limit_model_flips(model, weights, round_config.flip_budget)
     if threshold_bn:
         thresholds.recalibrate(model, x)  # the thresholds sent: this client's data, not its last batches
     encoding = dict(bn_dtype=round_config.bn_dtype, bn_encoding=round_config.bn_encoding,

@@ -53,6 +53,7 @@ finiteness, non-negative running variance).
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 import zlib
 
@@ -183,6 +184,38 @@ def flip_positions(reference: np.ndarray, latent: np.ndarray) -> np.ndarray:
     return np.flatnonzero(ref != new)
 
 
+def flip_budget_count(budget: float, n_binary: int) -> int:
+    """How many flips a budget of ``budget`` (a share of the binary weights, in ``[0, 1]``) allows."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
+        raise FlipCodecError(f"the flip budget must be a share of the binary weights in [0, 1], got {budget!r}")
+    return int(math.floor(budget * n_binary))
+
+
+def keep_strongest_flips(reference: np.ndarray, latent: np.ndarray, max_flips: int) -> np.ndarray:
+    """``latent`` with at most ``max_flips`` signs flipped against ``reference``: the flips whose
+    latent weight went farthest past zero stay, the others go back to the reference's sign.
+
+    A client that restarts every round from the received signs at a small magnitude sees many
+    weights with a weak gradient wander across zero; those are the flips dropped. Ties go to the
+    lower position, so the choice is deterministic. A weight put back keeps its magnitude on the
+    reference's side (the smallest positive float32 where it is zero, so that a negative reference
+    sign survives ``sign(0) = +1``). Returns a new float32 array; ``latent`` is left as it is.
+    """
+    if isinstance(max_flips, bool) or not isinstance(max_flips, (int, np.integer)) or max_flips < 0:
+        raise FlipCodecError(f"the number of flips to keep must be a whole number >= 0, got {max_flips!r}")
+    latent = np.asarray(latent, dtype=np.float32).reshape(-1)
+    positions = flip_positions(reference, latent)
+    out = latent.copy()
+    if positions.size <= max_flips:
+        return out
+    # stable sort on the distance past zero, largest first: ties keep the lower position first
+    order = np.argsort(-np.abs(latent[positions]), kind="stable")
+    dropped = positions[order[max_flips:]]
+    magnitude = np.maximum(np.abs(latent[dropped]), np.finfo(np.float32).tiny)
+    out[dropped] = np.where(reference_bits(reference)[dropped], magnitude, -magnitude)
+    return out
+
+
 def encode_body(positions: np.ndarray, n_binary: int) -> tuple[int, bytes]:
     """The smallest of the three bodies for these flip positions: ``(method, body)``."""
     mask = np.zeros(n_binary, dtype=bool)
@@ -226,6 +259,18 @@ def encode_model_flips(model, reference: np.ndarray, bn_dtype: str = "float16", 
     layout = codec.layout_for(model.config)
     return encode_flips(reference, codec.binary_latents(model), codec.bn_vector(model, layout), bn_dtype,
                         bn_encoding, reference_bn, layout)
+
+
+def limit_model_flips(model, reference: np.ndarray, budget: float) -> int:
+    """Keep at most ``budget`` (a share of its binary weights) of a trained BNN's flips against
+    ``reference``, in place (:func:`keep_strongest_flips`); returns how many flips it put back."""
+    layout = codec.layout_for(model.config)
+    latent = codec.binary_latents(model)
+    kept = keep_strongest_flips(reference, latent, flip_budget_count(budget, layout.n_binary))
+    dropped = int(np.count_nonzero((kept >= 0) != (latent >= 0)))
+    if dropped:
+        codec.load_into_model(model, layout, kept, codec.bn_vector(model, layout))
+    return dropped
 
 
 # ------------------------------------------------------------------ decode and validate
@@ -361,6 +406,7 @@ def sign_bits_per_weight(payload: dict[str, np.ndarray], layout: codec.Layout) -
 
 __all__ = [
     "FLIPS_KEY", "FLIPT_KEY", "FLIP_FORMAT_VERSION", "FlipCodecError", "HEADER_BYTES", "decode_flips", "encode_flips",
-    "encode_model_flips", "flip_positions", "is_flips", "parse", "reference_digest", "rice_decode",
-    "rice_encode", "sign_bits_per_weight", "to_signs_payload",
+    "encode_model_flips", "flip_budget_count", "flip_positions", "is_flips", "keep_strongest_flips",
+    "limit_model_flips", "parse", "reference_digest", "rice_decode", "rice_encode", "sign_bits_per_weight",
+    "to_signs_payload",
 ]
