@@ -147,3 +147,14 @@ def test_the_client_keeps_its_strongest_flips_from_round_2_on():
     for bad in (-0.5, 1.5, "lots"):
         with pytest.raises(HyBNNError, match="flip-budget"):
             LocalRound.from_config(ConfigRecord({**base, "flip-budget": bad}))
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, float("nan"), True, [3]])
+def test_a_hostile_flips_dropped_metric_drops_the_reply(bad):
+    from common.federated import robust
+    from common.federated.wire import METRIC
+
+    good = {METRIC.num_examples: 10, METRIC.codec_version: codec.CODEC_VERSION}
+    assert robust.check_client_metrics({**good, METRIC.flips_dropped: 7})[0][METRIC.flips_dropped] == 7
+    with pytest.raises(robust.ReplyError, match="flips-dropped"):
+        robust.check_client_metrics({**good, METRIC.flips_dropped: bad})
