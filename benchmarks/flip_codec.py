@@ -3,28 +3,38 @@
 Usage::
 
     .venv/bin/python benchmarks/flip_codec.py [--tasks 0v1 2v3 4v5 6v7 8v9] [--rounds 20]
-        [--clients 3] [--encoder artifacts/encoder-paper] [--out runs/flip-codec] [--reuse]
+        [--clients 3] [--encoder artifacts/encoder-paper] [--data-root data] [--out runs/flip-codec]
+        [--reuse] [--flip-budgets 1 0.03] [--flips-lr 0.01]
 
 For every task it runs ``hybnn federate`` twice with the same seed and otherwise the
 command's defaults (IID split, vote aggregation, 2 local epochs, cosine learning rate):
-once with ``--uplink-codec signs``, once with ``--uplink-codec flips``. Each run is its own
-process, so one Ray session never leaks into the next. ``--reuse`` keeps a finished
-run's results.json instead of running it again (to resume an interrupted measurement).
-``--flips-lr 0.01`` adds, after all the default runs, one more flip run per task at that
-peak learning rate, compared against the default sign-codec run: the learning rate, not
-the coding, decides how many signs flip per round.
+once with ``--uplink-codec signs``, once with ``--uplink-codec flips`` (so with the
+default ``--flip-budget``: from round 2 on a client reports at most that share of its
+binary weights as flipped, its strongest flips). Each run is its own process, so one Ray
+session never leaks into the next. ``--reuse`` keeps a finished run's results.json
+instead of running it again (to resume an interrupted measurement, or to print the
+tables again).
+
+After the default runs, extra flip runs per task, each compared against the default
+sign-codec run: ``--flip-budgets 1`` (1: every flip, the lossless codec) and other
+budgets; ``--flips-lr 0.01``: a lower peak learning rate instead (the learning rate, not
+the coding, decides how many signs training flips).
 
 Reported per task, from results.json (the server measures every reply):
 
-* final global test accuracy with each codec, and the difference in points;
+* final global test accuracy with each codec, and the difference in points (the target:
+  within 0.2 points on every task);
 * over rounds 2..R, the mean per client and round of the bits the *binary weights* cost on
   the wire per binary weight (flip header + body, or the packed signs: exactly 1.0), and of
   the *whole uplink record* (batch norm and Flower's record headers included), both
-  divided by the number of binary weights;
-* the mean fraction of signs flipped against the received global model, per round.
+  divided by the number of binary weights (target: <= 0.25, mean over the tasks);
+* the mean share of signs sent as flipped against the received global model per client and
+  round, and the share the client's training flipped (sent plus the ``flips-dropped`` it
+  reports).
 
 Round 1 is left out of the means: it starts from a random model and about half the
-signs flip whatever the codec (the flip payload then falls back to the plain bitmap).
+signs flip whatever the codec (the flip payload then falls back to the plain bitmap, and
+the budget does not apply); the per-round table and the "rounds 1-R" line include it.
 """
 
 from __future__ import annotations
