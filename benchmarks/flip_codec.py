@@ -4,21 +4,21 @@ Usage::
 
     .venv/bin/python benchmarks/flip_codec.py [--tasks 0v1 2v3 4v5 6v7 8v9] [--rounds 20]
         [--clients 3] [--encoder artifacts/encoder-paper] [--data-root data] [--out runs/flip-codec]
-        [--reuse] [--flip-budgets 1 0.03] [--flips-lr 0.01]
+        [--reuse] [--flip-blocks 1 2] [--flips-lr 0.01]
 
 For every task it runs ``hybnn federate`` twice with the same seed and otherwise the
 command's defaults (IID split, vote aggregation, 2 local epochs, cosine learning rate):
 once with ``--uplink-codec signs``, once with ``--uplink-codec flips`` (so with the
-default ``--flip-budget``: from round 2 on a client reports at most that share of its
-binary weights as flipped, its strongest flips). Each run is its own process, so one Ray
-session never leaks into the next. ``--reuse`` keeps a finished run's results.json
-instead of running it again (to resume an interrupted measurement, or to print the
-tables again).
+default ``--flip-blocks``: from round 2 on the clients train, and flip, one block of the
+binary weights per round). Each run is its own process, so one Ray session never leaks
+into the next. ``--reuse`` keeps a finished run's results.json instead of running it
+again (to resume an interrupted measurement, or to print the tables again).
 
-After the default runs, extra flip runs per task, each compared against the default
-sign-codec run: ``--flip-budgets 1`` (1: every flip, the lossless codec) and other
-budgets; ``--flips-lr 0.01``: a lower peak learning rate instead (the learning rate, not
-the coding, decides how many signs training flips).
+After the default runs come extra flip runs per task, each compared against the default
+sign-codec run: ``--flip-blocks 1`` (every weight in every round: the flip codec without
+blocks, lossless against the sign codec) or other block counts; ``--flips-lr 0.01``: a
+lower peak learning rate (the learning rate, not the coding, decides how many signs
+training flips).
 
 Reported per task, from results.json (the server measures every reply):
 
@@ -28,13 +28,11 @@ Reported per task, from results.json (the server measures every reply):
   the wire per binary weight (flip header + body, or the packed signs: exactly 1.0), and of
   the *whole uplink record* (batch norm and Flower's record headers included), both
   divided by the number of binary weights (target: <= 0.25, mean over the tasks);
-* the mean share of signs sent as flipped against the received global model per client and
-  round, and the share the client's training flipped (sent plus the ``flips-dropped`` it
-  reports).
+* the mean share of signs flipped against the received global model, per round.
 
-Round 1 is left out of the means: it starts from a random model and about half the
-signs flip whatever the codec (the flip payload then falls back to the plain bitmap, and
-the budget does not apply); the per-round table and the "rounds 1-R" line include it.
+Round 1 is left out of the means: it starts from a random model and about half the signs
+flip whatever the codec (the flip payload then falls back to the plain bitmap; blocks
+start in round 2). The per-round table and the "rounds 1-R" line include it.
 """
 
 from __future__ import annotations
@@ -50,21 +48,19 @@ TASKS = ("0v1", "2v3", "4v5", "6v7", "8v9")
 CODECS = ("signs", "flips")
 TARGET_BITS = 0.25
 TARGET_POINTS = 0.2
-N_BINARY = 25_856
-"""Binary weights of the pair tasks' BNN (200 input bits, 128 hidden units, 2 outputs)."""
 
 
 def run(task: str, uplink_codec: str, args: argparse.Namespace, lr: float | None = None,
-        flip_budget: float | None = None) -> dict:
+        flip_blocks: int | None = None) -> dict:
     """One ``hybnn federate`` run (or its earlier results with ``--reuse``); its results.json."""
     name = f"{task}-{uplink_codec}" + (f"-lr{lr:g}" if lr is not None else "") + (
-        f"-budget{flip_budget:g}" if flip_budget is not None else "")
+        f"-blocks{flip_blocks}" if flip_blocks is not None else "")
     out = Path(args.out) / name
     arguments = ["--task", task, "--clients", str(args.clients), "--rounds", str(args.rounds),
                  "--partition", "iid", "--uplink-codec", uplink_codec, "--encoder", str(args.encoder),
                  "--data-root", str(args.data_root), "--seed", str(args.seed)]
     arguments += ["--lr", str(lr)] if lr is not None else []
-    arguments += ["--flip-budget", str(flip_budget)] if flip_budget is not None else []
+    arguments += ["--flip-blocks", str(flip_blocks)] if flip_blocks is not None else []
     return federate(arguments, f"{name}", out, Path(args.out) / f"{name}.log",
                     reuse=args.reuse, rounds=args.rounds)
 
@@ -74,26 +70,11 @@ def mean_after_first(results: dict, key: str) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def trained_flip_fraction(results: dict) -> float:
-    """Over rounds 2..R, the mean share of signs a client's training flipped, before the flip budget
-    put some back: the flips the server counted plus those the client reports it dropped."""
-    values = []
-    for r in results["rounds"]:
-        if r["round"] < 2:
-            continue
-        for c in r.get("clients", []):
-            if c.get("sign_flips") is not None:
-                dropped = c.get("reported", {}).get("flips_dropped", 0)
-                values.append((c["sign_flips"] + dropped) / N_BINARY)
-    return sum(values) / len(values) if values else math.nan
-
-
 def flip_row(flips: dict) -> dict:
     """What a flip run is reported with, beside its accuracy."""
     return {"flip_sign_bits": mean_after_first(flips, "sign_bits_per_binary_weight"),
             "flip_record_bits": mean_after_first(flips, "uplink_bits_per_binary_weight"),
             "flip_fraction": mean_after_first(flips, "sign_flip_fraction"),
-            "trained_flip_fraction": trained_flip_fraction(flips),
             "round_1_sign_bits": flips["rounds"][0]["sign_bits_per_binary_weight"]}
 
 
@@ -110,12 +91,11 @@ def extra_table(title: str, label: str, entries: list[dict]) -> None:
     print(title)
     print()
     print(f"| task | final acc signs (defaults) | final acc flips ({label}) | diff (points) | flips: weight bits/w | "
-          "flips: whole record bits/w | signs flipped per round (sent) | signs flipped by training |")
-    print("|---|---|---|---|---|---|---|---|")
+          "flips: whole record bits/w | signs flipped per round |")
+    print("|---|---|---|---|---|---|---|")
     for e in entries:
         print(f"| {e['task']} | {e['acc_signs']:.4f} | {e['acc_flips']:.4f} | {e['diff_points']:+.2f} | "
-              f"{e['flip_sign_bits']:.3f} | {e['flip_record_bits']:.3f} | {100 * e['flip_fraction']:.2f}% | "
-              f"{100 * e['trained_flip_fraction']:.2f}% |")
+              f"{e['flip_sign_bits']:.3f} | {e['flip_record_bits']:.3f} | {100 * e['flip_fraction']:.2f}% |")
     bits = sum(e["flip_sign_bits"] for e in entries) / len(entries)
     worst = max(abs(e["diff_points"]) for e in entries)
     print()
@@ -135,8 +115,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep finished runs' results.json")
     parser.add_argument("--flips-lr", type=float, nargs="*", default=[],
                         help="extra flip runs per task at these peak learning rates (after the default runs)")
-    parser.add_argument("--flip-budgets", type=float, nargs="*", default=[],
-                        help="extra flip runs per task with these --flip-budget values (after the default runs)")
+    parser.add_argument("--flip-blocks", type=int, nargs="*", default=[],
+                        help="extra flip runs per task with these --flip-blocks values (after the default runs)")
     args = parser.parse_args()
 
     rows = []
@@ -165,18 +145,16 @@ def main() -> None:
     print()
     print("| task | final acc signs | final acc flips | diff (points) | flips: weight bits/w | "
           "signs: weight bits/w | flips: whole record bits/w | signs: whole record bits/w | "
-          "signs flipped per round (sent) | signs flipped by training |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "signs flipped per round |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['task']} | {row['acc_signs']:.4f} | {row['acc_flips']:.4f} | {row['diff_points']:+.2f} | "
               f"{row['flip_sign_bits']:.3f} | {row['signs_sign_bits']:.3f} | {row['flip_record_bits']:.3f} | "
-              f"{row['signs_record_bits']:.3f} | {100 * row['flip_fraction']:.2f}% | "
-              f"{100 * row['trained_flip_fraction']:.2f}% |")
+              f"{row['signs_record_bits']:.3f} | {100 * row['flip_fraction']:.2f}% |")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "task"}
     print(f"| mean | {mean['acc_signs']:.4f} | {mean['acc_flips']:.4f} | {mean['diff_points']:+.2f} | "
           f"{mean['flip_sign_bits']:.3f} | {mean['signs_sign_bits']:.3f} | {mean['flip_record_bits']:.3f} | "
-          f"{mean['signs_record_bits']:.3f} | {100 * mean['flip_fraction']:.2f}% | "
-          f"{100 * mean['trained_flip_fraction']:.2f}% |")
+          f"{mean['signs_record_bits']:.3f} | {100 * mean['flip_fraction']:.2f}% |")
     print()
     print("Per round, flips codec, mean over tasks:")
     print()
@@ -200,7 +178,7 @@ def main() -> None:
           f"{TARGET_POINTS} points on every task: bits {'met' if bits_ok else 'NOT met'}, "
           f"accuracy {'met' if acc_ok else 'NOT met'}.")
     extra = []
-    for kind, values in (("lr", args.flips_lr), ("flip_budget", args.flip_budgets)):
+    for kind, values in (("lr", args.flips_lr), ("flip_blocks", args.flip_blocks)):
         for value in values:
             entries = []
             for task in args.tasks:
@@ -208,7 +186,7 @@ def main() -> None:
                 signs_acc = default_runs[task]["signs"]["final_test_acc"]
                 entries.append({kind: value, "task": task, "acc_signs": signs_acc, "acc_flips": flips["final_test_acc"],
                                 "diff_points": (flips["final_test_acc"] - signs_acc) * 100, **flip_row(flips)})
-            label = f"lr {value:g}" if kind == "lr" else f"flip-budget {value:g}"
+            label = f"lr {value:g}" if kind == "lr" else f"flip-blocks {value}"
             extra_table(f"Flips with --{kind.replace('_', '-')} {value:g} against the sign codec with the defaults:",
                         label, entries)
             extra += entries

@@ -224,7 +224,20 @@ def train_local(
     train_config = TrainConfig(epochs=round_config.local_epochs, lr=round_config.lr,
                                batch_size=max(2, min(round_config.batch_size, len(y))), seed=seed,
                                final_lr_fraction=round_config.final_lr_fraction)
-    result = fit(model, x, y, train_config, progress=False)
+    hooks, block = [], None
+    if round_config.uplink_codec == "flips":
+        # Train, and so flip, only this round's block of the binary weights (all of them in round 1).
+        start, stop = flipcodec.flip_block(round_config.server_round, round_config.flip_blocks, layout.n_binary)
+        if stop - start < layout.n_binary:
+            block, start_latent = flipcodec.block_mask(start, stop, layout.n_binary), codec.binary_latents(model)
+            hooks = flipcodec.freeze_outside(model, block)
+    try:
+        result = fit(model, x, y, train_config, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if block is not None:
+        flipcodec.restore_outside(model, start_latent, block)
     last = result.history[-1] if result.history else {"loss": float("nan"), "acc": float("nan")}
     metrics = {
         METRIC.num_examples: int(len(y)),
@@ -233,9 +246,6 @@ def train_local(
         METRIC.train_seconds: float(result.seconds),
         METRIC.codec_version: codec.CODEC_VERSION,
     }
-    if round_config.uplink_codec == "flips" and round_config.server_round >= 2:
-        # Before the thresholds are recalibrated, so that they fit the signs this client reports.
-        metrics[METRIC.flips_dropped] = flipcodec.limit_model_flips(model, weights, round_config.flip_budget)
     if threshold_bn:
         thresholds.recalibrate(model, x)  # the thresholds sent: this client's data, not its last batches
     encoding = dict(bn_dtype=round_config.bn_dtype, bn_encoding=round_config.bn_encoding,

@@ -46,14 +46,13 @@ STAGING_LOCK_NAME = ".lock"
 
 DETERMINING_SETTINGS = (
     "task", "num_server_rounds", "local_epochs", "lr", "lr_schedule", "batch_size", "aggregation",
-    "vote_latent_scale", "mean_latent_scale", "bn_dtype", "uplink_codec", "flip_budget", "partition", "dirichlet_alpha", "seed",
+    "vote_latent_scale", "mean_latent_scale", "bn_dtype", "uplink_codec", "partition", "dirichlet_alpha", "seed",
     "min_available_nodes", "dataset",
 )
 """The run-config settings a resumed run must share with the checkpoint: they decide the model."""
-SETTING_DEFAULTS = {"dataset": "mnist", "mean_latent_scale": 1.0, "flip_budget": 1.0}
+SETTING_DEFAULTS = {"dataset": "mnist", "mean_latent_scale": 1.0}
 """What a checkpoint that predates a setting ran with (checkpoints before ``dataset`` were MNIST's,
-before ``mean_latent_scale`` the clients restarted from the mean itself, before ``flip_budget`` a flip
-uplink carried every flip)."""
+before ``mean_latent_scale`` the clients restarted from the mean itself)."""
 
 
 @dataclass(frozen=True)

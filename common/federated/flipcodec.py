@@ -53,11 +53,11 @@ finiteness, non-negative running variance).
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 import zlib
 
 import numpy as np
+import torch
 
 from common.federated import codec
 from common.packing import pack_bits, packed_length, unpack_bits
@@ -184,36 +184,66 @@ def flip_positions(reference: np.ndarray, latent: np.ndarray) -> np.ndarray:
     return np.flatnonzero(ref != new)
 
 
-def flip_budget_count(budget: float, n_binary: int) -> int:
-    """How many flips a budget of ``budget`` (a share of the binary weights, in ``[0, 1]``) allows."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
-        raise FlipCodecError(f"the flip budget must be a share of the binary weights in [0, 1], got {budget!r}")
-    return int(math.floor(budget * n_binary))
+def flip_block(server_round: int, blocks: int, n_binary: int) -> tuple[int, int]:
+    """The binary weights ``[start, stop)`` the clients train, and may flip, in ``server_round``.
 
-
-def keep_strongest_flips(reference: np.ndarray, latent: np.ndarray, max_flips: int) -> np.ndarray:
-    """``latent`` with at most ``max_flips`` signs flipped against ``reference``: the flips whose
-    latent weight went farthest past zero stay, the others go back to the reference's sign.
-
-    A client that restarts every round from the received signs at a small magnitude sees many
-    weights with a weak gradient wander across zero; those are the flips dropped. Ties go to the
-    lower position, so the choice is deterministic. A weight put back keeps its magnitude on the
-    reference's side (the smallest positive float32 where it is zero, so that a negative reference
-    sign survives ``sign(0) = +1``). Returns a new float32 array; ``latent`` is left as it is.
+    Round 1 starts from the random initial model: every weight. From round 2 on the ``n_binary``
+    weights are cut into ``blocks`` contiguous blocks of (nearly) equal size, and round ``r``
+    trains block ``r mod blocks``; ``blocks = 1``: every weight in every round. Every client and
+    the server compute the same block from the round number alone.
     """
-    if isinstance(max_flips, bool) or not isinstance(max_flips, (int, np.integer)) or max_flips < 0:
-        raise FlipCodecError(f"the number of flips to keep must be a whole number >= 0, got {max_flips!r}")
-    latent = np.asarray(latent, dtype=np.float32).reshape(-1)
-    positions = flip_positions(reference, latent)
-    out = latent.copy()
-    if positions.size <= max_flips:
-        return out
-    # stable sort on the distance past zero, largest first: ties keep the lower position first
-    order = np.argsort(-np.abs(latent[positions]), kind="stable")
-    dropped = positions[order[max_flips:]]
-    magnitude = np.maximum(np.abs(latent[dropped]), np.finfo(np.float32).tiny)
-    out[dropped] = np.where(reference_bits(reference)[dropped], magnitude, -magnitude)
-    return out
+    checks = (("server round", server_round, 0), ("flip-blocks", blocks, 1), ("binary weights", n_binary, 1))
+    for name, value, low in checks:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise FlipCodecError(f"the {name} must be a whole number >= {low}, got {value!r}")
+    if blocks > n_binary:
+        raise FlipCodecError(f"flip-blocks {blocks} is more than the {n_binary} binary weights")
+    if server_round < 2 or blocks == 1:
+        return 0, int(n_binary)
+    index = server_round % blocks
+    return int(index * n_binary // blocks), int((index + 1) * n_binary // blocks)
+
+
+def block_mask(start: int, stop: int, n_binary: int) -> np.ndarray:
+    """``True`` on the binary weights in ``[start, stop)``."""
+    if not 0 <= start <= stop <= n_binary:
+        raise FlipCodecError(f"the block [{start}, {stop}) does not lie within the {n_binary} binary weights")
+    mask = np.zeros(n_binary, dtype=bool)
+    mask[start:stop] = True
+    return mask
+
+
+def freeze_outside(model, mask: np.ndarray) -> list:
+    """Let training move only the binary latent weights where ``mask`` (layout order) is ``True``:
+    a gradient hook on each binary layer zeroes the others' gradients (Adam then leaves them as
+    they are). Returns the hooks' handles; call ``.remove()`` on each when training is done."""
+    layers = model.binary_layers()
+    sizes = [layer.weight.numel() for layer in layers]
+    if mask.shape != (sum(sizes),):
+        raise FlipCodecError(f"the block mask has {mask.size} entries, the model {sum(sizes)} binary weights")
+    handles, offset = [], 0
+    for layer, size in zip(layers, sizes):
+        keep = torch.from_numpy(mask[offset : offset + size].reshape(layer.weight.shape).astype(np.float32))
+        handles.append(layer.weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype)))
+        offset += size
+    return handles
+
+
+def restore_outside(model, start_latent: np.ndarray, mask: np.ndarray) -> int:
+    """Put the binary latent weights outside ``mask`` back to ``start_latent`` (what training
+    started from), whatever the optimizer did to them; returns how many signs that changed back.
+    The flips a client sends then lie in its round's block, whatever the training loop."""
+    layout = codec.layout_for(model.config)
+    latent = codec.binary_latents(model)
+    start_latent = np.asarray(start_latent, dtype=np.float32).reshape(-1)
+    if start_latent.shape != latent.shape or mask.shape != latent.shape:
+        raise FlipCodecError(f"expected {latent.size} starting latents and mask entries, got "
+                             f"{start_latent.size} and {mask.size}")
+    restored = np.where(mask, latent, start_latent)
+    changed = int(np.count_nonzero((restored >= 0) != (latent >= 0)))
+    if not np.array_equal(restored, latent):
+        codec.load_into_model(model, layout, restored, codec.bn_vector(model, layout))
+    return changed
 
 
 def encode_body(positions: np.ndarray, n_binary: int) -> tuple[int, bytes]:
@@ -259,18 +289,6 @@ def encode_model_flips(model, reference: np.ndarray, bn_dtype: str = "float16", 
     layout = codec.layout_for(model.config)
     return encode_flips(reference, codec.binary_latents(model), codec.bn_vector(model, layout), bn_dtype,
                         bn_encoding, reference_bn, layout)
-
-
-def limit_model_flips(model, reference: np.ndarray, budget: float) -> int:
-    """Keep at most ``budget`` (a share of its binary weights) of a trained BNN's flips against
-    ``reference``, in place (:func:`keep_strongest_flips`); returns how many flips it put back."""
-    layout = codec.layout_for(model.config)
-    latent = codec.binary_latents(model)
-    kept = keep_strongest_flips(reference, latent, flip_budget_count(budget, layout.n_binary))
-    dropped = int(np.count_nonzero((kept >= 0) != (latent >= 0)))
-    if dropped:
-        codec.load_into_model(model, layout, kept, codec.bn_vector(model, layout))
-    return dropped
 
 
 # ------------------------------------------------------------------ decode and validate
@@ -405,8 +423,7 @@ def sign_bits_per_weight(payload: dict[str, np.ndarray], layout: codec.Layout) -
 
 
 __all__ = [
-    "FLIPS_KEY", "FLIPT_KEY", "FLIP_FORMAT_VERSION", "FlipCodecError", "HEADER_BYTES", "decode_flips", "encode_flips",
-    "encode_model_flips", "flip_budget_count", "flip_positions", "is_flips", "keep_strongest_flips",
-    "limit_model_flips", "parse", "reference_digest", "rice_decode", "rice_encode", "sign_bits_per_weight",
-    "to_signs_payload",
+    "FLIPS_KEY", "FLIPT_KEY", "FLIP_FORMAT_VERSION", "FlipCodecError", "HEADER_BYTES", "block_mask", "decode_flips",
+    "encode_flips", "encode_model_flips", "flip_block", "flip_positions", "freeze_outside", "is_flips", "parse",
+    "reference_digest", "restore_outside", "rice_decode", "rice_encode", "sign_bits_per_weight", "to_signs_payload",
 ]

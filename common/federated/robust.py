@@ -67,7 +67,6 @@ CLIENT_METRICS: dict[str, MetricSpec] = {
     METRIC.train_loss: MetricSpec(float, 0.0),
     METRIC.train_acc: MetricSpec(float, 0.0, 1.0),
     METRIC.train_seconds: MetricSpec(float, 0.0),
-    METRIC.flips_dropped: MetricSpec(int, 0),
 }
 """What a client may report, and nothing else counts. ``train-*`` are averaged over the round."""
 AVERAGED_METRICS = (METRIC.train_loss, METRIC.train_acc, METRIC.train_seconds)

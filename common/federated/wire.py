@@ -67,8 +67,6 @@ class MetricKeys:
     train_loss: str = "train-loss"
     train_acc: str = "train-acc"
     train_seconds: str = "train-seconds"
-    flips_dropped: str = "flips-dropped"
-    """Flip uplink: the flips the client put back to stay within flip-budget."""
 
 
 RECORD = RecordKeys()
