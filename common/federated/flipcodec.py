@@ -8,7 +8,18 @@ flipped signs carry the update in far fewer bits than the 1-bit sign codec of
 ``mean`` mode. The server knows that reference because it sent it: the current
 round's global model.
 
-Numpy in, numpy out, no Flower import, like :mod:`common.federated.codec`.
+Flip blocks (``flip-blocks``, default 4): from round 2 on, the clients train only one
+contiguous block of the binary weights per round, block ``round mod flip-blocks``
+(:func:`flip_block`), so every flip they send lies in it. A client's flips are mostly weights
+with a weak gradient that wander across zero, nearly independent from one client to the
+next; the vote keeps a weight's flip only where most clients made it. Cutting each
+client's flips to its strongest few (a flip budget) left the clients' flips too few to
+agree on, and the global model barely moved; with blocks all clients train the same
+weights in a round, so the vote works as it does without blocks, on a quarter of the
+weights at a time (docs/federated.md, "Sign-flip uplink").
+
+Numpy in, numpy out, no Flower import, like :mod:`common.federated.codec`; the block
+helpers take the torch model.
 
 Payload
 -------
