@@ -200,8 +200,8 @@ def flip_block(server_round: int, blocks: int, n_binary: int) -> tuple[int, int]
 
     Round 1 starts from the random initial model: every weight. From round 2 on the ``n_binary``
     weights are cut into ``blocks`` contiguous blocks of (nearly) equal size, and round ``r``
-    trains block ``r mod blocks``; ``blocks = 1``: every weight in every round. Every client and
-    the server compute the same block from the round number alone.
+    trains block ``r mod blocks``; ``blocks = 1``: every weight in every round. Every client
+    computes the same block from the round number alone; nothing about it travels.
     """
     checks = (("server round", server_round, 0), ("flip-blocks", blocks, 1), ("binary weights", n_binary, 1))
     for name, value, low in checks:
