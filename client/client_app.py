@@ -9,7 +9,8 @@ Each round a client
 2. extracts its features once (packed 200-bit codes, cached on disk under the
    encoder's hash) and keeps its partition of the task's training samples, chosen
    with flwr-datasets partitioners from ``partition-id`` / ``num-partitions``;
-3. trains the BNN for ``local-epochs`` from the received global model;
+3. trains the BNN for ``local-epochs`` from the received global model (with the flip uplink, from
+   round 2 on, only the round's block of its binary weights: ``flip-blocks``);
 4. replies with the packed BNN (signs + batch norm, :mod:`common.federated.codec`), or, when the
    train config says ``uplink-codec = "flips"``, only the signs that changed against the
    global model it received (:mod:`common.federated.flipcodec`), and a few metrics. Nothing else
@@ -224,7 +225,20 @@ def train_local(
     train_config = TrainConfig(epochs=round_config.local_epochs, lr=round_config.lr,
                                batch_size=max(2, min(round_config.batch_size, len(y))), seed=seed,
                                final_lr_fraction=round_config.final_lr_fraction)
-    result = fit(model, x, y, train_config, progress=False)
+    hooks, block = [], None
+    if round_config.uplink_codec == "flips":
+        # Train, and so flip, only this round's block of the binary weights (all of them in round 1).
+        start, stop = flipcodec.flip_block(round_config.server_round, round_config.flip_blocks, layout.n_binary)
+        if stop - start < layout.n_binary:
+            block, start_latent = flipcodec.block_mask(start, stop, layout.n_binary), codec.binary_latents(model)
+            hooks = flipcodec.freeze_outside(model, block)
+    try:
+        result = fit(model, x, y, train_config, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if block is not None:
+        flipcodec.restore_outside(model, start_latent, block)
     last = result.history[-1] if result.history else {"loss": float("nan"), "acc": float("nan")}
     metrics = {
         METRIC.num_examples: int(len(y)),

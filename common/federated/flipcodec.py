@@ -8,7 +8,18 @@ flipped signs carry the update in far fewer bits than the 1-bit sign codec of
 ``mean`` mode. The server knows that reference because it sent it: the current
 round's global model.
 
-Numpy in, numpy out, no Flower import, like :mod:`common.federated.codec`.
+Flip blocks (``flip-blocks``, default 4): from round 2 on, the clients train only one
+contiguous block of the binary weights per round, block ``round mod flip-blocks``
+(:func:`flip_block`), so every flip they send lies in it. A client's flips are mostly weights
+with a weak gradient that wander across zero, nearly independent from one client to the
+next; the vote keeps a weight's flip only where most clients made it. Cutting each
+client's flips to its strongest few (a flip budget) left the clients' flips too few to
+agree on, and the global model barely moved; with blocks all clients train the same
+weights in a round, so the vote works as it does without blocks, on a quarter of the
+weights at a time (docs/federated.md, "Sign-flip uplink").
+
+Numpy in, numpy out, no Flower import, like :mod:`common.federated.codec`; the block
+helpers take the torch model.
 
 Payload
 -------
@@ -57,6 +68,7 @@ import struct
 import zlib
 
 import numpy as np
+import torch
 
 from common.federated import codec
 from common.packing import pack_bits, packed_length, unpack_bits
@@ -181,6 +193,68 @@ def flip_positions(reference: np.ndarray, latent: np.ndarray) -> np.ndarray:
     if ref.shape != new.shape:
         raise FlipCodecError(f"the reference has {ref.size} binary weights, the model {new.size}")
     return np.flatnonzero(ref != new)
+
+
+def flip_block(server_round: int, blocks: int, n_binary: int) -> tuple[int, int]:
+    """The binary weights ``[start, stop)`` the clients train, and may flip, in ``server_round``.
+
+    Round 1 starts from the random initial model: every weight. From round 2 on the ``n_binary``
+    weights are cut into ``blocks`` contiguous blocks of (nearly) equal size, and round ``r``
+    trains block ``r mod blocks``; ``blocks = 1``: every weight in every round. Every client
+    computes the same block from the round number alone; nothing about it travels.
+    """
+    checks = (("server round", server_round, 0), ("flip-blocks", blocks, 1), ("binary weights", n_binary, 1))
+    for name, value, low in checks:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise FlipCodecError(f"the {name} must be a whole number >= {low}, got {value!r}")
+    if blocks > n_binary:
+        raise FlipCodecError(f"flip-blocks {blocks} is more than the {n_binary} binary weights")
+    if server_round < 2 or blocks == 1:
+        return 0, int(n_binary)
+    index = server_round % blocks
+    return int(index * n_binary // blocks), int((index + 1) * n_binary // blocks)
+
+
+def block_mask(start: int, stop: int, n_binary: int) -> np.ndarray:
+    """``True`` on the binary weights in ``[start, stop)``."""
+    if not 0 <= start <= stop <= n_binary:
+        raise FlipCodecError(f"the block [{start}, {stop}) does not lie within the {n_binary} binary weights")
+    mask = np.zeros(n_binary, dtype=bool)
+    mask[start:stop] = True
+    return mask
+
+
+def freeze_outside(model, mask: np.ndarray) -> list:
+    """Let training move only the binary latent weights where ``mask`` (layout order) is ``True``:
+    a gradient hook on each binary layer zeroes the others' gradients (Adam then leaves them as
+    they are). Returns the hooks' handles; call ``.remove()`` on each when training is done."""
+    layers = model.binary_layers()
+    sizes = [layer.weight.numel() for layer in layers]
+    if mask.shape != (sum(sizes),):
+        raise FlipCodecError(f"the block mask has {mask.size} entries, the model {sum(sizes)} binary weights")
+    handles, offset = [], 0
+    for layer, size in zip(layers, sizes):
+        keep = torch.from_numpy(mask[offset : offset + size].reshape(layer.weight.shape).astype(np.float32))
+        handles.append(layer.weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype)))
+        offset += size
+    return handles
+
+
+def restore_outside(model, start_latent: np.ndarray, mask: np.ndarray) -> int:
+    """Put the binary latent weights outside ``mask`` back to ``start_latent`` (what training
+    started from), whatever the optimizer did to them; returns how many signs that changed back.
+    The flips a client sends then lie in its round's block, whatever the training loop."""
+    layout = codec.layout_for(model.config)
+    latent = codec.binary_latents(model)
+    start_latent = np.asarray(start_latent, dtype=np.float32).reshape(-1)
+    if start_latent.shape != latent.shape or mask.shape != latent.shape:
+        raise FlipCodecError(f"expected {latent.size} starting latents and mask entries, got "
+                             f"{start_latent.size} and {mask.size}")
+    restored = np.where(mask, latent, start_latent)
+    changed = int(np.count_nonzero((restored >= 0) != (latent >= 0)))
+    if not np.array_equal(restored, latent):
+        codec.load_into_model(model, layout, restored, codec.bn_vector(model, layout))
+    return changed
 
 
 def encode_body(positions: np.ndarray, n_binary: int) -> tuple[int, bytes]:
@@ -360,7 +434,7 @@ def sign_bits_per_weight(payload: dict[str, np.ndarray], layout: codec.Layout) -
 
 
 __all__ = [
-    "FLIPS_KEY", "FLIPT_KEY", "FLIP_FORMAT_VERSION", "FlipCodecError", "HEADER_BYTES", "decode_flips", "encode_flips",
-    "encode_model_flips", "flip_positions", "is_flips", "parse", "reference_digest", "rice_decode",
-    "rice_encode", "sign_bits_per_weight", "to_signs_payload",
+    "FLIPS_KEY", "FLIPT_KEY", "FLIP_FORMAT_VERSION", "FlipCodecError", "HEADER_BYTES", "block_mask", "decode_flips",
+    "encode_flips", "encode_model_flips", "flip_block", "flip_positions", "freeze_outside", "is_flips", "parse",
+    "reference_digest", "restore_outside", "rice_decode", "rice_encode", "sign_bits_per_weight", "to_signs_payload",
 ]

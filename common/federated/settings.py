@@ -177,6 +177,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("uplink-codec", str, "signs", "uplink: signs, every sign bit (1 bit per binary weight); or flips, "
             "only the signs changed against the received global model (docs/federated.md)", reads="both",
             choices=("signs", "flips"), field="uplink_codec", per_round=True),
+    Setting("flip-blocks", int, 4, "flips uplink, from round 2 on: the binary weights are cut into this many "
+            "contiguous blocks, and in each round the clients train, and so flip, only one of them (block round mod "
+            "flip-blocks); 1: every weight in every round (docs/federated.md)", reads="both", minimum=1,
+            maximum=25856, field="flip_blocks", per_round=True),
     # ---------------------------------------------------------------- files
     Setting("encoder-sha256", str, "", "the encoder every party must hold; empty: the hash of the server's "
             "encoder", reads="both", per_round=True),

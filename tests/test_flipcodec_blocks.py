@@ -1,0 +1,157 @@
+"""Flip blocks: from round 2 on, clients train and flip one block of the binary weights per round."""
+
+import numpy as np
+import pytest
+import torch
+
+from common.bnn.model import BNN, BNNConfig
+from common.bnn.training import TrainConfig, fit
+from common.federated import codec
+from common.federated import flipcodec as fc
+
+
+def _signs(x: np.ndarray) -> np.ndarray:
+    return np.where(np.asarray(x) >= 0, 1.0, -1.0).astype(np.float32)
+
+
+def test_round_1_and_one_block_train_every_weight():
+    assert fc.flip_block(1, 4, 25_856) == (0, 25_856)
+    assert fc.flip_block(0, 4, 25_856) == (0, 25_856)
+    for server_round in (2, 3, 17):
+        assert fc.flip_block(server_round, 1, 25_856) == (0, 25_856)
+
+
+@pytest.mark.parametrize("blocks", [2, 3, 4, 7, 25_856])
+def test_blocks_cover_every_weight_once_per_cycle(blocks):
+    n = 25_856
+    seen = np.zeros(n, dtype=int)
+    sizes = set()
+    for server_round in range(2, 2 + blocks):
+        start, stop = fc.flip_block(server_round, blocks, n)
+        assert 0 <= start < stop <= n
+        seen[start:stop] += 1
+        sizes.add(stop - start)
+    assert np.all(seen == 1)
+    assert max(sizes) - min(sizes) <= 1
+    # The cycle repeats: the block depends on the round number alone.
+    assert fc.flip_block(2, blocks, n) == fc.flip_block(2 + blocks, blocks, n)
+
+
+@pytest.mark.parametrize("server_round, blocks, n_binary, match", [
+    (2, 0, 100, "flip-blocks must be a whole number >= 1"),
+    (2, -3, 100, "flip-blocks"),
+    (2, 2.5, 100, "flip-blocks"),
+    (2, True, 100, "flip-blocks"),
+    (-1, 4, 100, "server round"),
+    ("2", 4, 100, "server round"),
+    (2, 101, 100, "more than the 100 binary weights"),
+    (2, 4, 0, "binary weights"),
+])
+def test_bad_block_arguments_are_refused(server_round, blocks, n_binary, match):
+    with pytest.raises(fc.FlipCodecError, match=match):
+        fc.flip_block(server_round, blocks, n_binary)
+
+
+def test_block_mask_checks_its_range():
+    np.testing.assert_array_equal(fc.block_mask(1, 3, 5), [False, True, True, False, False])
+    for start, stop in ((-1, 3), (3, 2), (0, 6)):
+        with pytest.raises(fc.FlipCodecError, match="does not lie within"):
+            fc.block_mask(start, stop, 5)
+
+
+def _data(n: int = 256):
+    torch.manual_seed(1)
+    x = torch.where(torch.rand(n, 200) < 0.5, -1.0, 1.0)
+    return x, (x[:, :3].sum(dim=1) > 0).long()
+
+
+def test_training_moves_only_the_block():
+    torch.manual_seed(0)
+    model = BNN(BNNConfig())
+    layout = codec.layout_for(model.config)
+    before = codec.binary_latents(model)
+    start, stop = fc.flip_block(3, 4, layout.n_binary)
+    mask = fc.block_mask(start, stop, layout.n_binary)
+    hooks = fc.freeze_outside(model, mask)
+    x, y = _data()
+    fit(model, x, y, TrainConfig(epochs=2, lr=0.05, batch_size=32, seed=0), progress=False)
+    for hook in hooks:
+        hook.remove()
+    after = codec.binary_latents(model)
+    np.testing.assert_array_equal(after[~mask], before[~mask])
+    assert np.count_nonzero(_signs(after[mask]) != _signs(before[mask])) > 100
+    # With the hooks removed, training moves every weight again.
+    fit(model, x, y, TrainConfig(epochs=1, lr=0.05, batch_size=32, seed=1), progress=False)
+    assert np.count_nonzero(codec.binary_latents(model)[~mask] != after[~mask]) > 1000
+
+
+def test_restore_outside_puts_back_what_training_should_not_have_moved():
+    torch.manual_seed(0)
+    model = BNN(BNNConfig())
+    layout = codec.layout_for(model.config)
+    start_latent = codec.binary_latents(model)
+    bn = codec.bn_vector(model, layout)
+    mask = fc.block_mask(0, 1000, layout.n_binary)
+    moved = -start_latent  # every sign changed, in and outside the block
+    codec.load_into_model(model, layout, moved, bn)
+    assert fc.restore_outside(model, start_latent, mask) == layout.n_binary - 1000
+    after = codec.binary_latents(model)
+    np.testing.assert_array_equal(after[mask], moved[mask])
+    np.testing.assert_array_equal(after[~mask], start_latent[~mask])
+    np.testing.assert_array_equal(codec.bn_vector(model, layout), bn)
+    with pytest.raises(fc.FlipCodecError, match="expected"):
+        fc.restore_outside(model, start_latent[:-1], mask)
+    with pytest.raises(fc.FlipCodecError, match="block mask"):
+        fc.freeze_outside(model, mask[:-1])
+
+
+def _train_config(**overrides):
+    from flwr.app import ConfigRecord
+
+    from client.client_app import LocalRound
+    from common.federated.wire import TRAIN_CONFIG as key
+
+    base = {key.task: "4v5", key.local_epochs: 2, key.lr: 0.05, key.batch_size: 32, key.encoder_sha256: "x",
+            key.codec_version: codec.CODEC_VERSION, key.uplink_codec: "flips", key.server_round: 3}
+    return LocalRound.from_config(ConfigRecord({**base, **overrides}))
+
+
+def test_the_client_flips_only_its_rounds_block():
+    from client.client_app import train_local
+    from common.federated.wire import TRAIN_CONFIG as key
+
+    layout = codec.layout_for(BNNConfig())
+    torch.manual_seed(0)
+    downlink = codec.encode_model(BNN(BNNConfig()), bn_encoding="thresholds")
+    received, received_bn = codec.decode(downlink, layout)
+    x, y = _data()
+
+    def changed(**config) -> np.ndarray:
+        payload, _ = train_local(downlink, x, y, _train_config(**config), 2, seed=0)
+        signs = fc.decode_flips(payload, layout, received, received_bn)[0]
+        return np.flatnonzero(signs != _signs(received))
+
+    start, stop = fc.flip_block(3, 4, layout.n_binary)
+    in_block = changed(**{"flip-blocks": 4})
+    assert in_block.size > 100 and in_block.min() >= start and in_block.max() < stop
+    # Round 1 (from the random initial model) and flip-blocks 1: every weight trains.
+    for config in ({"flip-blocks": 4, key.server_round: 1}, {"flip-blocks": 1}):
+        everywhere = changed(**config)
+        assert np.count_nonzero((everywhere < start) | (everywhere >= stop)) > 1000
+    # flip-blocks 1 is the lossless codec: the same signs as the sign codec.
+    payload, _ = train_local(downlink, x, y, _train_config(**{"flip-blocks": 1}), 2, seed=0)
+    signs_payload, _ = train_local(downlink, x, y, _train_config(**{key.uplink_codec: "signs"}), 2, seed=0)
+    np.testing.assert_array_equal(fc.decode_flips(payload, layout, received, received_bn)[0],
+                                  codec.decode(signs_payload, layout, reference_bn=received_bn)[0])
+    # The sign codec trains every weight, whatever flip-blocks says.
+    signs_payload_4, _ = train_local(downlink, x, y, _train_config(**{key.uplink_codec: "signs", "flip-blocks": 4}),
+                                     2, seed=0)
+    np.testing.assert_array_equal(signs_payload_4[codec.BNT_KEY], signs_payload[codec.BNT_KEY])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "four", 25_857])
+def test_a_bad_flip_blocks_in_the_train_config_is_refused(bad):
+    from common.errors import HyBNNError
+
+    with pytest.raises(HyBNNError, match="flip-blocks"):
+        _train_config(**{"flip-blocks": bad})
