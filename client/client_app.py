@@ -223,7 +223,8 @@ def train_local(
     # A partition smaller than a batch trains as one batch (many small clients: no warning per client).
     train_config = TrainConfig(epochs=round_config.local_epochs, lr=round_config.lr,
                                batch_size=max(2, min(round_config.batch_size, len(y))), seed=seed,
-                               final_lr_fraction=round_config.final_lr_fraction)
+                               final_lr_fraction=round_config.final_lr_fraction,
+                               input_dropout=round_config.input_dropout)
     result = fit(model, x, y, train_config, progress=False)
     last = result.history[-1] if result.history else {"loss": float("nan"), "acc": float("nan")}
     metrics = {

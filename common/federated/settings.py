@@ -156,10 +156,17 @@ SETTINGS: tuple[Setting, ...] = (
             reads="both", minimum=1, field="local_epochs", per_round=True),
     Setting("lr", float, 0.03, "Adam learning rate of the clients", reads="both", above=0, field="lr",
             per_round=True),
-    Setting("lr-schedule", str, "cosine", "cosine: the clients' learning rate falls from lr to lr/100 over the "
-            "rounds; constant: lr in every round", choices=("cosine", "constant")),
+    Setting("lr-schedule", str, "cosine", "the clients' learning rate over the rounds: cosine, from lr in the "
+            "first round to lr/100 in the last along a half cosine; exponential, from lr to lr/100 by the same "
+            "factor every round; constant, lr in every round", choices=("cosine", "exponential", "constant"),
+            field="lr_schedule"),
+    Setting("lr-in-round", str, "constant", "the learning rate within a round: constant, the round's; decay, "
+            "falling along a cosine to the next round's", choices=("constant", "decay"), field="lr_in_round"),
     Setting("batch-size", int, 64, "client batch size (at least 2: batch norm)", reads="both", minimum=2,
             field="batch_size", per_round=True),
+    Setting("input-dropout", float, 0.0, "during local training each input bit of a batch is zeroed with this "
+            "probability, 0 <= x < 1 (the centralized HyBNN recipe's regulariser; docs/federated.md)",
+            reads="both", minimum=0, below=1, field="input_dropout", per_round=True),
     Setting("aggregation", str, "vote", "downlink: vote, the sign of the weighted mean of the clients' signs, "
             "1 bit per weight; or mean, that mean as int8 latent weights (docs/federated.md)",
             choices=("vote", "mean"), field="aggregation"),
