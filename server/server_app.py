@@ -81,8 +81,11 @@ class _ServerSettingsMethods:
 
     def lr_end_fraction(self, server_round: int) -> float:
         """Where the learning rate ends within round ``server_round``, as a fraction of its start:
-        1 (constant within the round), or with ``lr-in-round = "decay"`` the next round's rate
-        (after the last round, an exponential schedule goes on by its factor, the others stay)."""
+        1 (constant within the round); with ``lr-in-round = "decay"`` the next round's rate (after
+        the last round, an exponential schedule goes on by its factor, the others stay); with
+        ``"anneal"`` a hundredth, every round (the schedule over the rounds sets where it starts)."""
+        if self.lr_in_round == "anneal":
+            return LR_FINAL_FRACTION
         if self.lr_in_round == "constant" or self.lr_schedule == "constant" or self.num_server_rounds == 1:
             return 1.0
         if self.lr_schedule == "exponential":

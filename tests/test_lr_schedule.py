@@ -50,6 +50,12 @@ def test_decay_in_round_ends_each_round_at_the_next_round_s_rate(schedule):
     assert 0 < s.lr_end_fraction(20) <= 1 and math.isfinite(s.lr_end_fraction(20))
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "exponential", "constant"])
+def test_anneal_ends_every_round_at_a_hundredth_of_its_rate(schedule):
+    s = _settings(lr_schedule=schedule, lr_in_round="anneal")
+    assert all(s.lr_end_fraction(r) == pytest.approx(0.01) for r in range(1, 21))
+
+
 @pytest.mark.usefixtures("flower_task_identity")
 def test_the_train_config_carries_the_round_s_rate_and_its_end_fraction():
     from common.federated import codec

@@ -161,7 +161,9 @@ SETTINGS: tuple[Setting, ...] = (
             "factor every round; constant, lr in every round", choices=("cosine", "exponential", "constant"),
             field="lr_schedule"),
     Setting("lr-in-round", str, "constant", "the learning rate within a round: constant, the round's; decay, "
-            "falling along a cosine to the next round's", choices=("constant", "decay"), field="lr_in_round"),
+            "falling along a cosine to the next round's; anneal, falling along a cosine to a hundredth of the "
+            "round's, so every client ends its round with settled signs", choices=("constant", "decay", "anneal"),
+            field="lr_in_round"),
     Setting("batch-size", int, 64, "client batch size (at least 2: batch norm)", reads="both", minimum=2,
             field="batch_size", per_round=True),
     Setting("input-dropout", float, 0.0, "during local training each input bit of a batch is zeroed with this "
