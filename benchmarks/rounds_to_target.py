@@ -23,8 +23,8 @@ Reported per task and partition, from results.json:
 * the largest uplink record (bytes per client and round).
 
 ``--compare DIR`` reads the same runs from an earlier ``--out`` (say, the old defaults) and
-adds their first round, final accuracy and uplink, so a change of defaults is judged side by
-side. One seed decides little: a pair task's accuracy moves by 0.1 to 0.3 points between seeds.
+adds their centralized accuracy, accuracy at the target round, round from which they stay
+within, final accuracy and uplink, so a change of defaults is judged side by side. One seed decides little: a pair task's accuracy moves by 0.1 to 0.3 points between seeds.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def main() -> None:
     header = (f"| task | partition | centralized | acc at round {t} | first round within {WITHIN_POINTS:g} | within from "
               f"| met | acc at round {args.rounds} | uplink bytes |")
     if args.compare:
-        header += (f" before: acc at round {t} | before: within from | before: acc at round {args.rounds} "
-                   "| before: uplink bytes |")
+        header += (f" before: centralized | before: acc at round {t} | before: within from "
+                   f"| before: acc at round {args.rounds} | before: uplink bytes |")
     print()
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -126,8 +126,8 @@ def main() -> None:
                 f"| {f['settled'] or '-'} | {'yes' if f['met'] else 'NO'} | {_acc(f['final'])} "
                 f"| {f['uplink']} |")
         if args.compare:
-            line += (f" {_acc(before['at_target'])} | {before['settled'] or '-'} | {_acc(before['final'])} "
-                     f"| {before['uplink']} |" if before else " - | - | - | - |")
+            line += (f" {_acc(before['centralized'])} | {_acc(before['at_target'])} | {before['settled'] or '-'} "
+                     f"| {_acc(before['final'])} | {before['uplink']} |" if before else " - | - | - | - | - |")
         print(line)
     met = sum(1 for _, _, f, _ in rows if f["met"])
     print(f"\nWithin {WITHIN_POINTS:g} points of the centralized reference by round {t} and after: "
