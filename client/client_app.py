@@ -186,6 +186,7 @@ class _LocalRoundMethods:
                 raise HyBNNError(f"it lacks {', '.join(missing)}")
             values = parse_settings({k: v for k, v in config.items() if k in PER_ROUND_KEYS},
                                     per_round_settings(), "train config")
+            values.setdefault("input_dropout", 0.0)  # a server that predates it meant none, not the default
             return cls(**values, server_round=int(config.get(key.server_round, 0)),
                        final_lr_fraction=float(config.get(key.final_lr_fraction, 1.0)))
         except (HyBNNError, TypeError, ValueError) as exc:

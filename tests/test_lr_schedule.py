@@ -112,3 +112,18 @@ def test_the_client_trains_with_the_round_s_input_dropout(monkeypatch):
                                              input_dropout=dropout, final_lr_fraction=fraction)
         client_app.train_local(payload, x, y, round_config, num_classes=2, seed=0)
     assert seen == [(0.0, 1.0), (0.2, 0.5)]
+
+
+def test_a_train_config_without_input_dropout_means_none():
+    from flwr.app import ConfigRecord
+
+    from client.client_app import LocalRound
+    from common.federated import codec
+    from common.federated.wire import TRAIN_CONFIG as key
+
+    base = {key.task: "4v5", key.local_epochs: 1, key.lr: 0.01, key.batch_size: 32,
+            key.encoder_sha256: "ab" * 32, key.codec_version: codec.CODEC_VERSION}
+    assert LocalRound.from_config(ConfigRecord(base)).input_dropout == 0.0
+    assert LocalRound.from_config(ConfigRecord({**base, "input-dropout": 0.2})).input_dropout == 0.2
+    with pytest.raises(HyBNNError, match="input-dropout"):
+        LocalRound.from_config(ConfigRecord({**base, "input-dropout": 1.5}))
