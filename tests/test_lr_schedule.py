@@ -127,3 +127,11 @@ def test_a_train_config_without_input_dropout_means_none():
     assert LocalRound.from_config(ConfigRecord({**base, "input-dropout": 0.2})).input_dropout == 0.2
     with pytest.raises(HyBNNError, match="input-dropout"):
         LocalRound.from_config(ConfigRecord({**base, "input-dropout": 1.5}))
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1])
+def test_federate_refuses_a_bad_input_dropout_before_it_starts(bad):
+    from simulation.federate import FederateConfig, check_config
+
+    with pytest.raises(HyBNNError, match="--input-dropout"):
+        check_config(FederateConfig(input_dropout=bad))
