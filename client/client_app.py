@@ -187,6 +187,7 @@ class _LocalRoundMethods:
                 raise HyBNNError(f"it lacks {', '.join(missing)}")
             values = parse_settings({k: v for k, v in config.items() if k in PER_ROUND_KEYS},
                                     per_round_settings(), "train config")
+            values.setdefault("input_dropout", 0.0)  # a server that predates it meant none, not the default
             return cls(**values, server_round=int(config.get(key.server_round, 0)),
                        final_lr_fraction=float(config.get(key.final_lr_fraction, 1.0)))
         except (HyBNNError, TypeError, ValueError) as exc:
@@ -224,7 +225,8 @@ def train_local(
     # A partition smaller than a batch trains as one batch (many small clients: no warning per client).
     train_config = TrainConfig(epochs=round_config.local_epochs, lr=round_config.lr,
                                batch_size=max(2, min(round_config.batch_size, len(y))), seed=seed,
-                               final_lr_fraction=round_config.final_lr_fraction)
+                               final_lr_fraction=round_config.final_lr_fraction,
+                               input_dropout=round_config.input_dropout)
     hooks, block = [], None
     if round_config.uplink_codec == "flips":
         # Train, and so flip, only this round's block of the binary weights (all of them in round 1).

@@ -47,12 +47,13 @@ STAGING_LOCK_NAME = ".lock"
 DETERMINING_SETTINGS = (
     "task", "num_server_rounds", "local_epochs", "lr", "lr_schedule", "batch_size", "aggregation",
     "vote_latent_scale", "mean_latent_scale", "bn_dtype", "uplink_codec", "partition", "dirichlet_alpha", "seed",
-    "min_available_nodes", "dataset",
+    "min_available_nodes", "dataset", "input_dropout", "lr_in_round",
 )
 """The run-config settings a resumed run must share with the checkpoint: they decide the model."""
-SETTING_DEFAULTS = {"dataset": "mnist", "mean_latent_scale": 1.0}
+SETTING_DEFAULTS = {"dataset": "mnist", "mean_latent_scale": 1.0, "input_dropout": 0.0, "lr_in_round": "constant"}
 """What a checkpoint that predates a setting ran with (checkpoints before ``dataset`` were MNIST's,
-before ``mean_latent_scale`` the clients restarted from the mean itself)."""
+before ``mean_latent_scale`` the clients restarted from the mean itself, before ``input_dropout``
+the clients trained without it, and before ``lr_in_round`` at a constant rate within a round)."""
 
 
 @dataclass(frozen=True)

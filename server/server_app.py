@@ -50,6 +50,8 @@ from server import resume
 from server.strategy import PackedFedAvg, RoundLog
 
 SERVER_RESULTS = "server.json"
+LR_FINAL_FRACTION = 0.01
+"""The scheduled learning rate of the last round, as a fraction of ``lr``."""
 
 app = ServerApp()
 
@@ -72,8 +74,23 @@ class _ServerSettingsMethods:
         """The clients' learning rate in round ``server_round`` (1-based)."""
         if self.lr_schedule == "constant" or self.num_server_rounds == 1:
             return self.lr
-        progress = (server_round - 1) / (self.num_server_rounds - 1)
-        return self.lr * (0.01 + 0.99 * (1 + math.cos(math.pi * progress)) / 2)
+        progress = min(1.0, (server_round - 1) / (self.num_server_rounds - 1))
+        if self.lr_schedule == "exponential":
+            return self.lr * LR_FINAL_FRACTION ** progress
+        return self.lr * (LR_FINAL_FRACTION + (1 - LR_FINAL_FRACTION) * (1 + math.cos(math.pi * progress)) / 2)
+
+    def lr_end_fraction(self, server_round: int) -> float:
+        """Where the learning rate ends within round ``server_round``, as a fraction of its start:
+        1 (constant within the round); with ``lr-in-round = "decay"`` the next round's rate (after
+        the last round, an exponential schedule goes on by its factor, the others stay); with
+        ``"anneal"`` a hundredth, every round (the schedule over the rounds sets where it starts)."""
+        if self.lr_in_round == "anneal":
+            return LR_FINAL_FRACTION
+        if self.lr_in_round == "constant" or self.lr_schedule == "constant" or self.num_server_rounds == 1:
+            return 1.0
+        if self.lr_schedule == "exponential":
+            return LR_FINAL_FRACTION ** (1 / (self.num_server_rounds - 1))
+        return self.lr_for_round(server_round + 1) / self.lr_for_round(server_round)
 
     def train_config(self, encoder_sha256: str) -> ConfigRecord:
         """What every client gets with the global model each round."""
@@ -231,6 +248,7 @@ def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> di
         node_wait_s=settings.node_wait_s,
         on_round=on_round,
         lr_for_round=settings.lr_for_round,
+        lr_end_fraction=settings.lr_end_fraction,
         max_weight_vs_median=settings.max_weight_vs_median,
         max_num_examples=settings.max_num_examples,
         bn_aggregation=settings.bn_aggregation,

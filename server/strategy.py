@@ -179,6 +179,7 @@ class PackedFedAvg(FedAvg):
         node_wait_s: float = 120.0,
         on_round: Callable[[RoundLog], None] | None = None,
         lr_for_round: Callable[[int], float] | None = None,
+        lr_end_fraction: Callable[[int], float] | None = None,
         max_weight_vs_median: float = robust.DEFAULT_MAX_WEIGHT_VS_MEDIAN,
         max_num_examples: int = 0,
         bn_aggregation: str = robust.DEFAULT_BN_AGGREGATION,
@@ -204,6 +205,7 @@ class PackedFedAvg(FedAvg):
         self.node_wait_s = node_wait_s
         self.on_round = on_round
         self.lr_for_round = lr_for_round
+        self.lr_end_fraction = lr_end_fraction
         robust.check_weight_bounds(max_weight_vs_median, max_num_examples, bn_aggregation)
         self.max_weight_vs_median = max_weight_vs_median
         self.max_num_examples = max_num_examples
@@ -282,6 +284,8 @@ class PackedFedAvg(FedAvg):
         config[TRAIN_CONFIG.server_round] = server_round
         if self.lr_for_round is not None:
             config[TRAIN_CONFIG.lr] = float(self.lr_for_round(server_round))
+        if self.lr_end_fraction is not None:
+            config[TRAIN_CONFIG.final_lr_fraction] = float(self.lr_end_fraction(server_round))
         round_log = self.rounds.setdefault(server_round, RoundLog(server_round))
         round_log.downlink_bytes = record_nbytes(arrays)
         round_log.sampled = len(node_ids)

@@ -102,6 +102,7 @@ def check_config(config: FederateConfig) -> None:
             shown = f"{value:.3g}" if value >= 10**7 else str(value)
             raise HyBNNError(f"{what} is {shown}; at most {MAX_EPOCHS} can be run. Pass a smaller value.")
     TrainConfig(epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed)
+    settings.setting("input-dropout").check(config.input_dropout, "Option --input-dropout:")
     for s in settings.command_settings():
         if s.choices:
             s.check(getattr(config, s.field), "Setting")

@@ -41,7 +41,7 @@ PROFILES: dict[str, "Profile | TransferProfile"] = {
     "quick": Profile("quick", vae_epochs=2, bnn_epochs=20, baseline_epochs=1,
                      fed_clients=3, fed_rounds=3, fed_local_epochs=1),
     "paper": Profile("paper", vae_epochs=20, bnn_epochs=100, baseline_epochs=15,
-                     fed_clients=3, fed_rounds=20, fed_local_epochs=2),
+                     fed_clients=3, fed_rounds=20, fed_local_epochs=3),
     "smoke": Profile("smoke", vae_epochs=1, bnn_epochs=2, baseline_epochs=1,
                      fed_clients=2, fed_rounds=1, fed_local_epochs=1,
                      vae_images=1024, train_limit=1024),
