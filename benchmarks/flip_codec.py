@@ -44,6 +44,8 @@ from pathlib import Path
 
 from federate_run import federate
 
+from common.federated.schedule import lr_for_round
+
 TASKS = ("0v1", "2v3", "4v5", "6v7", "8v9")
 CODECS = ("signs", "flips")
 TARGET_BITS = 0.25
@@ -76,13 +78,6 @@ def flip_row(flips: dict) -> dict:
             "flip_record_bits": mean_after_first(flips, "uplink_bits_per_binary_weight"),
             "flip_fraction": mean_after_first(flips, "sign_flip_fraction"),
             "round_1_sign_bits": flips["rounds"][0]["sign_bits_per_binary_weight"]}
-
-
-def lr_for_round(server_round: int, rounds: int, lr: float = 0.03) -> float:
-    """The clients' learning rate in a round (the ServerApp's cosine schedule, repeated here for the table)."""
-    if rounds == 1:
-        return lr
-    return lr * (0.01 + 0.99 * (1 + math.cos(math.pi * (server_round - 1) / (rounds - 1))) / 2)
 
 
 def extra_table(title: str, label: str, entries: list[dict]) -> None:
@@ -138,6 +133,12 @@ def main() -> None:
             per_round.setdefault(r["round"], []).append((r["sign_flip_fraction"], r["sign_bits_per_binary_weight"]))
 
     last = args.rounds
+    config = default_runs[args.tasks[0]]["flips"]["config"]
+
+    def client_lr(server_round: int) -> float:
+        """The clients' learning rate in a round, by the run's own schedule."""
+        return lr_for_round(config["lr"], config["lr_schedule"], server_round, config["rounds"])
+
     print()
     print(f"Sign-flip uplink (the command's defaults) vs 1-bit sign codec: {args.clients} clients, {args.rounds} "
           f"rounds, IID, encoder {args.encoder}, seed {args.seed}; bits per binary weight per client and round, "
@@ -162,7 +163,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for rnd in sorted(per_round):
         fractions, bits = zip(*per_round[rnd])
-        print(f"| {rnd} | {lr_for_round(rnd, args.rounds):.5f} | {100 * sum(fractions) / len(fractions):.2f}% | "
+        print(f"| {rnd} | {client_lr(rnd):.5f} | {100 * sum(fractions) / len(fractions):.2f}% | "
               f"{sum(bits) / len(bits):.3f} |")
     print()
     with_first = sum(sum(b for _, b in v) / len(v) for v in per_round.values()) / len(per_round)

@@ -220,7 +220,11 @@ def train_local(
     codec.load_into_model(model, layout, aggregation.client_start_latent(
         weights, kind, round_config.vote_latent_scale, round_config.mean_latent_scale), bn)
     threshold_bn = round_config.bn_encoding == "thresholds"
-    if codec.bn_encoding_of(global_payload) == "thresholds":
+    if codec.bn_encoding_of(global_payload) != round_config.bn_encoding:
+        # The reply's thresholds are a change against the received ones: both must be one form.
+        raise HyBNNError(f"the global model's batch norm travels as {codec.bn_encoding_of(global_payload)}, "
+                         f"but the round's bn-encoding is {round_config.bn_encoding}; the server is misconfigured")
+    if threshold_bn:
         thresholds.calibrate(model, x)  # received thresholds -> a trainable batch norm firing at them
     # A partition smaller than a batch trains as one batch (many small clients: no warning per client).
     train_config = TrainConfig(epochs=round_config.local_epochs, lr=round_config.lr,

@@ -24,7 +24,6 @@ ServerApp's working directory.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import asdict
@@ -38,7 +37,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common.federated import aggregation as agg
-from common.federated import codec, robust
+from common.federated import codec, robust, schedule
+from common.federated.schedule import LR_FINAL_FRACTION
 from common.bnn.model import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
@@ -50,8 +50,6 @@ from server import resume
 from server.strategy import PackedFedAvg, RoundLog
 
 SERVER_RESULTS = "server.json"
-LR_FINAL_FRACTION = 0.01
-"""The scheduled learning rate of the last round, as a fraction of ``lr``."""
 
 app = ServerApp()
 
@@ -72,12 +70,7 @@ class _ServerSettingsMethods:
 
     def lr_for_round(self, server_round: int) -> float:
         """The clients' learning rate in round ``server_round`` (1-based)."""
-        if self.lr_schedule == "constant" or self.num_server_rounds == 1:
-            return self.lr
-        progress = min(1.0, (server_round - 1) / (self.num_server_rounds - 1))
-        if self.lr_schedule == "exponential":
-            return self.lr * LR_FINAL_FRACTION ** progress
-        return self.lr * (LR_FINAL_FRACTION + (1 - LR_FINAL_FRACTION) * (1 + math.cos(math.pi * progress)) / 2)
+        return schedule.lr_for_round(self.lr, self.lr_schedule, server_round, self.num_server_rounds)
 
     def lr_end_fraction(self, server_round: int) -> float:
         """Where the learning rate ends within round ``server_round``, as a fraction of its start:

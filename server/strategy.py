@@ -50,6 +50,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 from common.federated import aggregation, codec, flipcodec, robust, thresholds
+from common.federated.settings import default
 from common.federated.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
 
 
@@ -185,7 +186,7 @@ class PackedFedAvg(FedAvg):
         bn_aggregation: str = robust.DEFAULT_BN_AGGREGATION,
         clients_per_round: int = 0,
         seed: int = 0,
-        bn_encoding: str = "floats",
+        bn_encoding: str = default("bn-encoding"),
         node_partitions: Callable[[Grid], Mapping[int, int]] | None = None,
     ) -> None:
         super().__init__(

@@ -76,7 +76,7 @@ class Federation:
 
 
 def run_round(replies: list[Message], **options) -> tuple[PackedFedAvg, np.ndarray | None, np.ndarray | None]:
-    strategy = PackedFedAvg(LAYOUT, **options)
+    strategy = PackedFedAvg(LAYOUT, **{"bn_encoding": "floats", **options})
     arrays, _ = strategy.aggregate_train(1, replies)
     if arrays is None:
         return strategy, None, None
@@ -285,7 +285,7 @@ def test_a_failure_while_aggregating_keeps_the_model_and_the_run(monkeypatch):
 
     monkeypatch.setattr(robust, "aggregate_bn", broken)
     fed = Federation()
-    strategy = PackedFedAvg(LAYOUT)
+    strategy = PackedFedAvg(LAYOUT, bn_encoding="floats")
     assert strategy.aggregate_train(1, fed.replies({})) == (None, None)
     assert len(strategy.rounds[1].dropped) == 5
     assert all("disk on fire" in d["reason"] for d in strategy.rounds[1].dropped)

@@ -41,7 +41,7 @@ def train_message(sha: str, bnn_bits: int = 200) -> Message:
     key = TRAIN_CONFIG
     config = ConfigRecord({key.task: "4v5", key.local_epochs: 1, key.lr: 0.01, key.batch_size: 32,
                            key.encoder_sha256: sha, key.codec_version: codec.CODEC_VERSION, key.server_round: 1})
-    content = RecordDict({RECORD.arrays: payload_to_record(codec.encode_model(model)), RECORD.config: config})
+    content = RecordDict({RECORD.arrays: payload_to_record(codec.encode_model(model, bn_encoding="thresholds")), RECORD.config: config})
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
@@ -121,3 +121,20 @@ def test_old_codec_version_is_refused(encoder_dir, tmp_path):
     msg.content[RECORD.config][TRAIN_CONFIG.codec_version] = 0
     reply = handle_train(msg, context(encoder_dir, tmp_path))
     assert reply.has_error() and "codec version" in reply.error.reason
+
+
+def test_a_client_refuses_a_global_model_in_another_bn_encoding_than_the_round_s():
+    """The reply's thresholds are a change against the received ones: a server that sends
+    one form and configures the other gets a clear refusal, not a reply it cannot check."""
+    from client.client_app import LocalRound, train_local
+    from common.errors import HyBNNError
+
+    x = torch.where(torch.rand(16, 200) > 0.5, 1.0, -1.0)
+    y = (x[:, 0] > 0).long()
+    floats_downlink = codec.encode_model(BNN(BNNConfig(in_bits=200)), bn_encoding="floats")
+    thresholds_round = LocalRound(task="4v5", local_epochs=1, lr=0.01, batch_size=8, bn_encoding="thresholds")
+    with pytest.raises(HyBNNError, match="travels as floats, but the round's bn-encoding is thresholds"):
+        train_local(floats_downlink, x, y, thresholds_round, num_classes=2, seed=0)
+    floats_round = LocalRound(task="4v5", local_epochs=1, lr=0.01, batch_size=8, bn_encoding="floats")
+    payload, metrics = train_local(floats_downlink, x, y, floats_round, num_classes=2, seed=0)
+    assert metrics["num-examples"] == 16 and codec.bn_encoding_of(payload) == "floats"

@@ -261,7 +261,7 @@ def test_strategy_decodes_flips_against_the_global_it_sent(task_identity, mode):
     layout = codec.layout_for(SMALL)
     rng = np.random.default_rng(1)
     bn = np.ones(layout.n_bn, dtype=np.float32)
-    strategy = PackedFedAvg(layout, mode=mode)
+    strategy = PackedFedAvg(layout, mode=mode, bn_encoding="floats")
     sent = strategy.encode_global(rng.uniform(-1, 1, layout.n_binary), bn)
     strategy.set_reference(3, sent)
     received, _ = codec.decode(record_to_payload(sent), layout)
@@ -283,7 +283,7 @@ def test_strategy_decodes_flips_against_the_global_it_sent(task_identity, mode):
     assert sorted(d["node_id"] for d in log.dropped) == [2, 3]
     assert "different reference" in log.dropped[0]["reason"]
     # Without a global model for the round, a flip update cannot be decoded: left out, no crash.
-    other = PackedFedAvg(layout, mode=mode)
+    other = PackedFedAvg(layout, mode=mode, bn_encoding="floats")
     assert other.aggregate_train(3, [_reply(1, fc.encode_flips(received, new, bn))]) == (None, None)
     assert "no global model" in other.rounds[3].dropped[0]["reason"]
     # A full sign update is still accepted, and its flips are counted too.
@@ -302,7 +302,7 @@ def test_client_sends_flips_when_the_server_asks():
     layout = codec.layout_for(BNNConfig())
     torch.manual_seed(0)
     global_model = BNN(BNNConfig())
-    downlink = codec.encode_model(global_model)
+    downlink = codec.encode_model(global_model, bn_encoding="thresholds")
     x = torch.where(torch.rand(64, 200) < 0.5, -1.0, 1.0)
     y = torch.randint(0, 2, (64,))
     key = TRAIN_CONFIG

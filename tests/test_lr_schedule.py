@@ -106,7 +106,7 @@ def test_the_client_trains_with_the_round_s_input_dropout(monkeypatch):
     monkeypatch.setattr(client_app, "fit", spy)
     x = torch.where(torch.rand(64, 200) > 0.5, 1.0, -1.0)
     y = (x[:, 0] > 0).long()
-    payload = codec.encode_model(BNN(BNNConfig(in_bits=200)))
+    payload = codec.encode_model(BNN(BNNConfig(in_bits=200)), bn_encoding="thresholds")
     for dropout, fraction in ((0.0, 1.0), (0.2, 0.5)):
         round_config = client_app.LocalRound(task="4v5", local_epochs=1, lr=0.01, batch_size=32,
                                              input_dropout=dropout, final_lr_fraction=fraction)

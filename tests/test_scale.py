@@ -83,7 +83,7 @@ class ConnectedNodes:
 
 @pytest.mark.usefixtures("flower_task_identity")
 def test_the_round_log_records_sampled_replied_and_dropped():
-    strategy = PackedFedAvg(LAYOUT, clients_per_round=3, seed=7, min_available_nodes=1)
+    strategy = PackedFedAvg(LAYOUT, bn_encoding="floats", clients_per_round=3, seed=7, min_available_nodes=1)
     model = BNN(LAYOUT.config)
     arrays = payload_to_record(codec.encode_model(model))
     messages = list(strategy.configure_train(1, arrays, ConfigRecord({}), ConnectedNodes(range(1, 21))))
@@ -120,14 +120,14 @@ def test_the_round_log_records_sampled_replied_and_dropped():
 def test_the_round_log_records_the_sampled_partitions_and_aggregates_in_partition_order():
     nodes = [901, 17, 444, 3, 250]
     partitions = {901: 0, 17: 1, 444: 2, 3: 3, 250: 4}
-    strategy = PackedFedAvg(LAYOUT, clients_per_round=3, seed=2, node_partitions=lambda grid: partitions)
+    strategy = PackedFedAvg(LAYOUT, bn_encoding="floats", clients_per_round=3, seed=2, node_partitions=lambda grid: partitions)
     arrays = payload_to_record(codec.encode_model(BNN(LAYOUT.config)))
     sent = [m.metadata.dst_node_id for m in strategy.configure_train(1, arrays, ConfigRecord({}),
                                                                      ConnectedNodes(nodes))]
     log = strategy.rounds[1]
     assert log.sampled_partitions == [partitions[n] for n in sent]
     assert sent == sample_nodes(nodes, 3, 2, 1, partitions)
-    plain = PackedFedAvg(LAYOUT, clients_per_round=3, seed=2)
+    plain = PackedFedAvg(LAYOUT, bn_encoding="floats", clients_per_round=3, seed=2)
     list(plain.configure_train(1, arrays, ConfigRecord({}), ConnectedNodes(nodes)))
     assert plain.rounds[1].sampled_partitions == []
 
@@ -162,7 +162,7 @@ def _train_message(sha: str, failure_rate: float = 0.0, **extra) -> Message:
     config = ConfigRecord({key.task: "4v5", key.local_epochs: 1, key.lr: 0.01, key.batch_size: 64,
                            key.encoder_sha256: sha, key.codec_version: codec.CODEC_VERSION, key.server_round: 1,
                            "client-failure-rate": failure_rate, **extra})
-    content = RecordDict({RECORD.arrays: payload_to_record(codec.encode_model(model)), RECORD.config: config})
+    content = RecordDict({RECORD.arrays: payload_to_record(codec.encode_model(model, bn_encoding="thresholds")), RECORD.config: config})
     return Message(content=content, dst_node_id=1, message_type="train")
 
 

@@ -47,7 +47,7 @@ def test_vote_matches_hand_computation():
         reply(3, signs_of(-1, -1, -1, +1, -1), bn[2], 100),
     ]
     # FedAvg's weighting as it is: no weight cap, batch norm by the weighted mean.
-    strategy = PackedFedAvg(LAYOUT, mode="vote", max_weight_vs_median=0, bn_aggregation="mean")
+    strategy = PackedFedAvg(LAYOUT, bn_encoding="floats", mode="vote", max_weight_vs_median=0, bn_aggregation="mean")
     arrays, metrics = strategy.aggregate_train(1, replies)
     weights, global_bn = decode_global(arrays)
     # By hand: mean = (2a + b + c) / 4 = [0.5, 0, -1, 0, 0] -> vote [+1, +1, -1, +1, +1] (ties +1).
@@ -63,7 +63,7 @@ def test_vote_matches_hand_computation():
 def test_mean_mode_sends_quantized_mean():
     bn = np.ones(LAYOUT.n_bn, dtype=np.float32)
     replies = [reply(1, signs_of(+1, +1), bn, 300), reply(2, signs_of(-1, +1), bn, 100)]
-    arrays, _ = PackedFedAvg(LAYOUT, mode="mean", max_weight_vs_median=0).aggregate_train(1, replies)
+    arrays, _ = PackedFedAvg(LAYOUT, bn_encoding="floats", mode="mean", max_weight_vs_median=0).aggregate_train(1, replies)
     payload = record_to_payload(arrays)
     assert set(payload) == {"latent", "bn"}
     weights, _ = codec.decode(payload, LAYOUT)
@@ -92,7 +92,7 @@ def test_bad_replies_are_left_out_and_the_round_goes_on():
                   reply_to=Message(content=RecordDict(), dst_node_id=10, message_type="train"))
     extra = reply(11, signs_of(1), bn, 100)
     extra.content[RECORD.config] = ConfigRecord({"images": b"leak"})
-    strategy = PackedFedAvg(LAYOUT, mode="vote")
+    strategy = PackedFedAvg(LAYOUT, bn_encoding="floats", mode="vote")
     arrays, _ = strategy.aggregate_train(1, [*bad, raw, extra, good])
     weights, _ = decode_global(arrays)
     # Only node 1 counted: its -1s win.
@@ -104,14 +104,14 @@ def test_bad_replies_are_left_out_and_the_round_goes_on():
 
 def test_no_good_reply_keeps_the_global_model():
     bn = np.ones(LAYOUT.n_bn, dtype=np.float32)
-    strategy = PackedFedAvg(LAYOUT)
+    strategy = PackedFedAvg(LAYOUT, bn_encoding="floats")
     assert strategy.aggregate_train(1, [reply(1, signs_of(1), bn, 0)]) == (None, None)
 
 
 def test_uplink_is_measured_per_client():
     bn = np.ones(LAYOUT.n_bn, dtype=np.float32)
     r = reply(1, signs_of(1), bn, 10)
-    strategy = PackedFedAvg(LAYOUT)
+    strategy = PackedFedAvg(LAYOUT, bn_encoding="floats")
     strategy.aggregate_train(1, [r])
     entry = strategy.rounds[1].clients[0]
     assert entry["uplink_bytes"] == record_nbytes(r.content[RECORD.arrays])
