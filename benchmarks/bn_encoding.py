@@ -30,9 +30,8 @@ import argparse
 import json
 from pathlib import Path
 
-from federate_run import federate
+from federate_run import add_federation_options, federate
 
-TASKS = ("0v1", "2v3", "4v5", "6v7", "8v9")
 ENCODINGS = ("thresholds", "floats")
 TARGET_RATIO = 30.0
 TARGET_POINTS = 0.2
@@ -63,14 +62,8 @@ def coarsened(results: dict) -> tuple[int, int, list[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    add_federation_options(parser, out="runs/bn-encoding")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--encoder", default="artifacts/encoder-paper")
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--out", default="runs/bn-encoding")
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs' results.json")
     args = parser.parse_args()
 
     rows = []

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+PAIR_TASKS = ("0v1", "2v3", "4v5", "6v7", "8v9")
+
+
+def add_federation_options(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options every federation benchmark takes: tasks, rounds, clients, inputs, output."""
+    parser.add_argument("--tasks", nargs="+", default=list(PAIR_TASKS))
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--encoder", default="artifacts/encoder-paper")
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs' results.json")
 
 
 def federate(arguments: list[str], label: str, out: Path, log_path: Path, *,

@@ -42,11 +42,10 @@ import json
 import math
 from pathlib import Path
 
-from federate_run import federate
+from federate_run import add_federation_options, federate
 
 from common.federated.schedule import lr_for_round
 
-TASKS = ("0v1", "2v3", "4v5", "6v7", "8v9")
 CODECS = ("signs", "flips")
 TARGET_BITS = 0.25
 TARGET_POINTS = 0.2
@@ -100,14 +99,8 @@ def extra_table(title: str, label: str, entries: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--encoder", default="artifacts/encoder-paper")
-    parser.add_argument("--data-root", default="data")
+    add_federation_options(parser, out="runs/flip-codec")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/flip-codec")
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs' results.json")
     parser.add_argument("--flips-lr", type=float, nargs="*", default=[],
                         help="extra flip runs per task at these peak learning rates (after the default runs)")
     parser.add_argument("--flip-blocks", type=int, nargs="*", default=[],

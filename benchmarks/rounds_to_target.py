@@ -33,9 +33,8 @@ import argparse
 import json
 from pathlib import Path
 
-from federate_run import federate
+from federate_run import add_federation_options, federate
 
-TASKS = ("0v1", "2v3", "4v5", "6v7", "8v9")
 PARTITIONS = ("iid", "dirichlet")
 WITHIN_POINTS = 0.5
 
@@ -83,17 +82,11 @@ def _acc(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    add_federation_options(parser, out="runs/rounds-to-target")
     parser.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=PARTITIONS)
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target-round", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--encoder", default="artifacts/encoder-paper")
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--out", default="runs/rounds-to-target")
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs' results.json")
     parser.add_argument("--compare", help="an earlier --out whose finished runs are shown alongside")
     parser.add_argument("extra", nargs="*", help="further hybnn federate options (after --)")
     args = parser.parse_args()
