@@ -167,3 +167,23 @@ def test_a_checkpoint_of_another_data_set_is_refused(tmp_path):
     resume.check_matches(state, _identity())
     with pytest.raises(HyBNNError, match="dataset: checkpoint 'mnist', this run 'fashion-mnist'"):
         resume.check_matches(state, _identity(dataset="fashion-mnist"))
+
+
+def test_flip_blocks_must_match_only_for_the_flip_uplink(tmp_path):
+    from server import resume
+
+    flips = _identity(uplink_codec="flips", flip_blocks=4)
+    resume.save_checkpoint(tmp_path, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, flips)
+    state = resume.load_checkpoint(tmp_path).state
+    resume.check_matches(state, flips)
+    with pytest.raises(HyBNNError, match="flip-blocks: checkpoint 4, this run 2"):
+        resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=2))
+    # A checkpoint written before flip-blocks existed trained every weight in every round.
+    del state["settings"]["flip_blocks"]
+    resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=1))
+    with pytest.raises(HyBNNError, match="flip-blocks: checkpoint 1, this run 4"):
+        resume.check_matches(state, flips)
+    # The sign codec ignores flip-blocks: a sign-codec checkpoint resumes whatever it says.
+    signs_dir = tmp_path / "signs"
+    resume.save_checkpoint(signs_dir, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, _identity(flip_blocks=1))
+    resume.check_matches(resume.load_checkpoint(signs_dir).state, _identity(flip_blocks=4))
