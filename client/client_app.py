@@ -28,6 +28,7 @@ per-round settings (task, learning rate, codecs, ...) come in each round's train
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -231,20 +232,11 @@ def train_local(
                                batch_size=max(2, min(round_config.batch_size, len(y))), seed=seed,
                                final_lr_fraction=round_config.final_lr_fraction,
                                input_dropout=round_config.input_dropout)
-    hooks, block = [], None
-    if round_config.uplink_codec == "flips":
-        # Train, and so flip, only this round's block of the binary weights (all of them in round 1).
-        start, stop = flipcodec.flip_block(round_config.server_round, round_config.flip_blocks, layout.n_binary)
-        if stop - start < layout.n_binary:
-            block, start_latent = flipcodec.block_mask(start, stop, layout.n_binary), codec.binary_latents(model)
-            hooks = flipcodec.freeze_outside(model, block)
-    try:
+    # With the flip uplink, train, and so flip, only this round's block of the binary weights.
+    trained = (flipcodec.training_only_block(model, round_config.server_round, round_config.flip_blocks)
+               if round_config.uplink_codec == "flips" else contextlib.nullcontext())
+    with trained:
         result = fit(model, x, y, train_config, progress=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if block is not None:
-        flipcodec.restore_outside(model, start_latent, block)
     last = result.history[-1] if result.history else {"loss": float("nan"), "acc": float("nan")}
     metrics = {
         METRIC.num_examples: int(len(y)),

@@ -155,3 +155,23 @@ def test_a_bad_flip_blocks_in_the_train_config_is_refused(bad):
 
     with pytest.raises(HyBNNError, match="flip-blocks"):
         _train_config(**{"flip-blocks": bad})
+
+
+def test_training_only_block_moves_only_the_round_s_block_and_cleans_up():
+    torch.manual_seed(0)
+    model = BNN(BNNConfig())
+    layout = codec.layout_for(model.config)
+    before = codec.binary_latents(model).copy()
+    x = torch.where(torch.rand(64, 200) > 0.5, 1.0, -1.0)
+    y = (x[:, 0] > 0).long()
+    with fc.training_only_block(model, 3, 4):
+        fit(model, x, y, TrainConfig(epochs=2, batch_size=16, lr=0.1), progress=False)
+    after = codec.binary_latents(model)
+    start, stop = fc.flip_block(3, 4, layout.n_binary)
+    outside = ~fc.block_mask(start, stop, layout.n_binary)
+    np.testing.assert_array_equal(after[outside], before[outside])
+    assert np.any(after[~outside] != before[~outside])
+    assert all(not layer.weight._backward_hooks for layer in model.binary_layers())
+    with fc.training_only_block(model, 1, 4):  # round 1: every weight trains
+        fit(model, x, y, TrainConfig(epochs=1, batch_size=16, lr=0.1), progress=False)
+    assert np.any(codec.binary_latents(model)[outside] != after[outside])

@@ -65,6 +65,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 import zlib
 
 import numpy as np
@@ -238,6 +240,27 @@ def freeze_outside(model, mask: np.ndarray) -> list:
         handles.append(layer.weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype)))
         offset += size
     return handles
+
+
+@contextmanager
+def training_only_block(model, server_round: int, blocks: int) -> Iterator[None]:
+    """Within the ``with``, training moves only ``server_round``'s block of ``model``'s binary
+    weights (:func:`flip_block`); on leaving, the hooks go and the weights outside the block
+    are put back to where they started (:func:`restore_outside`). Every weight when the
+    block is all of them (round 1, ``blocks = 1``)."""
+    n_binary = codec.layout_for(model.config).n_binary
+    start, stop = flip_block(server_round, blocks, n_binary)
+    if stop - start == n_binary:
+        yield
+        return
+    mask, start_latent = block_mask(start, stop, n_binary), codec.binary_latents(model)
+    hooks = freeze_outside(model, mask)
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+    restore_outside(model, start_latent, mask)
 
 
 def restore_outside(model, start_latent: np.ndarray, mask: np.ndarray) -> int:
@@ -437,4 +460,5 @@ __all__ = [
     "FLIPS_KEY", "FLIPT_KEY", "FLIP_FORMAT_VERSION", "FlipCodecError", "HEADER_BYTES", "block_mask", "decode_flips",
     "encode_flips", "encode_model_flips", "flip_block", "flip_positions", "freeze_outside", "is_flips", "parse",
     "reference_digest", "restore_outside", "rice_decode", "rice_encode", "sign_bits_per_weight", "to_signs_payload",
+    "training_only_block",
 ]
