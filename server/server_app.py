@@ -38,7 +38,6 @@ from flwr.supercore import log
 
 from common.federated import aggregation as agg
 from common.federated import codec, robust, schedule
-from common.federated.schedule import LR_FINAL_FRACTION
 from common.bnn.model import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
@@ -73,17 +72,8 @@ class _ServerSettingsMethods:
         return schedule.lr_for_round(self.lr, self.lr_schedule, server_round, self.num_server_rounds)
 
     def lr_end_fraction(self, server_round: int) -> float:
-        """Where the learning rate ends within round ``server_round``, as a fraction of its start:
-        1 (constant within the round); with ``lr-in-round = "decay"`` the next round's rate (after
-        the last round, an exponential schedule goes on by its factor, the others stay); with
-        ``"anneal"`` a hundredth, every round (the schedule over the rounds sets where it starts)."""
-        if self.lr_in_round == "anneal":
-            return LR_FINAL_FRACTION
-        if self.lr_in_round == "constant" or self.lr_schedule == "constant" or self.num_server_rounds == 1:
-            return 1.0
-        if self.lr_schedule == "exponential":
-            return LR_FINAL_FRACTION ** (1 / (self.num_server_rounds - 1))
-        return self.lr_for_round(server_round + 1) / self.lr_for_round(server_round)
+        """Where the learning rate ends within round ``server_round``, as a fraction of its start."""
+        return schedule.lr_end_fraction(self.lr_schedule, self.lr_in_round, server_round, self.num_server_rounds)
 
     def train_config(self, encoder_sha256: str) -> ConfigRecord:
         """What every client gets with the global model each round."""

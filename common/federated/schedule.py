@@ -24,3 +24,19 @@ def lr_for_round(lr: float, schedule: str, server_round: int, rounds: int) -> fl
     if schedule == "exponential":
         return lr * LR_FINAL_FRACTION ** progress
     return lr * (LR_FINAL_FRACTION + (1 - LR_FINAL_FRACTION) * (1 + math.cos(math.pi * progress)) / 2)
+
+
+def lr_end_fraction(schedule: str, in_round: str, server_round: int, rounds: int) -> float:
+    """Where the learning rate ends within round ``server_round``, as a fraction of its start.
+
+    ``in_round = "constant"``: 1. ``"decay"``: the next round's rate (after the last round an
+    exponential schedule goes on by its factor, the others stay). ``"anneal"``: a hundredth,
+    every round (the schedule over the rounds sets where each round starts).
+    """
+    if in_round == "anneal":
+        return LR_FINAL_FRACTION
+    if in_round == "constant" or schedule == "constant" or rounds == 1:
+        return 1.0
+    if schedule == "exponential":
+        return LR_FINAL_FRACTION ** (1 / (rounds - 1))
+    return lr_for_round(1.0, schedule, server_round + 1, rounds) / lr_for_round(1.0, schedule, server_round, rounds)
