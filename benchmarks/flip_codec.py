@@ -52,16 +52,18 @@ TARGET_POINTS = 0.2
 
 
 def run(task: str, uplink_codec: str, args: argparse.Namespace, lr: float | None = None,
-        flip_blocks: int | None = None) -> dict:
+        flip_blocks: int | None = None, flip_block_rounds: int | None = None) -> dict:
     """One ``hybnn federate`` run (or its earlier results with ``--reuse``); its results.json."""
     name = f"{task}-{uplink_codec}" + (f"-lr{lr:g}" if lr is not None else "") + (
-        f"-blocks{flip_blocks}" if flip_blocks is not None else "")
+        f"-blocks{flip_blocks}" if flip_blocks is not None else "") + (
+        f"-until{flip_block_rounds}" if flip_block_rounds is not None else "")
     out = Path(args.out) / name
     arguments = ["--task", task, "--clients", str(args.clients), "--rounds", str(args.rounds),
                  "--partition", "iid", "--uplink-codec", uplink_codec, "--encoder", str(args.encoder),
                  "--data-root", str(args.data_root), "--seed", str(args.seed)]
     arguments += ["--lr", str(lr)] if lr is not None else []
     arguments += ["--flip-blocks", str(flip_blocks)] if flip_blocks is not None else []
+    arguments += ["--flip-block-rounds", str(flip_block_rounds)] if flip_block_rounds is not None else []
     return federate(arguments, f"{name}", out, Path(args.out) / f"{name}.log",
                     reuse=args.reuse, rounds=args.rounds)
 

@@ -233,7 +233,8 @@ def train_local(
                                final_lr_fraction=round_config.final_lr_fraction,
                                input_dropout=round_config.input_dropout)
     # With the flip uplink, train, and so flip, only this round's block of the binary weights.
-    trained = (flipcodec.training_only_block(model, round_config.server_round, round_config.flip_blocks)
+    trained = (flipcodec.training_only_block(model, round_config.server_round, round_config.flip_blocks,
+                                                 round_config.flip_block_rounds)
                if round_config.uplink_codec == "flips" else contextlib.nullcontext())
     with trained:
         result = fit(model, x, y, train_config, progress=False)

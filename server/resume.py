@@ -48,15 +48,19 @@ DETERMINING_SETTINGS = (
     "task", "num_server_rounds", "local_epochs", "lr", "lr_schedule", "batch_size", "aggregation",
     "vote_latent_scale", "mean_latent_scale", "bn_dtype", "uplink_codec", "partition", "dirichlet_alpha", "seed",
     "min_available_nodes", "dataset", "input_dropout", "lr_in_round", "flip_blocks",
+    "flip_block_rounds",
 )
 """The run-config settings a resumed run must share with the checkpoint: they decide the model
-(``flip_blocks`` only with the flip uplink, the one codec that reads it)."""
+(``flip_blocks`` and ``flip_block_rounds`` only with the flip uplink, the one codec that reads them)."""
+FLIP_ONLY_SETTINGS = ("flip_blocks", "flip_block_rounds")
+"""Read only with the flip uplink: a sign-codec run's identity ignores them."""
 SETTING_DEFAULTS = {"dataset": "mnist", "mean_latent_scale": 1.0, "input_dropout": 0.0, "lr_in_round": "constant",
-                    "flip_blocks": 1}
+                    "flip_blocks": 1, "flip_block_rounds": 0}
 """What a checkpoint that predates a setting ran with (checkpoints before ``dataset`` were MNIST's,
 before ``mean_latent_scale`` the clients restarted from the mean itself, before ``input_dropout``
 the clients trained without it, before ``lr_in_round`` at a constant rate within a round, and
-before ``flip_blocks`` every weight in every round)."""
+before ``flip_blocks`` every weight in every round, before ``flip_block_rounds`` blocks in every round
+from round 2)."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,7 @@ def check_matches(state: dict, ident: dict) -> None:
     saved = state.get("settings")
     saved = saved if isinstance(saved, dict) else {}
     for key, value in ident["settings"].items():
-        if key == "flip_blocks" and ident["settings"].get("uplink_codec") != "flips":
+        if key in FLIP_ONLY_SETTINGS and ident["settings"].get("uplink_codec") != "flips":
             continue  # the sign codec ignores it
         recorded = saved.get(key, SETTING_DEFAULTS.get(key))
         if recorded != value:

@@ -175,3 +175,47 @@ def test_training_only_block_moves_only_the_round_s_block_and_cleans_up():
     with fc.training_only_block(model, 1, 4):  # round 1: every weight trains
         fit(model, x, y, TrainConfig(epochs=1, batch_size=16, lr=0.1), progress=False)
     assert np.any(codec.binary_latents(model)[outside] != after[outside])
+
+
+def test_blocks_end_after_flip_block_rounds():
+    n = 25_856
+    # Blocks in rounds 2 and 3 (block 0, then block 1 of 2), every weight from round 4 on.
+    assert fc.flip_block(2, 2, n, 3) == (0, n // 2)
+    assert fc.flip_block(3, 2, n, 3) == (n // 2, n)
+    for server_round in (1, 4, 5, 20):
+        assert fc.flip_block(server_round, 2, n, 3) == (0, n)
+    # 0: blocks never end (as before the setting existed).
+    assert fc.flip_block(20, 2, n, 0) == fc.flip_block(20, 2, n) == (0, n // 2)
+    for bad in (-1, 2.5, True, "3"):
+        with pytest.raises(fc.FlipCodecError, match="flip-block-rounds"):
+            fc.flip_block(2, 2, n, bad)
+
+
+def test_the_client_trains_every_weight_after_flip_block_rounds():
+    from client.client_app import train_local
+    from common.federated.wire import TRAIN_CONFIG as key
+
+    layout = codec.layout_for(BNNConfig())
+    torch.manual_seed(0)
+    downlink = codec.encode_model(BNN(BNNConfig()), bn_encoding="thresholds")
+    received, received_bn = codec.decode(downlink, layout)
+    x, y = _data()
+
+    def signs(**config) -> np.ndarray:
+        payload, _ = train_local(downlink, x, y, _train_config(**config), 2, seed=0)
+        return fc.decode_flips(payload, layout, received, received_bn)[0]
+
+    start, stop = fc.flip_block(3, 2, layout.n_binary)
+    in_block = np.flatnonzero(signs(**{"flip-blocks": 2, "flip-block-rounds": 3}) != _signs(received))
+    assert in_block.size > 100 and in_block.min() >= start and in_block.max() < stop
+    # Round 4, past flip-block-rounds 3: the same signs as flip-blocks 1, every weight trained.
+    after = {"flip-blocks": 2, "flip-block-rounds": 3, key.server_round: 4}
+    np.testing.assert_array_equal(signs(**after), signs(**{"flip-blocks": 1, key.server_round: 4}))
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "three"])
+def test_a_bad_flip_block_rounds_in_the_train_config_is_refused(bad):
+    from common.errors import HyBNNError
+
+    with pytest.raises(HyBNNError, match="flip-block-rounds"):
+        _train_config(**{"flip-block-rounds": bad})

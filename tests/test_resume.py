@@ -187,3 +187,23 @@ def test_flip_blocks_must_match_only_for_the_flip_uplink(tmp_path):
     signs_dir = tmp_path / "signs"
     resume.save_checkpoint(signs_dir, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, _identity(flip_blocks=1))
     resume.check_matches(resume.load_checkpoint(signs_dir).state, _identity(flip_blocks=4))
+
+
+def test_flip_block_rounds_must_match_only_for_the_flip_uplink(tmp_path):
+    from server import resume
+
+    flips = _identity(uplink_codec="flips", flip_blocks=2, flip_block_rounds=3)
+    resume.save_checkpoint(tmp_path, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, flips)
+    state = resume.load_checkpoint(tmp_path).state
+    resume.check_matches(state, flips)
+    with pytest.raises(HyBNNError, match="flip-block-rounds: checkpoint 3, this run 0"):
+        resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=2, flip_block_rounds=0))
+    # A checkpoint written before flip-block-rounds existed trained in blocks in every round.
+    del state["settings"]["flip_block_rounds"]
+    resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=2, flip_block_rounds=0))
+    with pytest.raises(HyBNNError, match="flip-block-rounds: checkpoint 0, this run 3"):
+        resume.check_matches(state, flips)
+    # The sign codec ignores it.
+    signs_dir = tmp_path / "signs"
+    resume.save_checkpoint(signs_dir, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, _identity(flip_block_rounds=3))
+    resume.check_matches(resume.load_checkpoint(signs_dir).state, _identity(flip_block_rounds=0))

@@ -197,21 +197,24 @@ def flip_positions(reference: np.ndarray, latent: np.ndarray) -> np.ndarray:
     return np.flatnonzero(ref != new)
 
 
-def flip_block(server_round: int, blocks: int, n_binary: int) -> tuple[int, int]:
+def flip_block(server_round: int, blocks: int, n_binary: int, last_block_round: int = 0) -> tuple[int, int]:
     """The binary weights ``[start, stop)`` the clients train, and may flip, in ``server_round``.
 
     Round 1 starts from the random initial model: every weight. From round 2 on the ``n_binary``
     weights are cut into ``blocks`` contiguous blocks of (nearly) equal size, and round ``r``
-    trains block ``r mod blocks``; ``blocks = 1``: every weight in every round. Every client
-    computes the same block from the round number alone; nothing about it travels.
+    trains block ``r mod blocks``; ``blocks = 1``: every weight in every round. Blocks end after
+    round ``last_block_round`` (``flip-block-rounds``; 0: they never end): every weight again
+    from the round after. Every client computes the same block from the round number alone;
+    nothing about it travels.
     """
-    checks = (("server round", server_round, 0), ("flip-blocks", blocks, 1), ("binary weights", n_binary, 1))
+    checks = (("server round", server_round, 0), ("flip-blocks", blocks, 1), ("binary weights", n_binary, 1),
+              ("flip-block-rounds", last_block_round, 0))
     for name, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise FlipCodecError(f"the {name} must be a whole number >= {low}, got {value!r}")
     if blocks > n_binary:
         raise FlipCodecError(f"flip-blocks {blocks} is more than the {n_binary} binary weights")
-    if server_round < 2 or blocks == 1:
+    if server_round < 2 or blocks == 1 or (last_block_round and server_round > last_block_round):
         return 0, int(n_binary)
     index = server_round % blocks
     return int(index * n_binary // blocks), int((index + 1) * n_binary // blocks)
@@ -243,13 +246,13 @@ def freeze_outside(model, mask: np.ndarray) -> list:
 
 
 @contextmanager
-def training_only_block(model, server_round: int, blocks: int) -> Iterator[None]:
+def training_only_block(model, server_round: int, blocks: int, last_block_round: int = 0) -> Iterator[None]:
     """Within the ``with``, training moves only ``server_round``'s block of ``model``'s binary
     weights (:func:`flip_block`); on leaving, the hooks go and the weights outside the block
     are put back to where they started (:func:`restore_outside`). Every weight when the
-    block is all of them (round 1, ``blocks = 1``)."""
+    block is all of them (round 1, ``blocks = 1``, after ``last_block_round``)."""
     n_binary = codec.layout_for(model.config).n_binary
-    start, stop = flip_block(server_round, blocks, n_binary)
+    start, stop = flip_block(server_round, blocks, n_binary, last_block_round)
     if stop - start == n_binary:
         yield
         return

@@ -190,6 +190,9 @@ SETTINGS: tuple[Setting, ...] = (
             "contiguous blocks, and in each round the clients train, and so flip, only one of them (block round mod "
             "flip-blocks); 1: every weight in every round (docs/federated.md)", reads="both", minimum=1,
             maximum=25856, field="flip_blocks", per_round=True),
+    Setting("flip-block-rounds", int, 0, "flips uplink: the last round that trains in flip blocks; from the next "
+            "round on every weight trains again; 0: blocks in every round from round 2 (docs/federated.md)",
+            reads="both", minimum=0, field="flip_block_rounds", per_round=True),
     # ---------------------------------------------------------------- files
     Setting("encoder-sha256", str, "", "the encoder every party must hold; empty: the hash of the server's "
             "encoder", reads="both", per_round=True),
