@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/flip_codec.py [--tasks 0v1 2v3 4v5 6v7 8v9] [--rounds 20]
         [--clients 3] [--encoder artifacts/encoder-paper] [--data-root data] [--out runs/flip-codec]
-        [--reuse] [--flip-blocks 1 2] [--flips-lr 0.01]
+        [--reuse] [--flip-blocks 1 2] [--flip-variants 2:3] [--flips-lr 0.01]
 
 For every task it runs ``hybnn federate`` twice with the same seed and otherwise the
 command's defaults (IID split, vote aggregation, 2 local epochs, cosine learning rate):
@@ -99,6 +99,15 @@ def extra_table(title: str, label: str, entries: list[dict]) -> None:
           f"largest final accuracy difference against the default sign codec {worst:.2f} points.")
 
 
+def blocks_variant(text: str) -> tuple[int, int]:
+    """``"2:3"`` -> ``(2, 3)``: flip blocks, and the last round that trains in them."""
+    try:
+        blocks, last = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BLOCKS:LAST (two whole numbers), got {text!r}") from None
+    return blocks, last
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_federation_options(parser, out="runs/flip-codec")
@@ -107,6 +116,8 @@ def main() -> None:
                         help="extra flip runs per task at these peak learning rates (after the default runs)")
     parser.add_argument("--flip-blocks", type=int, nargs="*", default=[],
                         help="extra flip runs per task with these --flip-blocks values (after the default runs)")
+    parser.add_argument("--flip-variants", type=blocks_variant, nargs="*", default=[], metavar="BLOCKS:LAST",
+                        help="extra flip runs per task with --flip-blocks BLOCKS --flip-block-rounds LAST")
     args = parser.parse_args()
 
     rows = []
@@ -174,18 +185,19 @@ def main() -> None:
           f"{TARGET_POINTS} points on every task: bits {'met' if bits_ok else 'NOT met'}, "
           f"accuracy {'met' if acc_ok else 'NOT met'}.")
     extra = []
-    for kind, values in (("lr", args.flips_lr), ("flip_blocks", args.flip_blocks)):
-        for value in values:
-            entries = []
-            for task in args.tasks:
-                flips = run(task, "flips", args, **{kind: value})
-                signs_acc = default_runs[task]["signs"]["final_test_acc"]
-                entries.append({kind: value, "task": task, "acc_signs": signs_acc, "acc_flips": flips["final_test_acc"],
-                                "diff_points": (flips["final_test_acc"] - signs_acc) * 100, **flip_row(flips)})
-            label = f"lr {value:g}" if kind == "lr" else f"flip-blocks {value}"
-            extra_table(f"Flips with --{kind.replace('_', '-')} {value:g} against the sign codec with the defaults:",
-                        label, entries)
-            extra += entries
+    variants = ([(f"--flips-lr {lr:g}", {"lr": lr}) for lr in args.flips_lr]
+                + [(f"--flip-blocks {blocks}", {"flip_blocks": blocks}) for blocks in args.flip_blocks]
+                + [(f"--flip-blocks {blocks} --flip-block-rounds {last}",
+                    {"flip_blocks": blocks, "flip_block_rounds": last}) for blocks, last in args.flip_variants])
+    for label, options in variants:
+        entries = []
+        for task in args.tasks:
+            flips = run(task, "flips", args, **options)
+            signs_acc = default_runs[task]["signs"]["final_test_acc"]
+            entries.append({**options, "task": task, "acc_signs": signs_acc, "acc_flips": flips["final_test_acc"],
+                            "diff_points": (flips["final_test_acc"] - signs_acc) * 100, **flip_row(flips)})
+        extra_table(f"Flips with {label} against the sign codec with the defaults:", label, entries)
+        extra += entries
     summary_path = Path(args.out) / "summary.json"
     summary_path.write_text(json.dumps({"rows": rows, "mean": mean, "extra": extra, "per_round": {
         k: {"flip_fraction": sum(f for f, _ in v) / len(v), "sign_bits": sum(b for _, b in v) / len(v)}

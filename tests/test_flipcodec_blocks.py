@@ -219,3 +219,57 @@ def test_a_bad_flip_block_rounds_in_the_train_config_is_refused(bad):
 
     with pytest.raises(HyBNNError, match="flip-block-rounds"):
         _train_config(**{"flip-block-rounds": bad})
+
+
+def test_undo_weak_flips_puts_back_only_flips_within_the_margin():
+    torch.manual_seed(0)
+    model = BNN(BNNConfig())
+    layout = codec.layout_for(model.config)
+    n = layout.n_binary
+    reference = np.ones(n, dtype=np.float32)
+    start = reference * np.float32(0.1)
+    latent = np.full(n, 0.3, dtype=np.float32)
+    latent[:10] = -0.005   # weak flips: put back
+    latent[10:20] = -0.5   # strong flips: kept
+    latent[20:30] = 0.001  # no flip, however close to zero: left alone
+    codec.load_into_model(model, layout, latent, codec.bn_vector(model, layout))
+    assert fc.undo_weak_flips(model, reference, start, 0.01) == 10
+    after = codec.binary_latents(model)
+    np.testing.assert_array_equal(after[:10], start[:10])
+    np.testing.assert_array_equal(after[10:], latent[10:])
+    assert fc.undo_weak_flips(model, reference, start, 0.0) == 0  # margin 0: nothing to undo
+    for bad in (-0.1, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(fc.FlipCodecError, match="flip margin"):
+            fc.undo_weak_flips(model, reference, start, bad)
+    with pytest.raises(fc.FlipCodecError, match="expected"):
+        fc.undo_weak_flips(model, reference[:-1], start, 0.01)
+
+
+def test_the_client_undoes_weak_flips_from_round_2_with_a_flip_margin():
+    from client.client_app import train_local
+    from common.federated.wire import TRAIN_CONFIG as key
+
+    layout = codec.layout_for(BNNConfig())
+    torch.manual_seed(0)
+    downlink = codec.encode_model(BNN(BNNConfig()), bn_encoding="thresholds")
+    received, received_bn = codec.decode(downlink, layout)
+    x, y = _data()
+
+    def flipped(**config) -> int:
+        payload, _ = train_local(downlink, x, y, _train_config(**config), 2, seed=0)
+        return int(np.count_nonzero(fc.decode_flips(payload, layout, received, received_bn)[0] != _signs(received)))
+
+    plain = flipped(**{"flip-blocks": 1})
+    with_margin = flipped(**{"flip-blocks": 1, "flip-margin": 0.02})
+    assert 0 < with_margin < plain
+    # Round 1 starts from the random initial model: no margin there.
+    assert flipped(**{"flip-blocks": 1, "flip-margin": 0.02, key.server_round: 1}) == flipped(
+        **{"flip-blocks": 1, key.server_round: 1})
+
+
+@pytest.mark.parametrize("bad", [-0.01, 1.5, "wide"])
+def test_a_bad_flip_margin_in_the_train_config_is_refused(bad):
+    from common.errors import HyBNNError
+
+    with pytest.raises(HyBNNError, match="flip-margin"):
+        _train_config(**{"flip-margin": bad})

@@ -64,6 +64,7 @@ finiteness, non-negative running variance).
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -281,6 +282,25 @@ def restore_outside(model, start_latent: np.ndarray, mask: np.ndarray) -> int:
     if not np.array_equal(restored, latent):
         codec.load_into_model(model, layout, restored, codec.bn_vector(model, layout))
     return changed
+
+
+def undo_weak_flips(model, reference: np.ndarray, start_latent: np.ndarray, margin: float) -> int:
+    """Put back every binary weight whose sign training flipped against ``reference`` but whose
+    latent ended less than ``margin`` past zero (to ``start_latent``, where training started):
+    a flip that small is mostly noise of a weak gradient. Returns how many flips that undid."""
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise FlipCodecError(f"the flip margin must be a finite number >= 0, got {margin!r}")
+    layout = codec.layout_for(model.config)
+    latent = codec.binary_latents(model)
+    ref = reference_bits(reference)
+    start_latent = np.asarray(start_latent, dtype=np.float32).reshape(-1)
+    if ref.shape != latent.shape or start_latent.shape != latent.shape:
+        raise FlipCodecError(f"expected {latent.size} reference signs and starting latents, got {ref.size} and "
+                             f"{start_latent.size}")
+    weak = ((latent >= 0) != ref) & (np.abs(latent) < np.float32(margin))
+    if weak.any():
+        codec.load_into_model(model, layout, np.where(weak, start_latent, latent), codec.bn_vector(model, layout))
+    return int(np.count_nonzero(weak))
 
 
 def encode_body(positions: np.ndarray, n_binary: int) -> tuple[int, bytes]:

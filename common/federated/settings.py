@@ -193,6 +193,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("flip-block-rounds", int, 0, "flips uplink: the last round that trains in flip blocks; from the next "
             "round on every weight trains again; 0: blocks in every round from round 2 (docs/federated.md)",
             reads="both", minimum=0, field="flip_block_rounds", per_round=True),
+    Setting("flip-margin", float, 0.0, "flips uplink, from round 2 on: a client puts back every flip whose latent "
+            "weight ended less than this far past zero; 0: none (docs/federated.md)", reads="both", minimum=0,
+            maximum=1, field="flip_margin", per_round=True),
     # ---------------------------------------------------------------- files
     Setting("encoder-sha256", str, "", "the encoder every party must hold; empty: the hash of the server's "
             "encoder", reads="both", per_round=True),
