@@ -48,19 +48,20 @@ DETERMINING_SETTINGS = (
     "task", "num_server_rounds", "local_epochs", "lr", "lr_schedule", "batch_size", "aggregation",
     "vote_latent_scale", "mean_latent_scale", "bn_dtype", "uplink_codec", "partition", "dirichlet_alpha", "seed",
     "min_available_nodes", "dataset", "input_dropout", "lr_in_round", "flip_blocks",
-    "flip_block_rounds",
+    "flip_block_rounds", "flip_margin",
 )
 """The run-config settings a resumed run must share with the checkpoint: they decide the model
-(``flip_blocks`` and ``flip_block_rounds`` only with the flip uplink, the one codec that reads them)."""
-FLIP_ONLY_SETTINGS = ("flip_blocks", "flip_block_rounds")
+(the flip settings only with the flip uplink, the one codec that reads them)."""
+FLIP_ONLY_SETTINGS = ("flip_blocks", "flip_block_rounds", "flip_margin")
 """Read only with the flip uplink: a sign-codec run's identity ignores them."""
 SETTING_DEFAULTS = {"dataset": "mnist", "mean_latent_scale": 1.0, "input_dropout": 0.0, "lr_in_round": "constant",
-                    "flip_blocks": 1, "flip_block_rounds": 0}
+                    "flip_blocks": 1, "flip_block_rounds": 0,
+                    "flip_margin": 0.0}
 """What a checkpoint that predates a setting ran with (checkpoints before ``dataset`` were MNIST's,
 before ``mean_latent_scale`` the clients restarted from the mean itself, before ``input_dropout``
 the clients trained without it, before ``lr_in_round`` at a constant rate within a round, and
 before ``flip_blocks`` every weight in every round, before ``flip_block_rounds`` blocks in every round
-from round 2)."""
+from round 2, before ``flip_margin`` no flip put back)."""
 
 
 @dataclass(frozen=True)

@@ -207,3 +207,22 @@ def test_flip_block_rounds_must_match_only_for_the_flip_uplink(tmp_path):
     signs_dir = tmp_path / "signs"
     resume.save_checkpoint(signs_dir, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, _identity(flip_block_rounds=3))
     resume.check_matches(resume.load_checkpoint(signs_dir).state, _identity(flip_block_rounds=0))
+
+
+def test_flip_margin_must_match_only_for_the_flip_uplink(tmp_path):
+    from server import resume
+
+    flips = _identity(uplink_codec="flips", flip_blocks=1, flip_margin=0.01)
+    resume.save_checkpoint(tmp_path, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, flips)
+    state = resume.load_checkpoint(tmp_path).state
+    resume.check_matches(state, flips)
+    with pytest.raises(HyBNNError, match="flip-margin: checkpoint 0.01, this run 0.0"):
+        resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=1, flip_margin=0.0))
+    # A checkpoint written before flip-margin existed put no flip back.
+    del state["settings"]["flip_margin"]
+    resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=1, flip_margin=0.0))
+    with pytest.raises(HyBNNError, match="flip-margin: checkpoint 0.0, this run 0.01"):
+        resume.check_matches(state, flips)
+    signs_dir = tmp_path / "signs"
+    resume.save_checkpoint(signs_dir, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, _identity(flip_margin=0.02))
+    resume.check_matches(resume.load_checkpoint(signs_dir).state, _identity(flip_margin=0.0))
