@@ -4,10 +4,10 @@ Usage::
 
     .venv/bin/python benchmarks/flip_codec.py [--tasks 0v1 2v3 4v5 6v7 8v9] [--rounds 20]
         [--clients 3] [--encoder artifacts/encoder-paper] [--data-root data] [--out runs/flip-codec]
-        [--reuse] [--flip-blocks 1 2] [--flip-variants 2:3] [--flips-lr 0.01]
+        [--reuse] [--flip-blocks 1 2] [--flip-variants 1:0:0.01] [--flips-lr 0.01]
 
 For every task it runs ``hybnn federate`` twice with the same seed and otherwise the
-command's defaults (IID split, vote aggregation, 2 local epochs, cosine learning rate):
+command's defaults (IID split, vote aggregation, threshold batch norm, ...):
 once with ``--uplink-codec signs``, once with ``--uplink-codec flips`` (so with the
 default ``--flip-blocks``: from round 2 on the clients train, and flip, one block of the
 binary weights per round). Each run is its own process, so one Ray session never leaks
@@ -16,9 +16,11 @@ again (to resume an interrupted measurement, or to print the tables again).
 
 After the default runs come extra flip runs per task, each compared against the default
 sign-codec run: ``--flip-blocks 1`` (every weight in every round: the flip codec without
-blocks, lossless against the sign codec) or other block counts; ``--flips-lr 0.01``: a
-lower peak learning rate (the learning rate, not the coding, decides how many signs
-training flips).
+blocks, lossless against the sign codec) or other block counts; ``--flip-variants
+BLOCKS:LAST:MARGIN``: ``--flip-blocks``, ``--flip-block-rounds`` and ``--flip-margin`` together
+(``1:0:0.01``: every weight, each client puts back the flips that ended less than 0.01 past
+zero); ``--flips-lr 0.01``: a lower peak learning rate (the learning rate, not the coding,
+decides how many signs training flips).
 
 Reported per task, from results.json (the server measures every reply):
 
@@ -52,11 +54,13 @@ TARGET_POINTS = 0.2
 
 
 def run(task: str, uplink_codec: str, args: argparse.Namespace, lr: float | None = None,
-        flip_blocks: int | None = None, flip_block_rounds: int | None = None) -> dict:
+        flip_blocks: int | None = None, flip_block_rounds: int | None = None,
+        flip_margin: float | None = None) -> dict:
     """One ``hybnn federate`` run (or its earlier results with ``--reuse``); its results.json."""
     name = f"{task}-{uplink_codec}" + (f"-lr{lr:g}" if lr is not None else "") + (
         f"-blocks{flip_blocks}" if flip_blocks is not None else "") + (
-        f"-until{flip_block_rounds}" if flip_block_rounds is not None else "")
+        f"-until{flip_block_rounds}" if flip_block_rounds is not None else "") + (
+        f"-m{flip_margin:g}" if flip_margin is not None else "")
     out = Path(args.out) / name
     arguments = ["--task", task, "--clients", str(args.clients), "--rounds", str(args.rounds),
                  "--partition", "iid", "--uplink-codec", uplink_codec, "--encoder", str(args.encoder),
@@ -64,6 +68,7 @@ def run(task: str, uplink_codec: str, args: argparse.Namespace, lr: float | None
     arguments += ["--lr", str(lr)] if lr is not None else []
     arguments += ["--flip-blocks", str(flip_blocks)] if flip_blocks is not None else []
     arguments += ["--flip-block-rounds", str(flip_block_rounds)] if flip_block_rounds is not None else []
+    arguments += ["--flip-margin", f"{flip_margin:g}"] if flip_margin is not None else []
     return federate(arguments, f"{name}", out, Path(args.out) / f"{name}.log",
                     reuse=args.reuse, rounds=args.rounds)
 
@@ -99,13 +104,14 @@ def extra_table(title: str, label: str, entries: list[dict]) -> None:
           f"largest final accuracy difference against the default sign codec {worst:.2f} points.")
 
 
-def blocks_variant(text: str) -> tuple[int, int]:
-    """``"2:3"`` -> ``(2, 3)``: flip blocks, and the last round that trains in them."""
+def flip_variant(text: str) -> dict:
+    """``"BLOCKS:LAST:MARGIN"`` (``"2:3:0"``, ``"1:0:0.01"``) -> the run's flip options."""
     try:
-        blocks, last = (int(part) for part in text.split(":"))
+        blocks, last, margin = text.split(":")
+        return {"flip_blocks": int(blocks), "flip_block_rounds": int(last), "flip_margin": float(margin)}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BLOCKS:LAST (two whole numbers), got {text!r}") from None
-    return blocks, last
+        raise argparse.ArgumentTypeError(f"expected BLOCKS:LAST:MARGIN (flip-blocks, flip-block-rounds, "
+                                         f"flip-margin), got {text!r}") from None
 
 
 def main() -> None:
@@ -116,8 +122,9 @@ def main() -> None:
                         help="extra flip runs per task at these peak learning rates (after the default runs)")
     parser.add_argument("--flip-blocks", type=int, nargs="*", default=[],
                         help="extra flip runs per task with these --flip-blocks values (after the default runs)")
-    parser.add_argument("--flip-variants", type=blocks_variant, nargs="*", default=[], metavar="BLOCKS:LAST",
-                        help="extra flip runs per task with --flip-blocks BLOCKS --flip-block-rounds LAST")
+    parser.add_argument("--flip-variants", type=flip_variant, nargs="*", default=[], metavar="BLOCKS:LAST:MARGIN",
+                        help="extra flip runs per task with --flip-blocks BLOCKS --flip-block-rounds LAST "
+                             "--flip-margin MARGIN")
     args = parser.parse_args()
 
     rows = []
@@ -187,8 +194,8 @@ def main() -> None:
     extra = []
     variants = ([(f"--flips-lr {lr:g}", {"lr": lr}) for lr in args.flips_lr]
                 + [(f"--flip-blocks {blocks}", {"flip_blocks": blocks}) for blocks in args.flip_blocks]
-                + [(f"--flip-blocks {blocks} --flip-block-rounds {last}",
-                    {"flip_blocks": blocks, "flip_block_rounds": last}) for blocks, last in args.flip_variants])
+                + [(f"--flip-blocks {v['flip_blocks']} --flip-block-rounds {v['flip_block_rounds']} "
+                    f"--flip-margin {v['flip_margin']:g}", v) for v in args.flip_variants])
     for label, options in variants:
         entries = []
         for task in args.tasks:
