@@ -10,7 +10,8 @@ Each round a client
    encoder's hash) and keeps its partition of the task's training samples, chosen
    with flwr-datasets partitioners from ``partition-id`` / ``num-partitions``;
 3. trains the BNN for ``local-epochs`` from the received global model (with the flip uplink, from
-   round 2 on, only the round's block of its binary weights: ``flip-blocks``);
+   round 2 on, only the round's block of its binary weights: ``flip-blocks``, ``flip-block-rounds``;
+   and it puts back the flips that ended less than ``flip-margin`` past zero);
 4. replies with the packed BNN (signs + batch norm, :mod:`common.federated.codec`), or, when the
    train config says ``uplink-codec = "flips"``, only the signs that changed against the
    global model it received (:mod:`common.federated.flipcodec`), and a few metrics. Nothing else

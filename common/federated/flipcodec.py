@@ -16,7 +16,10 @@ next; the vote keeps a weight's flip only where most clients made it. Cutting ea
 client's flips to its strongest few (a flip budget) left the clients' flips too few to
 agree on, and the global model barely moved; with blocks all clients train the same
 weights in a round, so the vote works as it does without blocks, on a quarter of the
-weights at a time (docs/federated.md, "Sign-flip uplink").
+weights at a time (docs/federated.md, "Sign-flip uplink"). ``flip-block-rounds`` ends the
+blocks after a given round; ``flip-margin`` makes a client put back the flips whose latent
+weight ended barely past zero (:func:`undo_weak_flips`). Both only change what the client
+trains and sends; the payload is the same.
 
 Numpy in, numpy out, no Flower import, like :mod:`common.federated.codec`; the block
 helpers take the torch model.
@@ -483,5 +486,5 @@ __all__ = [
     "FLIPS_KEY", "FLIPT_KEY", "FLIP_FORMAT_VERSION", "FlipCodecError", "HEADER_BYTES", "block_mask", "decode_flips",
     "encode_flips", "encode_model_flips", "flip_block", "flip_positions", "freeze_outside", "is_flips", "parse",
     "reference_digest", "restore_outside", "rice_decode", "rice_encode", "sign_bits_per_weight", "to_signs_payload",
-    "training_only_block",
+    "training_only_block", "undo_weak_flips",
 ]
