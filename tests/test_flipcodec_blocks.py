@@ -138,8 +138,8 @@ def test_the_client_flips_only_its_rounds_block():
     for config in ({"flip-blocks": 4, key.server_round: 1}, {"flip-blocks": 1}):
         everywhere = changed(**config)
         assert np.count_nonzero((everywhere < start) | (everywhere >= stop)) > 1000
-    # flip-blocks 1 is the lossless codec: the same signs as the sign codec.
-    payload, _ = train_local(downlink, x, y, _train_config(**{"flip-blocks": 1}), 2, seed=0)
+    # flip-blocks 1 without a flip margin is the lossless codec: the same signs as the sign codec.
+    payload, _ = train_local(downlink, x, y, _train_config(**{"flip-blocks": 1, "flip-margin": 0.0}), 2, seed=0)
     signs_payload, _ = train_local(downlink, x, y, _train_config(**{key.uplink_codec: "signs"}), 2, seed=0)
     np.testing.assert_array_equal(fc.decode_flips(payload, layout, received, received_bn)[0],
                                   codec.decode(signs_payload, layout, reference_bn=received_bn)[0])

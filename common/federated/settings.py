@@ -186,14 +186,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("uplink-codec", str, "signs", "uplink: signs, every sign bit (1 bit per binary weight); or flips, "
             "only the signs changed against the received global model (docs/federated.md)", reads="both",
             choices=("signs", "flips"), field="uplink_codec", per_round=True),
-    Setting("flip-blocks", int, 4, "flips uplink, from round 2 on: the binary weights are cut into this many "
+    Setting("flip-blocks", int, 1, "flips uplink, from round 2 on: the binary weights are cut into this many "
             "contiguous blocks, and in each round the clients train, and so flip, only one of them (block round mod "
             "flip-blocks); 1: every weight in every round (docs/federated.md)", reads="both", minimum=1,
             maximum=25856, field="flip_blocks", per_round=True),
     Setting("flip-block-rounds", int, 0, "flips uplink: the last round that trains in flip blocks; from the next "
             "round on every weight trains again; 0: blocks in every round from round 2 (docs/federated.md)",
             reads="both", minimum=0, field="flip_block_rounds", per_round=True),
-    Setting("flip-margin", float, 0.0, "flips uplink, from round 2 on: a client puts back every flip whose latent "
+    Setting("flip-margin", float, 0.01, "flips uplink, from round 2 on: a client puts back every flip whose latent "
             "weight ended less than this far past zero; 0: none (docs/federated.md)", reads="both", minimum=0,
             maximum=1, field="flip_margin", per_round=True),
     # ---------------------------------------------------------------- files
