@@ -6,9 +6,11 @@ Usage::
         [--data-root data] [--tasks 0v1 2v3 4v5 6v7 8v9] [--recipes 2048:0.06:100 2048:0.06:60]
         [--seeds 0 1 2] [--bcnn-epochs 15] [--hidden 128] [--threads 1]
 
-Each recipe ``BATCH:LR[:EPOCHS]`` trains the task's BNN (``HYBNN_TRAIN_CONFIG`` with that
+Each recipe ``BATCH:LR[:EPOCHS][:float]`` trains the task's BNN (``HYBNN_TRAIN_CONFIG`` with that
 batch size, Adam learning rate and number of epochs; the recipe's epochs when left out)
-once per seed. On each task, bcnn-centered (the binary CNN on ``sign(x - 0.5)`` images,
+once per seed. ``:float`` feeds the codes as float32, so the first layer takes the float
+product instead of the integer one (``common.bnn.model.BinaryLinear``): the same results,
+and the time the integer product saves. On each task, bcnn-centered (the binary CNN on ``sign(x - 0.5)`` images,
 ``common/experiments/baselines.py``) trains once, for ``--bcnn-epochs`` epochs, right
 after the first seed's BNN runs and before the others, so that a slow spell on a shared machine hits
 both alike. ``--bcnn-epochs 0`` leaves it out.
@@ -40,6 +42,7 @@ from common.data.tasks import PAIR_TASKS, get_task
 from common.encoder.artifact import load_encoder_artifact
 from common.experiments.baselines import train_baseline
 from common.experiments.report import COST_TARGET
+from common.resources import reuse_freed_memory
 
 
 @dataclass(frozen=True)
@@ -47,22 +50,27 @@ class Recipe:
     batch_size: int
     lr: float
     epochs: int
+    float_inputs: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.batch_size}:{self.lr:g}:{self.epochs}"
+        return f"{self.batch_size}:{self.lr:g}:{self.epochs}" + (":float" if self.float_inputs else "")
 
 
 def recipe(text: str) -> Recipe:
     try:
         parts = text.split(":")
+        float_inputs = parts[-1] == "float"
+        if float_inputs:
+            parts = parts[:-1]
         if len(parts) not in (2, 3):
             raise ValueError
         epochs = int(parts[2]) if len(parts) == 3 else HYBNN_TRAIN_CONFIG.epochs
-        return Recipe(int(parts[0]), float(parts[1]), epochs)
+        return Recipe(int(parts[0]), float(parts[1]), epochs, float_inputs)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected BATCH:LR or BATCH:LR:EPOCHS such as 2048:0.06:100, got {text!r}") from None
+            f"expected BATCH:LR, BATCH:LR:EPOCHS or either with :float, such as 2048:0.06:100, "
+            f"got {text!r}") from None
 
 
 def main() -> None:
@@ -72,7 +80,8 @@ def main() -> None:
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--tasks", nargs="+", default=list(PAIR_TASKS))
     parser.add_argument("--recipes", nargs="+", type=recipe, default=[default],
-                        help=f"BATCH:LR[:EPOCHS] (default: the recipe, {default.name})")
+                        help=f"BATCH:LR[:EPOCHS][:float] (default: the recipe, {default.name}; "
+                             ":float feeds float32 codes, the float product)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--bcnn-epochs", type=int, default=15,
                         help="bcnn-centered's epochs, as in the paper profile (0: leave it out)")
@@ -81,11 +90,12 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as the hybnn command does
     artifact = load_encoder_artifact(args.encoder)
     hidden = (args.hidden,) if args.hidden else None
     print(f"load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}, "
           f"seeds {args.seeds}, bcnn-centered {args.bcnn_epochs} epochs")
-    print(f"{'task':6} {'batch:lr:epochs':>16} {'wall s':>7} {'cpu s':>6} {'mean acc':>9} {'min acc':>8} "
+    print(f"{'task':6} {'recipe':>22} {'wall s':>7} {'cpu s':>6} {'mean acc':>9} {'min acc':>8} "
           f"{'bcnn wall':>9} {'bcnn cpu':>8} {'bcnn acc':>8} {'ratio wall':>10} {'ratio cpu':>9}")
     accuracy: dict[Recipe, list[float]] = {r: [] for r in args.recipes}
     worst: dict[Recipe, list[float]] = {r: [0.0, 0.0] for r in args.recipes}  # wall, cpu
@@ -99,7 +109,8 @@ def main() -> None:
             for r in args.recipes:
                 config = replace(HYBNN_TRAIN_CONFIG, batch_size=r.batch_size, lr=r.lr,
                                  epochs=r.epochs, seed=seed)
-                run = train_hybnn(artifact, task, args.data_root, config, hidden=hidden, progress=False)
+                run = train_hybnn(artifact, task, args.data_root, config, hidden=hidden, progress=False,
+                                  float_inputs=r.float_inputs)
                 seconds[r].append(run.train.seconds)
                 cpu_seconds[r].append(run.train.cpu_seconds)
                 task_accuracy[r].append(run.test_acc)
@@ -109,7 +120,7 @@ def main() -> None:
         for r in args.recipes:
             median, cpu_median = statistics.median(seconds[r]), statistics.median(cpu_seconds[r])
             accuracy[r] += task_accuracy[r]
-            row = (f"{name:6} {r.name:>16} {median:7.2f} {cpu_median:6.2f} "
+            row = (f"{name:6} {r.name:>22} {median:7.2f} {cpu_median:6.2f} "
                    f"{statistics.mean(task_accuracy[r]):9.4f} {min(task_accuracy[r]):8.4f}")
             if bcnn is not None:
                 ratios = (median / bcnn["train_seconds"], cpu_median / bcnn["train_cpu_seconds"])

@@ -22,7 +22,7 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     return out.mul_(2).sub_(1)
 
 
-def _straight_through_mask(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def straight_through_mask(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``1{|x| <= 1}`` in ``dtype``."""
     mask = torch.empty(x.shape, dtype=dtype, device=x.device)
     torch.le(x.abs(), 1, out=mask)
@@ -38,7 +38,7 @@ class _SignSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return _straight_through_mask(x, grad_output.dtype).mul_(grad_output)
+        return straight_through_mask(x, grad_output.dtype).mul_(grad_output)
 
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,35 @@ def use_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+KEEP_HEAP_BYTES = 128 * 2**20
+"""Freed memory glibc keeps for reuse instead of returning it to the system (see :func:`reuse_freed_memory`)."""
+HEAP_ALLOCATION_LIMIT_BYTES = 16 * 2**20
+"""Allocations up to this size come from the heap instead of their own ``mmap``."""
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc reuse freed memory for the next tensors instead of mapping fresh pages.
+
+    A BNN training step allocates a dozen 1-2 MiB temporaries; by default glibc may give
+    each its own ``mmap`` and unmap it when freed, so every step pays page faults to touch
+    fresh zeroed pages: an element-wise op on 2048 x 128 floats took 0.9 ms that way and
+    0.09 ms on reused memory. This raises the ``mmap`` threshold and the trim threshold
+    (``mallopt``), keeping up to :data:`KEEP_HEAP_BYTES` of freed memory per process. It
+    changes no value a computation gives. Returns whether it applied (glibc only; elsewhere
+    nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: mallopt's option numbers are glibc's
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, HEAP_ALLOCATION_LIMIT_BYTES)
+                and libc.mallopt(m_trim_threshold, KEEP_HEAP_BYTES))
+
+
 def process_tree_rss_bytes(pid: int | None = None) -> int:
     """Resident memory of process ``pid`` (default: this one) and all its descendants, in bytes:
     psutil when installed, else /proc."""

@@ -548,9 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         if args.command != "certs":
-            from common.resources import use_threads
+            from common.resources import reuse_freed_memory, use_threads
 
             use_threads(args.threads)
+            reuse_freed_memory()
         args.handler(args)
     except HyBNNError as exc:
         print(f"hybnn {args.command}: error: {exc}", file=sys.stderr)

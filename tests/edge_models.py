@@ -29,7 +29,7 @@ def trained_bnn(config: BNNConfig, seed: int = 0, samples: int = 1024) -> BNN:
     codes = random_codes(rng, samples, config.in_bits)
     x = codes_to_inputs(codes, config.in_bits)
     w = torch.from_numpy(rng.standard_normal((config.in_bits, config.num_classes)).astype(np.float32))
-    y = (x @ w).argmax(1)
+    y = (x.float() @ w).argmax(1)
     model = BNN(config)
     torch.manual_seed(seed)
     fit(model, x, y, TrainConfig(epochs=1, batch_size=128, seed=seed), progress=False)

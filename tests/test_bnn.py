@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from common.bnn.model import BNN, BNNConfig, codes_to_inputs, default_hidden
 from common.bnn.store import load_bnn, save_bnn
@@ -75,8 +77,29 @@ def test_bnn_learns_a_synthetic_binary_task():
 def test_packed_codes_become_plus_minus_one_inputs():
     signs = np.random.default_rng(0).choice([-1.0, 1.0], size=(4, 200))
     inputs = codes_to_inputs(pack_signs(signs))
-    assert inputs.dtype == torch.float32 and inputs.shape == (4, 200)
+    assert inputs.dtype == torch.int8 and inputs.shape == (4, 200)
     np.testing.assert_array_equal(inputs.numpy(), signs)
+
+
+@pytest.mark.parametrize("batch, in_bits", [(0, 200), (1, 13), (3, 200), (17, 9), (2048, 200)])
+def test_int8_inputs_give_the_float_product_and_gradients(batch, in_bits):
+    """The first layer multiplies int8 codes in integers: outputs and every gradient equal
+    the float path's, for odd shapes, an empty batch and input dropout's zeros."""
+    generator = torch.Generator().manual_seed(batch)
+    x = (torch.randint(0, 2, (batch, in_bits), generator=generator) * 2 - 1)
+    x *= torch.rand(batch, in_bits, generator=generator) > 0.2
+    y = torch.randint(0, 3, (batch,), generator=generator)
+    torch.manual_seed(0)
+    integer = BNN(BNNConfig(in_bits=in_bits, hidden=(16,), num_classes=3))
+    floating = copy.deepcopy(integer)
+    integer.eval(), floating.eval()
+    assert torch.equal(integer(x.to(torch.int8)), floating(x.float()))
+    if batch >= 2:
+        integer.train(), floating.train()
+        F.cross_entropy(integer(x.to(torch.int8)), y).backward()
+        F.cross_entropy(floating(x.float()), y).backward()
+        for a, b in zip(integer.parameters(), floating.parameters()):
+            assert torch.equal(a.grad, b.grad)
 
 
 def test_save_load_round_trip(tmp_path):

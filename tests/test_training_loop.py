@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
 from common.binarize import clip_latent_weights_, latent_weights
 from common.bnn.model import BNN, BNNConfig
+from common.errors import HyBNNError
+from common.resources import reuse_freed_memory
 from common.bnn.training import DROPOUT_RESOLUTION, TrainConfig, fit, keep_mask
 
 
@@ -32,8 +36,20 @@ def test_keep_mask_is_seeded_and_differs_between_draws():
 
 def test_keep_mask_never_drops_everything_below_one():
     mask = keep_mask((1000, 100), 1 - 1e-9, torch.Generator().manual_seed(0))
-    assert 0 < int(mask.sum()) < 100  # rounded to 65535/65536: one in 65,536 kept
-    assert DROPOUT_RESOLUTION == 2**16
+    assert 0 < int(mask.sum()) < 1000  # rounded to 255/256: one in 256 kept
+    assert DROPOUT_RESOLUTION == 2**8
+
+
+def test_keep_mask_drops_at_the_rounded_rate():
+    mask = keep_mask((1000, 200), 0.2, torch.Generator().manual_seed(0), dtype=torch.int8)
+    assert mask.dtype == torch.int8
+    assert abs(1 - float(mask.float().mean()) - 51 / 256) < 0.003  # 0.2 rounds to 51/256
+
+
+def test_a_dropout_below_the_masks_step_is_refused():
+    with pytest.raises(HyBNNError, match="drop nothing"):
+        TrainConfig(input_dropout=0.001)
+    assert TrainConfig(input_dropout=1 / 256).input_dropout == 1 / 256
 
 
 def test_clip_takes_a_model_or_its_latent_weights():
@@ -71,3 +87,18 @@ def test_fit_reports_wall_and_cpu_time():
     result = fit(BNN(BNNConfig(in_bits=16, hidden=(8,))), x, y, TrainConfig(epochs=2, batch_size=64),
                  progress=False)
     assert result.seconds > 0 and result.cpu_seconds > 0
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_memory_is_reused_and_results_do_not_change():
+    """reuse_freed_memory applies on glibc, and a training run gives the same model after it."""
+    def train() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = BNN(BNNConfig(in_bits=16, hidden=(8,)))
+        x = torch.randint(0, 2, (64, 16), generator=torch.Generator().manual_seed(1)).to(torch.int8) * 2 - 1
+        fit(model, x, (x[:, 0] > 0).long(), TrainConfig(epochs=3, batch_size=16), progress=False)
+        return [p.detach().clone() for p in model.parameters()]
+
+    before = train()
+    assert reuse_freed_memory()
+    assert all(torch.equal(a, b) for a, b in zip(before, train()))

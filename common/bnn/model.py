@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.binarize import LatentClipMixin, sign_ste
+from common.binarize import LatentClipMixin, sign, sign_ste, straight_through_mask
 from common.errors import HyBNNError
 from common.resources import check_fits_in_memory
 
@@ -91,14 +91,44 @@ def check_trainable(config: BNNConfig) -> None:
     )
 
 
+class _IntegerBinaryLinear(torch.autograd.Function):
+    """``x @ sign(weight).T`` for an int8 ``x``, multiplied in integers.
+
+    The product of small integers and +-1 is an integer, so the int8 product
+    (``torch._int_mm``, int32 sums) gives exactly what the float product gives, in
+    about a quarter of its time on CPUs with 8-bit dot-product instructions. The
+    input gets no gradient (it is data); the weight's gradient is the float
+    ``grad.T @ x`` times the straight-through mask, as :func:`sign_ste` gives it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        signs = sign(weight).to(torch.int8)
+        return torch._int_mm(x, signs.t().contiguous()).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_weight = grad_output.t().mm(x.to(grad_output.dtype))
+        return None, grad_weight.mul_(straight_through_mask(weight, grad_output.dtype))
+
+
 class BinaryLinear(LatentClipMixin, nn.Linear):
-    """A linear layer without bias whose weights are ``sign(latent weight)``."""
+    """A linear layer without bias whose weights are ``sign(latent weight)``.
+
+    An int8 input (the encoder's codes, :func:`codes_to_inputs`) is multiplied in
+    integers (:class:`_IntegerBinaryLinear`), with the same result as the float
+    product; a float input takes the float product.
+    """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
         nn.init.uniform_(self.weight, -1.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.int8 and x.dim() == 2 and x.device.type == "cpu":
+            return _IntegerBinaryLinear.apply(x, self.weight)
         return F.linear(x, sign_ste(self.weight))
 
 
@@ -129,7 +159,10 @@ class BNN(nn.Module):
 
 
 def codes_to_inputs(packed_codes, in_bits: int = 200) -> torch.Tensor:
-    """Packed codes ``uint8 (N, ceil(in_bits/8))`` -> float32 +-1 tensor ``(N, in_bits)``."""
+    """Packed codes ``uint8 (N, ceil(in_bits/8))`` -> int8 +-1 tensor ``(N, in_bits)``.
+
+    int8, not float: a quarter of the memory, and the BNN's first layer multiplies
+    int8 inputs in integers (:class:`BinaryLinear`)."""
     from common.packing import unpack_signs
 
-    return torch.from_numpy(unpack_signs(packed_codes, in_bits, dtype="float32"))
+    return torch.from_numpy(unpack_signs(packed_codes, in_bits, dtype="int8"))

@@ -48,11 +48,14 @@ def train_hybnn(
     hidden: tuple[int, ...] | None = None,
     progress: bool = True,
     dataset: str = "mnist",
+    float_inputs: bool = False,
 ) -> HyBNNRun:
     """Train the BNN for ``task`` on the frozen encoder's codes; test it.
 
     ``hidden=None`` takes the task's default shape (:meth:`BNNConfig.for_task`): the
-    paper's 128 hidden units for the pair tasks, 512 for ``all10``.
+    paper's 128 hidden units for the pair tasks, 512 for ``all10``. ``float_inputs``
+    feeds the codes as float32 (the float product, the same results more slowly) instead
+    of int8: benchmarks/bnn_recipe.py compares the two.
     """
     config = BNNConfig.for_task(int(artifact.manifest["latent_bits"]), task.num_classes)
     if hidden is not None:
@@ -60,6 +63,8 @@ def train_hybnn(
     check_trainable(config)  # before the data are loaded: an impossible width fails at once
     x_train, y_train = task_inputs(artifact, data_root, task, "train", dataset)
     x_test, y_test = task_inputs(artifact, data_root, task, "test", dataset)
+    if float_inputs:
+        x_train, x_test = x_train.float(), x_test.float()
     torch.manual_seed(train_config.seed)  # the initial latent weights; fit seeds the batch order
     model = BNN(config)
     result = fit(model, x_train, y_train, train_config, desc=f"hybnn {task.name}", progress=progress)

@@ -6,9 +6,10 @@ of binary layers are clipped to [-1, 1] (common/binarize.py).
 
 The HyBNN BNN takes a few milliseconds a step, so the loop's own costs count: batches
 are gathered with ``index_select`` (indexing with a tensor of indices, ``x[idx]``, was
-several times slower on these 200-column rows); the input-dropout mask comes from 16
-random bits per input (:func:`keep_mask`), a quarter of the random draws of one
-``torch.rand`` float per input; Adam runs fused; the epoch's loss and accuracy are
+several times slower on these 200-column rows); the input-dropout mask comes from 8
+random bits per input (:func:`keep_mask`), an eighth of the random draws of one
+``torch.rand`` float per input; the BNN's int8 codes are multiplied in integers
+(``common.bnn.model.BinaryLinear``); Adam runs fused; the epoch's loss and accuracy are
 summed as tensors and read once an epoch. benchmarks/bnn_recipe.py times the BNN
 against bcnn-centered, side by side.
 """
@@ -93,7 +94,7 @@ class TrainConfig:
     seed: int = 0
     input_dropout: float = 0.0
     """During training, each input value of a batch is zeroed with this probability (no
-    rescaling; in steps of 1/65536, :func:`keep_mask`); evaluation sees every input. A
+    rescaling; in steps of 1/256, :func:`keep_mask`); evaluation sees every input. A
     regulariser for models on binary codes."""
 
     def __post_init__(self) -> None:
@@ -104,14 +105,18 @@ class TrainConfig:
         if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 <= p < 1:
             raise HyBNNError(f"input_dropout is {_show(p)}; it must be a number from 0 up to "
                              "(not including) 1.")
+        if 0 < p and round(p * DROPOUT_RESOLUTION) == 0:
+            raise HyBNNError(f"input_dropout is {_show(p)}; the dropout mask drops in steps of "
+                             f"1/{DROPOUT_RESOLUTION}, so it would drop nothing. Pass 0 (no dropout) "
+                             f"or at least {1 / DROPOUT_RESOLUTION:.4f}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-DROPOUT_RESOLUTION = 2**16
-""":func:`keep_mask` draws one 16-bit random number per input: the drop probability
-is rounded to a multiple of 1/65536 (0.2 becomes 0.199997)."""
+DROPOUT_RESOLUTION = 2**8
+""":func:`keep_mask` draws one random byte per input: the drop probability is rounded
+to a multiple of 1/256 (0.2 becomes 51/256 = 0.1992)."""
 
 
 def keep_mask(shape: tuple[int, ...], drop_probability: float, generator: torch.Generator,
@@ -120,15 +125,15 @@ def keep_mask(shape: tuple[int, ...], drop_probability: float, generator: torch.
     rounded to a multiple of 1/:data:`DROPOUT_RESOLUTION`, else 1.
 
     ``torch.rand`` draws 32 random bits per float; here every 64-bit draw of
-    ``generator`` gives four 16-bit numbers, a quarter of the draws. The comparison
+    ``generator`` gives eight random bytes, an eighth of the draws. The comparison
     writes straight into ``dtype`` (a bool mask converted afterwards costs more).
     """
     n = math.prod(shape)
-    words = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(2**63), None, generator=generator)
-    lowest = -(DROPOUT_RESOLUTION // 2)  # the 16-bit numbers are uniform over [-32768, 32767]
+    words = torch.empty(-(-n // 8), dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    lowest = -(DROPOUT_RESOLUTION // 2)  # the bytes, read as int8, are uniform over [-128, 127]
     threshold = lowest + min(round(drop_probability * DROPOUT_RESOLUTION), DROPOUT_RESOLUTION - 1)
     mask = torch.empty(shape, dtype=dtype)
-    return torch.ge(words.view(torch.int16)[:n].view(shape), threshold, out=mask)
+    return torch.ge(words.view(torch.int8)[:n].view(shape), threshold, out=mask)
 
 
 @dataclass

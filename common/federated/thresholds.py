@@ -471,10 +471,10 @@ def _hidden_preactivations(model, x: torch.Tensor):
     with torch.no_grad():
         h = x
         for i, (linear, bn) in enumerate(zip(model.hidden, model.hidden_bn)):
-            a = h @ torch.where(linear.weight >= 0, 1.0, -1.0).T
+            a = linear(h)
             yield i, linear, bn, a
             h = torch.where(bn.eval()(a) >= 0, 1.0, -1.0)
-        yield len(model.hidden), model.out, model.out_bn, h @ torch.where(model.out.weight >= 0, 1.0, -1.0).T
+        yield len(model.hidden), model.out, model.out_bn, model.out(h)
 
 
 def calibrate(model, x: torch.Tensor) -> None:
