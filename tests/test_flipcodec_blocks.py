@@ -116,15 +116,21 @@ def _train_config(**overrides):
     return LocalRound.from_config(ConfigRecord({**base, **overrides}))
 
 
-def test_the_client_flips_only_its_rounds_block():
-    from client.client_app import train_local
-    from common.federated.wire import TRAIN_CONFIG as key
-
+def _received_global_model():
+    """A random initial global model as the client receives it (layout, downlink record, decoded
+    signs and batch norm), and the client's training data."""
     layout = codec.layout_for(BNNConfig())
     torch.manual_seed(0)
     downlink = codec.encode_model(BNN(BNNConfig()), bn_encoding="thresholds")
     received, received_bn = codec.decode(downlink, layout)
-    x, y = _data()
+    return (layout, downlink, received, received_bn, *_data())
+
+
+def test_the_client_flips_only_its_rounds_block():
+    from client.client_app import train_local
+    from common.federated.wire import TRAIN_CONFIG as key
+
+    layout, downlink, received, received_bn, x, y = _received_global_model()
 
     def changed(**config) -> np.ndarray:
         payload, _ = train_local(downlink, x, y, _train_config(**config), 2, seed=0)
@@ -195,11 +201,7 @@ def test_the_client_trains_every_weight_after_flip_block_rounds():
     from client.client_app import train_local
     from common.federated.wire import TRAIN_CONFIG as key
 
-    layout = codec.layout_for(BNNConfig())
-    torch.manual_seed(0)
-    downlink = codec.encode_model(BNN(BNNConfig()), bn_encoding="thresholds")
-    received, received_bn = codec.decode(downlink, layout)
-    x, y = _data()
+    layout, downlink, received, received_bn, x, y = _received_global_model()
 
     def signs(**config) -> np.ndarray:
         payload, _ = train_local(downlink, x, y, _train_config(**config), 2, seed=0)
@@ -249,11 +251,7 @@ def test_the_client_undoes_weak_flips_from_round_2_with_a_flip_margin():
     from client.client_app import train_local
     from common.federated.wire import TRAIN_CONFIG as key
 
-    layout = codec.layout_for(BNNConfig())
-    torch.manual_seed(0)
-    downlink = codec.encode_model(BNN(BNNConfig()), bn_encoding="thresholds")
-    received, received_bn = codec.decode(downlink, layout)
-    x, y = _data()
+    layout, downlink, received, received_bn, x, y = _received_global_model()
 
     def flipped(**config) -> int:
         payload, _ = train_local(downlink, x, y, _train_config(**config), 2, seed=0)

@@ -169,60 +169,28 @@ def test_a_checkpoint_of_another_data_set_is_refused(tmp_path):
         resume.check_matches(state, _identity(dataset="fashion-mnist"))
 
 
-def test_flip_blocks_must_match_only_for_the_flip_uplink(tmp_path):
+@pytest.mark.parametrize("field, name, value, other, before, base", [
+    ("flip_blocks", "flip-blocks", 4, 2, 1, {}),
+    ("flip_block_rounds", "flip-block-rounds", 3, 0, 0, {"flip_blocks": 2}),
+    ("flip_margin", "flip-margin", 0.01, 0.0, 0.0, {"flip_blocks": 1}),
+])
+def test_flip_settings_must_match_only_for_the_flip_uplink(tmp_path, field, name, value, other, before, base):
+    """A flip-uplink checkpoint resumes only with the same flip setting; one written before the
+    setting existed counts as what runs did then (``before``); the sign codec ignores flip settings."""
     from server import resume
 
-    flips = _identity(uplink_codec="flips", flip_blocks=4)
-    resume.save_checkpoint(tmp_path, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, flips)
+    def flips(setting):
+        return _identity(uplink_codec="flips", **base, **{field: setting})
+
+    resume.save_checkpoint(tmp_path, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, flips(value))
     state = resume.load_checkpoint(tmp_path).state
-    resume.check_matches(state, flips)
-    with pytest.raises(HyBNNError, match="flip-blocks: checkpoint 4, this run 2"):
-        resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=2))
-    # A checkpoint written before flip-blocks existed trained every weight in every round.
-    del state["settings"]["flip_blocks"]
-    resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=1))
-    with pytest.raises(HyBNNError, match="flip-blocks: checkpoint 1, this run 4"):
-        resume.check_matches(state, flips)
-    # The sign codec ignores flip-blocks: a sign-codec checkpoint resumes whatever it says.
+    resume.check_matches(state, flips(value))
+    with pytest.raises(HyBNNError, match=f"{name}: checkpoint {value}, this run {other}"):
+        resume.check_matches(state, flips(other))
+    del state["settings"][field]
+    resume.check_matches(state, flips(before))
+    with pytest.raises(HyBNNError, match=f"{name}: checkpoint {before}, this run {value}"):
+        resume.check_matches(state, flips(value))
     signs_dir = tmp_path / "signs"
-    resume.save_checkpoint(signs_dir, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, _identity(flip_blocks=1))
-    resume.check_matches(resume.load_checkpoint(signs_dir).state, _identity(flip_blocks=4))
-
-
-def test_flip_block_rounds_must_match_only_for_the_flip_uplink(tmp_path):
-    from server import resume
-
-    flips = _identity(uplink_codec="flips", flip_blocks=2, flip_block_rounds=3)
-    resume.save_checkpoint(tmp_path, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, flips)
-    state = resume.load_checkpoint(tmp_path).state
-    resume.check_matches(state, flips)
-    with pytest.raises(HyBNNError, match="flip-block-rounds: checkpoint 3, this run 0"):
-        resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=2, flip_block_rounds=0))
-    # A checkpoint written before flip-block-rounds existed trained in blocks in every round.
-    del state["settings"]["flip_block_rounds"]
-    resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=2, flip_block_rounds=0))
-    with pytest.raises(HyBNNError, match="flip-block-rounds: checkpoint 0, this run 3"):
-        resume.check_matches(state, flips)
-    # The sign codec ignores it.
-    signs_dir = tmp_path / "signs"
-    resume.save_checkpoint(signs_dir, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, _identity(flip_block_rounds=3))
-    resume.check_matches(resume.load_checkpoint(signs_dir).state, _identity(flip_block_rounds=0))
-
-
-def test_flip_margin_must_match_only_for_the_flip_uplink(tmp_path):
-    from server import resume
-
-    flips = _identity(uplink_codec="flips", flip_blocks=1, flip_margin=0.01)
-    resume.save_checkpoint(tmp_path, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, flips)
-    state = resume.load_checkpoint(tmp_path).state
-    resume.check_matches(state, flips)
-    with pytest.raises(HyBNNError, match="flip-margin: checkpoint 0.01, this run 0.0"):
-        resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=1, flip_margin=0.0))
-    # A checkpoint written before flip-margin existed put no flip back.
-    del state["settings"]["flip_margin"]
-    resume.check_matches(state, _identity(uplink_codec="flips", flip_blocks=1, flip_margin=0.0))
-    with pytest.raises(HyBNNError, match="flip-margin: checkpoint 0.0, this run 0.01"):
-        resume.check_matches(state, flips)
-    signs_dir = tmp_path / "signs"
-    resume.save_checkpoint(signs_dir, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, _identity(flip_margin=0.02))
-    resume.check_matches(resume.load_checkpoint(signs_dir).state, _identity(flip_margin=0.0))
+    resume.save_checkpoint(signs_dir, 2, {"bnn": np.zeros(8, dtype=np.uint8)}, _identity(**{field: value}))
+    resume.check_matches(resume.load_checkpoint(signs_dir).state, _identity(**{field: other}))
