@@ -20,6 +20,11 @@ Variant ``"deterministic-ste"``: no sampling, no KL; the decoder sees ``sign(log
 with the straight-through gradient of :func:`common.binarize.sign_ste` applied to
 ``tanh(logit)``. It is kept as an ablation (an autoencoder, close to BinPlay's code).
 
+Option ``code_rotation="itq"``: after training, the standardised logits are rotated by
+iterative quantization, fitted on the training images without labels and folded into
+the encoder's FC layer (:mod:`common.encoder.rotation`); the decoder is not changed
+(it is not kept).
+
 At inference the code is always deterministic: ``bit = (logit >= 0)``, i.e. ``p >= 0.5``
 (``sign(0) = +1``, bit 1 means +1, as in :mod:`common.binarize` and :mod:`common.packing`).
 """
@@ -37,6 +42,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from common.binarize import sign_ste
+from common.encoder.rotation import ROTATIONS, fit_code_rotation, fold_code_rotation
 from common.errors import HyBNNError
 
 VARIANTS = ("bernoulli-ste", "deterministic-ste")
@@ -58,6 +64,10 @@ class VAEConfig:
     image_shape: tuple[int, int, int] = MNIST_SHAPE
     """The input images' (height, width, channels): the first conv takes the channels, the
     FC layer the flattened map of that size. MNIST's 28 x 28 x 1 by default."""
+    code_rotation: str = "none"
+    """``"itq"``: after training, rotate the standardised logits by ITQ (fitted on the
+    training images, no labels) and fold it into the encoder's FC layer
+    (:mod:`common.encoder.rotation`); ``"none"``: the code is the sign of the VAE's own logits."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -71,6 +81,9 @@ class VAEConfig:
                              "up to (not including) 1.")
         if not (isinstance(self.kl_weight, (int, float)) and 0 <= self.kl_weight < float("inf")):
             raise HyBNNError(f"The VAE's kl_weight is {self.kl_weight!r}; it must be a finite number >= 0.")
+        if self.code_rotation not in ROTATIONS:
+            raise HyBNNError(f"Unknown code rotation {self.code_rotation!r}. Valid rotations are: "
+                             f"{', '.join(ROTATIONS)}.")
         shape = tuple(int(v) for v in self.image_shape)
         object.__setattr__(self, "image_shape", shape)  # a list from JSON compares equal to the tuple
         if len(shape) != 3 or min(shape) < 1 or shape[2] not in (1, 3):
@@ -106,6 +119,9 @@ class VAEConfig:
         d = asdict(self)
         d["channels"] = list(self.channels)
         d["image_shape"] = list(self.image_shape)
+        if self.code_rotation == "none":
+            # as before the option existed: earlier encoders keep their feature caches and matches
+            del d["code_rotation"]
         return d
 
     @classmethod
@@ -118,6 +134,7 @@ class VAEConfig:
             leaky_slope=float(d.get("leaky_slope", 0.2)),
             # manifests written before other data sets existed hold MNIST encoders
             image_shape=tuple(int(v) for v in d.get("image_shape", MNIST_SHAPE)),
+            code_rotation=str(d.get("code_rotation", "none")),
         )
 
 
@@ -321,4 +338,9 @@ def train_vae(
         bar.set_postfix(loss=f"{stats['loss']:.1f}", recon=f"{stats['recon']:.1f}",
                         kl=f"{stats['kl']:.1f}", s=f"{stats['seconds']:.0f}")
     model.eval()
+    if config.code_rotation == "itq":
+        with torch.inference_mode():
+            logits = torch.cat([model.encoder(x[i : i + 2048]) for i in range(0, len(x), 2048)])
+        matrix, mean = fit_code_rotation(logits, seed=train_config.seed)
+        fold_code_rotation(model.encoder.fc, matrix, mean)
     return model, history
