@@ -154,7 +154,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from common.encoder.vae import VAEConfig, VAETrainConfig, train_vae
 
     check_out(args.out)
-    train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed)
+    train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed, input_shift=args.input_shift)
     images, datasets, data_sha = pretrain_images(args.dataset, args.data_root, args.image_size)
     print(f"Pretraining on {' + '.join(d.name for d in datasets)}: {len(images)} images of shape "
           f"{datasets[0].shape} (H, W, C)")
@@ -383,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="itq: after training, rotate the standardised logits by iterative quantization "
                         "(fitted on the training images, no labels) before their sign, folded into the "
                         "encoder (default: none; docs/encoder.md)")
+    p.add_argument("--input-shift", type=int, choices=range(0, 9), default=0, metavar="PIXELS",
+                   help="denoising by translation: the encoder sees each training image shifted by up to "
+                        "this many pixels (0 to 8), the decoder reconstructs the unshifted image "
+                        "(default: %(default)s, off; docs/encoder.md)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_pretrain)
 

@@ -148,15 +148,27 @@ class VAETrainConfig:
     """Adam's initial learning rate; cosine decay to ``lr * final_lr_fraction``."""
     final_lr_fraction: float = 0.05
     seed: int = 0
+    input_shift: int = 0
+    """Denoising by translation: each training image enters the encoder shifted by a random
+    whole number of pixels, up to this many in each direction (zero fill), and the decoder
+    reconstructs the unshifted image, so the code learns to ignore small shifts. 0: off."""
 
     def __post_init__(self) -> None:
         from common.bnn.training import check_training_options
 
         check_training_options(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                seed=self.seed, final_lr_fraction=self.final_lr_fraction)
+        if isinstance(self.input_shift, bool) or not isinstance(self.input_shift, int) \
+                or not 0 <= self.input_shift <= 8:
+            raise HyBNNError(f"The VAE's input_shift is {self.input_shift!r}; it must be a whole number "
+                             "of pixels from 0 to 8.")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.input_shift == 0:
+            # as before the option existed, so `reproduce` still reuses earlier encoders
+            del d["input_shift"]
+        return d
 
 
 class Encoder(nn.Module):
@@ -253,10 +265,12 @@ class BinaryVAE(nn.Module):
         logits = self.encoder(x)
         return self.decoder(self.latent(logits)), logits
 
-    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"loss", "recon", "kl"}``, each a per-sample mean; recon is the summed pixel BCE."""
+    def loss(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"loss", "recon", "kl"}``, each a per-sample mean; recon is the summed pixel BCE
+        of the reconstruction of ``x`` against ``target`` (``x`` itself by default)."""
         pixel_logits, logits = self(x)
-        recon = F.binary_cross_entropy_with_logits(pixel_logits, x, reduction="sum") / len(x)
+        target = x if target is None else target
+        recon = F.binary_cross_entropy_with_logits(pixel_logits, target, reduction="sum") / len(x)
         if self.config.variant == "bernoulli-ste":
             kl = kl_to_half(logits).mean()
         else:
@@ -286,6 +300,20 @@ def images_to_tensor(images_uint8: np.ndarray, shape: tuple[int, int, int] = MNI
     t = torch.from_numpy(np.array(images, dtype=np.uint8))
     t = t.unsqueeze(1) if c == 1 else t.permute(0, 3, 1, 2).contiguous()
     return t.float().div_(255.0)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` ``(N,C,H,W)`` moved by its own random whole-pixel offset in
+    ``[-max_shift, max_shift]`` along each axis; pixels moved in are 0."""
+    if max_shift == 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
 
 
 def train_vae(
@@ -324,7 +352,8 @@ def train_vae(
             idx = order[begin : begin + train_config.batch_size]
             if len(idx) < 2:  # batch norm needs two samples
                 continue
-            parts = model.loss(x[idx])
+            batch = x[idx]
+            parts = model.loss(random_shift(batch, train_config.input_shift, generator), batch)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
