@@ -11,6 +11,7 @@ from common.encoder.artifact import MANIFEST_FILE, encoder_matches, load_encoder
 from common.encoder.rotation import fit_code_rotation, fold_code_rotation, itq_rotation
 from common.encoder.vae import VAEConfig, VAETrainConfig, images_to_tensor, train_vae
 from common.errors import HyBNNError
+from tests.test_any_dataset import squares16  # noqa: F401  (a fixture)
 from tests.test_vae import fake_images
 
 
@@ -95,3 +96,15 @@ def test_train_vae_folds_the_rotation_fitted_on_the_training_images(tmp_path) ->
     assert artifact.config == VAEConfig(**small, code_rotation="itq")
     assert encoder_matches(tmp_path / "enc", VAEConfig(**small, code_rotation="itq"), "ab" * 32)
     assert not encoder_matches(tmp_path / "enc", VAEConfig(**small), "ab" * 32)
+
+
+def test_pretrain_records_the_encoder_options(tmp_path, squares16) -> None:
+    from simulation.cli import main
+
+    out = tmp_path / "enc"
+    assert main(["pretrain", "--dataset", squares16, "--data-root", str(tmp_path / "data"), "--epochs", "1",
+                 "--variant", "deterministic-ste", "--code-rotation", "itq", "--input-shift", "1",
+                 "--out", str(out)]) == 0
+    artifact = load_encoder_artifact(out)
+    assert artifact.config.variant == "deterministic-ste" and artifact.config.code_rotation == "itq"
+    assert artifact.manifest["train_config"]["input_shift"] == 1
