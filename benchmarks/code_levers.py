@@ -4,7 +4,8 @@ Usage::
 
     .venv/bin/python benchmarks/code_levers.py --encoder artifacts/encoder-paper
         [--data-root data] [--tasks 2v3 8v9] [--seeds 0 1 2]
-        [--levers base wide wide-drop3 thermo aug posterior] [--copies 4]
+        [--levers base wide wide-drop3 thermo aug posterior itq probe-codes probe-itq probe-logits]
+        [--copies 4]
 
 Every lever trains the task's BNN with the HyBNN recipe (``HYBNN_TRAIN_CONFIG``) and
 changes one thing; the encoder stays the given frozen one and every test sample is
@@ -22,11 +23,16 @@ encoded as usual (the most likely code, plus the second bit for ``thermo``):
   match.
 * ``posterior``: the training codes plus ``--copies`` codes sampled from the encoder's
   Bernoulli posterior ``sigmoid(logit)``, same step count.
+* ``itq``: the codes of the same encoder with the ITQ code rotation
+  (:mod:`common.encoder.rotation`, ``hybnn pretrain --code-rotation itq``) fitted on the
+  logits of all 60,000 training images, no labels: the sign of the rotated standardised
+  logits instead of the logits' own sign. Still 200 bits.
 
-Two diagnostics, not BNNs, show where the accuracy is lost: ``probe-codes``, a
+Three diagnostics, not BNNs, show where the accuracy is lost: ``probe-codes``, a
 full-precision MLP (512 ReLU units, batch norm, dropout 0.3, Adam 3e-3, 60 epochs) on the
-same 200-bit codes, and ``probe-logits``, the same MLP on the encoder's real-valued
-logits (standardised), which the codes round to one bit each.
+same 200-bit codes, ``probe-itq``, the same MLP on the ``itq`` codes, and ``probe-logits``,
+the same MLP on the encoder's real-valued logits (standardised), which the codes round
+to one bit each.
 
 Prints one line per task, lever and seed (test accuracy, errors, training seconds) and a
 summary per task and lever: the mean accuracy over the seeds and its difference from
@@ -50,9 +56,11 @@ from common.data.mnist import load_mnist
 from common.data.tasks import get_task, select_task
 from common.encoder.artifact import load_encoder_artifact
 from common.encoder.features import InferenceEncoder
+from common.encoder.rotation import fit_code_rotation
 from common.encoder.vae import images_to_tensor
 
-LEVERS = ("base", "wide", "wide-drop3", "thermo", "aug", "posterior", "probe-codes", "probe-logits")
+LEVERS = ("base", "wide", "wide-drop3", "thermo", "aug", "posterior", "itq", "probe-codes", "probe-itq",
+          "probe-logits")
 PROBE_CONFIG = TrainConfig(epochs=60, batch_size=512, lr=3e-3, weight_decay=1e-4)
 WIDE = 512
 
@@ -98,6 +106,9 @@ def main() -> None:
     train_images, train_labels = load_mnist(args.data_root, "train")
     test_images, test_labels = load_mnist(args.data_root, "test")
     print(f"load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}", flush=True)
+    rotation = None
+    if {"itq", "probe-itq"} & set(args.levers):
+        rotation = fit_code_rotation(encoder_logits(model, train_images), seed=0)
     summary: list[str] = []
     for name in args.tasks:
         task = get_task(name)
@@ -123,6 +134,10 @@ def main() -> None:
                     shape = replace(shape, hidden=(WIDE,))
                 if lever == "wide-drop3":
                     config = replace(config, input_dropout=0.3)
+                if lever in ("itq", "probe-itq"):
+                    matrix, mean = rotation
+                    x = signs(((logits.double() - mean) @ matrix).float())
+                    x_test = signs(((t_logits.double() - mean) @ matrix).float())
                 if lever == "thermo":
                     x = torch.cat([x, signs(logits.abs() - median)], 1)
                     x_test = torch.cat([x_test, signs(t_logits.abs() - median)], 1)

@@ -154,13 +154,13 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from common.encoder.vae import VAEConfig, VAETrainConfig, train_vae
 
     check_out(args.out)
-    train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed)
+    train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed, input_shift=args.input_shift)
     images, datasets, data_sha = pretrain_images(args.dataset, args.data_root, args.image_size)
     print(f"Pretraining on {' + '.join(d.name for d in datasets)}: {len(images)} images of shape "
           f"{datasets[0].shape} (H, W, C)")
-    vae, history = train_vae(images, VAEConfig(image_shape=datasets[0].shape,
-                                                 **({} if args.kl_weight is None else {"kl_weight": args.kl_weight})),
-                             train_config)
+    options = {key: value for key, value in (("kl_weight", args.kl_weight), ("variant", args.variant),
+                                             ("code_rotation", args.code_rotation)) if value is not None}
+    vae, history = train_vae(images, VAEConfig(image_shape=datasets[0].shape, **options), train_config)
     with keeping_earlier(args.out, (MANIFEST_FILE, WEIGHTS_FILE)) as kept:
         artifact = save_encoder_artifact(
             vae, args.out, data_sha256=data_sha, train_config=train_config.to_dict(), history=history,
@@ -374,6 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=non_negative_float, default=None,
                    help="weight of the KL term to the Bernoulli(0.5) prior; lower keeps more of "
                         "the image in the 200 bits (default: 1.0; docs/encoder.md)")
+    # The CLI does not import torch; tests/test_cli.py keeps these in step with common.encoder.vae.
+    p.add_argument("--variant", choices=("bernoulli-ste", "deterministic-ste"), default=None,
+                   help="bernoulli-ste samples each bit in training (a binary VAE); deterministic-ste is "
+                        "an autoencoder through the sign, no sampling, no KL (default: bernoulli-ste; "
+                        "docs/encoder.md)")
+    p.add_argument("--code-rotation", choices=("none", "itq"), default=None,
+                   help="itq: after training, rotate the standardised logits by iterative quantization "
+                        "(fitted on the training images, no labels) before their sign, folded into the "
+                        "encoder (default: none; docs/encoder.md)")
+    p.add_argument("--input-shift", type=int, choices=range(0, 9), default=0, metavar="PIXELS",
+                   help="denoising by translation: the encoder sees each training image shifted by up to "
+                        "this many pixels (0 to 8), the decoder reconstructs the unshifted image "
+                        "(default: %(default)s, off; docs/encoder.md)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_pretrain)
 

@@ -48,10 +48,15 @@ def test_train_help_states_the_recipe_the_code_uses():
 
 
 def test_pretrain_help_states_the_vae_default():
-    from common.encoder.vae import VAEConfig
+    from common.encoder.rotation import ROTATIONS
+    from common.encoder.vae import VARIANTS, VAEConfig
 
     text = " ".join(hybnn("pretrain", "--help").stdout.split())
     assert f"(default: {VAEConfig().kl_weight}; docs/encoder.md)" in text
+    assert f"(default: {VAEConfig().variant}; docs/encoder.md)" in text
+    assert "{" + ",".join(VARIANTS) + "}" in text
+    assert f"(default: {VAEConfig().code_rotation}; docs/encoder.md)" in text
+    assert "{" + ",".join(ROTATIONS) + "}" in text
 
 
 def test_missing_encoder_names_the_path_and_the_fix(tmp_path, mnist_root):

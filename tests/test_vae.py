@@ -87,3 +87,29 @@ def test_a_few_epochs_reduce_the_loss() -> None:
     assert set(history[0]) >= {"loss", "recon", "kl", "seconds"}
     assert history[-1]["loss"] < history[0]["loss"]
     assert not model.training
+
+
+def test_random_shift_moves_each_image_within_the_bound() -> None:
+    from common.encoder.vae import random_shift
+
+    x = images_to_tensor(fake_images(64))
+    shifted = random_shift(x, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == x.shape and torch.equal(random_shift(x, 0, torch.Generator()), x)
+    offsets = set()
+    for i in range(len(x)):
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(shifted[i], torch.roll(torch.nn.functional.pad(x[i], (2,) * 4), (dy, dx), (1, 2))
+                                [:, 2:-2, 2:-2])]
+        assert found, f"image {i} is not a shift of its original by at most 2 pixels"
+        offsets.add(found[0])
+    assert len(offsets) > 5  # offsets differ between images
+
+
+def test_input_shift_is_checked_and_recorded_only_when_on() -> None:
+    with pytest.raises(HyBNNError, match="input_shift"):
+        VAETrainConfig(input_shift=-1)
+    assert "input_shift" not in VAETrainConfig().to_dict()  # the dict earlier encoders were written with
+    assert VAETrainConfig(input_shift=2).to_dict()["input_shift"] == 2
+    model, history = train_vae(fake_images(64), VAEConfig(latent_bits=16, channels=(4, 8)),
+                               VAETrainConfig(epochs=2, batch_size=32, input_shift=2), progress=False)
+    assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)

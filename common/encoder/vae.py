@@ -20,6 +20,11 @@ Variant ``"deterministic-ste"``: no sampling, no KL; the decoder sees ``sign(log
 with the straight-through gradient of :func:`common.binarize.sign_ste` applied to
 ``tanh(logit)``. It is kept as an ablation (an autoencoder, close to BinPlay's code).
 
+Option ``code_rotation="itq"``: after training, the standardised logits are rotated by
+iterative quantization, fitted on the training images without labels and folded into
+the encoder's FC layer (:mod:`common.encoder.rotation`); the decoder is not changed
+(it is not kept).
+
 At inference the code is always deterministic: ``bit = (logit >= 0)``, i.e. ``p >= 0.5``
 (``sign(0) = +1``, bit 1 means +1, as in :mod:`common.binarize` and :mod:`common.packing`).
 """
@@ -37,6 +42,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from common.binarize import sign_ste
+from common.encoder.rotation import ROTATIONS, fit_code_rotation, fold_code_rotation
 from common.errors import HyBNNError
 
 VARIANTS = ("bernoulli-ste", "deterministic-ste")
@@ -58,6 +64,10 @@ class VAEConfig:
     image_shape: tuple[int, int, int] = MNIST_SHAPE
     """The input images' (height, width, channels): the first conv takes the channels, the
     FC layer the flattened map of that size. MNIST's 28 x 28 x 1 by default."""
+    code_rotation: str = "none"
+    """``"itq"``: after training, rotate the standardised logits by ITQ (fitted on the
+    training images, no labels) and fold it into the encoder's FC layer
+    (:mod:`common.encoder.rotation`); ``"none"``: the code is the sign of the VAE's own logits."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -71,6 +81,9 @@ class VAEConfig:
                              "up to (not including) 1.")
         if not (isinstance(self.kl_weight, (int, float)) and 0 <= self.kl_weight < float("inf")):
             raise HyBNNError(f"The VAE's kl_weight is {self.kl_weight!r}; it must be a finite number >= 0.")
+        if self.code_rotation not in ROTATIONS:
+            raise HyBNNError(f"Unknown code rotation {self.code_rotation!r}. Valid rotations are: "
+                             f"{', '.join(ROTATIONS)}.")
         shape = tuple(int(v) for v in self.image_shape)
         object.__setattr__(self, "image_shape", shape)  # a list from JSON compares equal to the tuple
         if len(shape) != 3 or min(shape) < 1 or shape[2] not in (1, 3):
@@ -106,6 +119,9 @@ class VAEConfig:
         d = asdict(self)
         d["channels"] = list(self.channels)
         d["image_shape"] = list(self.image_shape)
+        if self.code_rotation == "none":
+            # as before the option existed: earlier encoders keep their feature caches and matches
+            del d["code_rotation"]
         return d
 
     @classmethod
@@ -118,6 +134,7 @@ class VAEConfig:
             leaky_slope=float(d.get("leaky_slope", 0.2)),
             # manifests written before other data sets existed hold MNIST encoders
             image_shape=tuple(int(v) for v in d.get("image_shape", MNIST_SHAPE)),
+            code_rotation=str(d.get("code_rotation", "none")),
         )
 
 
@@ -131,15 +148,27 @@ class VAETrainConfig:
     """Adam's initial learning rate; cosine decay to ``lr * final_lr_fraction``."""
     final_lr_fraction: float = 0.05
     seed: int = 0
+    input_shift: int = 0
+    """Denoising by translation: each training image enters the encoder shifted by a random
+    whole number of pixels, up to this many in each direction (zero fill), and the decoder
+    reconstructs the unshifted image, so the code learns to ignore small shifts. 0: off."""
 
     def __post_init__(self) -> None:
         from common.bnn.training import check_training_options
 
         check_training_options(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                seed=self.seed, final_lr_fraction=self.final_lr_fraction)
+        if isinstance(self.input_shift, bool) or not isinstance(self.input_shift, int) \
+                or not 0 <= self.input_shift <= 8:
+            raise HyBNNError(f"The VAE's input_shift is {self.input_shift!r}; it must be a whole number "
+                             "of pixels from 0 to 8.")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.input_shift == 0:
+            # as before the option existed, so `reproduce` still reuses earlier encoders
+            del d["input_shift"]
+        return d
 
 
 class Encoder(nn.Module):
@@ -236,10 +265,12 @@ class BinaryVAE(nn.Module):
         logits = self.encoder(x)
         return self.decoder(self.latent(logits)), logits
 
-    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"loss", "recon", "kl"}``, each a per-sample mean; recon is the summed pixel BCE."""
+    def loss(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"loss", "recon", "kl"}``, each a per-sample mean; recon is the summed pixel BCE
+        of the reconstruction of ``x`` against ``target`` (``x`` itself by default)."""
         pixel_logits, logits = self(x)
-        recon = F.binary_cross_entropy_with_logits(pixel_logits, x, reduction="sum") / len(x)
+        target = x if target is None else target
+        recon = F.binary_cross_entropy_with_logits(pixel_logits, target, reduction="sum") / len(x)
         if self.config.variant == "bernoulli-ste":
             kl = kl_to_half(logits).mean()
         else:
@@ -269,6 +300,20 @@ def images_to_tensor(images_uint8: np.ndarray, shape: tuple[int, int, int] = MNI
     t = torch.from_numpy(np.array(images, dtype=np.uint8))
     t = t.unsqueeze(1) if c == 1 else t.permute(0, 3, 1, 2).contiguous()
     return t.float().div_(255.0)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` ``(N,C,H,W)`` moved by its own random whole-pixel offset in
+    ``[-max_shift, max_shift]`` along each axis; pixels moved in are 0."""
+    if max_shift == 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
 
 
 def train_vae(
@@ -307,7 +352,8 @@ def train_vae(
             idx = order[begin : begin + train_config.batch_size]
             if len(idx) < 2:  # batch norm needs two samples
                 continue
-            parts = model.loss(x[idx])
+            batch = x[idx]
+            parts = model.loss(random_shift(batch, train_config.input_shift, generator), batch)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
@@ -321,4 +367,9 @@ def train_vae(
         bar.set_postfix(loss=f"{stats['loss']:.1f}", recon=f"{stats['recon']:.1f}",
                         kl=f"{stats['kl']:.1f}", s=f"{stats['seconds']:.0f}")
     model.eval()
+    if config.code_rotation == "itq":
+        with torch.inference_mode():
+            logits = torch.cat([model.encoder(x[i : i + 2048]) for i in range(0, len(x), 2048)])
+        matrix, mean = fit_code_rotation(logits, seed=train_config.seed)
+        fold_code_rotation(model.encoder.fc, matrix, mean)
     return model, history
