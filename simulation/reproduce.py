@@ -177,7 +177,7 @@ def ensure_encoder(
     images, datasets, data_sha = encoder_training_images(dataset, data_root, profile.vae_images)
     epochs = profile.vae_epochs if epochs is None else epochs
     vae_config = VAEConfig(image_shape=datasets[0].shape)
-    train_config = VAETrainConfig(epochs=epochs)
+    train_config = VAETrainConfig(epochs=epochs, input_shift=profile.vae_input_shift)
     started = time.perf_counter()
     if encoder_matches(encoder_dir, vae_config, data_sha, train_config.to_dict()):
         artifact = load_encoder_artifact(encoder_dir)
