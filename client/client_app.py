@@ -237,10 +237,12 @@ def train_local(
     trained = (flipcodec.training_only_block(model, round_config.server_round, round_config.flip_blocks,
                                                  round_config.flip_block_rounds)
                if round_config.uplink_codec == "flips" else contextlib.nullcontext())
-    start_latent = codec.binary_latents(model)
+    undo_weak_flips = (round_config.uplink_codec == "flips" and round_config.flip_margin > 0
+                       and round_config.server_round >= 2)
+    start_latent = codec.binary_latents(model) if undo_weak_flips else None
     with trained:
         result = fit(model, x, y, train_config, progress=False)
-    if round_config.uplink_codec == "flips" and round_config.flip_margin > 0 and round_config.server_round >= 2:
+    if undo_weak_flips:
         flipcodec.undo_weak_flips(model, weights, start_latent, round_config.flip_margin)
     last = result.history[-1] if result.history else {"loss": float("nan"), "acc": float("nan")}
     metrics = {
