@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path_arg, default=DEFAULT_ENCODER, help="artifact directory (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=20,
                    help="VAE epochs on the data set's training images (default: %(default)s; at most 10000; "
-                        "the paper profile's MNIST encoder is --epochs 10 --input-shift 2)")
+                        "the paper profile's MNIST encoder is --epochs 20 --input-shift 2)")
     p.add_argument("--kl-weight", type=non_negative_float, default=None,
                    help="weight of the KL term to the Bernoulli(0.5) prior; lower keeps more of "
                         "the image in the 200 bits (default: 1.0; docs/encoder.md)")
