@@ -154,7 +154,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from common.encoder.vae import VAEConfig, VAETrainConfig, train_vae
 
     check_out(args.out)
-    train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed, input_shift=args.input_shift)
+    train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed, input_shift=args.input_shift,
+                                  input_rotation=args.input_rotation)
     images, datasets, data_sha = pretrain_images(args.dataset, args.data_root, args.image_size)
     print(f"Pretraining on {' + '.join(d.name for d in datasets)}: {len(images)} images of shape "
           f"{datasets[0].shape} (H, W, C)")
@@ -387,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shift", type=int, choices=range(0, 9), default=0, metavar="PIXELS",
                    help="denoising by translation: the encoder sees each training image shifted by up to "
                         "this many pixels (0 to 8), the decoder reconstructs the unshifted image "
+                        "(default: %(default)s, off; docs/encoder.md)")
+    p.add_argument("--input-rotation", type=int, choices=range(0, 46), default=0, metavar="DEGREES",
+                   help="denoising by rotation: the encoder sees each training image turned by up to this "
+                        "many degrees either way (0 to 45), the decoder reconstructs the upright image "
                         "(default: %(default)s, off; docs/encoder.md)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_pretrain)

@@ -113,3 +113,36 @@ def test_input_shift_is_checked_and_recorded_only_when_on() -> None:
     model, history = train_vae(fake_images(64), VAEConfig(latent_bits=16, channels=(4, 8)),
                                VAETrainConfig(epochs=2, batch_size=32, input_shift=2), progress=False)
     assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_random_rotation_turns_each_image_about_its_centre() -> None:
+    from common.encoder.vae import random_rotation
+
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 4:24, 13:15] = 1.0  # an upright bar through the centre
+    turned = random_rotation(x, 30, torch.Generator().manual_seed(0))
+    assert turned.shape == x.shape and torch.equal(random_rotation(x, 0, torch.Generator()), x)
+    assert torch.allclose(turned.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.05)  # turned, not cut
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    angles = []
+    for image in turned[:, 0]:
+        w = image / image.sum()
+        cy, cx = (w * rows).sum(), (w * cols).sum()
+        assert abs(cy - 13.5) < 0.5 and abs(cx - 13.5) < 0.5  # about the centre
+        # the bar's direction from its second moments, in degrees from upright
+        syy, sxx = (w * (rows - cy) ** 2).sum(), (w * (cols - cx) ** 2).sum()
+        sxy = (w * (rows - cy) * (cols - cx)).sum()
+        angles.append(math.degrees(0.5 * math.atan2(2 * sxy, syy - sxx)))
+    assert max(abs(a) for a in angles) <= 31 and max(angles) - min(angles) > 30  # within +-30, and they vary
+
+
+def test_input_rotation_is_checked_and_recorded_only_when_on() -> None:
+    for bad in (-1, 46, 2.5, True):
+        with pytest.raises(HyBNNError, match="input_rotation"):
+            VAETrainConfig(input_rotation=bad)
+    assert "input_rotation" not in VAETrainConfig().to_dict()
+    assert VAETrainConfig(input_rotation=10).to_dict()["input_rotation"] == 10
+    model, history = train_vae(fake_images(64), VAEConfig(latent_bits=16, channels=(4, 8)),
+                               VAETrainConfig(epochs=1, batch_size=32, input_rotation=10, input_shift=1),
+                               progress=False)
+    assert len(history) == 1 and math.isfinite(history[0]["loss"])

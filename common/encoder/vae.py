@@ -152,6 +152,10 @@ class VAETrainConfig:
     """Denoising by translation: each training image enters the encoder shifted by a random
     whole number of pixels, up to this many in each direction (zero fill), and the decoder
     reconstructs the unshifted image, so the code learns to ignore small shifts. 0: off."""
+    input_rotation: int = 0
+    """Denoising by rotation: each training image enters the encoder turned by a random
+    angle of up to this many degrees either way (before any shift), and the decoder
+    reconstructs the upright image. 0: off."""
 
     def __post_init__(self) -> None:
         from common.bnn.training import check_training_options
@@ -162,12 +166,18 @@ class VAETrainConfig:
                 or not 0 <= self.input_shift <= 8:
             raise HyBNNError(f"The VAE's input_shift is {self.input_shift!r}; it must be a whole number "
                              "of pixels from 0 to 8.")
+        if isinstance(self.input_rotation, bool) or not isinstance(self.input_rotation, int) \
+                or not 0 <= self.input_rotation <= 45:
+            raise HyBNNError(f"The VAE's input_rotation is {self.input_rotation!r}; it must be a whole "
+                             "number of degrees from 0 to 45.")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if self.input_shift == 0:
-            # as before the option existed, so `reproduce` still reuses earlier encoders
-            del d["input_shift"]
+        # options that are off are left out, as before they existed, so `reproduce`
+        # still reuses earlier encoders
+        for option in ("input_shift", "input_rotation"):
+            if d[option] == 0:
+                del d[option]
         return d
 
 
@@ -316,6 +326,21 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     return padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
 
 
+def random_rotation(x: torch.Tensor, max_degrees: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` ``(N,C,H,W)`` turned about its centre by its own random angle in
+    ``[-max_degrees, max_degrees]`` (bilinear; pixels turned in are 0)."""
+    if max_degrees == 0:
+        return x
+    n, _, h, w = x.shape
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # affine_grid works in [-1, 1] coordinates; the aspect terms keep non-square images undistorted
+    theta = torch.stack([torch.stack([cos, -sin * h / w, torch.zeros(n)], 1),
+                         torch.stack([sin * w / h, cos, torch.zeros(n)], 1)], 1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def train_vae(
     images_uint8: np.ndarray,
     config: VAEConfig = VAEConfig(),
@@ -353,7 +378,9 @@ def train_vae(
             if len(idx) < 2:  # batch norm needs two samples
                 continue
             batch = x[idx]
-            parts = model.loss(random_shift(batch, train_config.input_shift, generator), batch)
+            seen_by_encoder = random_shift(random_rotation(batch, train_config.input_rotation, generator),
+                                           train_config.input_shift, generator)
+            parts = model.loss(seen_by_encoder, batch)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
