@@ -229,6 +229,9 @@ def test_federate_help_imports_neither_torch_nor_flwr():
     ({"local-epochs": True}, "local-epochs=True is a bool"),
     ({"lr": float("nan")}, "lr=nan is not a finite number"),
     ({"lr": 0}, "lr=0 must be above 0"),
+    ({"lr": 50}, "lr=50 is above 10; use a number > 0 <= 10"),
+    ({"input-dropout": 0.001}, "input-dropout=0.001: the dropout mask drops in steps of 1/256, so it would drop "
+                               "nothing. Pass 0 (no dropout) or at least 0.0039"),
     ({"batch-size": 1}, "batch-size=1 is below 2"),
     ({"dirichlet-alpha": -0.5}, "dirichlet-alpha=-0.5 must be above 0"),
     ({"min-available-nodes": 0}, "min-available-nodes=0 is below 1"),
@@ -297,3 +300,48 @@ def test_federate_refuses_a_setting_outside_its_choices_before_the_run():
         check_config(FederateConfig(uplink_codec="gzip"))
     with pytest.raises(HyBNNError, match="partition 'shards' is unknown"):
         check_config(FederateConfig(partition="shards"))
+
+
+# ------------------------------------------------------------------ the training loop's own limits
+@pytest.mark.parametrize("key, field_name, values", [
+    ("lr", "lr", [1e-6, 0.03, 10.0, 10.000001, 50.0, 1e308]),
+    ("input-dropout", "input_dropout", [0.0, 1e-9, 0.001, 0.0019, 0.002, 1 / 256, 0.2, 0.99]),
+])
+def test_the_schema_refuses_what_the_training_loop_refuses(key, field_name, values):
+    """A value every client's training would refuse in every round is refused at launch instead."""
+    from common.bnn.training import TrainConfig
+
+    refused = {True: [], False: []}
+    for value in values:
+        try:
+            TrainConfig(**{field_name: value})
+            trains = True
+        except HyBNNError:
+            trains = False
+        try:
+            settings.setting(key).parse(value)
+            parses = True
+        except HyBNNError:
+            parses = False
+        assert parses == trains, (key, value, parses, trains)
+        refused[trains].append(value)
+    assert refused[True] and refused[False]  # the probe covers both sides of the limit
+
+
+@pytest.mark.parametrize("command", ["federate", "deploy-local"])
+@pytest.mark.parametrize("option, value, expected", [
+    ("--lr", "50", "at most 10"),
+    ("--input-dropout", "0.001", "would drop nothing"),
+])
+def test_federate_and_deploy_local_refuse_the_training_loop_s_limits_at_launch(command, option, value, expected,
+                                                                             capsys, tmp_path, monkeypatch):
+    from simulation import deploy_local, federate
+    from simulation.cli import main
+
+    monkeypatch.setattr(federate, "check_simulation_memory", lambda *a: pytest.fail("the run started"))
+    monkeypatch.setattr(deploy_local, "_deploy_local", lambda *a: pytest.fail("the run started"))
+    rc = main([command, option, value, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"hybnn {command}: error:" in err and expected in err, err
+    assert not (tmp_path / "out").exists()

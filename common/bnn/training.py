@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from common.binarize import clip_latent_weights_, latent_weights
+from common.bnn.limits import DROPOUT_RESOLUTION, MAX_LR, dropout_too_fine
 from common.errors import HyBNNError
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ MAX_EPOCHS = 10_000
 seconds an epoch, 10,000 is already days of training, and a larger count is a typo."""
 MIN_BATCH_SIZE = 2
 """Batch norm in training mode needs at least two samples per batch."""
-MAX_LR = 10.0
-"""The largest learning rate one run may ask for. The recipes use 0.001 to 0.06; latent
-weights live in [-1, 1], so a larger step only flips signs at random, and a rate beyond
-float32's range breaks the optimizer: a larger value is a typo."""
 SEED_RANGE = (-(2**63), 2**64)
 """The seeds torch accepts (``torch.manual_seed``)."""
 
@@ -105,18 +102,13 @@ class TrainConfig:
         if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 <= p < 1:
             raise HyBNNError(f"input_dropout is {_show(p)}; it must be a number from 0 up to "
                              "(not including) 1.")
-        if 0 < p and round(p * DROPOUT_RESOLUTION) == 0:
-            raise HyBNNError(f"input_dropout is {_show(p)}; the dropout mask drops in steps of "
-                             f"1/{DROPOUT_RESOLUTION}, so it would drop nothing. Pass 0 (no dropout) "
-                             f"or at least {1 / DROPOUT_RESOLUTION:.4f}.")
+        too_fine = dropout_too_fine(p)
+        if too_fine:
+            raise HyBNNError(f"input_dropout is {_show(p)}; {too_fine}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-DROPOUT_RESOLUTION = 2**8
-""":func:`keep_mask` draws one random byte per input: the drop probability is rounded
-to a multiple of 1/256 (0.2 becomes 51/256 = 0.1992)."""
 
 
 def keep_mask(shape: tuple[int, ...], drop_probability: float, generator: torch.Generator,

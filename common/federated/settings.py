@@ -26,11 +26,12 @@ from __future__ import annotations
 import difflib
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
+from common.bnn.limits import DROPOUT_RESOLUTION, MAX_LR, dropout_too_fine
 from common.errors import HyBNNError
 
 READERS = ("server", "client", "both")
@@ -59,6 +60,9 @@ class Setting:
     maximum: float | None = None
     below: float | None = None
     """Exclusive upper bound (``client-failure-rate`` below 1)."""
+    validate: Callable[[Any], str | None] | None = None
+    """A further check of a value within the range: why it is refused (a sentence), or None
+    (``input-dropout``: the dropout mask's step)."""
     field: str | None = None
     """The ``FederateConfig`` field and CLI option (``--`` + field) that set it; None: neither."""
     cli: bool = True
@@ -117,6 +121,9 @@ class Setting:
             raise HyBNNError(f"{where} is above {self.maximum:g}; use {self.range_text()}.")
         if self.below is not None and not value < self.below:
             raise HyBNNError(f"{where} must be below {self.below:g}; use {self.range_text()}.")
+        problem = self.validate(value) if self.validate is not None else None
+        if problem:
+            raise HyBNNError(f"{where}: {problem}.")
 
     def describe_type(self) -> str:
         return {str: "a string", Path: "a path (string)", int: "an integer", float: "a number"}[self.type]
@@ -154,8 +161,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("num-server-rounds", int, 20, "federated rounds", minimum=1, field="rounds"),
     Setting("local-epochs", int, 3, "client epochs per round (docs/federated.md, Rounds to the centralized accuracy)",
             reads="both", minimum=1, field="local_epochs", per_round=True),
-    Setting("lr", float, 0.03, "Adam learning rate of the clients", reads="both", above=0, field="lr",
-            per_round=True),
+    Setting("lr", float, 0.03, f"Adam learning rate of the clients, 0 < x <= {MAX_LR:g}", reads="both", above=0,
+            maximum=MAX_LR, field="lr", per_round=True),
     Setting("lr-schedule", str, "exponential", "the clients' learning rate over the rounds: cosine, from lr in the "
             "first round to lr/100 in the last along a half cosine; exponential, from lr to lr/100 by the same "
             "factor every round; constant, lr in every round", choices=("cosine", "exponential", "constant"),
@@ -167,8 +174,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch-size", int, 64, "client batch size (at least 2: batch norm)", reads="both", minimum=2,
             field="batch_size", per_round=True),
     Setting("input-dropout", float, 0.2, "during local training each input bit of a batch is zeroed with this "
-            "probability, 0 <= x < 1 (the centralized HyBNN recipe's regulariser; docs/federated.md)",
-            reads="both", minimum=0, below=1, field="input_dropout", per_round=True),
+            f"probability, 0 <= x < 1, rounded to a multiple of 1/{DROPOUT_RESOLUTION} (one that rounds to 0 is "
+            "refused; the centralized HyBNN recipe's regulariser; docs/federated.md)", reads="both", minimum=0, below=1,
+            validate=dropout_too_fine, field="input_dropout", per_round=True),
     Setting("aggregation", str, "vote", "downlink: vote, the sign of the weighted mean of the clients' signs, "
             "1 bit per weight; or mean, that mean as int8 latent weights (docs/federated.md)",
             choices=("vote", "mean"), field="aggregation"),

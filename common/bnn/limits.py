@@ -1,0 +1,25 @@
+"""Limits of the training loop that the federated settings schema also enforces.
+
+Torch-free, so that :mod:`common.federated.settings` (read by the CLI's ``--help``) refuses
+at launch what :mod:`common.bnn.training` would refuse in every client's every round.
+"""
+
+from __future__ import annotations
+
+MAX_LR = 10.0
+"""The largest learning rate one run may ask for. The recipes use 0.001 to 0.06; latent
+weights live in [-1, 1], so a larger step only flips signs at random, and a rate beyond
+float32's range breaks the optimizer: a larger value is a typo."""
+
+DROPOUT_RESOLUTION = 2**8
+"""The input-dropout mask (:func:`common.bnn.training.keep_mask`) draws one random byte per
+input: the drop probability is rounded to a multiple of 1/256 (0.2 becomes 51/256 = 0.1992)."""
+
+
+def dropout_too_fine(drop_probability: float) -> str | None:
+    """Why ``drop_probability`` cannot be honoured by the dropout mask, or ``None`` when it can:
+    a positive probability that rounds to 0 steps of 1/:data:`DROPOUT_RESOLUTION` drops nothing."""
+    if 0 < drop_probability and round(drop_probability * DROPOUT_RESOLUTION) == 0:
+        return (f"the dropout mask drops in steps of 1/{DROPOUT_RESOLUTION}, so it would drop nothing. "
+                f"Pass 0 (no dropout) or at least {1 / DROPOUT_RESOLUTION:.4f}")
+    return None
