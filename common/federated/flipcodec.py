@@ -8,7 +8,7 @@ flipped signs carry the update in far fewer bits than the 1-bit sign codec of
 ``mean`` mode. The server knows that reference because it sent it: the current
 round's global model.
 
-Flip blocks (``flip-blocks``, default 4): from round 2 on, the clients train only one
+Flip blocks (``flip-blocks``, default 1: none): from round 2 on, the clients train only one
 contiguous block of the binary weights per round, block ``round mod flip-blocks``
 (:func:`flip_block`), so every flip they send lies in it. A client's flips are mostly weights
 with a weak gradient that wander across zero, nearly independent from one client to the
