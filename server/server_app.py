@@ -238,6 +238,9 @@ def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> di
         clients_per_round=settings.clients_per_round,
         seed=settings.seed,
         node_partitions=node_partitions,
+        uplink_codec=settings.uplink_codec,
+        flip_blocks=settings.flip_blocks,
+        flip_block_rounds=settings.flip_block_rounds,
     )
     if checkpoint is None:
         initial_arrays = strategy.encode_global(codec.binary_latents(initial), codec.bn_vector(initial, layout))

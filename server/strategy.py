@@ -23,7 +23,9 @@ the whole run. This strategy
 * sends back the vote (1 bit per weight) or the quantized mean (``common.federated.aggregation``);
 * accepts an update as full sign bits or as the sign flips against the round's global
   model (``common.federated.flipcodec``): it keeps the signs it sent each round as the reference,
-  and a flip update taken against any other reference is refused like any malformed one;
+  and a flip update taken against any other reference is refused like any malformed one; with
+  the flips uplink and ``flip_blocks`` > 1, an update that flips any weight outside the round's
+  block (:func:`common.federated.flipcodec.flip_block`, the one the clients train) is refused too;
 * samples nodes with a deadline: it waits for ``min_available_nodes`` up to
   ``node_wait_s`` seconds, then goes on with whoever is connected, if at least
   ``min_train_nodes``. Flower's own sampling waits forever when a node is gone for good.
@@ -76,7 +78,7 @@ class CheckedReply:
 
 def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None = None,
                 bn_dtype: str = "float16", reference_bn: np.ndarray | None = None,
-                bn_encoding: str | None = None) -> CheckedReply:
+                bn_encoding: str | None = None, block: tuple[int, int] | None = None) -> CheckedReply:
     """Validate one training reply completely; :class:`codec.CodecError` says what is wrong.
 
     ``reference`` is the global model's weights sent this round: a flip update is decoded
@@ -84,6 +86,8 @@ def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None
     ``bn_dtype`` is the downlink's batch-norm dtype: every batch-norm number must fit it.
     ``reference_bn``: the global batch norm sent this round, which a threshold update is
     decoded against. ``bn_encoding``: the run's; a reply in the other one is refused.
+    ``block``: the binary weights ``[start, stop)`` a client may flip this round (the flips
+    uplink's block); an update whose signs differ from ``reference`` outside it is refused.
     """
     content = msg.content
     if set(content.array_records) != {RECORD.arrays} or set(content.metric_records) != {RECORD.metrics}:
@@ -109,7 +113,18 @@ def check_reply(msg: Message, layout: codec.Layout, reference: np.ndarray | None
                                f"is {bn_encoding}")
     weights, bn = codec.decode(payload, layout, kind="signs", reference_bn=reference_bn)
     robust.check_bn_range(bn, robust.running_var_mask(layout.bn_names, layout.bn_sizes), bn_dtype)
-    flips = None if reference is None else int(np.count_nonzero((weights >= 0) != (np.asarray(reference) >= 0)))
+    flipped = None if reference is None else (weights >= 0) != (np.asarray(reference).reshape(-1) >= 0)
+    flips = None if flipped is None else int(np.count_nonzero(flipped))
+    if block is not None:
+        if flipped is None:
+            raise codec.CodecError("the round trains in flip blocks, but the server holds no global model for "
+                                   "this round to check the flips against")
+        start, stop = block
+        outside = flips - int(np.count_nonzero(flipped[start:stop]))
+        if outside:
+            raise codec.CodecError(f"{outside} of its {flips} sign flips lie outside this round's flip block, "
+                                   f"binary weights [{start}, {stop}) (flip-blocks); a client trains only the "
+                                   "round's block")
     return CheckedReply(
         node_id=msg.metadata.src_node_id,
         weights=weights,
@@ -188,6 +203,9 @@ class PackedFedAvg(FedAvg):
         seed: int = 0,
         bn_encoding: str = default("bn-encoding"),
         node_partitions: Callable[[Grid], Mapping[int, int]] | None = None,
+        uplink_codec: str = default("uplink-codec"),
+        flip_blocks: int = default("flip-blocks"),
+        flip_block_rounds: int = default("flip-block-rounds"),
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -217,6 +235,13 @@ class PackedFedAvg(FedAvg):
         self.seed = seed
         self.node_partitions = node_partitions
         """Where the server can tell which partition each node holds (the simulation): node id -> partition id."""
+        if uplink_codec not in flipcodec.UPLINK_CODECS:
+            raise ValueError(f"uplink_codec must be one of {flipcodec.UPLINK_CODECS}, got {uplink_codec!r}")
+        self.uplink_codec = uplink_codec
+        if uplink_codec == "flips":
+            flipcodec.flip_block(2, flip_blocks, layout.n_binary, flip_block_rounds)  # refuses bad values now
+        self.flip_blocks = flip_blocks
+        self.flip_block_rounds = flip_block_rounds
         self.partitions: dict[int, int] = {}
         self.rounds: dict[int, RoundLog] = {}
         self.references: dict[int, np.ndarray] = {}
@@ -247,6 +272,15 @@ class PackedFedAvg(FedAvg):
         weights, bn = codec.decode(record_to_payload(arrays), self.layout)
         self.references = {server_round: weights}
         self.bn_references = {server_round: bn}
+
+    def flip_block(self, server_round: int) -> tuple[int, int] | None:
+        """The binary weights ``[start, stop)`` the clients may flip in ``server_round``, the block
+        they train (:func:`common.federated.flipcodec.flip_block`); None: every weight."""
+        if self.uplink_codec != "flips":
+            return None  # the clients train every weight (client/client_app.py, train_local)
+        start, stop = flipcodec.flip_block(server_round, self.flip_blocks, self.layout.n_binary,
+                                           self.flip_block_rounds)
+        return None if stop - start == self.layout.n_binary else (start, stop)
 
     # -------------------------------------------------------------- sampling
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -311,6 +345,7 @@ class PackedFedAvg(FedAvg):
 
         good: list[CheckedReply] = []
         seen: set[int] = set()
+        block = self.flip_block(server_round)
         sampled = set(round_log.sampled_nodes)
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -326,7 +361,7 @@ class PackedFedAvg(FedAvg):
                 continue
             try:
                 reply = check_reply(msg, self.layout, self.references.get(server_round), self.bn_dtype,
-                                    self.bn_references.get(server_round), self.bn_encoding)
+                                    self.bn_references.get(server_round), self.bn_encoding, block)
             except Exception as exc:  # noqa: BLE001 - one hostile reply must never end the round
                 drop(node, f"malformed: {exc}",
                      "Check that the client runs the same HyBNN release and task as the server.")

@@ -327,3 +327,83 @@ def test_averaged_metrics_stay_finite_for_the_largest_finite_claims():
                                        [2500, 2000])
     assert np.isfinite(averaged[METRIC.train_loss]) and averaged[METRIC.train_loss] <= big
     assert averaged[METRIC.train_seconds] == 1.0
+
+
+# ------------------------------------------------------------------ flips outside the round's flip block
+FLIP_BLOCKS = 4
+BLOCK_ROUND = 2  # block 2 of 4: binary weights [1056, 1584) of 2,112
+
+
+def flip_round(fed: Federation, server_round: int = BLOCK_ROUND, **options) -> tuple[PackedFedAvg, np.ndarray]:
+    """A strategy that sent the target as ``server_round``'s global model, and the signs it sent."""
+    strategy = PackedFedAvg(LAYOUT, **{"bn_encoding": "floats", "uplink_codec": "flips",
+                                       "flip_blocks": FLIP_BLOCKS, **options})
+    sent = strategy.encode_global(fed.target, fed.bns[1])
+    strategy.set_reference(server_round, sent)
+    reference, _ = codec.decode(record_to_payload(sent), LAYOUT)
+    return strategy, reference
+
+
+def flip_replies(fed: Federation, reference: np.ndarray, outside: dict[int, list[int]],
+                 as_signs: set[int] = frozenset()) -> list[Message]:
+    """Every client flips a few weights inside the round's block; ``outside[node]``: further
+    positions it flips outside the block; ``as_signs``: nodes that send full signs, not flips."""
+    from common.federated import flipcodec
+
+    start, stop = flipcodec.flip_block(BLOCK_ROUND, FLIP_BLOCKS, LAYOUT.n_binary)
+    replies = []
+    for node in fed.signs:
+        new = reference.copy()
+        inside = fed.rng.choice(np.arange(start, stop), size=20, replace=False)
+        new[inside] *= -1
+        new[outside.get(node, [])] *= -1
+        payload = (codec.encode_signs(new, fed.bns[node]) if node in as_signs
+                   else flipcodec.encode_flips(reference, new, fed.bns[node]))
+        replies.append(message(node, payload_to_record(payload), honest_metrics(node)))
+    return replies
+
+
+def test_flips_outside_the_round_s_flip_block_are_dropped_and_named(caplog):
+    """From round 2 on with flip blocks, a client trains only the round's block: an update that
+    flips any weight outside it (as flips, or as full signs) is left out, the round goes on."""
+    fed = Federation()
+    strategy, reference = flip_round(fed)
+    hostile = {5: [0, 1, 2], 4: [2111]}
+    replies = flip_replies(fed, reference, hostile, as_signs={4})
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(BLOCK_ROUND, replies)
+    log = strategy.rounds[BLOCK_ROUND]
+    assert [c["node_id"] for c in log.clients] == [1, 2, 3]
+    assert {d["node_id"]: d["reason"] for d in log.dropped} == {
+        5: "malformed: 3 of its 23 sign flips lie outside this round's flip block, binary weights [1056, 1584) "
+           "(flip-blocks); a client trains only the round's block",
+        4: "malformed: 1 of its 21 sign flips lie outside this round's flip block, binary weights [1056, 1584) "
+           "(flip-blocks); a client trains only the round's block"}
+    assert "Round 2: the reply of node 5 is left out of this round: malformed: 3 of its 23" in caplog.text
+    weights, _ = codec.decode(record_to_payload(arrays), LAYOUT)
+    outside_block = np.ones(LAYOUT.n_binary, dtype=bool)
+    outside_block[1056:1584] = False
+    np.testing.assert_array_equal(weights[outside_block], reference[outside_block])
+
+
+@pytest.mark.parametrize("server_round, options", [
+    pytest.param(1, {}, id="round-1-trains-every-weight"),
+    pytest.param(BLOCK_ROUND, {"flip_blocks": 1}, id="one-block"),
+    pytest.param(BLOCK_ROUND, {"flip_block_rounds": 1}, id="after-flip-block-rounds"),
+    pytest.param(BLOCK_ROUND, {"uplink_codec": "signs"}, id="signs-uplink"),
+])
+def test_flips_anywhere_pass_where_the_clients_train_every_weight(server_round, options):
+    fed = Federation()
+    strategy, reference = flip_round(fed, server_round, **options)
+    replies = flip_replies(fed, reference, {5: [0, 1, 2], 4: [2111]}, as_signs={4})
+    strategy.aggregate_train(server_round, replies)
+    assert [c["node_id"] for c in strategy.rounds[server_round].clients] == [1, 2, 3, 4, 5]
+    assert strategy.rounds[server_round].dropped == []
+
+
+def test_more_flip_blocks_than_binary_weights_are_refused_when_the_strategy_is_made():
+    from common.errors import HyBNNError
+
+    with pytest.raises(HyBNNError, match="flip-blocks 2113 is more than the 2112 binary weights"):
+        PackedFedAvg(LAYOUT, uplink_codec="flips", flip_blocks=LAYOUT.n_binary + 1)
+    PackedFedAvg(LAYOUT, uplink_codec="signs", flip_blocks=LAYOUT.n_binary + 1)  # blocks only shape the flips uplink
