@@ -227,6 +227,8 @@ def test_federate_help_imports_neither_torch_nor_flwr():
     ({"num-server-rounds": "many"}, "num-server-rounds='many' is not an integer"),
     ({"num-server-rounds": 2.5}, "num-server-rounds=2.5 is not a whole number"),
     ({"local-epochs": True}, "local-epochs=True is a bool"),
+    ({"local-epochs": 20000}, "local-epochs=20000 is above 10000"),
+    ({"num-server-rounds": 10**9}, "num-server-rounds=1000000000 is above 10000"),
     ({"lr": float("nan")}, "lr=nan is not a finite number"),
     ({"lr": 0}, "lr=0 must be above 0"),
     ({"lr": 50}, "lr=50 is above 10; use a number > 0 <= 10"),

@@ -6,6 +6,14 @@ at launch what :mod:`common.bnn.training` would refuse in every client's every r
 
 from __future__ import annotations
 
+MAX_EPOCHS = 10_000
+"""The most epochs one run may ask for (and the most rounds of a federation). The BNN recipe
+takes 100, the VAE 20; at a few seconds an epoch, 10,000 is already days of training, and a
+larger count is a typo."""
+
+MIN_BATCH_SIZE = 2
+"""Batch norm in training mode needs at least two samples per batch."""
+
 MAX_LR = 10.0
 """The largest learning rate one run may ask for. The recipes use 0.001 to 0.06; latent
 weights live in [-1, 1], so a larger step only flips signs at random, and a rate beyond

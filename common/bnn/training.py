@@ -29,16 +29,11 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from common.binarize import clip_latent_weights_, latent_weights
-from common.bnn.limits import DROPOUT_RESOLUTION, MAX_LR, dropout_too_fine
+from common.bnn.limits import DROPOUT_RESOLUTION, MAX_EPOCHS, MAX_LR, MIN_BATCH_SIZE, dropout_too_fine
 from common.errors import HyBNNError
 
 log = logging.getLogger(__name__)
 
-MAX_EPOCHS = 10_000
-"""The most epochs one run may ask for. The BNN recipe takes 100, the VAE 20; at a few
-seconds an epoch, 10,000 is already days of training, and a larger count is a typo."""
-MIN_BATCH_SIZE = 2
-"""Batch norm in training mode needs at least two samples per batch."""
 SEED_RANGE = (-(2**63), 2**64)
 """The seeds torch accepts (``torch.manual_seed``)."""
 

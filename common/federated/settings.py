@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-from common.bnn.limits import DROPOUT_RESOLUTION, MAX_LR, dropout_too_fine
+from common.bnn.limits import DROPOUT_RESOLUTION, MAX_EPOCHS, MAX_LR, MIN_BATCH_SIZE, dropout_too_fine
 from common.errors import HyBNNError
 
 READERS = ("server", "client", "both")
@@ -158,9 +158,9 @@ SETTINGS: tuple[Setting, ...] = (
             "as 3v8 (docs/datasets.md)", reads="both", field="task", per_round=True),
     Setting("dataset", str, "mnist", "the data set: mnist, fashion-mnist, npz:PATH, folder:PATH or a registered "
             "name (docs/datasets.md); task is read against its classes", reads="both", field="dataset"),
-    Setting("num-server-rounds", int, 20, "federated rounds", minimum=1, field="rounds"),
+    Setting("num-server-rounds", int, 20, "federated rounds", minimum=1, maximum=MAX_EPOCHS, field="rounds"),
     Setting("local-epochs", int, 3, "client epochs per round (docs/federated.md, Rounds to the centralized accuracy)",
-            reads="both", minimum=1, field="local_epochs", per_round=True),
+            reads="both", minimum=1, maximum=MAX_EPOCHS, field="local_epochs", per_round=True),
     Setting("lr", float, 0.03, f"Adam learning rate of the clients, 0 < x <= {MAX_LR:g}", reads="both", above=0,
             maximum=MAX_LR, field="lr", per_round=True),
     Setting("lr-schedule", str, "exponential", "the clients' learning rate over the rounds: cosine, from lr in the "
@@ -171,7 +171,7 @@ SETTINGS: tuple[Setting, ...] = (
             "falling along a cosine to the next round's; anneal, falling along a cosine to a hundredth of the "
             "round's, so every client ends its round with settled signs", choices=("constant", "decay", "anneal"),
             field="lr_in_round"),
-    Setting("batch-size", int, 64, "client batch size (at least 2: batch norm)", reads="both", minimum=2,
+    Setting("batch-size", int, 64, "client batch size (at least 2: batch norm)", reads="both", minimum=MIN_BATCH_SIZE,
             field="batch_size", per_round=True),
     Setting("input-dropout", float, 0.2, "during local training each input bit of a batch is zeroed with this "
             f"probability, 0 <= x < 1, rounded to a multiple of 1/{DROPOUT_RESOLUTION} (one that rounds to 0 is "
