@@ -155,7 +155,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     check_out(args.out)
     train_config = VAETrainConfig(epochs=args.epochs, seed=args.seed, input_shift=args.input_shift,
-                                  input_rotation=args.input_rotation)
+                                  input_rotation=args.input_rotation, input_mask=args.input_mask)
     images, datasets, data_sha = pretrain_images(args.dataset, args.data_root, args.image_size)
     print(f"Pretraining on {' + '.join(d.name for d in datasets)}: {len(images)} images of shape "
           f"{datasets[0].shape} (H, W, C)")
@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-rotation", type=int, choices=range(0, 46), default=0, metavar="DEGREES",
                    help="denoising by rotation: the encoder sees each training image turned by up to this "
                         "many degrees either way (0 to 45), the decoder reconstructs the upright image "
+                        "(default: %(default)s, off; docs/encoder.md)")
+    p.add_argument("--input-mask", type=float, default=0.0, metavar="FRACTION",
+                   help="masking noise: the encoder sees each training image with this fraction of its "
+                        "pixels zeroed at random (0 to 0.9), the decoder reconstructs the whole image "
                         "(default: %(default)s, off; docs/encoder.md)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_pretrain)

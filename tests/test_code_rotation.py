@@ -104,8 +104,9 @@ def test_pretrain_records_the_encoder_options(tmp_path, squares16) -> None:
     out = tmp_path / "enc"
     assert main(["pretrain", "--dataset", squares16, "--data-root", str(tmp_path / "data"), "--epochs", "1",
                  "--variant", "deterministic-ste", "--code-rotation", "itq", "--input-shift", "1",
-                 "--input-rotation", "5", "--out", str(out)]) == 0
+                 "--input-rotation", "5", "--input-mask", "0.1", "--out", str(out)]) == 0
     artifact = load_encoder_artifact(out)
     assert artifact.config.variant == "deterministic-ste" and artifact.config.code_rotation == "itq"
     assert artifact.manifest["train_config"]["input_shift"] == 1
     assert artifact.manifest["train_config"]["input_rotation"] == 5
+    assert artifact.manifest["train_config"]["input_mask"] == 0.1

@@ -136,6 +136,25 @@ def test_random_rotation_turns_each_image_about_its_centre() -> None:
     assert max(abs(a) for a in angles) <= 31 and max(angles) - min(angles) > 30  # within +-30, and they vary
 
 
+def test_random_mask_zeroes_about_the_asked_fraction_of_pixels() -> None:
+    from common.encoder.vae import random_mask
+
+    x = torch.ones(64, 1, 28, 28)
+    masked = random_mask(x, 0.25, torch.Generator().manual_seed(0))
+    assert masked.shape == x.shape and set(masked.unique().tolist()) == {0.0, 1.0}
+    assert abs((masked == 0).float().mean().item() - 0.25) < 0.01
+    assert not torch.equal(masked[0], masked[1])  # each image its own mask
+    assert torch.equal(random_mask(x, 0.0, torch.Generator()), x)
+
+
+def test_input_mask_is_checked_and_recorded_only_when_on() -> None:
+    for bad in (-0.1, 0.95, float("nan"), True, "0.2"):
+        with pytest.raises(HyBNNError, match="input_mask"):
+            VAETrainConfig(input_mask=bad)
+    assert "input_mask" not in VAETrainConfig().to_dict()
+    assert VAETrainConfig(input_mask=0.25).to_dict()["input_mask"] == 0.25
+
+
 def test_input_rotation_is_checked_and_recorded_only_when_on() -> None:
     for bad in (-1, 46, 2.5, True):
         with pytest.raises(HyBNNError, match="input_rotation"):
@@ -143,6 +162,7 @@ def test_input_rotation_is_checked_and_recorded_only_when_on() -> None:
     assert "input_rotation" not in VAETrainConfig().to_dict()
     assert VAETrainConfig(input_rotation=10).to_dict()["input_rotation"] == 10
     model, history = train_vae(fake_images(64), VAEConfig(latent_bits=16, channels=(4, 8)),
-                               VAETrainConfig(epochs=1, batch_size=32, input_rotation=10, input_shift=1),
+                               VAETrainConfig(epochs=1, batch_size=32, input_rotation=10, input_shift=1,
+                                              input_mask=0.2),
                                progress=False)
     assert len(history) == 1 and math.isfinite(history[0]["loss"])

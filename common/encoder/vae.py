@@ -156,6 +156,10 @@ class VAETrainConfig:
     """Denoising by rotation: each training image enters the encoder turned by a random
     angle of up to this many degrees either way (before any shift), and the decoder
     reconstructs the upright image. 0: off."""
+    input_mask: float = 0.0
+    """Masking noise (a denoising autoencoder's): each pixel of a training image enters the
+    encoder zeroed with this probability (after any turn and shift), and the decoder
+    reconstructs the whole image. 0: off."""
 
     def __post_init__(self) -> None:
         from common.bnn.training import check_training_options
@@ -170,12 +174,16 @@ class VAETrainConfig:
                 or not 0 <= self.input_rotation <= 45:
             raise HyBNNError(f"The VAE's input_rotation is {self.input_rotation!r}; it must be a whole "
                              "number of degrees from 0 to 45.")
+        if isinstance(self.input_mask, bool) or not isinstance(self.input_mask, (int, float)) \
+                or not 0 <= self.input_mask <= 0.9:
+            raise HyBNNError(f"The VAE's input_mask is {self.input_mask!r}; it must be a fraction of the "
+                             "pixels from 0 to 0.9.")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         # options that are off are left out, as before they existed, so `reproduce`
         # still reuses earlier encoders
-        for option in ("input_shift", "input_rotation"):
+        for option in ("input_shift", "input_rotation", "input_mask"):
             if d[option] == 0:
                 del d[option]
         return d
@@ -341,6 +349,13 @@ def random_rotation(x: torch.Tensor, max_degrees: int, generator: torch.Generato
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def random_mask(x: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """``x`` with each pixel (each channel apart) zeroed with ``probability``."""
+    if probability == 0:
+        return x
+    return x * (torch.rand(x.shape, generator=generator) >= probability)
+
+
 def train_vae(
     images_uint8: np.ndarray,
     config: VAEConfig = VAEConfig(),
@@ -380,6 +395,7 @@ def train_vae(
             batch = x[idx]
             seen_by_encoder = random_shift(random_rotation(batch, train_config.input_rotation, generator),
                                            train_config.input_shift, generator)
+            seen_by_encoder = random_mask(seen_by_encoder, train_config.input_mask, generator)
             parts = model.loss(seen_by_encoder, batch)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
