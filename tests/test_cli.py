@@ -45,6 +45,11 @@ def test_train_help_states_the_recipe_the_code_uses():
     assert f"--batch-size BATCH_SIZE default: {HYBNN_TRAIN_CONFIG.batch_size}" in text
     assert "default: 128, the paper's, for the pair tasks; 512 for all10" in text
     assert f"(default: {HYBNN_TRAIN_CONFIG.input_dropout:g}, docs/datasets.md)" in text
+    from common.experiments.profiles import PROFILES
+
+    # `hybnn train`, the paper profile and the recipe train the BNN for the same epochs
+    assert PROFILES["paper"].bnn_epochs == HYBNN_TRAIN_CONFIG.epochs
+    assert f"--epochs EPOCHS default: {HYBNN_TRAIN_CONFIG.epochs};" in text
 
 
 def test_pretrain_help_states_the_vae_default():

@@ -9,6 +9,8 @@ import pytest
 from common.experiments import report
 from common.errors import HyBNNError
 
+H = report.PAPER_EPOCHS["hybnn"]  # the paper profile's BNN epochs (80)
+
 
 def entry(acc: float, seconds: float, epochs: int, samples: int = 12665) -> dict:
     history = [{"epoch": e + 1, "loss": 1.0 / (e + 1), "acc": min(1.0, acc * (e + 1) / epochs)}
@@ -19,14 +21,14 @@ def entry(acc: float, seconds: float, epochs: int, samples: int = 12665) -> dict
 
 def fake_results(federated: bool = True) -> dict:
     results = report.new_results(
-        {"name": "paper", "bnn_epochs": 100, "baseline_epochs": 15, "train_limit": None},
+        {"name": "paper", "bnn_epochs": H, "baseline_epochs": 15, "train_limit": None},
         {"sha256": "ab" * 32, "variant": "bernoulli-ste", "latent_bits": 200, "epochs": 20,
          "reused": True},
     )
     results["tasks"] = {
-        "0v1": {"hybnn": entry(0.9991, 6.0, 100), "bcnn-sign": entry(0.5366, 50.0, 15),
+        "0v1": {"hybnn": entry(0.9991, 6.0, H), "bcnn-sign": entry(0.5366, 50.0, 15),
                 "bcnn-centered": entry(0.9985, 60.0, 15), "fp-cnn": entry(0.9995, 30.0, 15)},
-        "all10": {"hybnn": entry(0.91, 40.0, 100, 60000), "bcnn-sign": entry(0.1135, 250.0, 15, 60000),
+        "all10": {"hybnn": entry(0.91, 40.0, H, 60000), "bcnn-sign": entry(0.1135, 250.0, 15, 60000),
                   "bcnn-centered": entry(0.97, 300.0, 15, 60000), "fp-cnn": entry(0.99, 150.0, 15, 60000)},
     }
     if federated:
@@ -53,8 +55,8 @@ def test_report_table_has_paper_column_times_and_ratio():
     assert report.BCNN_SIGN_REASON in text
     assert "| hybnn | 6.0 s | 40.0 s |" in text  # training time per model
     assert "**0.100**" in text
-    # 6 s / 100 epochs vs 60 s / 15 epochs: the run's own ratio, 0.1
-    assert "| 0v1 | 6.0 s / 100 ep | 60.0 s / 15 ep | 0.100 | 0.100 | yes |" in text
+    # 6 s / 80 epochs vs 60 s / 15 epochs (the paper profile's): the run's own ratio, 0.1
+    assert f"| 0v1 | 6.0 s / {H} ep | 60.0 s / 15 ep | 0.100 | 0.100 | yes |" in text
     assert "the run meets the target on every pair task (at most 0.1, 1/10, per task)" in text
     assert "## FedHyBNN" in text and "| 0v1 | 3 clients, 20 rounds | 99.80% | 99.90% | 3 |" in text
     assert "(1/26)" in text
@@ -63,15 +65,15 @@ def test_report_table_has_paper_column_times_and_ratio():
 
 def test_report_names_each_pair_task_that_misses_the_cost_target():
     results = fake_results(federated=False)
-    results["tasks"]["2v3"] = {"hybnn": entry(0.99, 5.0, 100), "bcnn-centered": entry(0.99, 60.0, 15)}
+    results["tasks"]["2v3"] = {"hybnn": entry(0.99, 5.0, H), "bcnn-centered": entry(0.99, 60.0, 15)}
     results["tasks"]["0v1"]["hybnn"]["train_seconds"] = 7.2
     ratios = report.cost_ratios(results)
     assert ratios["per_task"]["0v1"]["meets_target"] is False
     assert ratios["per_task"]["2v3"]["meets_target"] is True
     assert ratios["meets_target"] is False
     text = report.render_report(results)
-    assert "| 0v1 | 7.2 s / 100 ep | 60.0 s / 15 ep | 0.120 | 0.120 | **no** |" in text
-    assert "| 2v3 | 5.0 s / 100 ep | 60.0 s / 15 ep | 0.083 | 0.083 | yes |" in text
+    assert f"| 0v1 | 7.2 s / {H} ep | 60.0 s / 15 ep | 0.120 | 0.120 | **no** |" in text
+    assert f"| 2v3 | 5.0 s / {H} ep | 60.0 s / 15 ep | 0.083 | 0.083 | yes |" in text
     assert "the run misses the target on 0v1 (at most 0.1" in text
     assert "(target <= 0.1 on every pair task: missed)" in report.summary_table(results)
 
@@ -85,7 +87,7 @@ def test_cost_table_shows_the_cpu_time_ratio_when_both_runs_recorded_it():
     assert ratio["cpu_at_paper_epochs"] == pytest.approx(3.0 / 40.0)
     assert ratio["at_paper_epochs"] == pytest.approx(0.1)  # the target is still judged on wall time
     text = report.render_report(results)
-    assert "| 0v1 | 6.0 s / 100 ep | 60.0 s / 15 ep | 0.100 | 0.100 | yes | 0.075 |" in text
+    assert f"| 0v1 | 6.0 s / {H} ep | 60.0 s / 15 ep | 0.100 | 0.100 | yes | 0.075 |" in text
 
 
 def test_cost_ratio_scales_short_profiles_to_paper_epochs_and_samples():
@@ -94,7 +96,7 @@ def test_cost_ratio_scales_short_profiles_to_paper_epochs_and_samples():
     results["tasks"]["0v1"]["bcnn-centered"] = entry(0.9, 0.4, 1, 1024)     # 1/12.4 of the samples
     ratio = report.cost_ratios(results)["per_task"]["0v1"]
     assert ratio["measured"] == pytest.approx(3.0)
-    expected = (1.2 / 20 / 12665 * 100) / (0.4 / 1 / 1024 * 15)
+    expected = (1.2 / 20 / 12665 * H) / (0.4 / 1 / 1024 * 15)
     assert ratio["at_paper_epochs"] == pytest.approx(expected)
 
 

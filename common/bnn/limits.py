@@ -8,7 +8,7 @@ from __future__ import annotations
 
 MAX_EPOCHS = 10_000
 """The most epochs one run may ask for (and the most rounds of a federation). The BNN recipe
-takes 100, the VAE 20; at a few seconds an epoch, 10,000 is already days of training, and a
+takes 80, the VAE 20; at a few seconds an epoch, 10,000 is already days of training, and a
 larger count is a typo."""
 
 MIN_BATCH_SIZE = 2

@@ -55,7 +55,7 @@ def check_training_options(*, epochs, batch_size, lr, seed, final_lr_fraction=0.
     if not is_int(epochs) or not 1 <= epochs <= MAX_EPOCHS:
         raise HyBNNError(
             f"epochs (--epochs) is {_show(epochs)}; it must be a whole number from 1 to {MAX_EPOCHS} "
-            "(the BNN recipe takes 100, the VAE 20). Pass a smaller --epochs."
+            "(the BNN recipe takes 80, the VAE 20). Pass a smaller --epochs."
         )
     if not is_int(batch_size) or batch_size < MIN_BATCH_SIZE:
         raise HyBNNError(
