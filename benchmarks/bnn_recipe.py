@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/bnn_recipe.py --encoder artifacts/encoder-paper
-        [--data-root data] [--tasks 0v1 2v3 4v5 6v7 8v9] [--recipes 2048:0.06:100 2048:0.06:60]
+        [--data-root data] [--tasks 0v1 2v3 4v5 6v7 8v9] [--recipes 2048:0.06:80 2048:0.06:60]
         [--seeds 0 1 2] [--bcnn-epochs 15] [--hidden 128] [--threads 1]
 
 Each recipe ``BATCH:LR[:EPOCHS][:float]`` trains the task's BNN (``HYBNN_TRAIN_CONFIG`` with that
@@ -69,7 +69,7 @@ def recipe(text: str) -> Recipe:
         return Recipe(int(parts[0]), float(parts[1]), epochs, float_inputs)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected BATCH:LR, BATCH:LR:EPOCHS or either with :float, such as 2048:0.06:100, "
+            f"expected BATCH:LR, BATCH:LR:EPOCHS or either with :float, such as 2048:0.06:80, "
             f"got {text!r}") from None
 
 
