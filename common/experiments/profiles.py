@@ -4,8 +4,8 @@
 encoder recipe that gives the best codes measured: 20 VAE epochs on images shifted by up
 to 2 pixels (the decoder reconstructs the unshifted image; docs/reproduce.md, "Encoder
 levers"), and the BNN for 80 epochs where the paper trains 100: on these codes 80 gave
-the pair tasks the same accuracy (docs/reproduce.md, "Training cost"). ``quick`` is a first look with short training
-(about 5 minutes on 2 cores).
+the pair tasks the same accuracy (docs/reproduce.md, "Training cost"). ``quick`` is a
+first look with short training (about 5 minutes on 2 cores).
 ``smoke`` exists for the end-to-end tests: it trains on a few thousand samples for
 one or two epochs, so its accuracies mean nothing.
 
