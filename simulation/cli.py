@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising by translation: the encoder sees each training image shifted by up to "
                         "this many pixels (0 to 8), the decoder reconstructs the unshifted image "
                         "(default: %(default)s, off; docs/encoder.md)")
-    p.add_argument("--input-rotation", type=int, choices=range(0, 46), default=0, metavar="DEGREES",
+    # checked by VAETrainConfig: argparse's choices would list all 46 values in the error
+    p.add_argument("--input-rotation", type=int, default=0, metavar="DEGREES",
                    help="denoising by rotation: the encoder sees each training image turned by up to this "
                         "many degrees either way (0 to 45), the decoder reconstructs the upright image "
                         "(default: %(default)s, off; docs/encoder.md)")
