@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.binarize import LatentClipMixin, sign, sign_ste, straight_through_mask
+from common.bnn.product import uses_int8
 from common.errors import HyBNNError
 from common.resources import check_fits_in_memory
 
@@ -95,10 +96,11 @@ class _IntegerBinaryLinear(torch.autograd.Function):
     """``x @ sign(weight).T`` for an int8 ``x``, multiplied in integers.
 
     The product of small integers and +-1 is an integer, so the int8 product
-    (``torch._int_mm``, int32 sums) gives exactly what the float product gives, in
-    about a quarter of its time on CPUs with 8-bit dot-product instructions. The
-    input gets no gradient (it is data); the weight's gradient is the float
-    ``grad.T @ x`` times the straight-through mask, as :func:`sign_ste` gives it.
+    (``torch._int_mm``, int32 sums) gives exactly what the float product gives. It is
+    the faster one only where torch runs ``_int_mm`` on 8-bit dot-product instructions,
+    so :mod:`common.bnn.product` measures which to use. The input gets no gradient (it
+    is data); the weight's gradient is the float ``grad.T @ x`` times the
+    straight-through mask, as :func:`sign_ste` gives it.
     """
 
     @staticmethod
@@ -118,8 +120,9 @@ class BinaryLinear(LatentClipMixin, nn.Linear):
     """A linear layer without bias whose weights are ``sign(latent weight)``.
 
     An int8 input (the encoder's codes, :func:`codes_to_inputs`) is multiplied in
-    integers (:class:`_IntegerBinaryLinear`), with the same result as the float
-    product; a float input takes the float product.
+    integers (:class:`_IntegerBinaryLinear`) where :mod:`common.bnn.product` measured
+    that to be faster, else in float32; both are exact, so the result is the same. A
+    float input takes the float product.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -127,8 +130,10 @@ class BinaryLinear(LatentClipMixin, nn.Linear):
         nn.init.uniform_(self.weight, -1.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.int8 and x.dim() == 2 and x.device.type == "cpu":
-            return _IntegerBinaryLinear.apply(x, self.weight)
+        if x.dtype == torch.int8:
+            if x.dim() == 2 and x.device.type == "cpu" and uses_int8():
+                return _IntegerBinaryLinear.apply(x, self.weight)
+            x = x.to(self.weight.dtype)
         return F.linear(x, sign_ste(self.weight))
 
 
