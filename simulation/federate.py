@@ -159,10 +159,15 @@ def check_simulation_memory(config: FederateConfig) -> None:
 
 
 def centralized_reference(artifact, config: FederateConfig) -> dict:
-    """A centralized HyBNN on the same encoder, task and data: the accuracy to reach."""
+    """A centralized HyBNN on the same encoder, task and data: the accuracy to reach.
+
+    Kept in ``<data root>/references/`` under a key of the codes, the BNN's shape and the
+    recipe (:mod:`common.bnn.reference`), and read back on the next run with the same ones
+    (``"reused": true`` in the result) instead of trained again."""
     import torch
 
     from common.bnn.model import BNN, BNNConfig, codes_to_inputs
+    from common.bnn.reference import load_reference, reference_key, reference_path, save_reference
     from common.encoder.features import load_codes
     from common.data.tasks import select_task, task_for_dataset
     from common.bnn.training import TrainConfig, evaluate, fit
@@ -174,23 +179,31 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
     for name in ("train", "test"):
         codes, labels = load_codes(artifact, config.data_root, name, progress=config.progress,
                                    dataset=config.dataset)
-        codes, labels = select_task(codes, labels, task)
-        split[name] = (codes_to_inputs(codes, bits), torch.from_numpy(labels))
-    torch.manual_seed(config.seed)
-    model = BNN(BNNConfig.for_task(bits, task.num_classes))
+        split[name] = select_task(codes, labels, task)
+    bnn_config = BNNConfig.for_task(bits, task.num_classes)
     train_config = TrainConfig(epochs=epochs, lr=config.lr,
                                batch_size=config.batch_size, seed=config.seed)
+    key = reference_key([*split["train"], *split["test"]], bnn_config.to_dict(), train_config.to_dict())
+    kept = load_reference(config.data_root, key, epochs)
+    if kept is not None:
+        return {**kept, "reused": True, "reference_file": str(reference_path(config.data_root, key))}
+    tensors = {name: (codes_to_inputs(codes, bits), torch.from_numpy(labels))
+               for name, (codes, labels) in split.items()}
+    torch.manual_seed(config.seed)
+    model = BNN(bnn_config)
     # A 26k-weight BNN gains little from intra-op threads; on a busy machine they cost 10x.
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        result = fit(model, *split["train"], train_config, desc=f"centralized {task.name}",
+        result = fit(model, *tensors["train"], train_config, desc=f"centralized {task.name}",
                      progress=config.progress)
-        metrics = evaluate(model, *split["test"])
+        metrics = evaluate(model, *tensors["test"])
     finally:
         torch.set_num_threads(threads)
-    return {"test_acc": metrics["acc"], "test_loss": metrics["loss"], "epochs": epochs,
-            "train_seconds": result.seconds, "train_examples": int(len(split["train"][1]))}
+    reference = {"test_acc": metrics["acc"], "test_loss": metrics["loss"], "epochs": epochs,
+                 "train_seconds": result.seconds, "train_examples": int(len(tensors["train"][1]))}
+    saved = save_reference(config.data_root, key, reference)
+    return {**reference, "reused": False, "reference_file": str(saved) if saved else None}
 
 
 def simulated_node_partitions(grid) -> dict[int, int]:
@@ -484,6 +497,7 @@ def federate(config: FederateConfig) -> dict:
     Ctrl-C or SIGTERM stops it within seconds: the rounds completed so far are published
     with status ``stopped`` and ``KeyboardInterrupt`` is raised.
     """
+    from common.bnn.product import product_choice
     from common.data.datasets import carry_registered
     from common.encoder.artifact import load_encoder_artifact
     from common.encoder.features import load_codes
@@ -511,9 +525,10 @@ def federate(config: FederateConfig) -> dict:
             load_codes(artifact, config.data_root, split, progress=config.progress,
                        dataset=config.dataset)
         _say(config, f"Centralized HyBNN on {config.task}, "
-                     f"{config.reference_epochs} epochs")
+                     f"{config.reference_epochs} epochs; " + product_choice().describe())
         centralized = centralized_reference(artifact, config)
-        _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}")
+        _say(config, f"Centralized test accuracy {centralized['test_acc']:.4f}"
+                     + (f" (reused: {centralized['reference_file']})" if centralized["reused"] else ""))
         _say(config, f"FedHyBNN: {config.clients} simulated clients"
                      + (f" ({config.clients_per_round} sampled per round)" if config.clients_per_round else "")
                      + f", {config.rounds} rounds, "
