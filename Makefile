@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/paper
 
-.PHONY: install reproduce quick test container-test clean fashion-mnist
+.PHONY: install reproduce quick test test-deps container-test clean fashion-mnist
 
 install: $(STAMP)
 
@@ -23,8 +23,26 @@ reproduce: install
 quick: install
 	$(VENV)/bin/hybnn reproduce --profile quick --out runs/quick
 
-test: install
+test: install test-deps
 	$(PY) -m pytest
+
+## What some tests need beyond the venv: nginx (the Fleet-only TLS front) and Debian's
+## Fashion-MNIST. Installed with apt where this runs as root; elsewhere the tests that
+## need them are skipped, and pytest's summary names each skip with the command that
+## removes it.
+TEST_PACKAGES := nginx dataset-fashion-mnist
+test-deps:
+	@missing=""; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing what the tests need:$$missing"; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "Not root or no apt: the tests that need$$missing will be skipped (sudo apt-get install$$missing)"; \
+	  fi; \
+	fi
 
 ## Fashion-MNIST from Debian's package, where apt works (the loader also reads IDX files
 ## under the data root, or downloads them; docs/datasets.md).

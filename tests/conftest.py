@@ -69,3 +69,22 @@ def mnist_encoder(mnist_root, tmp_path_factory):
     for split in ("train", "test"):
         load_codes(artifact, mnist_root, split, progress=False)
     return artifact, mnist_root
+
+
+SKIP_FIXES = {
+    "nginx": "apt-get install -y --no-install-recommends nginx (or make test-deps as root)",
+    "Fashion-MNIST": "apt-get install -y --no-install-recommends dataset-fashion-mnist (or make test-deps as root)",
+    "C compiler": "apt-get install -y gcc",
+}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Name every skipped test loudly at the end, with the command that lets it run."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.section(f"{len(skipped)} test(s) did NOT run", sep="!", red=True, bold=True)
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        fix = next((f for key, f in SKIP_FIXES.items() if key.lower() in reason.lower()), None)
+        terminalreporter.write_line(f"SKIPPED {report.nodeid}: {reason}" + (f"\n    to run it: {fix}" if fix else ""))
