@@ -42,6 +42,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from common.bnn.product import product_choice
 from common.federated import aggregation, codec, flipcodec, thresholds
 from common.bnn.model import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
@@ -299,8 +300,9 @@ def handle_train(msg: Message, context: Context, defaults: dict | None = None, t
         log.error(reason)
         return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
     metrics[METRIC.partition_id] = settings.partition_id
-    log.info("%s round %d: %d examples, loss %.4f, acc %.4f", who, round_config.server_round,
-             metrics[METRIC.num_examples], metrics[METRIC.train_loss], metrics[METRIC.train_acc])
+    log.info("%s round %d: %d examples, loss %.4f, acc %.4f; %s", who, round_config.server_round,
+             metrics[METRIC.num_examples], metrics[METRIC.train_loss], metrics[METRIC.train_acc],
+             product_choice().describe())
     content = RecordDict({RECORD.arrays: payload_to_record(payload), RECORD.metrics: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

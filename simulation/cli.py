@@ -183,6 +183,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from common.bnn.product import product_choice
     from common.bnn.store import META_NAME, WEIGHTS_NAME, save_bnn
     from common.fileio import keeping_earlier
     from common.encoder.artifact import load_encoder_artifact
@@ -201,6 +202,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                      input_dropout=HYBNN_TRAIN_CONFIG.input_dropout if args.input_dropout is None
                      else args.input_dropout)
     artifact = load_encoder_artifact(args.encoder)
+    print(product_choice().describe(), flush=True)
     run = train_hybnn(artifact, task, args.data_root, config, hidden=args.hidden, dataset=dataset)
     with keeping_earlier(out, (META_NAME, WEIGHTS_NAME)) as kept:
         save_bnn(run.model, out, meta={"task": task.name, "dataset": dataset,

@@ -295,8 +295,11 @@ def _machine(load_start: float | None) -> dict:
     """CPUs, torch threads and the load average: what the times in the report depend on."""
     import torch
 
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__, "load_start": load_start, "load_end": _load_average()}
+    from common.bnn.product import cpu_model, product_choice
+
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__, "load_start": load_start, "load_end": _load_average(),
+            "bnn_product": product_choice().describe()}
 
 
 def _publish(results: dict, report, staging: Path, out_dir: Path, *, started: float,
@@ -423,6 +426,9 @@ def reproduce(
             load_codes(artifact, data_root, split, progress=progress)
         stages["features"] = time.perf_counter() - t0
 
+        from common.bnn.product import product_choice
+
+        say(product_choice().describe())
         t0 = time.perf_counter()
         for task in task_names:
             stage(f"hybnn on {task} ({prof.bnn_epochs} epochs)")

@@ -310,7 +310,10 @@ def render_report(results: dict) -> str:
         out += ["", "## Wall time", ""]
         machine = results.get("machine") or {}
         if machine:
-            out.append(f"{machine.get('cpus')} CPUs, {machine.get('torch_threads')} torch threads; "
+            if machine.get("bnn_product"):
+                out.append(f"{machine['bnn_product']}.")
+            out.append(f"{machine.get('cpu_model') or 'CPU'}: {machine.get('cpus')} CPUs, "
+                       f"{machine.get('torch_threads')} torch threads; "
                        f"load average {machine.get('load_start')} at the start and "
                        f"{machine.get('load_end')} at the end.")
             if max(machine.get("load_start") or 0, machine.get("load_end") or 0) > (machine.get("cpus") or 1):
