@@ -6,7 +6,7 @@ a whole number below 2^24, so the float32 product is exact, and so is the int8 p
 depends on the CPU and on how torch was built. With 8-bit dot-product instructions
 (AVX-512 VNNI, AVX-VNNI) torch hands ``_int_mm`` to oneDNN and it runs several times
 faster than float32; without them torch falls back to a plain loop that is about 50
-times slower than float32 (docs/reproduce.md, "Which product").
+times slower than float32 (docs/reproduce.md, "Which product: measured on each machine").
 
 So the path is measured, not assumed: :func:`product_choice` times both products on
 the first layer's shape once (a few tens of milliseconds) and keeps the faster. The
