@@ -101,20 +101,41 @@ def test_bad_encoder_path_fails_cleanly_and_leaves_out_untouched(first_run, work
     assert not_a_dir.read_text() == "not an encoder"
 
 
-def test_interrupted_run_leaves_out_and_encoder_untouched(first_run, workspace, monkeypatch, capsys):
+@pytest.mark.parametrize("beside", [True, False], ids=["baselines-in-a-second-process", "one-process"])
+def test_interrupted_run_leaves_out_and_encoder_untouched(first_run, workspace, monkeypatch, capsys, beside):
+    import multiprocessing
+
     import common.experiments.baselines
+    import simulation.reproduce
 
     before, encoder_before = tree(first_run), tree(workspace / "encoder")
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
+    # Ctrl-C while the BNNs train: with the baselines beside them, the second process is stopped too
+    monkeypatch.setattr(simulation.reproduce, "run_hybnn", interrupt)
     monkeypatch.setattr(common.experiments.baselines, "train_baseline", interrupt)
+    if not beside:
+        monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert run(workspace, first_run, "--no-federated") == 130
     assert "interrupted" in capsys.readouterr().err
+    assert not multiprocessing.active_children()
     assert tree(first_run) == before
     assert tree(workspace / "encoder") == encoder_before
     assert not list(workspace.glob(".*partial*"))
+
+
+def test_baselines_beside_give_the_numbers_of_one_process(first_run, workspace, monkeypatch):
+    """The second process trains with the same seed and one thread: the same accuracies."""
+    out = workspace / "one-process"
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert run(workspace, out, "--no-federated") == 0
+    beside = json.loads((first_run / "results.json").read_text())
+    alone = json.loads((out / "results.json").read_text())
+    assert "baselines (beyond the encoder and BNNs)" in beside["stages"] and "baselines" in alone["stages"]
+    for model in ("bcnn-sign", "bcnn-centered", "fp-cnn"):
+        assert beside["tasks"]["0v1"][model]["test_acc"] == alone["tasks"]["0v1"][model]["test_acc"], model
 
 
 def test_foreign_nonempty_out_is_refused(workspace, capsys):
