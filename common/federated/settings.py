@@ -227,7 +227,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("num-partitions", int, 1, "how many shares the data is split into (a SuperNode's node config)",
             reads="client", scope="node", minimum=1),
     # ---------------------------------------------------------------- rounds and failures
-    Setting("min-available-nodes", int, 3, "nodes to wait for before each round", minimum=1),
+    Setting("min-available-nodes", int, 3, "nodes to wait for before each round: the planned federation, "
+            "one node per partition 0..N-1; a reply for a partition outside them, or for one that another node "
+            "holds, is left out (docs/security.md)", minimum=1),
     Setting("min-train-nodes", int, 1, "go on with this many nodes when the others do not come within "
             "node-wait-s", minimum=1),
     Setting("node-wait-s", float, 120.0, "how long to wait for min-available-nodes before going on with "
