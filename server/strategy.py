@@ -387,7 +387,7 @@ class PackedFedAvg(FedAvg):
                 continue
             if reply.ignored_metrics:
                 log(INFO, "Round %d: node %d reported metrics the server does not know, ignored: %s",
-                    server_round, node, ", ".join(reply.ignored_metrics))
+                    server_round, node, robust.printable(", ".join(reply.ignored_metrics)))
             good.append(reply)
         for node in sorted(sampled - seen):
             drop(node, "no reply before the round's timeout (round-timeout-s)",
@@ -418,8 +418,9 @@ class PackedFedAvg(FedAvg):
             arrays, metrics = self._aggregate(good, weights)
         except Exception as exc:  # noqa: BLE001 - checked replies should not fail; if they do, keep the model
             log(ERROR, "Round %d: aggregating %d checked replies failed (%s: %s); the global model stays as "
-                "it was.", server_round, len(good), type(exc).__name__, exc)
-            round_log.dropped.extend({"node_id": r.node_id, "reason": f"aggregation failed: {exc}"} for r in good)
+                "it was.", server_round, len(good), type(exc).__name__, robust.printable(exc))
+            round_log.dropped.extend({"node_id": r.node_id, "reason": robust.printable(f"aggregation failed: {exc}")}
+                                     for r in good)
             round_log.clients.clear()
             arrays, metrics = None, None
         if self.on_round:

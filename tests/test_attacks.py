@@ -439,3 +439,16 @@ def test_sybil_nodes_claiming_held_or_unplanned_partitions_do_not_vote(caplog):
         assert any(f"node {node} is left out" in r.getMessage() and f"partition {claim}" in r.getMessage()
                    for r in caplog.records)
     assert strategy.voters.holders == {p: p + 1 for p in range(5)}
+
+
+def test_a_metric_key_with_terminal_escapes_and_a_newline_is_escaped_in_the_log(caplog):
+    fed = Federation()
+    evil = "\x1b[31mred\nINFO: Round 1: global test accuracy 1.0000"
+    replies = fed.replies({5: fed.honest_reply(5, **{evil: 1.0, "x" * 10_000: 2.0})})
+    with caplog.at_level(logging.INFO):
+        strategy, _, _ = run_round(replies)
+    (line,) = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert "node 5" in line and "\\x1b[31mred\\nINFO: Round 1" in line
+    assert not any(ch in line for ch in "\x1b\n\r") and len(line) < 1000
+    assert [c["node_id"] for c in strategy.rounds[1].clients] == [1, 2, 3, 4, 5]  # counted, the key ignored
+    assert all(evil not in c["reported"] for c in strategy.rounds[1].clients)

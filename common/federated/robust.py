@@ -17,6 +17,9 @@ Every client reply is input that may be wrong or hostile. The strategy
   range while fewer than half are hostile; a weighted mean follows any one client.
 * :func:`check_bn_range`: batch-norm numbers finite, within what the downlink's dtype
   holds, running variances positive.
+* :func:`printable`: the one escape for every string a peer chose (an error reply's reason,
+  a metric key, a message naming its records) before it reaches a log or results: control
+  characters and terminal escapes written as ``\\x1b``-style escapes, the length bounded.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+MAX_KEY_CHARS = 60
+"""A client's metric key the schema does not know is cut to this length in logs."""
 MAX_REASON_CHARS = 500
 """Why a reply was left out, which may hold a client's own words (an error reply's reason), is cut to this length in logs and results."""
 
@@ -92,13 +97,16 @@ def printable(text: object, limit: int = MAX_REASON_CHARS) -> str:
 
 
 def check_client_metrics(metrics: Mapping[str, object]) -> tuple[dict[str, int | float], list[str]]:
-    """``(checked metrics, unknown keys)``; :class:`ReplyError` on a missing or bad known key."""
+    """``(checked metrics, unknown keys)``; :class:`ReplyError` on a missing or bad known key.
+
+    The unknown keys come back through :func:`printable` (at most :data:`MAX_KEY_CHARS` each),
+    ready for a log line."""
     checked: dict[str, int | float] = {}
     unknown: list[str] = []
     for key, value in metrics.items():
         spec = CLIENT_METRICS.get(key)
         if spec is None:
-            unknown.append(str(key))
+            unknown.append(printable(key, MAX_KEY_CHARS))  # the client's own words: escaped where they are read
             continue
         checked[key] = spec.check(key, value)
     missing = [key for key, spec in CLIENT_METRICS.items() if spec.required and key not in checked]
