@@ -364,7 +364,7 @@ class PackedFedAvg(FedAvg):
                 continue
             seen.add(node)
             if msg.has_error():
-                drop(node, f"error code {msg.error.code}: {msg.error.reason}",
+                drop(node, f"error code {msg.error.code}: {robust.error_summary(msg.error.reason)}",
                      "The others go on. " + _error_hint(msg.error.code))
                 continue
             try:
