@@ -543,6 +543,17 @@ def planned_runs(config: ContinualConfig) -> list[tuple[str, str, int, str]]:
     return runs
 
 
+def check_planned_models(tasks: Sequence[Task], config: ContinualConfig, in_bits: int) -> None:
+    """Refuse, before any codes are read or any run trained, a BNN of the plan that would not fit in
+    memory (``--hidden``, ``--class-hidden``; :func:`common.bnn.model.check_trainable`): otherwise an
+    impossible class-scenario width would fail only after the whole task scenario."""
+    sizes = [t.num_classes for t in tasks]
+    if "task" in config.scenarios:
+        check_trainable(BNNConfig(in_bits, tuple(config.task_hidden or default_hidden(max(sizes))), max(sizes)))
+    if "class" in config.scenarios:
+        check_trainable(BNNConfig(in_bits, tuple(config.class_hidden or default_hidden(sum(sizes))), sum(sizes)))
+
+
 def run_continual(artifact, data_root: Path | str, config: ContinualConfig, *, progress: bool = True,
                   log_line=print) -> dict:
     """Every planned run over the frozen encoder's codes; the results (``{"runs": [...], ...}``)."""
@@ -553,6 +564,7 @@ def run_continual(artifact, data_root: Path | str, config: ContinualConfig, *, p
     check_encoder_shape(artifact, dataset)
     tasks = resolve_tasks(config.tasks, dataset, config.scenarios)
     in_bits = int(artifact.manifest["latent_bits"])
+    check_planned_models(tasks, config, in_bits)
     codes = {split: load_codes(artifact, data_root, split, progress=progress, dataset=config.dataset)
              for split in ("train", "test")}
     data = task_data(codes, tasks)
