@@ -115,3 +115,24 @@ def test_failing_clients_show_no_traceback_and_name_the_log(tmp_path, mnist_root
     (log,) = out.glob(".run-*/logs/simulation.log")
     assert str(log) in error
     assert "FedHyBNN stopped: The run aggregated nothing" in log.read_text()
+
+
+@pytest.mark.slow
+def test_federate_takes_paths_with_spaces_quotes_equals_and_newlines(tmp_path, mnist_root):
+    """The run config reaches the simulated apps as values, never as Flower's key=value text, so any
+    path the file system allows works for --encoder, --data-root and --out."""
+    odd = tmp_path / "a b'\"=ü\nc"
+    data_root = odd / "data root=1"
+    data_root.mkdir(parents=True)
+    (data_root / "MNIST").symlink_to((mnist_root / "MNIST").resolve())
+    encoder = fixed_encoder(odd / "enc 'x'")
+    out = odd / 'out "1"'
+    cmd = [str(Path(sys.executable).parent / "hybnn"), "federate", "--task", "0v1", "--clients", "2",
+           "--rounds", "1", "--centralized-epochs", "1", "--encoder", str(encoder),
+           "--data-root", str(data_root), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["rounds"]) == 1 and len(results["rounds"][0]["clients"]) == 2
+    assert results["config"]["out"] == str(out) and results["config"]["data_root"] == str(data_root)
+    assert (out / "global" / "model.safetensors").exists()
