@@ -44,6 +44,7 @@ from flwr.common.constant import ErrorCode
 
 from common.bnn.product import product_choice
 from common.federated import aggregation, codec, flipcodec, thresholds
+from common.bnn.limits import derived_seed
 from common.bnn.model import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.federated.settings import parse_settings, per_round_settings, read_by, settings_dataclass
@@ -293,7 +294,7 @@ def handle_train(msg: Message, context: Context, defaults: dict | None = None, t
         payload, metrics = train_local(
             record_to_payload(msg.content.array_records[RECORD.arrays]), x, y, round_config,
             task_for_dataset(round_config.task, settings.dataset).num_classes,
-            seed=settings.seed * 100_003 + round_config.server_round * 101 + settings.partition_id,
+            seed=derived_seed(settings.seed * 100_003, round_config.server_round * 101 + settings.partition_id),
         )
     except HyBNNError as exc:
         reason = f"{who} refused the round: {exc}"

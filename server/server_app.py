@@ -241,6 +241,7 @@ def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> di
         uplink_codec=settings.uplink_codec,
         flip_blocks=settings.flip_blocks,
         flip_block_rounds=settings.flip_block_rounds,
+        num_partitions=settings.min_available_nodes,  # the planned federation: one voter per partition
     )
     if checkpoint is None:
         initial_arrays = strategy.encode_global(codec.binary_latents(initial), codec.bn_vector(initial, layout))

@@ -21,6 +21,10 @@ the whole run. This strategy
 * keeps what it measures (node id, bytes, flips, weight) apart from what a client
   reports (``reported``), so that a client's metrics cannot overwrite them;
 * sends back the vote (1 bit per weight) or the quantized mean (``common.federated.aggregation``);
+* counts one voter per partition (:class:`common.federated.voters.VoterRoll`): a reply for a
+  partition outside the planned ``[0, num_partitions)``, for one another node holds (the first
+  node seen for it in the run keeps it) or from a node that holds another partition is left
+  out with a log line naming the node, the claimed partition and why;
 * accepts an update as full sign bits or as the sign flips against the round's global
   model (``common.federated.flipcodec``): it keeps the signs it sent each round as the reference,
   and a flip update taken against any other reference is refused like any malformed one; with
@@ -52,6 +56,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 from common.federated import aggregation, codec, flipcodec, robust, thresholds
+from common.federated.voters import VoterRoll
 from common.federated.settings import default
 from common.federated.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
 
@@ -206,6 +211,7 @@ class PackedFedAvg(FedAvg):
         uplink_codec: str = default("uplink-codec"),
         flip_blocks: int = default("flip-blocks"),
         flip_block_rounds: int = default("flip-block-rounds"),
+        num_partitions: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -243,6 +249,8 @@ class PackedFedAvg(FedAvg):
         self.flip_blocks = flip_blocks
         self.flip_block_rounds = flip_block_rounds
         self.partitions: dict[int, int] = {}
+        self.voters = VoterRoll(num_partitions)
+        """One partition, one voter (:mod:`common.federated.voters`): who holds which partition in this run."""
         self.rounds: dict[int, RoundLog] = {}
         self.references: dict[int, np.ndarray] = {}
         """The global weights sent in each round still being aggregated: what flip updates refer to."""
@@ -356,7 +364,7 @@ class PackedFedAvg(FedAvg):
                 continue
             seen.add(node)
             if msg.has_error():
-                drop(node, f"error code {msg.error.code}: {msg.error.reason}",
+                drop(node, f"error code {msg.error.code}: {robust.error_summary(msg.error.reason)}",
                      "The others go on. " + _error_hint(msg.error.code))
                 continue
             try:
@@ -371,9 +379,15 @@ class PackedFedAvg(FedAvg):
                 log(WARNING, "Round %d: node %d reports partition %s, the server counted it as partition %d; "
                     "the sample is still uniform, but another run with this seed may draw other partitions.",
                     server_round, node, reply.metrics.get(METRIC.partition_id), known)
+            refused = self.voters.refusal(node, reply.metrics.get(METRIC.partition_id), self.partitions)
+            if refused:
+                drop(node, f"not a voter: it {refused}",
+                     "Give each SuperNode its own partition-id below min-available-nodes in its node config, "
+                     "and set min-available-nodes to the federation's size.")
+                continue
             if reply.ignored_metrics:
                 log(INFO, "Round %d: node %d reported metrics the server does not know, ignored: %s",
-                    server_round, node, ", ".join(reply.ignored_metrics))
+                    server_round, node, robust.printable(", ".join(reply.ignored_metrics)))
             good.append(reply)
         for node in sorted(sampled - seen):
             drop(node, "no reply before the round's timeout (round-timeout-s)",
@@ -404,8 +418,9 @@ class PackedFedAvg(FedAvg):
             arrays, metrics = self._aggregate(good, weights)
         except Exception as exc:  # noqa: BLE001 - checked replies should not fail; if they do, keep the model
             log(ERROR, "Round %d: aggregating %d checked replies failed (%s: %s); the global model stays as "
-                "it was.", server_round, len(good), type(exc).__name__, exc)
-            round_log.dropped.extend({"node_id": r.node_id, "reason": f"aggregation failed: {exc}"} for r in good)
+                "it was.", server_round, len(good), type(exc).__name__, robust.printable(exc))
+            round_log.dropped.extend({"node_id": r.node_id, "reason": robust.printable(f"aggregation failed: {exc}")}
+                                     for r in good)
             round_log.clients.clear()
             arrays, metrics = None, None
         if self.on_round:

@@ -146,17 +146,34 @@ def supernode_command(superlink_port: int, port: int, node_config: str, credenti
 
 
 def node_config(partition_id: int, num_partitions: int, encoder: Path, data_root: Path) -> str:
-    """A SuperNode's ``--node-config`` value (string values quoted, as Flower's parser needs)."""
+    """A SuperNode's ``--node-config`` value (strings as :func:`config_string` writes them)."""
     return (f"partition-id={partition_id} num-partitions={num_partitions} "
-            f"encoder-path='{Path(encoder).resolve()}' data-root='{Path(data_root).resolve()}'")
+            f"encoder-path={config_string(str(Path(encoder).resolve()))} "
+            f"data-root={config_string(str(Path(data_root).resolve()))}")
+
+
+def config_string(text: str) -> str:
+    """``text`` as a value of Flower's ``key=value`` config syntax (``--run-config``, ``--node-config``),
+    whatever characters it holds (a path with spaces, quotes, ``=``, newlines, any Unicode).
+
+    Flower (``flwr.common.config.parse_config_args``) cuts a double-quoted value at the next double
+    quote, then reads each pair as TOML: so the value is a TOML basic string in which a double quote,
+    a backslash and every control character are written as escapes, never as themselves."""
+    escaped = []
+    for ch in text:
+        if ch == '"' or ch == "\\" or ord(ch) < 0x20 or ord(ch) == 0x7F:
+            escaped.append(f"\\u{ord(ch):04x}")
+        else:
+            escaped.append(ch)
+    return '"' + "".join(escaped) + '"'
 
 
 def run_config_string(values: dict) -> str:
-    """``flwr run --run-config`` syntax: ``key=value`` pairs, strings quoted."""
+    """``flwr run --run-config`` syntax: ``key=value`` pairs, strings as :func:`config_string` writes them."""
     parts = []
     for key, value in values.items():
         if isinstance(value, str):
-            parts.append(f'{key}="{value}"')
+            parts.append(f"{key}={config_string(value)}")
         elif isinstance(value, bool):
             parts.append(f"{key}={'true' if value else 'false'}")
         else:

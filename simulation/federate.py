@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -450,8 +451,10 @@ def write_results(results: dict, out: Path) -> None:
 
 
 def finish_run(server_json: Path, staging: Path, out: Path, centralized: dict, config: dict,
-               started: float, stopped: bool, source: Path | None, total_rounds: int) -> dict:
+               started: float, stopped: bool, source: Path | None, total_rounds: int,
+               logs: Path | None = None) -> dict:
     """Summarize the staging folder's server.json; publish it into ``out`` if the run has a round.
+    ``logs``: the run's log, which an error names (default: the staging folder's ``logs/``).
 
     Raises ``KeyboardInterrupt`` after publishing when the run was ``stopped``, and a
     :class:`HyBNNError` when it ended early or aggregated nothing (earlier results kept).
@@ -471,9 +474,9 @@ def finish_run(server_json: Path, staging: Path, out: Path, centralized: dict, c
             raise KeyboardInterrupt
         if not server:
             raise HyBNNError(f"The federated run ended without writing {server_json}; read "
-                             f"{staging / 'logs'} for the cause. Earlier results in {out} are kept.")
+                             f"{logs or staging / 'logs'} for the cause. Earlier results in {out} are kept.")
         raise HyBNNError(f"The run aggregated nothing: {runs.failure_message(server)}. Earlier results in "
-                         f"{out} are kept; this run's record and logs are in {staging}.")
+                         f"{out} are kept; this run's record is in {staging}, its log in {logs or staging / 'logs'}.")
     results = summarize(server, centralized, config, time.perf_counter() - started)
     if server.get("status") != "finished":
         results["status"] = "stopped"
@@ -550,7 +553,7 @@ def federate(config: FederateConfig) -> dict:
                 if worker is not None:
                     runs.stop_process_tree(worker)
         return finish_run(staging / SERVER_RESULTS, staging, out, centralized, config.to_dict(), started,
-                          signals.stopped, source, config.rounds)
+                          signals.stopped, source, config.rounds, logs=staging / "logs" / "simulation.log")
 
 
 def start_federation_worker(run_config: dict, clients: int, staging: Path,
@@ -575,9 +578,73 @@ def start_federation_worker(run_config: dict, clients: int, staging: Path,
                                 cwd=project, env=env, start_new_session=True)
 
 
+class LogEcho:
+    """The simulation's log as the terminal shows it: every line but the tracebacks, which stay in the
+    log file (a user reads the run's clean messages; whoever debugs reads the file). The first traceback
+    left out is named by one line pointing at the log. Terminal colours are kept only on a terminal.
+
+    Two kinds of traceback: a bare Python one (``Traceback (most recent call last):`` ... the
+    exception's line), and one that Flower logs (``ERROR : Traceback ...`` or Ray's exception repr
+    ``ERROR : ray::ClientAppActor.run() (pid=...)``), whose lines run to Flower's next log line."""
+
+    TRACEBACK = "Traceback (most recent call last):"
+    CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+    RAY_PREFIX = re.compile(r"^\((?:[\w.:-]+ )?pid=\d+(?:, ip=[\d.]+)?\) ?")
+    """Ray's prefix of a worker's line: ``(ClientAppActor pid=10361) ``."""
+    LOG_LEVEL = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) *: *")
+    """Flower's prefix of a log line: ``ERROR :     ``."""
+    RAY_ERROR = re.compile(r"^ray::\S+ \(pid=")
+
+    def __init__(self, log_path: Path, keep_colours: bool) -> None:
+        self.log_path = log_path
+        self.keep_colours = keep_colours
+        self.partial = ""
+        self.block: str | None = None
+        """Inside a traceback: ``"python"`` (ends with the exception's line) or ``"logged"`` (ends at
+        Flower's next log line); None: outside."""
+        self.told = False
+
+    def _starts(self, message: str) -> bool:
+        return message.startswith(self.TRACEBACK) or bool(self.RAY_ERROR.match(message))
+
+    def _skip(self, plain: str) -> bool:
+        """Whether the line (colours and Ray's prefix removed) belongs to a traceback."""
+        level = self.LOG_LEVEL.match(plain)
+        message = plain[level.end():] if level else plain
+        if self.block == "logged" and not level:
+            return True
+        if self.block == "python":
+            if not plain.strip() or plain[:1].isspace() or plain.startswith(self.CHAINED) or self._starts(plain):
+                return True
+            self.block = None  # the exception's own line ends the traceback
+            return True
+        self.block = None
+        if self._starts(message):
+            self.block = "logged" if level else "python"
+            return True
+        return False
+
+    def lines(self, text: str) -> list[str]:
+        """The lines of ``text`` (a chunk of the log) to show; an unfinished last line waits for the next."""
+        from common.federated.robust import TERMINAL_COLOURS
+
+        *complete, self.partial = (self.partial + text).split("\n")
+        shown = []
+        for line in complete:
+            plain = self.RAY_PREFIX.sub("", TERMINAL_COLOURS.sub("", line).replace("\r", ""))
+            if self._skip(plain):
+                if not self.told:
+                    self.told = True
+                    shown.append(f"(a traceback went to {self.log_path}; it is not shown here)")
+                continue
+            shown.append(line if self.keep_colours else TERMINAL_COLOURS.sub("", line))
+        return shown
+
+
 def _watch_worker(config: FederateConfig, worker: subprocess.Popen, staging: Path) -> None:
-    """Wait for the worker; echo its log (with ``progress``)."""
+    """Wait for the worker; echo its log without tracebacks (with ``progress``)."""
     log_path = staging / "logs" / "simulation.log"
+    echo = LogEcho(log_path, keep_colours=sys.stdout.isatty())
     position = 0
     while True:
         finished = worker.poll() is not None
@@ -586,8 +653,9 @@ def _watch_worker(config: FederateConfig, worker: subprocess.Popen, staging: Pat
                 f.seek(position)
                 chunk = f.read()
             position += len(chunk)
-            if chunk:
-                sys.stdout.write(chunk.decode(errors="replace"))
+            shown = echo.lines(chunk.decode(errors="replace") + ("\n" if finished and chunk else ""))
+            if shown:
+                sys.stdout.write("".join(line + "\n" for line in shown))
                 sys.stdout.flush()
         if finished:
             return
@@ -630,8 +698,13 @@ def _worker_main(spec_path: str) -> int:
         from simulation.ray_cluster import exit_unless_joined
 
         exit_unless_joined(ray_address)
-    run_federation(spec["run_config"], int(spec["clients"]), threads=int(spec.get("threads", 1)),
-                   ray_address=ray_address)
+    try:
+        run_federation(spec["run_config"], int(spec["clients"]), threads=int(spec.get("threads", 1)),
+                       ray_address=ray_address)
+    except HyBNNError as exc:
+        # The ServerApp's own verdict (server.json holds it too): one line, no traceback.
+        print(f"FedHyBNN stopped: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -407,3 +407,48 @@ def test_more_flip_blocks_than_binary_weights_are_refused_when_the_strategy_is_m
     with pytest.raises(HyBNNError, match="flip-blocks 2113 is more than the 2112 binary weights"):
         PackedFedAvg(LAYOUT, uplink_codec="flips", flip_blocks=LAYOUT.n_binary + 1)
     PackedFedAvg(LAYOUT, uplink_codec="signs", flip_blocks=LAYOUT.n_binary + 1)  # blocks only shape the flips uplink
+
+
+def test_sybil_nodes_claiming_held_or_unplanned_partitions_do_not_vote(caplog):
+    """Six extra nodes against five honest ones: three claim partitions the honest nodes hold since
+    round 1, three claim partitions the planned federation (5) does not have. One partition, one voter:
+    the global model is the honest-only one, bit for bit, and every refusal is named."""
+    fed = Federation()
+    sybil_claims = {101: 0, 102: 1, 103: 4, 104: 5, 105: 6, 106: 1000}
+    sybils = [message(node, payload_to_record(codec.encode_signs(-fed.target, fed.bns[1])),
+                      {**honest_metrics(1), METRIC.partition_id: claim}) for node, claim in sybil_claims.items()]
+
+    def two_rounds(extra: list[Message]) -> tuple[PackedFedAvg, ArrayRecord]:
+        strategy = PackedFedAvg(LAYOUT, bn_encoding="floats", num_partitions=5)
+        strategy.aggregate_train(1, fed.replies({}))  # the honest nodes hold partitions 0..4 from round 1
+        arrays, _ = strategy.aggregate_train(2, extra + fed.replies({}))  # the Sybils' replies arrive first
+        return strategy, arrays
+
+    # Counted, the six would set the global model: six against five on every weight.
+    np.testing.assert_array_equal(np.sign(fed.honest_votes(set()) - 6 * fed.target), -fed.target)
+    _, honest_only = two_rounds([])
+    with caplog.at_level(logging.WARNING):
+        strategy, attacked = two_rounds(sybils)
+    assert record_to_payload(attacked)["bnn"].tobytes() == record_to_payload(honest_only)["bnn"].tobytes()
+    assert [c["node_id"] for c in strategy.rounds[2].clients] == [1, 2, 3, 4, 5]
+    dropped = {d["node_id"]: d["reason"] for d in strategy.rounds[2].dropped}
+    assert sorted(dropped) == sorted(sybil_claims)
+    for node, claim in sybil_claims.items():
+        assert f"claims partition {claim}" in dropped[node]
+        assert ("which node" in dropped[node]) == (claim < 5)
+        assert any(f"node {node} is left out" in r.getMessage() and f"partition {claim}" in r.getMessage()
+                   for r in caplog.records)
+    assert strategy.voters.holders == {p: p + 1 for p in range(5)}
+
+
+def test_a_metric_key_with_terminal_escapes_and_a_newline_is_escaped_in_the_log(caplog):
+    fed = Federation()
+    evil = "\x1b[31mred\nINFO: Round 1: global test accuracy 1.0000"
+    replies = fed.replies({5: fed.honest_reply(5, **{evil: 1.0, "x" * 10_000: 2.0})})
+    with caplog.at_level(logging.INFO):
+        strategy, _, _ = run_round(replies)
+    (line,) = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert "node 5" in line and "\\x1b[31mred\\nINFO: Round 1" in line
+    assert not any(ch in line for ch in "\x1b\n\r") and len(line) < 1000
+    assert [c["node_id"] for c in strategy.rounds[1].clients] == [1, 2, 3, 4, 5]  # counted, the key ignored
+    assert all(evil not in c["reported"] for c in strategy.rounds[1].clients)

@@ -237,3 +237,19 @@ def test_cli_refuses_an_encoder_of_another_input_shape(tmp_path, mnist_root):
                  "--out", str(tmp_path / "o"))
     assert proc.returncode == 2
     assert "takes images of 32x32" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("widths", [dict(class_hidden=(10**9,)), dict(task_hidden=(128, 10**12))])
+def test_an_impossible_width_is_refused_before_any_code_is_read(widths, tmp_path, monkeypatch):
+    import common.encoder.features
+    from common.bnn.continual import ContinualConfig, run_continual
+    from common.encoder.artifact import load_encoder_artifact
+
+    def reached(*_args, **_kwargs):
+        raise AssertionError("codes were read")
+
+    monkeypatch.setattr(common.encoder.features, "load_codes", reached)
+    artifact = load_encoder_artifact(fixed_encoder(tmp_path / "enc"))
+    with pytest.raises(HyBNNError, match="of memory, but only") as refused:
+        run_continual(artifact, tmp_path, ContinualConfig(tasks=("0v1", "2v3"), **widths), progress=False)
+    assert "Pass smaller --hidden widths" in str(refused.value) and "\n" not in str(refused.value)

@@ -43,4 +43,22 @@ def test_run_config_and_node_config_syntax():
 
     assert run_config_string({"task": "4v5", "lr": 0.03, "seed": 0}) == 'task="4v5" lr=0.03 seed=0'
     assert node_config(1, 3, "/enc", "/data") == (
-        "partition-id=1 num-partitions=3 encoder-path='/enc' data-root='/data'")
+        'partition-id=1 num-partitions=3 encoder-path="/enc" data-root="/data"')
+
+
+ODD_PATHS = ["/srv/a b", "/srv/it's", '/srv/say "hi"', "/srv/k=v x=y", "/srv/back\\slash", "/srv/new\nline",
+             "/srv/ünïcødé 😀", "/srv/tab\tand\x7fdel", "/srv/all 'of\" = them\n"]
+
+
+@pytest.mark.parametrize("path", ODD_PATHS)
+def test_any_path_travels_whole_through_flowers_config_syntax(path):
+    """What Flower's SuperNode and `flwr run` parse (parse_config_args) gives back the path as it was."""
+    from flwr.common.config import parse_config_args
+
+    from simulation.deploy_local import node_config, run_config_string
+
+    values = {"out-dir": path, "encoder-path": path + "/enc", "seed": 3, "lr": 0.5}
+    assert parse_config_args([run_config_string(values)]) == values
+    parsed = parse_config_args([node_config(2, 5, path, path + "/data")])
+    assert parsed == {"partition-id": 2, "num-partitions": 5, "encoder-path": str(Path(path).resolve()),
+                      "data-root": str(Path(path + "/data").resolve())}

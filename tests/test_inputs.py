@@ -271,7 +271,7 @@ def test_a_batch_larger_than_the_data_trains_on_all_of_it():
     (["train", "--task", "0v1", "--epochs", HUGE], f"from 1 to {MAX_EPOCHS}"),
     (["train", "--task", "0v1", "--hidden", str(10**9)], "of memory, but only"),
     (["train", "--task", "0v1", "--hidden", f"128,{10**12}"], "of memory, but only"),
-    (["train", "--task", "0v1", "--seed", HUGE], "seed (--seed)"),
+    (["train", "--task", "0v1", "--seed", HUGE], "Option --seed: seed="),
     (["pretrain", "--epochs", HUGE], f"from 1 to {MAX_EPOCHS}"),
     (["baseline", "--model", "fp-cnn", "--task", "0v1", "--epochs", HUGE], f"from 1 to {MAX_EPOCHS}"),
 ])

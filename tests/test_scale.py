@@ -102,7 +102,7 @@ def test_the_round_log_records_sampled_replied_and_dropped():
 
     replies = [
         reply_from(good, content=RecordDict({RECORD.arrays: payload_to_record(payload), RECORD.metrics: MetricRecord(
-            {METRIC.num_examples: 5, METRIC.codec_version: codec.CODEC_VERSION})})),
+            {METRIC.num_examples: 5, METRIC.codec_version: codec.CODEC_VERSION, METRIC.partition_id: 0})})),
         reply_from(failed, error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="injected failure")),
     ]
     global_arrays, _ = strategy.aggregate_train(1, replies)

@@ -364,7 +364,8 @@ def test_the_strategy_aggregates_threshold_updates_and_refuses_the_wrong_ones():
     reference_bn = strategy.bn_references[1]
 
     def reply(node: int, payload: dict) -> Message:
-        metrics = MetricRecord({METRIC.num_examples: 100, METRIC.codec_version: codec.CODEC_VERSION})
+        metrics = MetricRecord({METRIC.num_examples: 100, METRIC.codec_version: codec.CODEC_VERSION,
+                                METRIC.partition_id: node - 1})
         return Message(content=RecordDict({RECORD.arrays: payload_to_record(payload), RECORD.metrics: metrics}),
                        reply_to=Message(content=RecordDict(), dst_node_id=node, message_type="train"))
 

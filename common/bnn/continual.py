@@ -52,6 +52,7 @@ from common.bnn.model import BNN, BNNConfig, BinaryLinear, check_trainable, code
 from common.errors import HyBNNError
 from common.packing import pack_bits, packed_length
 from common.data.tasks import Task
+from common.bnn.limits import derived_seed
 from common.bnn.training import MAX_EPOCHS, TrainConfig, check_training_options, fit, predict
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,8 @@ class ContinualConfig:
         """The recipe of the ``step``-th task (its own seed, so runs are reproducible)."""
         lr = self.lr if step == 0 or self.later_lr is None else self.later_lr
         if scenario == "task":
-            return TrainConfig(epochs=self.task_epochs, batch_size=self.batch_size, lr=lr, seed=self.seed + step)
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=lr, seed=self.seed + step,
+            return TrainConfig(epochs=self.task_epochs, batch_size=self.batch_size, lr=lr, seed=derived_seed(self.seed, step))
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=lr, seed=derived_seed(self.seed, step),
                            input_dropout=self.input_dropout)
 
     def to_dict(self) -> dict:
@@ -336,7 +337,7 @@ def run_task_incremental(data: list[TaskData], method: str, config: ContinualCon
         elif method == "shared-multihead":
             model = _TaskView(shared, t)
         else:
-            torch.manual_seed(config.seed + t)
+            torch.manual_seed(derived_seed(config.seed, t))
             model = BNN(BNNConfig(in_bits, tuple(hidden), sizes[t]))
             models.append(model)
         fit(model, x, y, config.train_config(t, "task"), desc=f"task-IL {method} {d.task.name}", progress=progress)
@@ -499,7 +500,7 @@ def run_class_incremental(data: list[TaskData], method: str, config: ContinualCo
         name, kept = "joint", 0
     else:
         buffer = ReplayBuffer(replay_codes, strategy, code_bytes, config.seed)
-        flip_rng = np.random.default_rng(config.seed + 7)
+        flip_rng = np.random.default_rng(derived_seed(config.seed, 7))
         for t, (d, off) in enumerate(zip(data, offsets)):
             labels = d.train_labels.astype(np.int64) + off
             old_codes, old_labels = buffer.balanced_replay(labels)
@@ -542,6 +543,17 @@ def planned_runs(config: ContinualConfig) -> list[tuple[str, str, int, str]]:
     return runs
 
 
+def check_planned_models(tasks: Sequence[Task], config: ContinualConfig, in_bits: int) -> None:
+    """Refuse, before any codes are read or any run trained, a BNN of the plan that would not fit in
+    memory (``--hidden``, ``--class-hidden``; :func:`common.bnn.model.check_trainable`): otherwise an
+    impossible class-scenario width would fail only after the whole task scenario."""
+    sizes = [t.num_classes for t in tasks]
+    if "task" in config.scenarios:
+        check_trainable(BNNConfig(in_bits, tuple(config.task_hidden or default_hidden(max(sizes))), max(sizes)))
+    if "class" in config.scenarios:
+        check_trainable(BNNConfig(in_bits, tuple(config.class_hidden or default_hidden(sum(sizes))), sum(sizes)))
+
+
 def run_continual(artifact, data_root: Path | str, config: ContinualConfig, *, progress: bool = True,
                   log_line=print) -> dict:
     """Every planned run over the frozen encoder's codes; the results (``{"runs": [...], ...}``)."""
@@ -552,6 +564,7 @@ def run_continual(artifact, data_root: Path | str, config: ContinualConfig, *, p
     check_encoder_shape(artifact, dataset)
     tasks = resolve_tasks(config.tasks, dataset, config.scenarios)
     in_bits = int(artifact.manifest["latent_bits"])
+    check_planned_models(tasks, config, in_bits)
     codes = {split: load_codes(artifact, data_root, split, progress=progress, dataset=config.dataset)
              for split in ("train", "test")}
     data = task_data(codes, tasks)

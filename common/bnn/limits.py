@@ -31,3 +31,15 @@ def dropout_too_fine(drop_probability: float) -> str | None:
         return (f"the dropout mask drops in steps of 1/{DROPOUT_RESOLUTION}, so it would drop nothing. "
                 f"Pass 0 (no dropout) or at least {1 / DROPOUT_RESOLUTION:.4f}")
     return None
+
+
+SEED_LIMIT = 2**32
+"""Seeds are whole numbers in ``[0, 2**32)``: what every generator a seed reaches accepts (numpy's
+``default_rng`` and the data sets' shuffle refuse a negative one, numpy's legacy seed one of
+2**32 or more). The settings schema's ``seed`` (common/federated/settings.py) holds the check."""
+
+
+def derived_seed(seed: int, offset: int) -> int:
+    """A seed made from ``seed`` (a run's, in range) for one part of the run (a task, a client's
+    round), within :data:`SEED_LIMIT` again, the same as ``seed + offset`` wherever that fits."""
+    return (seed + offset) % SEED_LIMIT

@@ -31,11 +31,12 @@ from tqdm.auto import tqdm
 from common.binarize import clip_latent_weights_, latent_weights
 from common.bnn.limits import DROPOUT_RESOLUTION, MAX_EPOCHS, MAX_LR, MIN_BATCH_SIZE, dropout_too_fine
 from common.errors import HyBNNError
+from common.federated.settings import setting
 
 log = logging.getLogger(__name__)
 
-SEED_RANGE = (-(2**63), 2**64)
-"""The seeds torch accepts (``torch.manual_seed``)."""
+SEED = setting("seed")
+"""The one check of a seed, the settings schema's (``0 <= seed < 2**32``, common/bnn/limits.py)."""
 
 
 def _show(value) -> str:
@@ -70,9 +71,9 @@ def check_training_options(*, epochs, batch_size, lr, seed, final_lr_fraction=0.
         raise HyBNNError(f"final_lr_fraction is {_show(final_lr_fraction)}; it must be from 0 to 1.")
     if not isinstance(weight_decay, numbers.Real) or not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise HyBNNError(f"weight_decay is {_show(weight_decay)}; it must be a finite number >= 0.")
-    if not is_int(seed) or not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-        raise HyBNNError(f"seed (--seed) is {_show(seed)}; it must be a whole number from "
-                         f"-2**63 to 2**64 - 1.")
+    if not is_int(seed):
+        raise HyBNNError(f"seed (--seed) is {_show(seed)}; it must be {SEED.range_text()}.")
+    SEED.check(seed, "Option --seed:")
 
 
 @dataclass

@@ -17,11 +17,17 @@ Every client reply is input that may be wrong or hostile. The strategy
   range while fewer than half are hostile; a weighted mean follows any one client.
 * :func:`check_bn_range`: batch-norm numbers finite, within what the downlink's dtype
   holds, running variances positive.
+* :func:`printable`: the one escape for every string a peer chose (an error reply's reason,
+  a metric key, a message naming its records) before it reaches a log or results: control
+  characters and terminal escapes written as ``\\x1b``-style escapes, the length bounded.
+* :func:`error_summary`: an error reply's reason that carries a traceback (Ray's exception repr in
+  a simulation) cut to its root exception's line, colour codes removed.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -77,8 +83,15 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+MAX_KEY_CHARS = 60
+"""A client's metric key the schema does not know is cut to this length in logs."""
 MAX_REASON_CHARS = 500
 """Why a reply was left out, which may hold a client's own words (an error reply's reason), is cut to this length in logs and results."""
+
+
+TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+"""Terminal colour codes (SGR sequences), which Ray's exception reprs and Flower's log lines carry:
+:func:`error_summary` and the terminal echo of a simulation's log remove them."""
 
 
 def printable(text: object, limit: int = MAX_REASON_CHARS) -> str:
@@ -91,14 +104,35 @@ def printable(text: object, limit: int = MAX_REASON_CHARS) -> str:
     return f"{cleaned[:limit]}... ({len(text)} characters)"
 
 
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
+"""A Python exception's own line in a traceback: ``ValueError: boom``."""
+
+
+def error_summary(reason: object) -> str:
+    """An error reply's reason, short: one that carries a traceback (a Flower simulation wraps a
+    client's exception in Ray's exception repr, with the remote traceback and colour codes) becomes
+    the first exception's line, the root cause; others are kept. Pass the result to :func:`printable`."""
+    text = TERMINAL_COLOURS.sub("", str(reason))
+    if "Traceback (most recent call last):" not in text and "ray::" not in text:
+        return text
+    for line in text.splitlines():
+        match = EXCEPTION_LINE.match(line)
+        if match:
+            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()} (its traceback is in the client's log)"
+    return text
+
+
 def check_client_metrics(metrics: Mapping[str, object]) -> tuple[dict[str, int | float], list[str]]:
-    """``(checked metrics, unknown keys)``; :class:`ReplyError` on a missing or bad known key."""
+    """``(checked metrics, unknown keys)``; :class:`ReplyError` on a missing or bad known key.
+
+    The unknown keys come back through :func:`printable` (at most :data:`MAX_KEY_CHARS` each),
+    ready for a log line."""
     checked: dict[str, int | float] = {}
     unknown: list[str] = []
     for key, value in metrics.items():
         spec = CLIENT_METRICS.get(key)
         if spec is None:
-            unknown.append(str(key))
+            unknown.append(printable(key, MAX_KEY_CHARS))  # the client's own words: escaped where they are read
             continue
         checked[key] = spec.check(key, value)
     missing = [key for key, spec in CLIENT_METRICS.items() if spec.required and key not in checked]

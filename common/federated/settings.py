@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-from common.bnn.limits import DROPOUT_RESOLUTION, MAX_EPOCHS, MAX_LR, MIN_BATCH_SIZE, dropout_too_fine
+from common.bnn.limits import DROPOUT_RESOLUTION, MAX_EPOCHS, MAX_LR, MIN_BATCH_SIZE, SEED_LIMIT, dropout_too_fine
 from common.errors import HyBNNError
 
 READERS = ("server", "client", "both")
@@ -120,7 +120,8 @@ class Setting:
         if self.maximum is not None and value > self.maximum:
             raise HyBNNError(f"{where} is above {self.maximum:g}; use {self.range_text()}.")
         if self.below is not None and not value < self.below:
-            raise HyBNNError(f"{where} must be below {self.below:g}; use {self.range_text()}.")
+            shown_bound = str(int(self.below)) if self.type is int else f"{self.below:g}"
+            raise HyBNNError(f"{where} must be below {shown_bound}; use {self.range_text()}.")
         problem = self.validate(value) if self.validate is not None else None
         if problem:
             raise HyBNNError(f"{where}: {problem}.")
@@ -138,7 +139,8 @@ class Setting:
         if self.maximum is not None:
             parts.append(f"<= {self.maximum:g}")
         if self.below is not None:
-            parts.append(f"< {self.below:g}")
+            # an integer's exclusive bound as its largest value, in digits (2**32 - 1, not 4.29497e+09)
+            parts.append(f"<= {int(self.below) - 1}" if self.type is int else f"< {self.below:g}")
         if self.choices:
             return "one of " + ", ".join(self.choices)
         return " ".join(parts)
@@ -220,14 +222,16 @@ SETTINGS: tuple[Setting, ...] = (
             reads="both", choices=("iid", "dirichlet"), field="partition"),
     Setting("dirichlet-alpha", float, 0.5, "Dirichlet concentration for partition dirichlet", reads="both",
             above=0, field="alpha"),
-    Setting("seed", int, 0, "seed of the initial model, the partition and the clients' training", reads="both",
-            field="seed"),
+    Setting("seed", int, 0, "seed of the initial model, the partition and the clients' training, "
+            "0 <= x < 2**32", reads="both", minimum=0, below=SEED_LIMIT, field="seed"),
     Setting("partition-id", int, 0, "this client's share of the data (a SuperNode's node config)",
             reads="client", scope="node", minimum=0),
     Setting("num-partitions", int, 1, "how many shares the data is split into (a SuperNode's node config)",
             reads="client", scope="node", minimum=1),
     # ---------------------------------------------------------------- rounds and failures
-    Setting("min-available-nodes", int, 3, "nodes to wait for before each round", minimum=1),
+    Setting("min-available-nodes", int, 3, "nodes to wait for before each round: the planned federation, "
+            "one node per partition 0..N-1; a reply for a partition outside them, or for one that another node "
+            "holds, is left out (docs/security.md)", minimum=1),
     Setting("min-train-nodes", int, 1, "go on with this many nodes when the others do not come within "
             "node-wait-s", minimum=1),
     Setting("node-wait-s", float, 120.0, "how long to wait for min-available-nodes before going on with "
