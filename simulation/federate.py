@@ -174,7 +174,7 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
     for name in ("train", "test"):
         codes, labels = load_codes(artifact, config.data_root, name, progress=config.progress,
                                    dataset=config.dataset)
-        codes, labels = select_task(codes, labels, task)
+        codes, labels = select_task(codes, labels, task, split=name, dataset=config.dataset)
         split[name] = (codes_to_inputs(codes, bits), torch.from_numpy(labels))
     torch.manual_seed(config.seed)
     model = BNN(BNNConfig.for_task(bits, task.num_classes))

@@ -202,7 +202,7 @@ def task_images(data_root: Path | str, task, split: str, dataset: str = "mnist")
 
     data = get_dataset(dataset)
     images, labels = load_mnist(data_root, split) if data.is_mnist else data.load(data_root, split)
-    images, labels = select_task(images, labels, task)
+    images, labels = select_task(images, labels, task, split=split, dataset=dataset)
     return images_to_inputs(images), torch.from_numpy(labels)
 
 
