@@ -325,3 +325,20 @@ def _write_npz_header_only(path: Path, arrays: dict) -> None:
             if a.nbytes < 2**20:
                 buffer.write(np.ascontiguousarray(a).tobytes())
             zf.writestr(f"{name}.npy", buffer.getvalue())
+
+
+def test_the_float_inputs_of_the_encoder_and_the_baselines_are_checked_before_allocating():
+    from common.encoder.vae import images_to_tensor
+    from common.experiments.baselines import images_to_inputs
+    from common.resources import available_memory_bytes
+
+    count = 200_000
+    if (available_memory_bytes() or 0) >= count * 512 * 512 * 4:
+        pytest.skip("this machine has room for 200 GiB of floats")
+    # a view of one image, repeated: a real array of that shape, without its memory
+    images = np.lib.stride_tricks.as_strided(np.zeros((512, 512), np.uint8), shape=(count, 512, 512),
+                                             strides=(0, 512, 1))
+    with pytest.raises(HyBNNError, match="200000 images of 512x512x1 as the encoder's float input needs about"):
+        images_to_tensor(images, (512, 512, 1))
+    with pytest.raises(HyBNNError, match="200000 images as the baseline's float input needs about"):
+        images_to_inputs(images)
