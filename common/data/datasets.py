@@ -15,7 +15,9 @@ Names a command accepts (``--dataset``):
 * ``npz:PATH``: the user's arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``
   (optional ``class_names``) in one ``.npz`` file;
 * ``folder:PATH``: ``PATH/train/<class>/<image>`` and ``PATH/test/<class>/<image>``
-  (torchvision's ``ImageFolder`` layout);
+  (torchvision's ``ImageFolder`` layout; classes in numeric order where every folder
+  name is a whole number, otherwise by name; pixels converted exactly or the file
+  refused, :func:`_decode_image`);
 * any name given to :func:`register_dataset`;
 * any of these followed by ``@HxW`` (``--image-size``): the images resized to
   ``H x W``. Nothing is ever resized otherwise.
