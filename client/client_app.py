@@ -131,7 +131,8 @@ def local_training_data(artifact, settings: ClientSettings, task_name: str) -> t
     if data_key not in _TASK_DATA:
         task = task_for_dataset(task_name, settings.dataset)
         codes, labels = load_codes(artifact, settings.data_root, "train", progress=False, dataset=settings.dataset)
-        codes, labels = select_task(codes, labels, task)
+        # a node's own data may lack a class of the task; the federation still trains on the others'
+        codes, labels = select_task(codes, labels, task, require_every_class=False)
         _TASK_DATA[data_key] = (codes_to_inputs(codes, int(artifact.config.latent_bits)), torch.from_numpy(labels))
     x, y = _TASK_DATA[data_key]
     split_key = (*data_key, settings.num_partitions, settings.partition, settings.dirichlet_alpha, settings.seed)

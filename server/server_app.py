@@ -139,7 +139,7 @@ def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> di
     artifact = load_encoder_artifact(settings.encoder_path, expected_sha256=settings.encoder_sha256 or None)
     log(INFO, "Encoder %s, sha256 %s; clients must hold the same.", artifact.path, artifact.sha256)
     codes, labels = load_codes(artifact, settings.data_root, "test", progress=False, dataset=settings.dataset)
-    codes, labels = select_task(codes, labels, task)
+    codes, labels = select_task(codes, labels, task, split="test", dataset=settings.dataset)
     bits = int(artifact.config.latent_bits)
     x_test, y_test = codes_to_inputs(codes, bits), torch.from_numpy(labels)
 

@@ -109,7 +109,7 @@ def _add_dataset(p: argparse.ArgumentParser, union: bool = False) -> None:
                         + (", or a union A+B of data sets of one shape" if union else "")
                         + " (default: %(default)s; docs/datasets.md)")
     p.add_argument("--image-size", default=None, metavar="HxW",
-                   help="resize the data set's images to this size (N or HxW); images are never "
+                   help="resize the data set's images to this size (N or HxW, 1 to 1024 a side); images are never "
                         "resized otherwise (default: none)")
 
 
@@ -331,7 +331,7 @@ def _add_federation_options(p: argparse.ArgumentParser, defaults: dict | None = 
         p.add_argument(s.flag, default=default, help=help_text, **kwargs)
         if s.key == "dataset":
             p.add_argument("--image-size", default=None, metavar="HxW",
-                           help="resize the data set's images to this size (N or HxW); images are never "
+                           help="resize the data set's images to this size (N or HxW, 1 to 1024 a side); images are never "
                                 "resized otherwise (default: none)")
 
 

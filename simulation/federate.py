@@ -180,7 +180,7 @@ def centralized_reference(artifact, config: FederateConfig) -> dict:
     for name in ("train", "test"):
         codes, labels = load_codes(artifact, config.data_root, name, progress=config.progress,
                                    dataset=config.dataset)
-        split[name] = select_task(codes, labels, task)
+        split[name] = select_task(codes, labels, task, split=name, dataset=config.dataset)
     bnn_config = BNNConfig.for_task(bits, task.num_classes)
     train_config = TrainConfig(epochs=epochs, lr=config.lr,
                                batch_size=config.batch_size, seed=config.seed)

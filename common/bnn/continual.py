@@ -224,8 +224,8 @@ def task_data(codes: dict[str, tuple[np.ndarray, np.ndarray]], tasks: Sequence[T
 
     out = []
     for task in tasks:
-        tr = select_task(*codes["train"], task)
-        te = select_task(*codes["test"], task)
+        tr = select_task(*codes["train"], task, split="train")
+        te = select_task(*codes["test"], task, split="test")
         if len(tr[1]) < 2 or len(te[1]) == 0:
             raise HyBNNError(f"Task {task.name!r} has {len(tr[1])} training and {len(te[1])} test examples in "
                              "this data set; a continual run needs at least two and one.")

@@ -38,7 +38,7 @@ def task_inputs(artifact, data_root: Path | str, task: Task, split: str,
     from common.encoder.features import load_codes
 
     codes, labels = load_codes(artifact, data_root, split, dataset=dataset)
-    codes, labels = select_task(codes, labels, task)
+    codes, labels = select_task(codes, labels, task, split=split, dataset=dataset)
     bits = int(artifact.manifest["latent_bits"])
     return codes_to_inputs(codes, bits), torch.from_numpy(labels)
 

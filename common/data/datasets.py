@@ -15,7 +15,9 @@ Names a command accepts (``--dataset``):
 * ``npz:PATH``: the user's arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``
   (optional ``class_names``) in one ``.npz`` file;
 * ``folder:PATH``: ``PATH/train/<class>/<image>`` and ``PATH/test/<class>/<image>``
-  (torchvision's ``ImageFolder`` layout);
+  (torchvision's ``ImageFolder`` layout; classes in numeric order where every folder
+  name is a whole number, otherwise by name; pixels converted exactly or the file
+  refused, :func:`_decode_image`);
 * any name given to :func:`register_dataset`;
 * any of these followed by ``@HxW`` (``--image-size``): the images resized to
   ``H x W``. Nothing is ever resized otherwise.
@@ -39,6 +41,8 @@ import hashlib
 import logging
 import os
 import re
+import unicodedata
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field, replace
@@ -62,6 +66,12 @@ FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_DEBIAN_PACKAGE = "dataset-fashion-mnist"
 MAX_IMAGE_SIDE = 1024
 """Larger images are refused: the encoder is a small CNN, and a typo should fail fast."""
+MAX_CLASSES = 65536
+"""More classes are refused: a label of 10**9 is damage, not a class, and it must not size a table."""
+MAX_DECODE_PIXELS = 40_000_000
+"""An image file that declares more pixels (width x height) is refused before it is decoded:
+a 14000 x 14000 file is a mistake or a decompression bomb. Photos up to about 7700 x 5200
+pass, for ``--image-size`` to shrink."""
 
 
 @dataclass(frozen=True)
@@ -234,14 +244,33 @@ def check_shape(shape: tuple, what: str) -> tuple[int, int, int]:
 
 
 def check_class_names(names: Sequence[str], what: str) -> None:
+    """At least 2 and at most :data:`MAX_CLASSES` names; each non-empty text without control
+    characters and not of the form ``#N`` (a task's index token); distinct as a task compares
+    them (Unicode NFC, case-folded, without surrounding spaces)."""
+    from common.data.tasks import INDEX_TOKEN, name_key
+
     names = list(names)
     if len(names) < 2:
         raise HyBNNError(f"{what} has {len(names)} class(es); a classification task needs at least 2.")
-    if any(not isinstance(n, str) or not n.strip() for n in names):
-        raise HyBNNError(f"{what} has an empty or non-text class name ({names!r}).")
-    seen = {n.lower() for n in names}
-    if len(seen) != len(names):
-        raise HyBNNError(f"{what} names a class twice ({names!r}); class names must be distinct.")
+    if len(names) > MAX_CLASSES:
+        raise HyBNNError(f"{what} has {len(names)} classes; HyBNN takes at most {MAX_CLASSES}.")
+    for n in names:
+        if not isinstance(n, str) or not n.strip():
+            raise HyBNNError(f"{what} has an empty or non-text class name ({n!r}).")
+        if any(unicodedata.category(ch) == "Cc" for ch in n):
+            raise HyBNNError(f"{what} has the class name {n!r}, which holds a control character (a "
+                             f"line break, a tab); rename it.")
+        if INDEX_TOKEN.fullmatch(n.strip()):
+            raise HyBNNError(f"{what} has the class name {n!r}; #N means the class at index N in a "
+                             f"task, so no class may be called that. Rename it.")
+    seen: dict[str, str] = {}
+    for n in names:
+        key = name_key(n)
+        if key in seen:
+            raise HyBNNError(f"{what} names a class twice ({seen[key]!r} and {n!r} are the same name "
+                             f"to a task: case, surrounding spaces and Unicode normal form do not count); "
+                             f"class names must be distinct.")
+        seen[key] = n
 
 
 def image_shape(images: np.ndarray) -> tuple[int, int, int]:
@@ -384,10 +413,68 @@ NPZ_LAYOUT = ("an .npz holding x_train, y_train, x_test, y_test (uint8 images N 
               "N x H x W x C; integer labels 0..K-1) and optionally class_names (K strings)")
 
 
+def _npz_declared_bytes(path: Path, fix: str) -> int:
+    """The bytes the arrays of the ``.npz`` at ``path`` take once loaded, from their headers
+    alone (a compressed file may unpack to far more than its size)."""
+    from numpy.lib import format as npy
+
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as f:
+                    version = npy.read_magic(f)
+                    read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        continue  # a newer header version: np.load reads it, or says why not
+                    shape, _, dtype = read_header(f)
+                total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise HyBNNError(f"{path} is not a readable .npz of plain arrays ({exc}). {fix}") from exc
+    return total
+
+
+def _check_npz_labels(y: np.ndarray, key: str, path: Path, fix: str) -> None:
+    if y.dtype.kind not in "iu" or y.ndim != 1 or len(y) == 0:
+        hint = (" Whole numbers stored as floats: y.astype('int64')." if y.dtype.kind == "f" else "")
+        raise HyBNNError(f"{key} in {path} is {y.dtype} {y.shape}; expected a non-empty 1-D array "
+                         f"of integer class indices.{hint} {fix}")
+    low, high = int(y.min()), int(y.max())
+    for value in (low, high):
+        if not 0 <= value < MAX_CLASSES:
+            at = int(np.flatnonzero(y == value)[0])
+            raise HyBNNError(f"{key} in {path} holds {value} (at index {at}); labels are class indices "
+                             f"0..K-1, and HyBNN takes at most {MAX_CLASSES} classes. {fix}")
+
+
+def _npz_class_names(names: np.ndarray, path: Path, fix: str) -> tuple[str, ...]:
+    """``class_names`` as text: numpy strings, or bytes decoded as UTF-8."""
+    if names.dtype.kind not in "US" or names.ndim != 1:
+        raise HyBNNError(f"class_names in {path} is {names.dtype} {names.shape}; expected a 1-D "
+                         f"array of strings. {fix}")
+    if names.dtype.kind == "U":
+        return tuple(str(n) for n in names)
+    out = []
+    for i, raw in enumerate(names.tolist()):
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise HyBNNError(f"class_names in {path} holds bytes, and name {i} ({raw!r}) is not UTF-8 "
+                             f"text ({exc.reason}). Store the names as text (numpy.array(['zero', ...])) "
+                             f"or as UTF-8 bytes. {fix}") from None
+    return tuple(out)
+
+
 def _npz_spec(path: Path) -> DatasetSpec:
+    from common.resources import check_fits_in_memory
+
     fix = f"Rewrite {path} as {NPZ_LAYOUT} (docs/datasets.md)."
     if not path.is_file():
         raise HyBNNError(f"No file {path} for --dataset npz:{path}. Pass the path of {NPZ_LAYOUT}.")
+    check_fits_in_memory(_npz_declared_bytes(path, fix), f"Reading the arrays of {path}",
+                         f"Use a smaller file, or free memory. {fix}")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in NPZ_ARRAYS if k not in data.files]
@@ -398,22 +485,16 @@ def _npz_spec(path: Path) -> DatasetSpec:
             names = data["class_names"] if "class_names" in data.files else None
     except HyBNNError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, zlib.error) as exc:
         raise HyBNNError(f"{path} is not a readable .npz of plain arrays ({exc}). {fix}") from exc
     x = arrays["x_train"]
     shape_source = x[..., 0] if x.ndim == 4 and x.shape[3] == 1 else x
     if shape_source.ndim not in (3, 4):
         raise HyBNNError(f"x_train in {path} has shape {x.shape}; expected N x H x W or N x H x W x C. {fix}")
     for key in ("y_train", "y_test"):
-        y = arrays[key]
-        if y.dtype.kind not in "iu" or y.ndim != 1 or len(y) == 0:
-            raise HyBNNError(f"{key} in {path} is {y.dtype} {y.shape}; expected a non-empty 1-D array "
-                             f"of integer class indices. {fix}")
+        _check_npz_labels(arrays[key], key, path, fix)
     if names is not None:
-        if names.dtype.kind not in "US" or names.ndim != 1:
-            raise HyBNNError(f"class_names in {path} is {names.dtype} {names.shape}; expected a 1-D "
-                             f"array of strings. {fix}")
-        class_names = tuple(str(n) for n in names)
+        class_names = _npz_class_names(names, path, fix)
     else:
         top = int(max(arrays["y_train"].max(), arrays["y_test"].max()))
         class_names = tuple(str(i) for i in range(max(top + 1, 2)))
@@ -436,16 +517,148 @@ FOLDER_LAYOUT = ("PATH/train/<class>/<image> and PATH/test/<class>/<image>, one 
                  "the same class folders under both")
 
 
-def _folder_spec(root: Path) -> DatasetSpec:
-    from PIL import Image, UnidentifiedImageError
+GREY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Pixel modes read as one grey channel (when every image of the data set has one of them)."""
+COLOUR_MODES = ("RGB", "RGBA", "P", "PA")
+"""Pixel modes read as RGB."""
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+REFUSED_MODES = {
+    "CMYK": "print colours (CMYK), which need the file's colour profile to become RGB",
+    "F": "floating-point pixels, whose range the file does not say",
+    "I": "32-bit integer pixels, whose range the file does not say",
+}
 
-    fix = f"Arrange {root} as {FOLDER_LAYOUT} (docs/datasets.md)."
+
+def natural_class_order(names: Sequence[str]) -> list[str]:
+    """Class folder names in the order of their classes: by number where every name is a
+    whole number (``1, 2, ..., 10``), otherwise sorted as text (by code point)."""
+    from common.data.tasks import WHOLE_NUMBER
+
+    names = list(names)
+    if names and all(WHOLE_NUMBER.fullmatch(n) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return sorted(names)
+
+
+def class_order_line(where: str, class_names: Sequence[str]) -> str:
+    """The line that shows which index each class folder got."""
+    from common.data.tasks import numbered
+
+    how = "by number" if numbered(class_names) else "sorted by name"
+    shown = list(class_names[:30]) + ([f"... ({len(class_names)} in all)"] if len(class_names) > 30 else [])
+    return f"{where}: classes (folder order, {how}; index 0 first): {', '.join(shown)}"
+
+
+class _ImageError(Exception):
+    """Why one image file cannot be read; the caller names the file and what to do."""
+
+
+def _open_image(path: Path):
+    """``Image.open(path)``, its declared size checked before any pixel is decoded."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _ImageError(f"it declares more pixels than Pillow decodes ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder's error is a bad file
+            raise _ImageError(f"it is not an image Pillow can read ({type(exc).__name__}: {exc})") from None
+    w, h = im.size
+    if w * h > MAX_DECODE_PIXELS or w < 1 or h < 1:
+        im.close()
+        raise _ImageError(f"it declares {w} x {h} pixels; HyBNN decodes at most {MAX_DECODE_PIXELS:,} "
+                          f"pixels an image (a file this large is a mistake or a decompression bomb)")
+    if im.mode in REFUSED_MODES and not (im.mode == "I" and im.format == "PNG"):
+        mode = im.mode
+        im.close()
+        raise _ImageError(f"its pixels are {REFUSED_MODES[mode]} (mode {mode}), which HyBNN does not "
+                          f"convert")
+    if im.mode not in GREY_MODES + COLOUR_MODES:
+        mode = im.mode
+        im.close()
+        raise _ImageError(f"its pixel mode is {mode}, which HyBNN does not convert")
+    if getattr(im, "n_frames", 1) > 1:
+        frames = im.n_frames
+        im.close()
+        raise _ImageError(f"it holds {frames} frames (an animation or a multi-page file), not one image")
+    return im
+
+
+def _image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """``((width, height), mode)`` of an image file, from its header."""
+    with _open_image(path) as im:
+        return im.size, im.mode
+
+
+def _opaque(pixels: np.ndarray) -> np.ndarray:
+    """The colour channels of pixels with alpha last, refused if any pixel is see-through."""
+    alpha = pixels[..., -1]
+    if (alpha != 255).any():
+        raise _ImageError(f"{int((alpha != 255).sum())} of its pixels are transparent, and what is under "
+                          f"them is not known; flatten it onto a background first")
+    return pixels[..., :-1] if pixels.shape[-1] > 2 else pixels[..., 0]
+
+
+def _decode_image(path: Path) -> np.ndarray:
+    """The pixels of one image file as uint8, exactly: ``(H, W)`` for the grey modes,
+    ``(H, W, 3)`` for the colour ones.
+
+    16-bit grey becomes 8-bit as ``round(v / 257)`` (65535 -> 255; an 8-bit image saved as
+    16 bits, v * 257, comes back unchanged); mode ``I`` is taken as 16 bits only from a PNG
+    (Pillow's name for 16-bit grey PNGs) and only when its values fit 0..65535. Alpha
+    channels are dropped when every pixel is opaque; palette images become RGB.
+    """
+    from PIL import Image
+
+    with _open_image(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                im.load()
+            except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file
+                raise _ImageError(f"it could not be decoded ({type(exc).__name__}: {exc})") from None
+        mode = im.mode
+        if mode == "L":
+            return np.asarray(im, dtype=np.uint8).copy()
+        if mode == "1":
+            return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+        if mode in SIXTEEN_BIT_MODES or mode == "I":
+            values = np.asarray(im).astype(np.int64)
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                raise _ImageError(f"its {mode} pixels run from {values.min()} to {values.max()}, outside "
+                                  f"16 bits (0..65535)")
+            return ((values + 128) // 257).astype(np.uint8)  # round(v / 257), exact in integers
+        if mode == "LA":
+            return _opaque(np.asarray(im, dtype=np.uint8))
+        if mode == "RGB":
+            return np.asarray(im, dtype=np.uint8).copy()
+        if mode == "RGBA":
+            return _opaque(np.asarray(im, dtype=np.uint8)).copy()
+        # P and PA: through the palette, keeping the transparency the palette declares
+        if mode == "PA" or "transparency" in im.info:
+            return _opaque(np.asarray(im.convert("RGBA"), dtype=np.uint8)).copy()
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _bad_image(path: Path, why: str) -> HyBNNError:
+    return HyBNNError(f"{path} is not an image HyBNN can use: {why}. Move it out of {path.parent}, or replace it with an "
+                      f"8-bit grey or RGB PNG or JPEG (docs/datasets.md, \"Image modes\").")
+
+
+def _folder_files(root: Path, fix: str) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
+    """The class names (in :func:`natural_class_order`) and each split's ``(file, class index)``."""
     classes: dict[str, list[str]] = {}
     for split in SPLITS:
         d = root / split
         if not d.is_dir():
             raise HyBNNError(f"{root} has no {split}/ folder. {fix}")
-        classes[split] = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+        try:
+            entries = [e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith(".")]
+        except OSError as exc:
+            raise HyBNNError(f"{d} could not be read ({exc.strerror or exc}). {fix}") from exc
+        classes[split] = natural_class_order(entries)
         if len(classes[split]) < 2:
             raise HyBNNError(f"{d} holds {len(classes[split])} class folder(s); a task needs at least 2. {fix}")
     if classes["train"] != classes["test"]:
@@ -453,6 +666,10 @@ def _folder_spec(root: Path) -> DatasetSpec:
         raise HyBNNError(f"The class folders of {root / 'train'} and {root / 'test'} differ "
                          f"({', '.join(only)} in only one of them). {fix}")
     class_names = tuple(classes["train"])
+    try:
+        check_class_names(class_names, f"The class folders of {root}")
+    except HyBNNError as exc:
+        raise HyBNNError(f"{exc} {fix}") from None
     files: dict[str, list[tuple[Path, int]]] = {}
     for split in SPLITS:
         files[split] = []
@@ -464,34 +681,69 @@ def _folder_spec(root: Path) -> DatasetSpec:
                                  f"it, or remove the class from both train/ and test/.")
             for p in members:
                 if not p.is_file():
-                    raise HyBNNError(f"{p} is not an image file (a folder inside a class folder). "
-                                     f"Move it out of {folder}: a class folder holds only images.")
+                    raise HyBNNError(f"{p} is not an image file (a folder or a special file inside a class "
+                                     f"folder). Move it out of {folder}: a class folder holds only images.")
                 files[split].append((p, index))
-    loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    modes = set()
-    images: dict[str, list] = {s: [] for s in SPLITS}
+    return class_names, files
+
+
+def _folder_spec(root: Path, resize: tuple[int, int] | None = None) -> DatasetSpec:
+    """The images under ``root`` in ``ImageFolder`` layout, read exactly (:func:`_decode_image`).
+
+    Every file's header is read first (its size, its mode), so sizes, channels and the
+    memory the images take are checked before a pixel is decoded. Images of one size are
+    read as they are (a resize, if asked, follows in :meth:`Dataset.load_all`); with
+    ``resize``, images of mixed sizes, or larger than :data:`MAX_IMAGE_SIDE`, are each
+    resized on reading (Pillow's bilinear filter).
+    """
+    from PIL import Image
+
+    from common.resources import check_fits_in_memory
+
+    fix = f"Arrange {root} as {FOLDER_LAYOUT} (docs/datasets.md)."
+    class_names, files = _folder_files(root, fix)
+    headers: dict[Path, tuple[tuple[int, int], str]] = {}
     for split in SPLITS:
         for p, _ in files[split]:
             try:
-                with Image.open(p) as im:
-                    im.load()
-                    images[split].append(im.copy())
-                    modes.add(im.mode)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise HyBNNError(f"{p} is not an image PIL can read ({type(exc).__name__}: {exc}). Move it out "
-                                 f"of {p.parent}, or replace it with a PNG or JPEG.") from exc
-    grey = modes <= {"L", "1", "I", "I;16", "F"}
-    sizes = {im.size for split in SPLITS for im in images[split]}
-    if len(sizes) > 1:
-        listed = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
+                headers[p] = _image_header(p)
+            except _ImageError as exc:
+                raise _bad_image(p, str(exc)) from None
+    grey = all(mode in GREY_MODES for _, mode in headers.values())
+    channels = 1 if grey else 3
+    sizes = {size for size, _ in headers.values()}
+    (w, h), *others = sorted(sizes)
+    per_image = resize is not None and (others or max(w, h) > MAX_IMAGE_SIDE)
+    if others and not per_image:
+        listed = ", ".join(f"{sw}x{sh}" for sw, sh in sorted(sizes)[:4])
         raise HyBNNError(f"The images under {root} have different sizes ({listed}{', ...' if len(sizes) > 4 else ''}"
                          f" as width x height). Images are never resized silently: pass --image-size "
                          f"HxW to resize them all, or make them one size.")
-    (w, h), = sizes
-    shape = check_shape((h, w, 1 if grey else 3), f"the images under {root}")
+    if per_image:
+        h, w = resize
+    shape = check_shape((h, w, channels), f"the images under {root}")
+    count = len(headers)
+    largest = max(sw * sh for sw, sh in sizes) * 4 * 2  # one decoded image and its conversion
+    check_fits_in_memory(count * h * w * channels + largest,
+                         f"Reading the {count} images under {root} ({w}x{h}, {channels} channel(s))",
+                         "Use fewer or smaller images, or free memory.")
+    loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in SPLITS:
-        arr = np.stack([np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8) for im in images[split]])
-        loaded[split] = (arr, np.array([i for _, i in files[split]], dtype=np.int64))
+        arr = np.empty((len(files[split]), h, w) if grey else (len(files[split]), h, w, 3), dtype=np.uint8)
+        for i, (p, _) in enumerate(files[split]):
+            try:
+                pixels = _decode_image(p)
+            except _ImageError as exc:
+                raise _bad_image(p, str(exc)) from None
+            if per_image and pixels.shape[:2] != (h, w):
+                pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.BILINEAR), dtype=np.uint8)
+            if not grey and pixels.ndim == 2:
+                pixels = np.repeat(pixels[..., None], 3, axis=2)  # a grey image among colour ones
+            if pixels.shape[:2] != (h, w):
+                raise _bad_image(p, f"it decoded to {pixels.shape[1]}x{pixels.shape[0]} pixels, not the "
+                                    f"{w}x{h} its header declares")
+            arr[i] = pixels
+        loaded[split] = (arr, np.array([c for _, c in files[split]], dtype=np.int64))
 
     def load(_root: Path) -> Splits:
         return (*loaded["train"], *loaded["test"])
@@ -584,6 +836,13 @@ class Dataset:
             raise HyBNNError(f"Data set {self.spec.name!r} is missing and no source had it: "
                              + "; ".join(failures) + ".")
         if self.resize:
+            from common.resources import check_fits_in_memory
+
+            # both splits at once: the training images are kept while the test images are made
+            check_fits_in_memory(resized_bytes(len(splits[0]) + len(splits[2]), self.resize, self.shape[2]),
+                                 f"Data set {self.key!r} ({len(splits[0]) + len(splits[2])} images resized to "
+                                 f"{self.resize[0]}x{self.resize[1]} with {self.shape[2]} channel(s))",
+                                 "Ask for a smaller --image-size, or use fewer images.")
             splits = (resize_images(splits[0], self.resize), splits[1],
                       resize_images(splits[2], self.resize), splits[3])
         self._cache[root] = splits
@@ -611,22 +870,42 @@ class Dataset:
         return digest.hexdigest()
 
 
+RESIZE_CHUNK_BYTES = 256 * 2**20
+"""The float32 working memory of one resize step; the result is written into its uint8 array."""
+
+
+def resized_bytes(count: int, size: tuple[int, int], channels: int) -> int:
+    """The bytes ``count`` uint8 images of ``size`` (H, W) and ``channels`` take."""
+    return count * int(size[0]) * int(size[1]) * channels
+
+
 def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 images resized to ``size`` (H, W) with antialiased bilinear interpolation."""
+    """uint8 images resized to ``size`` (H, W) with antialiased bilinear interpolation.
+
+    The result's memory is checked before it is allocated; the work goes in chunks of
+    about :data:`RESIZE_CHUNK_BYTES` of floats.
+    """
     import torch
     from torch.nn import functional as F
 
+    from common.resources import check_fits_in_memory
+
     if images.shape[1:3] == tuple(size):
         return images
-    t = torch.from_numpy(np.array(images, dtype=np.float32))
-    t = t.unsqueeze(1) if images.ndim == 3 else t.permute(0, 3, 1, 2)
-    out = []
-    for begin in range(0, len(t), 4096):
-        out.append(F.interpolate(t[begin:begin + 4096], size=tuple(size), mode="bilinear",
-                                 antialias=True, align_corners=False))
-    r = torch.cat(out).round_().clamp_(0, 255).to(torch.uint8)
-    r = r[:, 0] if images.ndim == 3 else r.permute(0, 2, 3, 1)
-    return r.contiguous().numpy()
+    channels = 1 if images.ndim == 3 else images.shape[3]
+    per_image_floats = 4 * channels * (images.shape[1] * images.shape[2] + size[0] * size[1])
+    chunk = int(max(1, min(4096, RESIZE_CHUNK_BYTES // per_image_floats)))
+    check_fits_in_memory(resized_bytes(len(images), size, channels) + 2 * chunk * per_image_floats,
+                         f"Resizing {len(images)} images to {size[0]}x{size[1]}",
+                         "Ask for a smaller --image-size, or use fewer images.")
+    out = np.empty((len(images), *size) if images.ndim == 3 else (len(images), *size, channels), dtype=np.uint8)
+    for begin in range(0, len(images), chunk):
+        t = torch.from_numpy(np.array(images[begin:begin + chunk], dtype=np.float32))
+        t = t.unsqueeze(1) if images.ndim == 3 else t.permute(0, 3, 1, 2)
+        r = F.interpolate(t, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+        r = r.round_().clamp_(0, 255).to(torch.uint8)
+        out[begin:begin + chunk] = (r[:, 0] if images.ndim == 3 else r.permute(0, 2, 3, 1)).numpy()
+    return out
 
 
 _RESOLVED: dict[str, Dataset] = {}
@@ -654,10 +933,8 @@ def get_dataset(name: str) -> Dataset:
     if base.startswith("npz:"):
         spec = _npz_spec(Path(base[4:]).expanduser())
     elif base.startswith("folder:"):
-        if resize is None:
-            spec = _folder_spec(Path(base[7:]).expanduser())
-        else:
-            spec = _resized_folder_spec(Path(base[7:]).expanduser(), resize)
+        spec = _folder_spec(Path(base[7:]).expanduser(), resize)
+        print(class_order_line(base, spec.class_names), flush=True)
     elif base in _REGISTRY:
         spec = _REGISTRY[base]
     else:
@@ -689,40 +966,6 @@ def _stamp(base: str) -> tuple | None:
 def _spec_if_registered(name: str) -> DatasetSpec | None:
     m = SIZE_SUFFIX.match(name)
     return _REGISTRY.get(m.group(1) if m else name)
-
-
-def _resized_folder_spec(root: Path, size: tuple[int, int]) -> DatasetSpec:
-    """A folder of images of mixed sizes, each resized on reading (--image-size asked for it)."""
-    import tempfile
-
-    from PIL import Image
-
-    try:
-        return _folder_spec(root)
-    except HyBNNError as exc:
-        if "different sizes" not in str(exc):
-            raise
-    # Mixed sizes: resize each image on its own, then read the result as one folder.
-    with tempfile.TemporaryDirectory(prefix="hybnn-folder-") as tmp:
-        for split in SPLITS:
-            for class_dir in sorted((root / split).iterdir()):
-                if not class_dir.is_dir() or class_dir.name.startswith("."):
-                    continue
-                target = Path(tmp) / split / class_dir.name
-                target.mkdir(parents=True)
-                for p in sorted(class_dir.iterdir()):
-                    if p.name.startswith("."):
-                        continue
-                    try:
-                        with Image.open(p) as im:
-                            im.resize((size[1], size[0]), Image.BILINEAR).save(target / (p.name + ".png"))
-                    except (OSError, ValueError) as exc:
-                        raise HyBNNError(f"{p} is not an image PIL can read ({type(exc).__name__}: {exc}). "
-                                         f"Move it out of {p.parent}, or replace it with a PNG or JPEG.") from exc
-        spec = _folder_spec(Path(tmp))
-        arrays = spec.sources[0].load(Path(tmp))
-    return replace(spec, sources=(Source(f"the images under {root}", lambda _r: arrays,
-                                         f"Arrange {root} as {FOLDER_LAYOUT}."),))
 
 
 def absolute_dataset(name: str) -> str:

@@ -13,15 +13,27 @@ A task spec lists class groups; each group becomes one output class:
   ``T-shirt/top``). When a name holds the letter v, write the groups apart with
   spaces around the ``v``.
 
-An unknown class, a class in two groups, an empty group, or fewer than two groups is
-a :class:`HyBNNError`.
+How a class is named (one rule, docs/datasets.md "Tasks"):
+
+* ``#N`` is the class at index ``N`` (0-based, the order ``hybnn data`` prints);
+* a token that is a class's name means that class;
+* a whole number that is no class's name means the class at that index, except where
+  the classes are numbered (every name a whole number, as MNIST's ``0``..``9`` or
+  folders ``1``..``10``): there a number is a name, compared as a number (``1`` is
+  folder ``01``), never an index;
+* a whole number that is the name of one class and the index of another is refused
+  as ambiguous; the message says to write ``#N``.
+
+An unknown class, a class in two groups, an empty group, fewer than two groups, or a
+class of the task without a sample in a split (:func:`select_task`) is a :class:`HyBNNError`.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -39,6 +51,8 @@ class Task:
     groups: tuple[tuple[int, ...], ...]
     class_names: tuple[str, ...] = ()
     """One name per output class (``"3"``, ``"Shirt"``, ``"0+2+4+6+8"``)."""
+    dataset_classes: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    """The data set's class names, index by index: what an error about one class names."""
 
     @property
     def num_classes(self) -> int:
@@ -79,20 +93,62 @@ MAX_SPLIT_POINTS = 12
 """More letters v than this in one spec are not tried as separators one by one."""
 
 
-def _resolve_class(item: str, class_names: Sequence[str]) -> int | None:
-    """The index of class ``item`` (an index or a name), or ``None``."""
+WHOLE_NUMBER = re.compile(r"[0-9]+")
+"""ASCII digits only: ``int()`` also takes other scripts' digits, which a class name may hold."""
+INDEX_TOKEN = re.compile(r"#([0-9]+)")
+
+
+def name_key(text: str) -> str:
+    """How names compare: Unicode NFC (a name typed and the same name on disk agree),
+    without surrounding spaces, case-folded."""
+    return unicodedata.normalize("NFC", text).strip().casefold()
+
+
+def numbered(class_names: Sequence[str]) -> bool:
+    """Whether every class name is a whole number (MNIST's digits, folders ``1``..``10``)."""
+    return all(WHOLE_NUMBER.fullmatch(n.strip()) for n in class_names)
+
+
+def _listing(class_names: Sequence[str]) -> str:
+    return ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
+
+
+def _resolve_class(item: str, class_names: Sequence[str], spec: str) -> int | None:
+    """The index of class ``item`` under the rule of the module docstring, or ``None``.
+
+    A token that could mean two classes is a :class:`HyBNNError`."""
     text = item.strip()
-    if re.fullmatch(r"\d+", text):
-        index = int(text)
+    m = INDEX_TOKEN.fullmatch(text)
+    if m:
+        index = int(m.group(1))
         return index if index < len(class_names) else None
-    low = text.lower()
-    for i, name in enumerate(class_names):
-        if name.lower() == low:
-            return i
-    for i, name in enumerate(class_names):
-        if "/" in name and low in (part.strip().lower() for part in name.split("/")):
-            return i
-    return None
+    is_number = WHOLE_NUMBER.fullmatch(text) is not None
+    if is_number and numbered(class_names):
+        hits = [i for i, n in enumerate(class_names) if int(n.strip()) == int(text)]
+        if len(hits) > 1:
+            raise HyBNNError(
+                f"Task {spec!r} names class {text!r}, and {len(hits)} classes have that number "
+                f"({', '.join(repr(class_names[i]) for i in hits)}); write one as #N, its index "
+                f"(classes: {_listing(class_names)}).")
+        return hits[0] if hits else None
+    key = name_key(text)
+    hits = [i for i, n in enumerate(class_names) if name_key(n) == key]
+    if not hits:
+        hits = [i for i, n in enumerate(class_names)
+                if "/" in n and key in (name_key(part) for part in n.split("/"))]
+    if len(hits) > 1:
+        raise HyBNNError(
+            f"Task {spec!r} names class {text!r}, which is part of the names "
+            f"{', '.join(repr(class_names[i]) for i in hits)}; write the whole name, or #N for the "
+            f"class at index N (classes: {_listing(class_names)}).")
+    by_name = hits[0] if hits else None
+    by_index = int(text) if is_number and int(text) < len(class_names) else None
+    if by_name is not None and by_index is not None and by_name != by_index:
+        raise HyBNNError(
+            f"Task {spec!r} is ambiguous: {text!r} is the name of class #{by_name} and the index of "
+            f"class #{by_index} ({class_names[by_index]!r}). Write #{by_name} or #{by_index} (#N is "
+            f"always the class at index N; quote it in a shell) (classes: {_listing(class_names)}).")
+    return by_name if by_name is not None else by_index
 
 
 def _parse_groups(parts: list[str], class_names: Sequence[str], spec: str, what: str) -> tuple[tuple[int, ...], ...]:
@@ -104,12 +160,12 @@ def _parse_groups(parts: list[str], class_names: Sequence[str], spec: str, what:
                              f"3v8, 0,2,4v1,3,5 or 3,5,8.")
         group = []
         for item in items:
-            index = _resolve_class(item, class_names)
+            index = _resolve_class(item, class_names, spec)
             if index is None:
                 raise HyBNNError(
                     f"Unknown task {spec!r}: it names the class {item.strip()!r}, which {what} does not "
-                    f"have. Its classes are {', '.join(f'{i}={n}' for i, n in enumerate(class_names))}; "
-                    f"name them by index or name.")
+                    f"have. Its classes are {_listing(class_names)}; name them by name, by index or "
+                    f"as #index.")
             group.append(index)
         groups.append(tuple(group))
     seen: dict[int, int] = {}
@@ -152,7 +208,9 @@ def _parse_spec(spec: str, class_names: Sequence[str], what: str) -> tuple[tuple
             try:
                 groups = _parse_groups(parts, class_names, spec, what)
             except HyBNNError as exc:
-                first_error = first_error or exc
+                # an ambiguous class says more than a reading that split a name in two
+                if first_error is None or ("ambiguous" in str(exc) and "ambiguous" not in str(first_error)):
+                    first_error = exc
                 continue
             if groups not in found:
                 found.append(groups)
@@ -180,12 +238,15 @@ def get_task(name: str, class_names: Sequence[str] | None = None, dataset: str =
         if max(task.digits) >= len(names):
             raise HyBNNError(f"Task {text!r} needs classes 0..{max(task.digits)}, but {what} has "
                              f"{len(names)} classes; write a spec of its classes instead (for example 0v1).")
-        return Task(task.name, task.groups, tuple("+".join(names[c] for c in g) for g in task.groups))
+        if text == "all10":  # the first ten classes, by index, whatever their names
+            return Task(task.name, task.groups, tuple("+".join(names[c] for c in g) for g in task.groups),
+                        names)
+        # A named pair is a spec like any other: on folders 1..10, 2v3 is folders 2 and 3.
     try:
         groups = _parse_spec(text, names, what)
     except HyBNNError as exc:
         raise HyBNNError(f"{exc} Named tasks are: {', '.join(TASKS)}.") from None
-    return Task(text, groups, tuple("+".join(names[c] for c in g) for g in groups))
+    return Task(text, groups, tuple("+".join(names[c] for c in g) for g in groups), names)
 
 
 def task_for_dataset(name: str, dataset) -> Task:
@@ -197,19 +258,52 @@ def task_for_dataset(name: str, dataset) -> Task:
     return get_task(name, dataset.class_names, dataset.name)
 
 
+SPLIT_WORDS = {"train": "training", "test": "test"}
+
+
 def select_task(
-    images: np.ndarray, labels: np.ndarray, task: Task
+    images: np.ndarray, labels: np.ndarray, task: Task, *, split: str | None = None, dataset: str = "",
+    require_every_class: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keep the samples of ``task``'s classes and relabel them by group, 0..num_classes-1.
 
     For a pair task ``a v b`` class ``a`` becomes 0 and ``b`` 1; every class of a group
     gets the group's index. Works for images and for packed codes alike (any array
-    indexed by sample).
+    indexed by sample). A class of the task without a sample here is a
+    :class:`HyBNNError` naming the class and ``split`` (a model would train, or be
+    tested, on what is not there); ``require_every_class=False`` allows it, for one
+    client's share of a federation. Labels outside the task's classes are dropped,
+    whatever their value (no table is sized by a label).
     """
     labels = np.asarray(labels)
-    size = max(int(labels.max(initial=0)), max(task.digits)) + 1
+    size = max(task.digits) + 1
     lookup = np.full(size, -1, dtype=np.int64)
     for index, group in enumerate(task.groups):
         lookup[list(group)] = index
-    mask = lookup[labels] >= 0
-    return images[mask], lookup[labels[mask]]
+    mapped = np.full(labels.shape, -1, dtype=np.int64)
+    inside = (labels >= 0) & (labels < size)
+    mapped[inside] = lookup[labels[inside].astype(np.int64)]
+    mask = mapped >= 0
+    if require_every_class:
+        check_task_samples(labels[mask], task, split, dataset)
+    return images[mask], mapped[mask]
+
+
+def check_task_samples(labels: np.ndarray, task: Task, split: str | None = None, dataset: str = "") -> None:
+    """Refuse ``task`` when one of its classes has no sample among ``labels`` (of ``split``)."""
+    labels = np.asarray(labels)
+    size = max(task.digits) + 1
+    inside = labels[(labels >= 0) & (labels < size)].astype(np.int64)
+    counts = np.bincount(inside, minlength=size)
+    missing = [c for c in task.digits if counts[c] == 0]
+    if not missing:
+        return
+    names = task.dataset_classes
+    listed = ", ".join(f"{names[c]!r} (index {c})" if c < len(names) else f"index {c}" for c in missing)
+    word = SPLIT_WORDS.get(split or "", "")
+    where = f" in data set {dataset!r}" if dataset else ""
+    raise HyBNNError(
+        f"Task {task.name!r} has no {word + ' ' if word else ''}sample of class {listed}{where}: a model "
+        f"would {'be tested' if split == 'test' else 'train'} on a class that is not there and still report "
+        f"an accuracy. Add {word + ' ' if word else ''}images of that class, or write a task of classes "
+        f"that have samples in both splits.")

@@ -314,6 +314,11 @@ def images_to_tensor(images_uint8: np.ndarray, shape: tuple[int, int, int] = MNI
             f"Expected uint8 images of shape (N, {', '.join(map(str, want))}), got "
             f"{images.dtype} {images.shape}."
         )
+    from common.resources import check_fits_in_memory
+
+    # a uint8 copy, its channel-first copy and the float32 result (4 bytes a pixel)
+    check_fits_in_memory(images.size * 6, f"{len(images)} images of {h}x{w}x{c} as the encoder's float input",
+                         "Use a smaller --image-size or fewer images.")
     # np.array copies, so a read-only (memory-mapped) input never aliases a torch tensor.
     t = torch.from_numpy(np.array(images, dtype=np.uint8))
     t = t.unsqueeze(1) if c == 1 else t.permute(0, 3, 1, 2).contiguous()

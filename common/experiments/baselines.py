@@ -190,6 +190,11 @@ def build_baseline(model_name: str, num_classes: int = 2,
 
 def images_to_inputs(images_uint8: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` -> float32 ``(N, C, H, W)`` in [0, 1]."""
+    from common.resources import check_fits_in_memory
+
+    # the float32 copy and its channel-first copy
+    check_fits_in_memory(images_uint8.size * 8, f"{len(images_uint8)} images as the baseline's float input",
+                         "Use a smaller --image-size or fewer images.")
     x = torch.from_numpy(np.array(images_uint8, dtype=np.float32)).div_(255.0)
     return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
@@ -202,7 +207,7 @@ def task_images(data_root: Path | str, task, split: str, dataset: str = "mnist")
 
     data = get_dataset(dataset)
     images, labels = load_mnist(data_root, split) if data.is_mnist else data.load(data_root, split)
-    images, labels = select_task(images, labels, task)
+    images, labels = select_task(images, labels, task, split=split, dataset=dataset)
     return images_to_inputs(images), torch.from_numpy(labels)
 
 
