@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import platform
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from common.bnn.model import BNN, BNNConfig
 from common.edge.deploy import export_model, to_deployment
 from common.errors import HyBNNError
 from common.edge.export_c import (
+    AVX2_FLAGS,
     FAST_FLAGS,
     HEADER_NAME,
     SOURCE_NAME,
@@ -31,6 +34,40 @@ PAPER = BNNConfig(in_bits=200, hidden=(128,), num_classes=2)
 DEEP = BNNConfig(in_bits=203, hidden=(37, 70), num_classes=10)
 FLAT = BNNConfig(in_bits=200, hidden=(), num_classes=3)
 TINY = BNNConfig(in_bits=12, hidden=(5,), num_classes=4)  # no full input word, only a tail
+WIDE = BNNConfig(in_bits=1100, hidden=(300,), num_classes=3)  # 35 and 10 words: counts of several plane groups
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux), empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+CPU_FLAGS = _cpu_flags()
+VECTOR_POPCOUNT_FLAGS = ("-std=c99", "-O3", "-march=x86-64-v4", "-mavx512vpopcntdq", "-Wall", "-Wextra", "-Werror")
+"""AVX-512 with VPOPCNTDQ named explicitly, so that path is built wherever the CPU can run it."""
+
+# (flags, the counting path the build must take: 1 vector popcount, 0 carry-save adders, None: the CPU's)
+BUILDS = {
+    "strict-portable": (STRICT_FLAGS, 0),
+    "native": (FAST_FLAGS, None),
+    "avx2": (AVX2_FLAGS, 0),
+    "avx512-vpopcnt": (VECTOR_POPCOUNT_FLAGS, 1),
+}
+RUNNABLE = {
+    "avx2": X86 and "avx2" in CPU_FLAGS,
+    "avx512-vpopcnt": X86 and {"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512cd", "avx512_vpopcntdq"} <= CPU_FLAGS,
+}
+
+
+def _build_params() -> list:
+    return [pytest.param(name, marks=pytest.mark.skipif(not RUNNABLE.get(name, True),
+                                                        reason=f"this CPU cannot run the {name} build"))
+            for name in BUILDS]
 
 DRIVER = r"""
 #include <stdio.h>
@@ -48,7 +85,7 @@ int main(void)
 """
 
 
-@pytest.fixture(scope="module", params=[PAPER, DEEP, FLAT, TINY], ids=["paper", "deep", "flat", "tiny"])
+@pytest.fixture(scope="module", params=[PAPER, DEEP, FLAT, TINY, WIDE], ids=["paper", "deep", "flat", "tiny", "wide"])
 def hard_model(request) -> BNN:
     return harden(trained_bnn(request.param, seed=21), seed=22)
 
@@ -71,17 +108,29 @@ def _all_ones(in_bits: int) -> np.ndarray:
     return ones
 
 
-@pytest.mark.parametrize("flags", [STRICT_FLAGS, FAST_FLAGS], ids=["strict-portable", "native"])
-def test_compiled_c_agrees_with_torch(tmp_path, hard_model: BNN, flags) -> None:
-    """Both popcount paths: the portable one (strict flags) and the builtin one (native)."""
+@pytest.mark.parametrize("build", _build_params())
+def test_compiled_c_agrees_with_torch(tmp_path, hard_model: BNN, build: str) -> None:
+    """Both counting paths (carry-save adders, vector popcount), plain and vectorized builds."""
     deployed = to_deployment(hard_model)
-    kernel = build_kernel(deployed, tmp_path, flags)
+    kernel = build_kernel(deployed, tmp_path, BUILDS[build][0])
     codes = _codes(hard_model, seed=23)
     want = torch_predictions(hard_model, codes)
     np.testing.assert_array_equal(kernel.predict(codes), want)
     one_by_one = [kernel.predict_one(np.ascontiguousarray(c)) for c in codes[:300]]
     np.testing.assert_array_equal(one_by_one, want[:300])
     assert len(np.unique(want)) > 1
+
+
+@pytest.mark.parametrize("build", _build_params())
+def test_each_build_takes_its_counting_path(tmp_path, build: str) -> None:
+    """The vector popcount path exactly where the compiler targets VPOPCNTDQ, the portable one elsewhere."""
+    flags, want = BUILDS[build]
+    if want is None:
+        want = int(X86 and "avx512_vpopcntdq" in CPU_FLAGS)
+    export_model(trained_bnn(TINY, seed=40), tmp_path, "c")
+    macros = subprocess.run([CC, *flags, "-E", "-dM", str(tmp_path / SOURCE_NAME)],
+                            capture_output=True, text=True, check=True).stdout
+    assert f"#define HYBNN_VECTOR_POPCOUNT {want}" in macros.splitlines()
 
 
 def test_padding_bits_of_the_code_are_ignored(tmp_path) -> None:

@@ -3,24 +3,34 @@
 ``write_c(model, out_dir)`` writes ``hybnn.h`` and ``hybnn.c``: the weights as packed
 integer arrays, the thresholds, and ``hybnn_predict`` / ``hybnn_predict_batch``. The code
 needs only ``<stdint.h>``: no heap, no floats, no library calls, so it fits a
-microcontroller. It uses ``__builtin_popcountll`` where the compiler has it (GCC, Clang)
-and a portable bit-slicing popcount elsewhere.
+microcontroller. It is plain C99 that compilers vectorize; no intrinsics.
 
-Layout, chosen for speed (the generated code is the reference for these details):
+Layout and loop shape, chosen for speed (the generated code is the reference for these
+details):
 
-* The input code is read as little-endian 64-bit words (portable byte assembly, which
-  compilers turn into one load) plus a tail word of the remaining bytes. The first
-  layer's weight rows are packed the same way from the same byte order, so XOR and
-  popcount see matching bits on every machine.
-* Weights are stored word-major: array ``Lk_Wi[j]`` holds word ``i`` of unit ``j``.
-  The inner loop over units then reads consecutive memory, and compilers vectorize it
-  (``vpopcntq`` on AVX-512 machines).
+* Everything is 32-bit words, the native word of a Cortex-M. The input code is read as
+  little-endian 32-bit words (portable byte assembly, which compilers turn into one
+  load) plus a tail word of the remaining bytes. The first layer's weight rows are
+  packed the same way from the same byte order, so XOR and popcount see matching bits
+  on every machine.
+* Weights are stored unit-major as a structure of arrays: ``Lk_Wi[j]`` holds word ``i``
+  of unit ``j``. For a fixed input word the loop over units is then a straight loop
+  over consecutive memory, and compilers vectorize it (16 units per AVX-512
+  instruction).
 * Each hidden unit becomes "fires iff ``popcount(x ^ w') <= T'``": for units whose
   comparison is flipped (negative batch-norm scale) the weight bits are complemented,
   which turns ``p <= t`` into ``d' <= t``; the others use ``d <= n - t``. Here
-  ``d = n - p`` counts the disagreeing bits.
-* Hidden activations are packed LSB-first: unit ``j`` is bit ``j % 64`` of word
-  ``j / 64``; padding bits stay 0 in activations and weights alike.
+  ``d = n - p`` counts the disagreeing bits. A layer first writes every unit's count
+  into an int32 array (one vectorized loop), then compares the counts with the
+  thresholds and packs the fired bits (a second one).
+* Counting. With a vector popcount instruction (``__AVX512VPOPCNTDQ__``) each word is
+  counted with ``__builtin_popcount``. Everywhere else (AVX2, SSE, Cortex-M, any
+  compiler) the words of a unit are first added bit-sliced with carry-save adders
+  into a few bit planes (7 words -> 3 planes: ones, twos, fours), whose weighted count
+  is one shift-and-add popcount: fewer counts, all in plain logic that vectorizes
+  on AVX2 and needs no popcount instruction or library call.
+* Hidden activations are packed LSB-first: unit ``j`` is bit ``j % 32`` of word
+  ``j / 32``; padding bits stay 0 in activations and weights alike.
 * Output: ``score_c = A[c] * d_c + B[c]`` with ``A = -scale``, ``B = scale * n + offset``
   (the same integers as the affine form on ``p``), or a rank table indexed by ``d``.
   The first class with the highest score wins, like ``torch.argmax``.
@@ -48,34 +58,36 @@ STRICT_FLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic")
 """The flags the tests compile the generated code with."""
 FAST_FLAGS = ("-std=c99", "-O3", "-march=native", "-Wall", "-Wextra", "-Werror")
 """The flags the benchmark uses: the same code, tuned for the machine it runs on."""
+AVX2_FLAGS = ("-std=c99", "-O3", "-march=x86-64-v3", "-Wall", "-Wextra", "-Werror")
+"""x86-64 with AVX2 but no AVX-512: the benchmark's stand-in for an AVX2-only machine."""
 
 
 # ---------------------------------------------------------------- bit layouts
 def _le_words(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Rows of packed bytes -> (full uint64 words (rows, nw), tail words (rows,) or None, tail bytes).
+    """Rows of packed bytes -> (full uint32 words (rows, nw), tail words (rows,) or None, tail bytes).
 
-    Byte ``8k + i`` of a row is bits ``8i .. 8i+7`` of word ``k`` (little-endian assembly,
-    matching ``hybnn_load64`` in the generated code).
+    Byte ``4k + i`` of a row is bits ``8i .. 8i+7`` of word ``k`` (little-endian assembly,
+    matching ``hybnn_load32`` in the generated code).
     """
     rows, nbytes = packed.shape
-    nw, tail = divmod(nbytes, 8)
-    full = packed[:, : nw * 8].reshape(rows, nw, 8).astype(np.uint64)
-    shifts = (np.arange(8, dtype=np.uint64) * np.uint64(8))[None, None, :]
-    words = np.bitwise_or.reduce(full << shifts, axis=2) if nw else np.zeros((rows, 0), np.uint64)
+    nw, tail = divmod(nbytes, 4)
+    full = packed[:, : nw * 4].reshape(rows, nw, 4).astype(np.uint32)
+    shifts = (np.arange(4, dtype=np.uint32) * np.uint32(8))[None, None, :]
+    words = np.bitwise_or.reduce(full << shifts, axis=2) if nw else np.zeros((rows, 0), np.uint32)
     if not tail:
         return words, None, 0
-    rest = packed[:, nw * 8 :].astype(np.uint64) << (np.arange(tail, dtype=np.uint64) * np.uint64(8))[None, :]
+    rest = packed[:, nw * 4 :].astype(np.uint32) << (np.arange(tail, dtype=np.uint32) * np.uint32(8))[None, :]
     return words, np.bitwise_or.reduce(rest, axis=1), tail
 
 
 def _lsb_words(bits: np.ndarray) -> np.ndarray:
-    """Boolean rows (rows, n) -> uint64 (rows, ceil(n/64)); element ``j`` is bit ``j % 64`` of word ``j // 64``."""
+    """Boolean rows (rows, n) -> uint32 (rows, ceil(n/32)); element ``j`` is bit ``j % 32`` of word ``j // 32``."""
     rows, n = bits.shape
-    nw = -(-n // 64)
-    padded = np.zeros((rows, nw * 64), dtype=np.uint64)
+    nw = -(-n // 32)
+    padded = np.zeros((rows, nw * 32), dtype=np.uint32)
     padded[:, :n] = bits
-    weights = np.uint64(1) << np.arange(64, dtype=np.uint64)
-    return np.bitwise_or.reduce(padded.reshape(rows, nw, 64) * weights, axis=2)
+    weights = np.uint32(1) << np.arange(32, dtype=np.uint32)
+    return np.bitwise_or.reduce(padded.reshape(rows, nw, 32) * weights, axis=2)
 
 
 def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
@@ -83,7 +95,7 @@ def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
 
 
 def _tail_type(tail_bytes: int) -> str:
-    return {1: "uint8_t", 2: "uint16_t", 3: "uint32_t", 4: "uint32_t"}.get(tail_bytes, "uint64_t")
+    return {1: "uint8_t", 2: "uint16_t"}.get(tail_bytes, "uint32_t")
 
 
 def _ctype_bytes(ctype: str) -> int:
@@ -103,7 +115,7 @@ class _Array:
     def emit(self) -> str:
         fmt = {"uint64_t": "UINT64_C(0x{:016x})", "uint32_t": "0x{:08x}u", "uint16_t": "0x{:04x}u",
                "uint8_t": "0x{:02x}u"}.get(self.ctype, "{:d}")
-        per_line = 4 if self.ctype == "uint64_t" else 12
+        per_line = {"uint64_t": 4, "uint32_t": 8}.get(self.ctype, 12)
 
         def block(values: np.ndarray, indent: str) -> str:
             flat = [fmt.format(int(v)) for v in values]
@@ -120,36 +132,101 @@ class _Array:
 
 def _popcount_block() -> str:
     return """\
-/* Population count. The builtin only where it is one instruction (x86 with POPCNT,
- * AArch64), so that no build ever calls a runtime library; elsewhere a branch-free
- * shift-and-add count that needs no multiplier. */
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__POPCNT__) || defined(__aarch64__))
-#define HYBNN_POPC64(x) ((int32_t)__builtin_popcountll(x))
+/* Counting the set bits of a unit's words. With a vector popcount instruction
+ * (AVX-512 VPOPCNTDQ) the compiler turns __builtin_popcount in the loop over units
+ * into one instruction per 16 units, so each word is counted on its own. Everywhere
+ * else (AVX2, SSE, Cortex-M, any compiler) the words are first added bit-sliced with
+ * carry-save adders into bit planes of weight 1, 2, 4, ...; hybnn_count3 below counts
+ * three planes at once with shift-and-add steps. That needs no popcount instruction
+ * and no library call, and it is plain logic that compilers vectorize on AVX2. */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512VPOPCNTDQ__)
+#define HYBNN_VECTOR_POPCOUNT 1
+#define HYBNN_POPC32(x) ((int32_t)__builtin_popcount(x))
 #else
-static int32_t hybnn_popc64(uint64_t x)
+#define HYBNN_VECTOR_POPCOUNT 0
+/* Bit counts of the four bytes of x, each in its own byte (0 .. 8). */
+static inline uint32_t hybnn_byte_counts(uint32_t x)
 {
-    x = x - ((x >> 1) & UINT64_C(0x5555555555555555));
-    x = (x & UINT64_C(0x3333333333333333)) + ((x >> 2) & UINT64_C(0x3333333333333333));
-    x = (x + (x >> 4)) & UINT64_C(0x0f0f0f0f0f0f0f0f);
-    x = x + (x >> 8);
-    x = x + (x >> 16);
-    x = x + (x >> 32);
-    return (int32_t)(x & 0x7f);
+    x = x - ((x >> 1) & UINT32_C(0x55555555));
+    x = (x & UINT32_C(0x33333333)) + ((x >> 2) & UINT32_C(0x33333333));
+    return (x + (x >> 4)) & UINT32_C(0x0f0f0f0f);
 }
-#define HYBNN_POPC64(x) hybnn_popc64(x)
+
+/* popcount(p0) + 2 popcount(p1) + 4 popcount(p2). The weighted byte counts are added
+ * while still in bytes (each at most 8 + 16 + 32 = 56), then the four bytes once (at
+ * most 224, so the low byte holds the sum and no carry reaches it). */
+static inline int32_t hybnn_count3(uint32_t p0, uint32_t p1, uint32_t p2)
+{
+    uint32_t s = hybnn_byte_counts(p0) + (hybnn_byte_counts(p1) << 1) + (hybnn_byte_counts(p2) << 2);
+    s = s + (s >> 8);
+    s = s + (s >> 16);
+    return (int32_t)(s & 0xff);
+}
 #endif
 """
 
 
-_LOAD64 = [
-    "/* Little-endian assembly of 8 bytes: one load on common compilers, correct on any. */",
-    "static uint64_t hybnn_load64(const uint8_t *p)",
+_LOAD32 = [
+    "/* Little-endian assembly of 4 bytes: one load on common compilers, correct on any. */",
+    "static uint32_t hybnn_load32(const uint8_t *p)",
     "{",
-    "    return (uint64_t)p[0] | ((uint64_t)p[1] << 8) | ((uint64_t)p[2] << 16) | ((uint64_t)p[3] << 24)",
-    "         | ((uint64_t)p[4] << 32) | ((uint64_t)p[5] << 40) | ((uint64_t)p[6] << 48) | ((uint64_t)p[7] << 56);",
+    "    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);",
     "}",
     "",
 ]
+
+
+def _count_lines(terms: list[str], target: str, indent: str) -> list[str]:
+    """C lines that set ``target`` to the total popcount of the words ``terms`` (uint32 expressions).
+
+    Both forms of :func:`_popcount_block`: the per-word hardware count, and a carry-save
+    reduction of the words into bit planes counted by ``hybnn_count3``.
+    """
+    words = [f"a{k}" for k in range(len(terms))]
+    lines = [f"{indent}const uint32_t {w} = {t};" for w, t in zip(words, terms)]
+    lines.append("#if HYBNN_VECTOR_POPCOUNT")
+    lines.append(f"{indent}{target} = {' + '.join(f'HYBNN_POPC32({w})' for w in words)};")
+    lines.append("#else")
+    # Reduce the words of each weight with full adders (3 -> sum, carry) and half adders
+    # (2 -> sum, carry), lowest weight first, until every weight has one plane.
+    columns: list[list[str]] = [list(words)]
+    adders: list[str] = []
+    level = 0
+    while level < len(columns):
+        column = columns[level]
+        while len(column) > 1:
+            if level + 1 == len(columns):
+                columns.append([])
+            s, c = f"s{len(adders)}", f"c{len(adders)}"
+            if len(column) >= 3:
+                a, b, d = column.pop(0), column.pop(0), column.pop(0)
+                adders.append(f"{indent}const uint32_t {s} = {a} ^ {b} ^ {d}, {c} = ({a} & {b}) | ({d} & ({a} ^ {b}));")
+            else:
+                a, b = column.pop(0), column.pop(0)
+                adders.append(f"{indent}const uint32_t {s} = {a} ^ {b}, {c} = {a} & {b};")
+            column.append(s)
+            columns[level + 1].append(c)
+        level += 1
+    planes = [column[0] if column else "0" for column in columns]
+    if adders:
+        lines.append(f"{indent}/* carry-save adders (s: sum, c: carry); {', '.join(planes)} hold bits "
+                     f"{', '.join(map(str, range(len(planes))))} of each bit position's count */")
+        lines.extend(adders)
+    groups = []
+    for g in range(0, len(planes), 3):  # three planes per count; the sum of each group is below 256
+        p0, p1, p2 = (planes[g : g + 3] + ["0", "0"])[:3]
+        count = f"hybnn_count3({p0}, {p1}, {p2})"
+        groups.append(count if g == 0 else f"({count} << {g})")
+    lines.append(f"{indent}{target} = {' + '.join(groups)};")
+    lines.append("#endif")
+    return lines
+
+
+def _working_bytes(model: DeployedBNN) -> int:
+    """Stack bytes ``hybnn_classify`` needs, about: the counts, the packed layers, the output counts, scalars."""
+    cfg = model.config
+    hidden = 4 * max(cfg.hidden, default=0) + sum(4 * -(-h // 32) for h in cfg.hidden)
+    return hidden + 4 * cfg.num_classes + 64
 
 
 def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
@@ -164,23 +241,23 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
 
     # ---- the first layer reads the input code's bytes
     widths = (cfg.in_bits, *cfg.hidden)
-    nw0, tail0 = divmod(code_bytes, 8)
-    load = [f"    const uint64_t x{k} = hybnn_load64(code + {8 * k});" for k in range(nw0)]
+    nw0, tail0 = divmod(code_bytes, 4)
+    load = [f"    const uint32_t x{k} = hybnn_load32(code + {4 * k});" for k in range(nw0)]
     if tail0:
-        parts = " | ".join(f"((uint64_t)code[{8 * nw0 + i}] << {8 * i})" for i in range(tail0))
+        parts = " | ".join(f"((uint32_t)code[{4 * nw0 + i}] << {8 * i})" for i in range(tail0))
         mask = ""
         if n0 % 8:
             keep = (0xFF << (8 - n0 % 8)) & 0xFF
             full_mask = ((1 << (8 * (tail0 - 1))) - 1) | (keep << (8 * (tail0 - 1)))
-            mask = f" & UINT64_C(0x{full_mask:x})"
-        load.append(f"    const uint64_t xt = ({parts}){mask};")
+            mask = f" & UINT32_C(0x{full_mask:x})"
+        load.append(f"    const uint32_t xt = ({parts}){mask};")
     body.extend(load)
 
     def layer_inputs(index: int) -> tuple[list[str], str | None]:
         """Expressions for the layer's input words and its tail word."""
         if index == 0:
             return [f"x{k}" for k in range(nw0)], ("xt" if tail0 else None)
-        nw = -(-widths[index] // 64)
+        nw = -(-widths[index] // 32)
         return [f"h{index}[{k}]" for k in range(nw)], None
 
     def weight_words(index: int, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -190,6 +267,19 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
             return _le_words(packed)
         return _lsb_words(bits), None, 0
 
+    def weight_terms(index: int, prefix: str, words: np.ndarray, tail: np.ndarray | None, tail_bytes: int,
+                     unit: str) -> list[str]:
+        """Declare the layer's weight arrays; return the XOR terms ``x_k ^ W_k[unit]``."""
+        xs, xt = layer_inputs(index)
+        terms = []
+        for k in range(words.shape[1]):
+            arrays.append(_Array(f"{prefix}_W{k}", "uint32_t", words[:, k]))
+            terms.append(f"{xs[k]} ^ {prefix}_W{k}[{unit}]")
+        if tail is not None:
+            arrays.append(_Array(f"{prefix}_WT", _tail_type(tail_bytes), tail))
+            terms.append(f"{xt} ^ {prefix}_WT[{unit}]")
+        return terms
+
     for i, layer in enumerate(model.hidden):
         n, h = layer.n_in, layer.n_out
         bits = _unpack(layer.weights, n)
@@ -197,35 +287,33 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
         bits = np.where(layer.flip[:, None], ~bits, bits)
         thresh = np.where(layer.flip, t, n - t)  # fires iff d' <= thresh
         words, tail, tail_bytes = weight_words(i, bits)
-        terms = []
-        xs, xt = layer_inputs(i)
-        for k in range(words.shape[1]):
-            arrays.append(_Array(f"L{i}_W{k}", "uint64_t", words[:, k]))
-            terms.append(f"HYBNN_POPC64({xs[k]} ^ L{i}_W{k}[j])")
-        if tail is not None:
-            tt = _tail_type(tail_bytes)
-            arrays.append(_Array(f"L{i}_WT", tt, tail))
-            terms.append(f"HYBNN_POPC64({xt} ^ L{i}_WT[j])")
+        terms = weight_terms(i, f"L{i}", words, tail, tail_bytes, "j")
         arrays.append(_Array(f"L{i}_T", "int16_t", thresh.astype(np.int16)))
-        nw_out = -(-h // 64)
-        padding = (
-            f"\n    for (j = {h}; j < {64 * nw_out}; ++j) {{\n        f{i}[j] = 0;\n    }}" if h % 64 else ""
-        )
-        body.append(f"""
-    /* hidden layer {i}: {n} -> {h}; unit j fires iff popcount(x ^ w'_j) <= T_j */
-    for (j = 0; j < {h}; ++j) {{
-        f{i}[j] = (uint8_t)({" + ".join(terms) or "0"} <= L{i}_T[j]);
-    }}{padding}
-    /* pack the 0/1 bytes LSB-first; one 32-bit multiply gathers 4 bytes into 4 bits */
-    for (k = 0; k < {nw_out}; ++k) {{
-        uint64_t m = 0;
-        for (b = 0; b < 16; ++b) {{
-            const uint8_t *q = f{i} + 64 * k + 4 * b;
-            const uint32_t v = (uint32_t)q[0] | ((uint32_t)q[1] << 8) | ((uint32_t)q[2] << 16) | ((uint32_t)q[3] << 24);
-            m |= (uint64_t)((v * UINT32_C(0x10204080)) >> 28) << (4 * b);
+        full, rest = divmod(h, 32)
+        pack = []
+        if full:
+            pack.append(f"""
+    for (k = 0; k < {full}; ++k) {{
+        uint32_t m = 0;
+        for (b = 0; b < 32; ++b) {{
+            m |= (uint32_t)(cnt[32 * k + b] <= L{i}_T[32 * k + b]) << b;
         }}
         h{i + 1}[k] = m;
     }}""")
+        if rest:
+            pack.append(f"""
+    h{i + 1}[{full}] = 0;  /* the last {rest} unit(s); the padding bits stay 0 */
+    for (b = 0; b < {rest}; ++b) {{
+        h{i + 1}[{full}] |= (uint32_t)(cnt[{32 * full} + b] <= L{i}_T[{32 * full} + b]) << b;
+    }}""")
+        count = "\n".join(_count_lines(terms, "cnt[j]", "        "))
+        body.append(f"""
+    /* hidden layer {i}: {n} -> {h}; unit j fires iff popcount(x ^ w'_j) <= T_j. Two
+     * straight loops over the units, which compilers vectorize: the counts, then the
+     * comparisons, packed LSB-first 32 units to a word. */
+    for (j = 0; j < {h}; ++j) {{
+{count}
+    }}{"".join(pack)}""")
 
     # ---- output layer
     out = model.output
@@ -233,15 +321,7 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
     idx = len(model.hidden)
     bits = _unpack(out.weights, n)
     words, tail, tail_bytes = weight_words(idx, bits)
-    xs, xt = layer_inputs(idx)
-    terms = []
-    for k in range(words.shape[1]):
-        arrays.append(_Array(f"OUT_W{k}", "uint64_t", words[:, k]))
-        terms.append(f"HYBNN_POPC64({xs[k]} ^ OUT_W{k}[c])")
-    if tail is not None:
-        arrays.append(_Array("OUT_WT", _tail_type(tail_bytes), tail))
-        terms.append(f"HYBNN_POPC64({xt} ^ OUT_WT[c])")
-    dsum = " + ".join(terms) or "0"
+    terms = weight_terms(idx, "OUT", words, tail, tail_bytes, "c")
     if out.form == "affine":
         scale = out.scale.astype(np.int64)
         arrays.append(_Array("OUT_A", "int32_t", (-scale).astype(np.int32)))
@@ -252,11 +332,15 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
         ctype = "int16_t" if table.max() < 2**15 else "int32_t"
         arrays.append(_Array("OUT_TAB", ctype, np.ascontiguousarray(table)))
         score = "(int32_t)OUT_TAB[c][d]"
+    count = "\n".join(_count_lines(terms, "dc[c]", "        "))
     body.append(f"""
-    /* output layer: {n} -> {c}; first class with the highest integer score */
+    /* output layer: {n} -> {c}; first class with the highest integer score. The counts
+     * get a loop of their own, which compilers vectorize over the classes. */
     for (c = 0; c < {c}; ++c) {{
-        const int32_t d = {dsum};
-        const int32_t score = {score};
+{count}
+    }}
+    for (c = 0; c < {c}; ++c) {{
+        const int32_t d = dc[c], score = {score};
         if (c == 0 || score > best_score) {{
             best_score = score;
             best = c;
@@ -266,12 +350,16 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
 
     model_bytes = sum(a.nbytes() for a in arrays)
     decls = ["    int32_t j, k, b, c, best = 0, best_score = 0;"]
+    if model.hidden:  # every hidden layer's counts, one at a time
+        decls.append(f"    int32_t cnt[{max(cfg.hidden)}];")
+    decls.append(f"    int32_t dc[{c}];")
     for i, layer in enumerate(model.hidden):
-        decls.append(f"    uint8_t f{i}[{64 * -(-layer.n_out // 64)}];")
-        decls.append(f"    uint64_t h{i + 1}[{-(-layer.n_out // 64)}];")
+        decls.append(f"    uint32_t h{i + 1}[{-(-layer.n_out // 32)}];")
     unused = []
     if not model.hidden:
         unused.append("    (void)j; (void)k; (void)b;")
+    elif max(cfg.hidden) < 32:  # no full word of hidden units: no loop over words
+        unused.append("    (void)k;")
 
     header = _header(model, code_bytes, model_bytes)
     source = "\n".join([
@@ -280,7 +368,7 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
         f'#include "{HEADER_NAME}"',
         "",
         _popcount_block(),
-        *(_LOAD64 if nw0 else []),
+        *(_LOAD32 if nw0 else []),
         *[a.emit() for a in arrays],
         f"/* The C arrays above hold {model_bytes} bytes: HYBNN_MODEL_BYTES. */",
         "typedef char hybnn_model_bytes_check[(" + " + ".join(f"sizeof({a.name})" for a in arrays)
@@ -330,7 +418,7 @@ def _header(model: DeployedBNN, code_bytes: int, model_bytes: int) -> str:
  * mode, for every possible input code.
  *
  * Needs: C99 and <stdint.h>. No heap, no floating point, no library calls, no
- * global state: the functions are reentrant. Working memory: about {sum(72 * (-(-h // 64)) for h in cfg.hidden) + 64} bytes.
+ * global state: the functions are reentrant. Working memory: about {_working_bytes(model)} bytes.
  *
  * Input contract. A code is HYBNN_CODE_BYTES = {code_bytes} bytes holding the encoder's
  * {cfg.in_bits} bits. Bit i of the code (i = 0 .. {cfg.in_bits - 1}) is bit (7 - i % 8) of byte i / 8,
