@@ -121,6 +121,7 @@ def check_resumable(source: Path, run_config: dict) -> int:
     from common.federated import codec
     from common.bnn.model import BNNConfig
     from common.encoder.artifact import load_encoder_artifact
+    from common.data.datasets import get_dataset
     from common.data.tasks import task_for_dataset
     from server import resume
     from server.server_app import ServerSettings
@@ -135,7 +136,9 @@ def check_resumable(source: Path, run_config: dict) -> int:
     config = BNNConfig.for_task(int(artifact.config.latent_bits), num_classes)
     layout = codec.layout_for(config)
     bnn = {"config": config.to_dict(), "binary_weights": layout.n_binary, "bn_numbers": layout.n_bn}
-    resume.check_matches(state, resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION, bnn))
+    fingerprint = get_dataset(settings.dataset).fingerprint(settings.data_root)
+    resume.check_matches(state, resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION, bnn,
+                                                fingerprint))
     resume.check_payload(checkpoint, layout)
     earlier_record(checkpoint)
     return checkpoint.round
