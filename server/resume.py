@@ -208,6 +208,14 @@ def check_record(record, server_round: int, state_path: Path) -> None:
             value = entry[name]
             if not (_is_kind(value, kind) or (not required and value is None)):
                 refuse(f"{name!r} = {value!r} in the record of round {entry['round']}; it must be {KIND_WORDS[kind]}")
+        for client in entry["clients"]:
+            reported = client.get("reported", {})
+            if not _is_kind(client.get("node_id"), "count") or not isinstance(reported, dict) \
+                    or not _is_kind(reported.get("partition_id", 0), "count") \
+                    or any(reported.get(key) is not None and not _is_kind(reported[key], "number")
+                           for key in ("train_acc", "train_loss")):
+                refuse(f"the client {client!r} in the record of round {entry['round']}; a client is a node_id "
+                       "(a whole number) and what it reported (partition_id, train_acc, train_loss)")
     initial = record.get("initial", {})
     if not isinstance(initial, dict) or any(not _is_kind(initial[key], kind) for key, kind in
                                             (("test_acc", "fraction"), ("test_loss", "number")) if key in initial):

@@ -15,7 +15,8 @@ from common.errors import HyBNNError
 
 
 ROUND_1 = {"round": 1, "test_acc": 0.9, "test_loss": 0.3, "uplink_bytes": 100, "downlink_bytes": 120,
-           "clients": [{"node": 1, "uplink_bytes": 100}], "dropped": [], "capped": [], "connected": 2,
+           "clients": [{"node_id": 1, "uplink_bytes": 100,
+                                                                   "reported": {"partition_id": 0, "train_acc": 0.8}}], "dropped": [], "capped": [], "connected": 2,
            "sampled": [1, 2], "sampled_partitions": [0, 1], "replied": [1], "seconds": 1.5,
            "uplink_bits_per_binary_weight": 1.0, "sign_bits_per_binary_weight": 1.0, "sign_flip_fraction": None}
 """A round as the ServerApp records it."""
@@ -130,12 +131,15 @@ def test_malformed_state_fields_are_refused(genuine, tmp_path, changes):
     ("uplink_bytes", "100"), ("uplink_bytes", 1.5), ("uplink_bytes", True), ("downlink_bytes", -1),
     ("clients", "abc"), ("clients", [1]), ("dropped", {"a": 1}), ("capped", 3), ("sampled", 2),
     ("seconds", "soon"), ("sign_flip_fraction", 2.0), ("connected", "2"),
+    ("clients", [{"uplink_bytes": 1}]), ("clients", [{"node_id": 1, "reported": {"partition_id": "a"}}]),
+    ("clients", [{"node_id": 1, "reported": {"train_acc": "high"}}]), ("clients", [{"node_id": 1, "reported": 3}]),
 ])
 def test_a_round_record_of_the_wrong_type_or_range_is_refused_before_training(genuine, tmp_path, field, value):
     """Each of these passed the checks and crashed when the results were written, after training."""
     run_config, save = genuine
     folder = save(tmp_path / "run", record={"initial": {}, "rounds": [{**ROUND_1, field: value}]})
-    with pytest.raises(HyBNNError, match=f"'{field}' = .* in the record of round 1; it must be"):
+    what = "the client" if field == "clients" and isinstance(value, list) and value != [1] else f"'{field}' = "
+    with pytest.raises(HyBNNError, match=f"{what}.* in the record of round 1"):
         _resume(folder, run_config)
 
 
