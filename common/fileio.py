@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -170,13 +171,13 @@ def _probe_error(path: Path, existing: Path, what: str, exc: OSError) -> FileWri
 
 @contextlib.contextmanager
 def keeping_earlier(out_dir: Path | str, names: tuple[str, ...]) -> Iterator[Path | None]:
-    """Around writing the files ``names`` into ``out_dir``: the earlier ones are first moved into
-    ``out_dir/replaced-<UTC time>/`` (yielded; ``None`` when there were none), so that a new result
-    never destroys an earlier one. If the writing fails, they are moved back in place."""
+    """Around writing the files (or folders) ``names`` into ``out_dir``: the earlier ones are first
+    moved into ``out_dir/replaced-<UTC time>/`` (yielded; ``None`` when there were none), so that a new
+    result never destroys an earlier one. If the writing fails, they are moved back in place."""
     import datetime
 
     out_dir = Path(out_dir)
-    earlier = [name for name in names if (out_dir / name).is_file()]
+    earlier = [name for name in names if (out_dir / name).exists() or (out_dir / name).is_symlink()]
     if not earlier:
         yield None
         return
@@ -192,7 +193,11 @@ def keeping_earlier(out_dir: Path | str, names: tuple[str, ...]) -> Iterator[Pat
         for name in moved:  # the earlier files come back over any new one
             os.replace(kept / name, out_dir / name)
         for name in set(names) - set(earlier):  # a new file that had no earlier namesake goes
-            (out_dir / name).unlink(missing_ok=True)
+            new = out_dir / name
+            if new.is_dir() and not new.is_symlink():
+                shutil.rmtree(new, ignore_errors=True)
+            else:
+                new.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             kept.rmdir()  # only when empty: nothing earlier is ever deleted
         if isinstance(exc, OSError):

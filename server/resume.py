@@ -4,13 +4,15 @@ After every round the ServerApp saves, under ``<out-dir>/checkpoint/``:
 
 * ``global-rNNNN.safetensors``: the global model's payload (the arrays of the
   ``ArrayRecord`` the clients receive next, :mod:`common.federated.codec`), as numpy arrays;
-* ``state.json``: the round it follows, the run's identity (task, encoder sha256,
-  codec version, BNN shape) and every setting that decides the model (seed, rounds,
+* ``state.json``: the round it follows, the run's identity (task, encoder sha256, the
+  fingerprint of the data set it trains and evaluates on, codec version, BNN shape) and every setting that decides the model (seed, rounds,
   learning rate and its schedule, partition, ...), the sha256 of the arrays file, and
   the run's record so far (server.json's rounds), which the resumed run goes on with.
 
 Both are written atomically, the arrays first, so ``state.json`` always names a
-complete arrays file. Nothing is pickled. The clients' randomness in a round depends
+complete arrays file. Nothing is pickled. Reading one back checks every field it holds by
+type and range (:func:`check_record` for the record of the rounds), so a damaged or edited
+checkpoint is a :class:`HyBNNError` before any training, never a crash after it. The clients' randomness in a round depends
 only on (seed, round, partition) and the learning rate only on the round, so a run
 resumed from round ``k`` goes on exactly as the uninterrupted run would have.
 
@@ -74,11 +76,15 @@ class Checkpoint:
     directory: Path
 
 
-def identity(settings: dict, encoder_sha256: str, codec_version: int, bnn: dict) -> dict:
-    """What a checkpoint and the run resuming it must agree on, as JSON has it (tuples become lists)."""
+def identity(settings: dict, encoder_sha256: str, codec_version: int, bnn: dict,
+             data_fingerprint: str | None = None) -> dict:
+    """What a checkpoint and the run resuming it must agree on, as JSON has it (tuples become lists).
+    ``data_fingerprint``: :meth:`common.data.datasets.Dataset.fingerprint` of the run's data set, so a
+    data file changed behind the same path is not resumed on."""
     return json.loads(json.dumps({
         "settings": {key: settings[key] for key in DETERMINING_SETTINGS},
         "encoder_sha256": encoder_sha256,
+        "data_fingerprint": data_fingerprint,
         "codec_version": codec_version,
         "bnn": bnn,
     }))
@@ -151,6 +157,75 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     return Checkpoint(round=server_round, payload=payload, state=state, directory=directory)
 
 
+ROUND_FIELDS = {
+    # name: (required, what it must be)
+    "test_acc": (True, "fraction"), "test_loss": (True, "number"), "uplink_bytes": (True, "count"),
+    "downlink_bytes": (True, "count"), "clients": (True, "records"), "dropped": (True, "records"),
+    "capped": (False, "records"), "connected": (False, "count"), "sampled": (False, "list"),
+    "sampled_partitions": (False, "list"), "replied": (False, "list"), "seconds": (False, "number"),
+    "uplink_bits_per_binary_weight": (False, "number"), "sign_bits_per_binary_weight": (False, "number"),
+    "sign_flip_fraction": (False, "fraction"),
+}
+"""The fields of a round in a checkpoint's record that the resumed run reads, and their kind."""
+
+
+def _is_kind(value, kind: str) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "fraction":
+        return number and 0 <= value <= 1
+    if kind == "number":
+        return number and value >= 0
+    if kind == "count":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if kind == "records":
+        return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+    return isinstance(value, list)
+
+
+KIND_WORDS = {"fraction": "a number from 0 to 1", "number": "a finite number >= 0", "count": "a whole number >= 0",
+              "records": "a list of JSON objects", "list": "a list"}
+
+
+def check_record(record, server_round: int, state_path: Path) -> None:
+    """Refuse a checkpoint's record of rounds 1..``server_round`` that the resumed run could not go on
+    with: each field by type and range, so that it fails here, not when the results are written."""
+    def refuse(what: str) -> None:
+        raise HyBNNError(f"{state_path} holds {what}, so the file was edited or damaged; the run cannot be "
+                         "resumed from it. Start it afresh with another --out, or resume an undamaged copy.")
+
+    if not isinstance(record, dict):
+        refuse(f"a record of type {type(record).__name__}, not a JSON object")
+    rounds = record.get("rounds")
+    if not isinstance(rounds, list) or [r.get("round") if isinstance(r, dict) else None for r in rounds] \
+            != list(range(1, server_round + 1)):
+        refuse(f"no record of rounds 1 to {server_round} (its 'rounds' entry is not that list)")
+    for entry in rounds:
+        for name, (required, kind) in ROUND_FIELDS.items():
+            if name not in entry:
+                if required:
+                    refuse(f"a record of round {entry['round']} without its {name!r}")
+                continue
+            value = entry[name]
+            if not (_is_kind(value, kind) or (not required and value is None)):
+                refuse(f"{name!r} = {value!r} in the record of round {entry['round']}; it must be {KIND_WORDS[kind]}")
+        for client in entry["clients"]:
+            reported = client.get("reported", {})
+            if not _is_kind(client.get("node_id"), "count") or not isinstance(reported, dict) \
+                    or not _is_kind(reported.get("partition_id", 0), "count") \
+                    or any(reported.get(key) is not None and not _is_kind(reported[key], "number")
+                           for key in ("train_acc", "train_loss")):
+                refuse(f"the client {client!r} in the record of round {entry['round']}; a client is a node_id "
+                       "(a whole number) and what it reported (partition_id, train_acc, train_loss)")
+    initial = record.get("initial", {})
+    if not isinstance(initial, dict) or any(not _is_kind(initial[key], kind) for key, kind in
+                                            (("test_acc", "fraction"), ("test_loss", "number")) if key in initial):
+        refuse(f"the initial evaluation {initial!r}; it must be a JSON object of test_acc (0 to 1) and test_loss")
+    resumed = record.get("resumed_after_rounds", [])
+    if not isinstance(resumed, list) or any(not _is_kind(value, "count") or not 1 <= value < server_round
+                                            for value in resumed):
+        refuse(f"resumed_after_rounds = {resumed!r}; it must be a list of rounds from 1 to {server_round - 1}")
+
+
 def check_payload(checkpoint: Checkpoint, layout) -> None:
     """Refuse checkpoint arrays that are not a global model of this BNN (``layout``, :mod:`common.federated.codec`)."""
     from common.federated.codec import CodecError, decode
@@ -165,7 +240,9 @@ def check_payload(checkpoint: Checkpoint, layout) -> None:
 def check_matches(state: dict, ident: dict) -> None:
     """Refuse a checkpoint taken by another run: every difference is named."""
     differences = []
-    for key in ("encoder_sha256", "codec_version", "bnn"):
+    for key in ("encoder_sha256", "data_fingerprint", "codec_version", "bnn"):
+        if key == "data_fingerprint" and "data_fingerprint" not in state:
+            continue  # saved before checkpoints recorded it: the run's settings still name the data set
         if state.get(key) != ident[key]:
             differences.append(f"{key.replace('_', ' ')}: checkpoint {state.get(key)!r}, this run {ident[key]!r}")
     saved = state.get("settings")

@@ -42,6 +42,7 @@ from common.bnn.model import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
 from common.federated.settings import parse_settings, per_round_settings, read_by, settings_dataclass
+from common.data.datasets import get_dataset
 from common.data.tasks import select_task, task_for_dataset
 from common.bnn.training import evaluate
 from common.federated.wire import TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
@@ -159,7 +160,8 @@ def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> di
         "status": "running",
     }
     ident = resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION,
-                            {"config": config.to_dict(), **results["bnn"]})
+                            {"config": config.to_dict(), **results["bnn"]},
+                            get_dataset(settings.dataset).fingerprint(settings.data_root))
     checkpoint = None
     if settings.resume_dir:
         checkpoint = resume.load_checkpoint(Path(settings.resume_dir))
@@ -270,15 +272,11 @@ def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> di
 
 
 def earlier_record(checkpoint: resume.Checkpoint) -> dict:
-    """The server.json record of rounds 1 to the checkpoint's, saved with it, to go on from."""
+    """The server.json record of rounds 1 to the checkpoint's, saved with it, to go on from;
+    refused (:func:`server.resume.check_record`) unless every field is of its type and range."""
     record = checkpoint.state.get("record")
-    record = record if isinstance(record, dict) else {}
-    rounds = record.get("rounds")
-    rounds = rounds if isinstance(rounds, list) else []
-    if [r.get("round") if isinstance(r, dict) else None for r in rounds] != list(range(1, checkpoint.round + 1)):
-        raise HyBNNError(f"Cannot resume: the checkpoint in {checkpoint.directory} does not hold the record of "
-                         f"rounds 1 to {checkpoint.round}.")
-    return {"rounds": rounds, "initial": record.get("initial", {}),
+    resume.check_record(record, checkpoint.round, checkpoint.directory / resume.STATE_NAME)
+    return {"rounds": record["rounds"], "initial": record.get("initial", {}),
             "resumed_after_rounds": list(record.get("resumed_after_rounds", []))}
 
 

@@ -482,7 +482,10 @@ def finish_run(server_json: Path, staging: Path, out: Path, centralized: dict, c
         results["status"] = "stopped"
     done = len(results["rounds"])
     write_results(results, staging)
-    runs.publish(staging, out)
+    kept = runs.publish(staging, out, keep_earlier=source is None)
+    if kept is not None:
+        print(f"The earlier run in {out} is kept in {kept}; pass --resume {out} to go on with a run "
+              "instead of starting a new one.", file=sys.stderr, flush=True)
     runs.forget_source(source, out)
     if results["status"] != "finished":
         print(f"Stopped after round {done} of {total_rounds}; results in {out / 'results.json'}. "

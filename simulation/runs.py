@@ -1,10 +1,13 @@
 """What `federate` and `deploy-local` share around a run: its folder, stopping, resuming.
 
 * Output folder: a run writes into a fresh staging folder ``<out>/.run-<time>-<pid>/``.
-  Its files replace the earlier ones in ``<out>`` only once it has a round of its own
-  (:func:`publish`); a run that reached nothing leaves ``<out>`` as it was. A run cut off
-  before publishing (the machine stopped) keeps its checkpoint in the staging folder,
-  where ``--resume <out>`` finds it.
+  Its files go into ``<out>`` only once it has a round of its own (:func:`publish`); a run
+  that reached nothing leaves ``<out>`` as it was. A new run (not ``--resume``) keeps the
+  earlier run's files in ``<out>/replaced-<UTC time>/`` (:func:`common.fileio.keeping_earlier`),
+  checkpoint included; a resumed run goes on with the earlier one and replaces it. A run cut
+  off before publishing (the machine stopped) keeps its checkpoint in the staging folder,
+  where ``--resume <out>`` finds it. A staging folder with no checkpoint, of a process that
+  is gone, holds nothing to resume: the next run in ``<out>`` removes it (:func:`prune_staging`).
 * Stopping: :class:`StopSignals` turns the first SIGINT or SIGTERM into
   ``KeyboardInterrupt`` and ignores the ones that follow while the run stops, so a
   second Ctrl-C never interrupts the clean-up.
@@ -46,6 +49,7 @@ def staging_dir(out: Path) -> Path:
     and publishing never take the folder of a run still going on."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    prune_staging(out)
     path = out / f"{STAGING_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     path.mkdir()
     fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -54,14 +58,50 @@ def staging_dir(out: Path) -> Path:
     return path
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Move everything in ``staging`` into ``out``, each entry replacing its earlier namesake,
-    ``results.json`` last; then remove ``staging``. Two runs publishing into one ``out`` at
-    once take turns, so ``out`` holds one run's complete set, never a mix or a crash."""
+def _staging_pid(path: Path) -> int | None:
+    """The process id in a staging folder's name (``.run-<date>-<time>-<pid>``)."""
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def prune_staging(out: Path) -> list[Path]:
+    """Remove the staging folders in ``out`` of runs that ended without a checkpoint (a run that
+    failed or was killed before its first round): nothing there to resume or publish. A folder
+    whose lock is held or whose process lives is a run going on and stays; so does one with a
+    checkpoint (``--resume`` takes it). Each removal is said on stderr; the removed folders."""
+    from server.resume import read_state, run_in_progress
+
+    removed = []
+    for path in sorted(Path(out).glob(f"{STAGING_PREFIX}*")):
+        pid = _staging_pid(path)
+        if (not path.is_dir() or path.is_symlink() or path in _held_locks or run_in_progress(path)
+                or (pid is not None and is_alive(pid)) or read_state(path) is not None):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"Removed {path}: the staging folder of a run that ended without a checkpoint "
+              "(nothing in it to resume).", file=sys.stderr, flush=True)
+        removed.append(path)
+    return removed
+
+
+def publish(staging: Path, out: Path, keep_earlier: bool = True) -> Path | None:
+    """Move everything in ``staging`` into ``out``, ``results.json`` last; then remove ``staging``.
+    With ``keep_earlier`` (a new run), the earlier entries of those names are first moved into
+    ``out/replaced-<UTC time>/`` (returned); without it (a resumed run, which goes on with the
+    earlier one) they are replaced. Two runs publishing into one ``out`` at once take turns, so
+    ``out`` holds one run's complete set, never a mix or a crash."""
+    from common.fileio import keeping_earlier
+
     staging, out = Path(staging), Path(out)
     with open(out / PUBLISH_LOCK_NAME, "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        _publish(staging, out)
+        if not keep_earlier:
+            _publish(staging, out)
+            return None
+        names = tuple(p.name for p in staging.iterdir() if p.name != LOCK_NAME)
+        with keeping_earlier(out, names) as kept:
+            _publish(staging, out)
+        return kept
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -121,6 +161,7 @@ def check_resumable(source: Path, run_config: dict) -> int:
     from common.federated import codec
     from common.bnn.model import BNNConfig
     from common.encoder.artifact import load_encoder_artifact
+    from common.data.datasets import get_dataset
     from common.data.tasks import task_for_dataset
     from server import resume
     from server.server_app import ServerSettings
@@ -135,7 +176,9 @@ def check_resumable(source: Path, run_config: dict) -> int:
     config = BNNConfig.for_task(int(artifact.config.latent_bits), num_classes)
     layout = codec.layout_for(config)
     bnn = {"config": config.to_dict(), "binary_weights": layout.n_binary, "bn_numbers": layout.n_bn}
-    resume.check_matches(state, resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION, bnn))
+    fingerprint = get_dataset(settings.dataset).fingerprint(settings.data_root)
+    resume.check_matches(state, resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION, bnn,
+                                                fingerprint))
     resume.check_payload(checkpoint, layout)
     earlier_record(checkpoint)
     return checkpoint.round

@@ -82,10 +82,14 @@ def test_cache_is_keyed_by_encoder_hash(tmp_path: Path, fake_data: dict) -> None
 
 
 def write_cache_file(path: Path, codes: np.ndarray, labels: np.ndarray, digest: str | None = None) -> None:
-    """A cache file in the current format; ``digest`` defaults to the one of its contents."""
+    """A cache file in the current format, made by the encoder of its folder from the fake data;
+    ``digest`` defaults to the one of its contents."""
+    from common.data.mnist import dataset_sha256
+
     architecture = json.dumps(VAEConfig().to_dict(), sort_keys=True)  # make_artifact's
     np.savez(path, codes=codes, labels=labels, version=np.int64(features.CACHE_FORMAT_VERSION),
-             sha256=np.str_(digest or features.cache_digest(codes, labels)), architecture=np.str_(architecture))
+             sha256=np.str_(digest or features.cache_digest(codes, labels)), architecture=np.str_(architecture),
+             encoder_sha256=np.str_(path.parent.name), data_sha256=np.str_(dataset_sha256(*fake_mnist())))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-shape", "wrong-dtype",
@@ -120,6 +124,37 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path: Path, fake_data: dict
     assert np.array_equal(load_codes(art, tmp_path / "data", "test", progress=False)[0], codes)
     assert fake_data["encode"] == 2
     assert [p.name for p in path.parent.iterdir()] == ["test.npz"]
+
+
+def test_a_cache_file_copied_from_another_encoders_folder_is_not_used(
+        tmp_path: Path, fake_data: dict, caplog: pytest.LogCaptureFixture) -> None:
+    """Same architecture, same data, a valid file: only the encoder's sha256 inside it tells it apart."""
+    art_a = make_artifact(tmp_path / "a", seed=0)
+    art_b = make_artifact(tmp_path / "b", seed=1)
+    codes_a, _ = load_codes(art_a, tmp_path / "data", "test", progress=False)
+    path_a, path_b = (cache_path(art, tmp_path / "data", "test") for art in (art_a, art_b))
+    path_b.parent.mkdir(parents=True)
+    path_b.write_bytes(path_a.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="common.encoder.features"):
+        codes_b, _ = load_codes(art_b, tmp_path / "data", "test", progress=False)
+    assert fake_data["encode"] == 2  # recomputed, not read
+    assert not np.array_equal(codes_b, codes_a)
+    assert str(path_b) in caplog.text and art_a.sha256 in caplog.text and "copied or moved" in caplog.text
+    assert np.array_equal(load_codes(art_a, tmp_path / "data", "test", progress=False)[0], codes_a)
+    assert fake_data["encode"] == 2  # A's own file is untouched and still used
+
+
+def test_a_cache_file_of_other_data_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 fake_data: dict, caplog: pytest.LogCaptureFixture) -> None:
+    """The data behind the same path changed (same labels, other images): the codes are recomputed."""
+    art = make_artifact(tmp_path / "a")
+    codes, labels = load_codes(art, tmp_path / "data", "test", progress=False)
+    images, _ = fake_mnist()
+    monkeypatch.setattr(features, "load_mnist", lambda root, split: (255 - images, labels))
+    with caplog.at_level(logging.WARNING, logger="common.encoder.features"):
+        recoded, _ = load_codes(art, tmp_path / "data", "test", progress=False)
+    assert fake_data["encode"] == 2 and not np.array_equal(recoded, codes)
+    assert "encodes the data with sha256" in caplog.text
 
 
 def test_inference_encoder_matches_the_training_form() -> None:

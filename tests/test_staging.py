@@ -246,3 +246,81 @@ def test_a_resumed_run_forgets_its_source_however_the_folder_was_spelled(tmp_pat
     kept.mkdir(parents=True)
     runs.forget_source(kept, Path("out"))
     assert kept.exists()
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _finished_staging(out, server_round: int):
+    """A staging folder as a run leaves it after ``server_round`` rounds: record and checkpoint."""
+    from tests.test_resume_tamper import ROUND_1
+
+    rounds = [{**ROUND_1, "round": r} for r in range(1, server_round + 1)]
+    staging = _unfinished_staging(out, {"status": "finished", "rounds": rounds})
+    _checkpoint(staging, server_round)
+    return staging
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_new_run_into_the_out_of_an_earlier_one_keeps_the_earlier_run(tmp_path, resumed):
+    """Without --resume, the run of round 4 is not replaced by a new one of round 2: it moves to
+    OUT/replaced-TIME/, checkpoint and all. A resumed run goes on with it, so it replaces it."""
+    from server import resume
+    from simulation.federate import finish_run
+
+    out = tmp_path / "out"
+    first = _finished_staging(out, 4)
+    finish_run(first / "server.json", first, out, {}, {}, time.perf_counter(), False, None, 4)
+    assert resume.read_state(out)["round"] == 4
+    second = _finished_staging(out, 2)
+    finish_run(second / "server.json", second, out, {}, {}, time.perf_counter(), False,
+               out if resumed else None, 2)
+    assert resume.read_state(out)["round"] == 2
+    kept = list(out.glob("replaced-*"))
+    if resumed:
+        assert kept == []
+    else:
+        assert len(kept) == 1 and resume.read_state(kept[0])["round"] == 4
+        assert len(json.loads((kept[0] / "results.json").read_text())["rounds"]) == 4
+        assert (kept[0] / "logs" / "simulation.log").exists()
+    assert resume.latest_run_dir(out) == out  # --resume OUT takes the new run, not the kept one
+
+
+def test_a_new_run_prunes_failed_staging_folders_only(tmp_path, capsys):
+    """At the start of a run: a staging folder with no checkpoint whose process is gone is removed
+    (said on stderr); one with a checkpoint (for --resume), one of a live run and the published
+    run stay."""
+    import fcntl
+
+    from simulation import runs
+
+    out = tmp_path / "out"
+    _checkpoint(out, 3)  # the published run
+    (out / "results.json").write_text('{"published": true}')
+    failed = out / f".run-20260101-000000-{_dead_pid()}"
+    failed.mkdir()
+    (failed / runs.LOCK_NAME).touch()
+    (failed / "logs").mkdir()
+    resumable = out / f".run-20260101-000001-{_dead_pid()}"
+    _checkpoint(resumable, 2)
+    live = out / f".run-20260101-000002-{_dead_pid()}"  # its lock held by a live process
+    live.mkdir()
+    holder = os.open(live / runs.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        new = runs.staging_dir(out)
+    finally:
+        os.close(holder)
+    assert not failed.exists()
+    assert resumable.is_dir() and live.is_dir() and new.is_dir()
+    assert json.loads((out / "results.json").read_text()) == {"published": True}
+    assert (out / "checkpoint" / "state.json").exists()
+    assert f"Removed {failed}" in capsys.readouterr().err
+    os.close(runs._held_locks.pop(new))

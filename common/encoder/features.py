@@ -9,11 +9,14 @@ MNIST (whose files are pinned by their sha256, so the encoder's hash is the whol
 and under ``<data_root>/features/<encoder sha256>/<data set fingerprint>/<split>.npz``
 for every other data set. The key is (encoder, data), so a new encoder never reuses
 the codes of an old one, nor one data set the codes of another. A cache file is written
-atomically and records the sha256 of its codes and labels and the manifest's architecture
-(the activation's slope and the image shape are not in the weights); one that cannot be
-read, holds the wrong shape or dtype, was computed under another architecture, or whose
-contents no longer match its recorded hash (a changed file), is
-rebuilt with a logged warning. A cache that cannot be written (a read-only data root,
+atomically and records what made it: the encoder's sha256, the fingerprint of the images
+and labels it encoded (:func:`common.data.mnist.dataset_sha256`), the manifest's architecture
+(the activation's slope and the image shape are not in the weights) and the sha256 of its
+codes and labels. One that cannot be read, holds the wrong shape or dtype, names another
+encoder or other data (a file copied from another encoder's folder), was computed under
+another architecture, or whose contents no longer match its recorded hash (a changed file),
+is not used: the codes are computed again and replace it, with a logged warning that says
+which check failed. A cache that cannot be written (a read-only data root,
 a full disk) is skipped with a warning: the codes are still returned.
 """
 
@@ -25,6 +28,7 @@ import io
 import json
 import logging
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +38,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
-from common.data.mnist import load_mnist
+from common.data.mnist import dataset_sha256, load_mnist
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes, make_dir
 from common.packing import pack_bits, packed_length
@@ -45,9 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 4
+CACHE_FORMAT_VERSION = 5
 """Version 2 added the content hash, 3 the architecture, 4 the image shape in the architecture
-and data sets other than MNIST keyed by their fingerprint; older caches are rebuilt once."""
+and data sets other than MNIST keyed by their fingerprint, 5 the encoder's sha256 and the
+encoded data's fingerprint inside the file; older caches are rebuilt once."""
 DEFAULT_BATCH_SIZE = 1024
 
 
@@ -170,43 +175,60 @@ def cache_architecture(artifact: "EncoderArtifact") -> str:
     return json.dumps(artifact.config.to_dict(), sort_keys=True)
 
 
-def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray, architecture: str) -> np.ndarray | None:
+@dataclass(frozen=True)
+class CacheKey:
+    """What a cache file must have been made from to be used: the encoder (its sha256 and the
+    manifest's architecture) and the data it encoded (the images' and labels' sha256)."""
+
+    encoder_sha256: str
+    architecture: str
+    data_sha256: str
+
+
+def _read_cache(path: Path, n: int, n_bytes: int, labels: np.ndarray, key: CacheKey) -> np.ndarray | None:
     """The cached codes, or ``None`` (with a warning) if the file is unusable."""
     try:
         with np.load(path, allow_pickle=False) as data:
             codes = data["codes"]
             cached_labels = data["labels"]
             version = int(data["version"])
-            recorded = str(data["sha256"]) if "sha256" in data.files else None
-            cached_architecture = str(data["architecture"]) if "architecture" in data.files else None
+            recorded = {name: str(data[name]) if name in data.files else None
+                        for name in ("sha256", "architecture", "encoder_sha256", "data_sha256")}
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("Feature cache %s is unreadable (%s); rebuilding it.", path, exc)
         return None
     problem = None
     if version != CACHE_FORMAT_VERSION:
         problem = f"format version {version}, expected {CACHE_FORMAT_VERSION}"
+    elif recorded["encoder_sha256"] != key.encoder_sha256:
+        problem = (f"it was computed by the encoder with sha256 {recorded['encoder_sha256']}, not by this "
+                   f"folder's encoder {key.encoder_sha256}: it was copied or moved here")
+    elif recorded["data_sha256"] != key.data_sha256:
+        problem = (f"it encodes the data with sha256 {recorded['data_sha256']}, but the data set's images "
+                   f"and labels now have {key.data_sha256}")
     elif codes.dtype != np.uint8 or codes.shape != (n, n_bytes):
         problem = f"codes are {codes.dtype} {codes.shape}, expected uint8 {(n, n_bytes)}"
     elif cached_labels.shape != labels.shape or not np.array_equal(cached_labels, labels):
         problem = "its labels differ from the data set's"
-    elif cached_architecture != architecture:
-        problem = (f"it was computed with the encoder architecture {cached_architecture}, "
-                   f"the encoder's manifest now says {architecture}")
-    elif recorded != cache_digest(codes, cached_labels):
+    elif recorded["architecture"] != key.architecture:
+        problem = (f"it was computed with the encoder architecture {recorded['architecture']}, "
+                   f"the encoder's manifest now says {key.architecture}")
+    elif recorded["sha256"] != cache_digest(codes, cached_labels):
         problem = (f"its contents have sha256 {cache_digest(codes, cached_labels)}, but it records "
-                   f"{recorded}: the file was changed after it was written")
+                   f"{recorded['sha256']}: the file was changed after it was written")
     if problem:
-        log.warning("Feature cache %s is stale or corrupt (%s); rebuilding it.", path, problem)
+        log.warning("Feature cache %s is stale or corrupt (%s); not using it, rebuilding it.", path, problem)
         return None
     return codes
 
 
-def _write_cache(path: Path, codes: np.ndarray, labels: np.ndarray, architecture: str) -> None:
+def _write_cache(path: Path, codes: np.ndarray, labels: np.ndarray, key: CacheKey) -> None:
     """Write the cache; if that fails, say so and go on without it (it only saves time)."""
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     buffer = io.BytesIO()
     np.savez(buffer, codes=codes, labels=labels, version=np.int64(CACHE_FORMAT_VERSION),
-             sha256=np.str_(cache_digest(codes, labels)), architecture=np.str_(architecture))
+             sha256=np.str_(cache_digest(codes, labels)), architecture=np.str_(key.architecture),
+             encoder_sha256=np.str_(key.encoder_sha256), data_sha256=np.str_(key.data_sha256))
     try:
         make_dir(path.parent, "the feature cache folder")
         atomic_write_bytes(path, buffer.getvalue())
@@ -240,12 +262,13 @@ def load_codes(
         fingerprint = data.fingerprint(data_root)
     n_bytes = packed_length(artifact.config.latent_bits)
     path = cache_path(artifact, data_root, split, fingerprint)
+    key = CacheKey(artifact.sha256, cache_architecture(artifact), dataset_sha256(images, labels))
     if path.is_file():
-        codes = _read_cache(path, len(labels), n_bytes, labels, cache_architecture(artifact))
+        codes = _read_cache(path, len(labels), n_bytes, labels, key)
         if codes is not None:
             return codes, labels
     elif path.exists() or path.is_symlink():  # a folder, a pipe (reading it would block), a dead link
         log.warning("Feature cache %s is not a regular file; computing the codes and replacing it.", path)
     codes = encode_images(artifact.encoder, images, progress=progress)
-    _write_cache(path, codes, labels, cache_architecture(artifact))
+    _write_cache(path, codes, labels, key)
     return codes, labels
