@@ -347,11 +347,19 @@ def cmd_certs(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from common.edge.deploy import export_model
+    from common.edge.deploy import NPZ_NAME, export_model
+    from common.edge.export_c import HEADER_NAME, SOURCE_NAME
+    from common.fileio import keeping_earlier
 
-    check_out(args.out)
-    for path in export_model(args.model, args.out, args.format):
+    out = check_out(args.out)
+    names = (HEADER_NAME, SOURCE_NAME) if args.format == "c" else (NPZ_NAME,)
+    out.mkdir(parents=True, exist_ok=True)
+    with keeping_earlier(out, names) as kept:
+        paths = export_model(args.model, out, args.format)
+    for path in paths:
         print(f"wrote {path}")
+    if kept is not None:
+        print(f"The earlier export in {out} is kept in {kept}")
 
 
 # ------------------------------------------------------------------ parser

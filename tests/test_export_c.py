@@ -231,3 +231,50 @@ def test_whole_mnist_test_set_agrees_for_every_task(tmp_path, task_name: str, mn
     deployed = to_deployment(model)
     np.testing.assert_array_equal(predict(deployed, test_codes), want)
     np.testing.assert_array_equal(build_kernel(deployed, tmp_path).predict(test_codes), want)
+
+
+PROVENANCE_DRIVER = r"""
+#include <stdio.h>
+#include "hybnn.h"
+static const char *const names[HYBNN_NUM_CLASSES] = HYBNN_CLASS_NAMES;
+int main(void) {
+    int i;
+    printf("%s\n%s\n%s\n", HYBNN_ENCODER_SHA256, HYBNN_TASK, HYBNN_DATASET);
+    for (i = 0; i < HYBNN_NUM_CLASSES; ++i) printf("%s\n", names[i]);
+    return 0;
+}
+"""
+
+
+def test_the_header_names_the_encoder_task_and_class_order_and_a_second_export_keeps_the_first(tmp_path):
+    """Names with quotes, backslashes, a comment end, a '?' and non-ASCII reach C exactly."""
+    from common.bnn.store import save_bnn
+    from simulation.cli import main
+
+    model = harden(trained_bnn(PAPER, seed=41), seed=42)
+    names = ['say "hi"', "back\\slash */ ??= Ünïcode"]
+    task = "odd\nname"
+    save_bnn(model, tmp_path / "model", meta={"task": task, "class_names": names, "dataset": "npz:/x y",
+                                               "encoder_sha256": "ab" * 32})
+    out = tmp_path / "export"
+    assert main(["export", "--model", str(tmp_path / "model"), "--format", "c", "--out", str(out)]) == 0
+    first = (out / HEADER_NAME).read_bytes(), (out / SOURCE_NAME).read_bytes()
+    (tmp_path / "main.c").write_text(PROVENANCE_DRIVER)
+    exe = tmp_path / "provenance"
+    subprocess.run([CC, *STRICT_FLAGS, "-I", str(out), "-o", str(exe), str(tmp_path / "main.c")],
+                   check=True, capture_output=True)
+    lines = subprocess.run([str(exe)], capture_output=True, check=True).stdout.decode("utf-8").split("\n")
+    assert lines[:6] == ["ab" * 32, "odd", "name", "npz:/x y", names[0], names[1]]
+
+    assert main(["export", "--model", str(tmp_path / "model"), "--format", "c", "--out", str(out)]) == 0
+    kept = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert len(kept) == 1
+    assert ((kept[0] / HEADER_NAME).read_bytes(), (kept[0] / SOURCE_NAME).read_bytes()) == first
+
+
+def test_a_model_without_a_record_says_unknown():
+    from common.edge.deploy import to_deployment
+    from common.edge.export_c import generate_c
+
+    header, _, _ = generate_c(to_deployment(harden(trained_bnn(PAPER, seed=43), seed=44)))
+    assert '#define HYBNN_ENCODER_SHA256 "unknown"' in header and '#define HYBNN_CLASS_NAMES { "0", "1" }' in header

@@ -404,6 +404,35 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
     return header, source, model_bytes
 
 
+def c_string(text: str) -> str:
+    """``text`` as a C string literal: printable ASCII as is, every other byte of its UTF-8
+    as a three-digit octal escape (octal, because a hex escape would swallow a following
+    hex digit)."""
+    out = []
+    for byte in str(text).encode("utf-8"):
+        char = chr(byte)
+        out.append(char if 0x20 <= byte < 0x7F and char not in '"\\?' else f"\\{byte:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def _provenance(model: DeployedBNN) -> str:
+    """The #defines that name what made the model: its encoder, task and class order (from the
+    saved BNN's meta; "unknown" where the model came without one)."""
+    source = model.meta.get("source") or {}
+    names = source.get("class_names") or [str(i) for i in range(model.config.num_classes)]
+    if len(names) != model.config.num_classes:
+        names = [str(i) for i in range(model.config.num_classes)]
+    return "\n".join([
+        "/* What made this model: the frozen encoder whose codes it reads (its sha256), the task,",
+        " * and the class each returned index stands for (HYBNN_CLASS_NAMES[i] is class i). */",
+        f"#define HYBNN_ENCODER_SHA256 {c_string(source.get('encoder_sha256') or 'unknown')}",
+        f"#define HYBNN_WEIGHTS_SHA256 {c_string(model.meta.get('weights_sha256') or 'unknown')}",
+        f"#define HYBNN_DATASET {c_string(source.get('dataset') or 'unknown')}",
+        f"#define HYBNN_TASK {c_string(source.get('task') or 'unknown')}",
+        "#define HYBNN_CLASS_NAMES { " + ", ".join(c_string(n) for n in names) + " }",
+    ])
+
+
 def _header(model: DeployedBNN, code_bytes: int, model_bytes: int) -> str:
     cfg = model.config
     pad = code_bytes * 8 - cfg.in_bits
@@ -436,6 +465,8 @@ def _header(model: DeployedBNN, code_bytes: int, model_bytes: int) -> str:
 #define HYBNN_NUM_CLASSES {cfg.num_classes}
 /* Bytes of the model's constant arrays (weights, thresholds, output scores). */
 #define HYBNN_MODEL_BYTES {model_bytes}
+
+{_provenance(model)}
 
 #ifdef __cplusplus
 extern "C" {{
