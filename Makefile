@@ -23,10 +23,11 @@ reproduce: install
 quick: install
 	$(VENV)/bin/hybnn reproduce --profile quick --out runs/quick
 
-## The suite in one pytest worker per CPU (pytest-xdist); `make test TEST_WORKERS=0` runs it in one process.
+## The suite in one pytest worker per CPU (pytest-xdist; a file's tests share one worker, in order, since
+## some share a module fixture); `make test TEST_WORKERS=0` runs it in one process.
 TEST_WORKERS ?= auto
 test: install test-deps
-	$(PY) -m pytest -n $(TEST_WORKERS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ## What some tests need beyond the venv: nginx (the Fleet-only TLS front) and Debian's
 ## Fashion-MNIST. Installed with apt where this runs as root; elsewhere the tests that
