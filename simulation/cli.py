@@ -22,6 +22,7 @@ from common.errors import HyBNNError
 from common.experiments.profiles import PROFILES
 from common.federated.settings import default as default_setting
 from common.data.tasks import TASKS
+from simulation.netns import DEFAULT_NETWORK, NETWORKS
 
 DEFAULT_ENCODER = Path(default_setting("encoder-path"))
 
@@ -285,13 +286,19 @@ def cmd_federate(args: argparse.Namespace) -> None:
     print(f"Results written to {args.out / 'results.json'} and {args.out / 'federated.png'}")
 
 
-def cmd_deploy_local(args: argparse.Namespace) -> None:
+def cmd_deploy_local(args: argparse.Namespace) -> int | None:
+    from simulation import netns
     from simulation.deploy_local import DeployConfig, deploy_local
     from simulation.federate import describe
 
+    if args.network == "private":
+        # Not root: the whole command runs again as root of a user namespace, with a network of its own.
+        code = netns.reexec(["-m", "simulation.cli", *(sys.argv[1:] if args.argv is None else args.argv)])
+        if code is not None:
+            return code
     check_out(args.out)
     config = DeployConfig(**_federation_settings(args), min_nodes=args.min_nodes, certs=args.certs,
-                          insecure=args.insecure, fleet_front=args.fleet_front)
+                          insecure=args.insecure, fleet_front=args.fleet_front, network=args.network)
     results = deploy_local(config)
     print(describe(results))
     print(f"Results written to {args.out / 'results.json'}")
@@ -541,6 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "deployment (docs/security.md)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS and no SuperNode authentication (prints what that exposes); only for comparison")
+    p.add_argument("--network", choices=NETWORKS, default=DEFAULT_NETWORK,
+                   help="private: the SuperLink, SuperNodes and flwr commands run in a network namespace of "
+                        "their own, which no other process on this machine reaches (Linux; root, or a user "
+                        "allowed user namespaces); host: on this machine's loopback, where every local "
+                        "process can reach the SuperLink's unauthenticated Control API (default: %(default)s)")
     p.set_defaults(handler=cmd_deploy_local)
 
     p = sub.add_parser("certs", help="write a private CA, the SuperLink's TLS certificate, the SuperExec "
@@ -586,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
 
             use_threads(args.threads)
             reuse_freed_memory()
-        args.handler(args)
+        code = args.handler(args)
     except HyBNNError as exc:
         print(f"hybnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -601,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             os._exit(130)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """``hybnn deploy-local``: FedHyBNN as separate processes on loopback.
 
-It starts what a real deployment runs, on one machine:
+It starts what a real deployment runs, on one machine, in a network namespace of its own
+(``--network private``, the default; :mod:`simulation.netns`), so that no other process on
+the machine reaches the SuperLink's unauthenticated Control API:
 
 * one ``flower-superlink`` (Fleet, Control and Runtime API on one free loopback port),
   with TLS and SuperNode authentication: its certificate and the SuperNodes' key pairs
@@ -42,6 +44,7 @@ from common.federated import settings
 from common.errors import HyBNNError
 from server.resume import read_state
 from simulation import runs
+from simulation.netns import DEFAULT_NETWORK
 from simulation.credentials import Credentials, fleet_front_config, make_credentials
 from simulation.federate import FederateConfig, import_plotting, centralized_reference, check_config, finish_run
 
@@ -74,6 +77,9 @@ class DeployConfig(FederateConfig):
     """SuperNodes connect through the Fleet-only nginx front instead of the SuperLink's port."""
     stop_grace_s: float = 3.0
     """How long stopped processes get to exit before SIGKILL."""
+    network: str = DEFAULT_NETWORK
+    """"private": the processes run in a network namespace of their own that no other process
+    reaches (simulation/netns.py); "host": on this machine's loopback, reachable by every local process."""
 
     def run_config(self, encoder_sha256: str) -> dict:
         """:meth:`FederateConfig.run_config` with the deployment's own waits and minimum."""
@@ -85,7 +91,8 @@ INSECURE_WARNING = (
     "WARNING: --insecure: the SuperLink and SuperNodes talk plaintext HTTP without SuperNode "
     "authentication. Anyone who can reach the SuperLink's port can read and alter the model updates, "
     "join as a SuperNode, and submit a ServerApp that runs as your user on this host (the Control API "
-    "has no account authentication). Here the port is on loopback: every local user of this machine can.")
+    "has no account authentication).")
+INSECURE_ON_HOST = " With --network host the port is on loopback: every local user of this machine can."
 
 
 def free_port() -> int:
@@ -327,6 +334,7 @@ def deploy_local(config: DeployConfig) -> dict:
     if not 1 <= config.min_nodes <= config.clients:
         raise HyBNNError(f"--min-nodes must be between 1 and --clients ({config.clients}).")
     check_security_options(config)
+    check_network(config.network)
     started = time.perf_counter()
     out = Path(config.out).resolve()
     with runs.StopSignals() as signals:
@@ -365,43 +373,71 @@ def _deploy_local(config: DeployConfig, out: Path, started: float, signals: runs
         env.update({"FLWR_HOME": str(Path(tmp) / "flwr-home"),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PYTHONUNBUFFERED": "1"})
-        procs = Processes(log_dir)
-        try:
-            credentials = _deployment_credentials(config, Path(tmp))
-            link_port = free_port()
-            link = procs.start("superlink", superlink_command(link_port, credentials), env)
-            wait_for_port(link_port, link, "SuperLink")
-            print(f"SuperLink on 127.0.0.1:{link_port} "
-                  f"({'insecure' if credentials is None else 'TLS, SuperNode authentication'}); "
-                  f"logs in {log_dir}", flush=True)
-            connection = write_cli_config(Path(env["FLWR_HOME"]), link_port,
-                                          ca_cert=None if credentials is None else credentials.ca_cert.resolve())
-            fleet_port = link_port
-            if credentials is not None:
-                register_supernodes(credentials, config.clients, connection, env, log_dir)
-                if config.fleet_front:
-                    fleet_port = start_fleet_front(procs, credentials, link_port, env, log_dir / "fleet-front")
-                    print(f"Fleet-only TLS front on 127.0.0.1:{fleet_port}", flush=True)
-            for i in range(config.clients):
-                cmd = supernode_command(fleet_port, free_port(),
-                                        node_config(i, config.clients, config.encoder, config.data_root),
-                                        credentials, index=i)
-                procs.start(f"supernode-{i}", cmd, env)
-            app_dir = stage_tracked_app(PROJECT_ROOT, Path(tmp) / "app")
-            run_cmd = [_bin("flwr"), "run", str(app_dir), connection,
-                       "--run-config", run_config_string(run_config), "--stream"]
-            print(f"Submitting: {shlex.join(run_cmd[:4])} --run-config ... --stream", flush=True)
-            runner = procs.start("flwr-run", run_cmd, env)
-            _watch(config, procs, runner, server_json, started)
-        except KeyboardInterrupt:
-            print("Stopping the deployment ...", file=sys.stderr, flush=True)
-        except HyBNNError as exc:
-            print(f"The run did not end normally: {exc}", file=sys.stderr, flush=True)
-        finally:
-            signals.defer()
-            procs.stop_all(config.stop_grace_s)
+        with _network(config.network):
+            procs = Processes(log_dir)
+            try:
+                credentials = _deployment_credentials(config, Path(tmp))
+                link_port = free_port()
+                link = procs.start("superlink", superlink_command(link_port, credentials), env)
+                wait_for_port(link_port, link, "SuperLink")
+                where = ("in a private network namespace that only this command's processes reach"
+                         if config.network == "private" else "on this machine's loopback")
+                print(f"SuperLink on 127.0.0.1:{link_port} {where} "
+                      f"({'insecure' if credentials is None else 'TLS, SuperNode authentication'}); "
+                      f"logs in {log_dir}", flush=True)
+                connection = write_cli_config(Path(env["FLWR_HOME"]), link_port,
+                                              ca_cert=None if credentials is None else credentials.ca_cert.resolve())
+                fleet_port = link_port
+                if credentials is not None:
+                    register_supernodes(credentials, config.clients, connection, env, log_dir)
+                    if config.fleet_front:
+                        fleet_port = start_fleet_front(procs, credentials, link_port, env, log_dir / "fleet-front")
+                        print(f"Fleet-only TLS front on 127.0.0.1:{fleet_port}", flush=True)
+                for i in range(config.clients):
+                    cmd = supernode_command(fleet_port, free_port(),
+                                            node_config(i, config.clients, config.encoder, config.data_root),
+                                            credentials, index=i)
+                    procs.start(f"supernode-{i}", cmd, env)
+                app_dir = stage_tracked_app(PROJECT_ROOT, Path(tmp) / "app")
+                run_cmd = [_bin("flwr"), "run", str(app_dir), connection,
+                           "--run-config", run_config_string(run_config), "--stream"]
+                print(f"Submitting: {shlex.join(run_cmd[:4])} --run-config ... --stream", flush=True)
+                runner = procs.start("flwr-run", run_cmd, env)
+                _watch(config, procs, runner, server_json, started)
+            except KeyboardInterrupt:
+                print("Stopping the deployment ...", file=sys.stderr, flush=True)
+            except HyBNNError as exc:
+                print(f"The run did not end normally: {exc}", file=sys.stderr, flush=True)
+            finally:
+                signals.defer()
+                procs.stop_all(config.stop_grace_s)
     return finish_run(server_json, staging, out, centralized, {**config.to_dict(), "mode": "deploy-local"},
                       started, signals.stopped, source, config.rounds)
+
+
+def check_network(network: str) -> None:
+    """Refuse an unknown --network, and a private one this process cannot make (before any work)."""
+    from simulation import netns
+
+    if network not in netns.NETWORKS:
+        raise HyBNNError(f"--network must be one of {', '.join(netns.NETWORKS)}, not {network!r}.")
+    if network == "private" and (reason := netns.can_unshare_here()) is not None:
+        raise HyBNNError(f"deploy-local cannot make its private network here: {reason}. Run `hybnn "
+                         f"deploy-local` (the command re-runs itself in a user namespace where Linux allows "
+                         f"it), run it as root, or pass --network host to accept that every local process "
+                         f"can reach the SuperLink's Control API.")
+
+
+def _network(network: str):
+    """The context the deployment's processes start in: a private network namespace, or none."""
+    import contextlib
+
+    from simulation import netns
+
+    if network == "private":
+        return netns.PrivateNetwork()
+    print(netns.HOST_NETWORK_WARNING, file=sys.stderr, flush=True)
+    return contextlib.nullcontext()
 
 
 def check_security_options(config: DeployConfig) -> None:
@@ -420,7 +456,8 @@ def _deployment_credentials(config: DeployConfig, tmp: Path) -> Credentials | No
     """The run's credentials: None with --insecure, --certs if given, else fresh ones in ``tmp``."""
     check_security_options(config)
     if config.insecure:
-        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        print(INSECURE_WARNING + (INSECURE_ON_HOST if config.network == "host" else ""), file=sys.stderr,
+              flush=True)
         return None
     if config.certs is not None:
         return Credentials(Path(config.certs).resolve())

@@ -321,7 +321,9 @@ def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnis
     config = DeployConfig(
         task="0v1", clients=2, rounds=2, encoder=fixed_encoder(tmp_path / "encoder"), data_root=mnist_root,
         out=tmp_path / "run", centralized_epochs=1, node_wait_s=60.0, round_timeout_s=90.0, timeout_s=200.0,
-        progress=False, certs=creds.root, fleet_front=True, log_dir=tmp_path / "logs")
+        progress=False, certs=creds.root, fleet_front=True, log_dir=tmp_path / "logs",
+        # On the host's loopback, so that this test's stranger reaches the front as one on the network would.
+        network="host")
     outcome: dict = {}
 
     def run() -> None:
