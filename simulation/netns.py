@@ -153,6 +153,8 @@ def reexec(argv: list[str]) -> int | None:
     command = reexec_command(argv)
     if command is None:
         return None
+    print(f"Not root: running again as root of a user namespace with a network of its own "
+          f"({' '.join(command[:4])})", file=sys.stderr, flush=True)
     env = {**os.environ, REEXEC_MARKER: "1"}
     proc = subprocess.Popen(command, env=env)
     # Ctrl-C reaches the child from the terminal; SIGTERM is passed on. Either way the child

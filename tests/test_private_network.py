@@ -71,6 +71,31 @@ def test_the_cli_offers_private_by_default(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_a_user_who_is_not_root_runs_again_in_namespaces_of_its_own(monkeypatch, capfd):
+    """The re-run for a user who is not root: the same interpreter, the marker set, a network of
+    its own; the exit status comes back. (Made to think it is not root; the wrapper works as root.)"""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare")
+    monkeypatch.setattr(netns, "can_unshare_here", lambda: "not root (made up for the test)")
+    monkeypatch.delenv(netns.REEXEC_MARKER, raising=False)
+    host_ns = os.readlink("/proc/self/ns/net")
+    script = ("import os, sys; print(os.readlink('/proc/self/ns/net'), os.environ.get(sys.argv[1])); "
+              "sys.exit(7)")
+    try:
+        code = netns.reexec(["-c", script, netns.REEXEC_MARKER])
+    except HyBNNError as exc:  # a kernel that refuses user namespaces: the message is the result
+        assert "--network host" in str(exc)
+        return
+    out, err = capfd.readouterr()
+    assert code == 7
+    child_ns, marker = out.split()
+    assert child_ns != host_ns and marker == "1"
+    assert "Not root: running again" in err
+    # Inside, the marker stops a second re-run.
+    monkeypatch.setenv(netns.REEXEC_MARKER, "1")
+    assert netns.reexec(["-c", "pass"]) is None
+
+
 def _superlink_pid(port: int) -> int:
     """The pid of the flower-superlink process serving ``port``, from /proc."""
     for entry in Path("/proc").iterdir():
