@@ -288,3 +288,33 @@ def test_help_lists_the_upgrade_command() -> None:
             main(argv)
         assert "upgrade-encoder" in buffer.getvalue()
     assert "--out NEW" in buffer.getvalue() and "replaced-TIME" in buffer.getvalue()
+
+
+def test_the_paper_profile_asks_to_upgrade_its_earlier_encoder_and_then_reuses_it(tmp_path: Path, mnist_root: Path,
+                                                                                monkeypatch) -> None:
+    """An earlier artifact that matches the profile is not trained anew for minutes: reproduce names
+    the upgrade, and reuses the upgraded encoder."""
+    import common.encoder.vae as vae_module
+    from common.encoder.artifact import upgrade_encoder_artifact
+    from common.encoder.vae import VAETrainConfig
+    from common.experiments.profiles import PROFILES
+    from simulation.reproduce import encoder_training_images, ensure_encoder
+
+    profile = PROFILES["paper"]
+    _, _, data_sha = encoder_training_images("mnist", mnist_root)
+    torch.manual_seed(0)
+    save_encoder_artifact(BinaryVAE(VAEConfig()).eval(), tmp_path / "encoder-paper", data_sha256=data_sha,
+                          train_config=VAETrainConfig(epochs=profile.vae_epochs,
+                                                      input_shift=profile.vae_input_shift).to_dict(),
+                          history=[])
+    old_sha = rewrite_weights(tmp_path / "encoder-paper", {"format": "hybnn-encoder"})
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the matching encoder was trained anew")
+
+    monkeypatch.setattr(vae_module, "train_vae", no_training)
+    with pytest.raises(EncoderUpgradeNeeded, match="hybnn upgrade-encoder"):
+        ensure_encoder(profile, tmp_path / "encoder-paper", mnist_root, say=lambda _: None)
+    upgrade = upgrade_encoder_artifact(tmp_path / "encoder-paper")
+    artifact, info = ensure_encoder(profile, tmp_path / "encoder-paper", mnist_root, say=lambda _: None)
+    assert info["reused"] and artifact.sha256 == info["sha256"] == upgrade.new_sha256 != old_sha
