@@ -174,9 +174,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_upgrade_encoder(args: argparse.Namespace) -> None:
-    from common.encoder.artifact import upgrade_encoder_artifact
+    from common.encoder.artifact import artifact_dir, upgrade_encoder_artifact
 
-    check_out(args.out or args.encoder, "--out" if args.out else "DIR")
+    check_out(args.out or artifact_dir(args.encoder), "--out" if args.out else "DIR")
     upgrade = upgrade_encoder_artifact(args.encoder, args.out)
     if not upgrade.upgraded:
         print(f"The encoder {upgrade.path} already records its fields in its weights file (sha256 "

@@ -210,7 +210,7 @@ def test_upgrade_into_another_folder_leaves_the_source_and_keeps_what_was_there(
     old_sha = make_earlier_artifact(tmp_path / "old")
     before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
     other = make_artifact(tmp_path / "new", seed=1)
-    assert main(["upgrade-encoder", str(tmp_path / "old"), "--out", str(tmp_path / "new")]) == 0
+    assert main(["upgrade-encoder", str(tmp_path / "old" / MANIFEST_FILE), "--out", str(tmp_path / "new")]) == 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
     upgraded = load_encoder_artifact(tmp_path / "new")
     assert upgraded.manifest["upgraded_from_sha256"] == old_sha
@@ -227,6 +227,8 @@ def test_a_damaged_artifact_is_not_upgraded(tmp_path: Path, capsys) -> None:
     before = {p.name: p.read_bytes() for p in (tmp_path / "enc").iterdir()}
     assert main(["upgrade-encoder", str(tmp_path / "enc")]) == 2
     assert "truncated, damaged or was replaced" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "enc").iterdir()} == before
+    assert main(["upgrade-encoder", str(tmp_path / "enc" / MANIFEST_FILE)]) == 2  # its manifest, in place
     assert {p.name: p.read_bytes() for p in (tmp_path / "enc").iterdir()} == before
 
 

@@ -237,7 +237,8 @@ def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _artifact_dir(path: Path | str) -> Path:
+def artifact_dir(path: Path | str) -> Path:
+    """The artifact's folder, given the folder or its manifest."""
     path = Path(path)
     if path.name == MANIFEST_FILE or (path.suffix == ".json" and not path.is_dir()):
         return path.parent
@@ -246,7 +247,7 @@ def _artifact_dir(path: Path | str) -> Path:
 
 def read_manifest(path: Path | str) -> dict:
     """The manifest of the artifact at ``path`` (directory or manifest file), checked for keys."""
-    art_dir = _artifact_dir(path)
+    art_dir = artifact_dir(path)
     manifest_path = art_dir / MANIFEST_FILE
     hint = _rebuild_hint(art_dir)
     if not manifest_path.is_file():
@@ -344,8 +345,8 @@ def _check_weights(art_dir: Path, manifest: dict) -> _CheckedWeights:
             raise HyBNNError(
                 f"The encoder manifest {manifest_path} disagrees with the weights file {weights_path} on "
                 f"{'; '.join(differences[:3])}{f' (and {len(differences) - 3} more)' if len(differences) > 3 else ''}. "
-                "The weights file's record decides what the encoder computes and is covered by its "
-                "sha256, the manifest is not: the manifest was edited or belongs to another encoder. "
+                "The encoder's sha256 covers the weights file's record, not the manifest: the manifest "
+                "was edited or belongs to another encoder. "
                 f"Put the manifest's value back, or {hint}."
             )
     config = VAEConfig.from_dict(manifest["architecture"])
@@ -393,7 +394,7 @@ def load_encoder_artifact(path: Path | str, expected_sha256: str | None = None) 
     that record (:class:`EncoderUpgradeNeeded` otherwise); its sha256 equals
     ``expected_sha256`` when one is given. Every failure is a :class:`HyBNNError` naming the file.
     """
-    art_dir = _artifact_dir(path)
+    art_dir = artifact_dir(path)
     manifest = read_manifest(art_dir)
     weights = _check_weights(art_dir, manifest)
     if weights.record is None:
@@ -473,7 +474,7 @@ def upgrade_encoder_artifact(path: Path | str, out: Path | str | None = None) ->
     checked as :func:`load_encoder_artifact` checks it first; one that records its fields
     already is left as it is.
     """
-    source = _artifact_dir(path)
+    source = artifact_dir(path)
     manifest = read_manifest(source)
     weights = _check_weights(source, manifest)
     if weights.record is not None:
