@@ -173,6 +173,24 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"Frozen encoder written to {artifact.path} (sha256 {artifact.sha256})")
 
 
+def cmd_upgrade_encoder(args: argparse.Namespace) -> None:
+    from common.encoder.artifact import artifact_dir, upgrade_encoder_artifact
+
+    check_out(args.out or artifact_dir(args.encoder), "--out" if args.out else "DIR")
+    upgrade = upgrade_encoder_artifact(args.encoder, args.out)
+    if not upgrade.upgraded:
+        print(f"The encoder {upgrade.path} already records its fields in its weights file (sha256 "
+              f"{upgrade.old_sha256}); nothing was written.")
+        return
+    print(f"Encoder upgraded: sha256 {upgrade.old_sha256} (old) -> {upgrade.new_sha256} (new), written to "
+          f"{upgrade.path}. The tensors and codes are unchanged.")
+    if upgrade.kept is not None:
+        print(f"The earlier files are kept in {upgrade.kept}")
+    print("Feature caches, checkpoints and models name the encoder by its sha256: the codes are computed "
+          "again once under the new one (the same codes), and a federated run checkpointed with the old "
+          "sha256 cannot be resumed with the new one.")
+
+
 def cmd_extract(args: argparse.Namespace) -> None:
     from common.encoder.artifact import load_encoder_artifact
     from common.encoder.features import load_codes
@@ -417,6 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s, off; docs/encoder.md)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_pretrain)
+
+    p = sub.add_parser("upgrade-encoder", help="rewrite an earlier hybnn's encoder so its sha256 covers its manifest "
+                       "(same codes)",
+                       description="Rewrite the weights file of an encoder artifact written before the weights "
+                                   "file recorded the manifest's fields (architecture, image shape, training data "
+                                   "and config), so that the encoder's sha256 covers them. The tensors, and so "
+                                   "the codes, stay the same; the sha256 changes (both are printed). The earlier "
+                                   "files in the output folder are kept in OUT/replaced-TIME/ (docs/encoder.md).")
+    p.add_argument("encoder", type=path_arg, metavar="DIR", help="the encoder artifact directory")
+    p.add_argument("--out", type=path_arg, default=None, metavar="NEW",
+                   help="write the upgraded artifact there and leave DIR as it is (default: DIR itself)")
+    p.set_defaults(handler=cmd_upgrade_encoder)
 
     p = sub.add_parser("extract", help="encode a data set (MNIST by default) into packed 200-bit codes and cache them")
     _add_data_root(p)

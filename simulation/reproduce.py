@@ -3,8 +3,10 @@
 Stages, in order:
 
 1. **encoder**: reuse the artifact in ``encoder_dir`` when its manifest matches this
-   profile's VAE config, VAE training config and training-data hash; otherwise
-   pretrain the binary-latent VAE and write a new artifact there;
+   profile's VAE config, VAE training config and training-data hash (a matching one of an
+   earlier hybnn, whose weights file does not record its manifest, stops the run with the
+   message naming ``hybnn upgrade-encoder``); otherwise pretrain the binary-latent VAE and
+   write a new artifact there;
 2. **features**: the frozen encoder's codes for MNIST train and test (cached under
    the data root, keyed by the encoder's sha256);
 3. **hybnn**: the paper's BNN on each task, saved under ``DIR/models/<task>/``;

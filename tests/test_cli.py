@@ -91,7 +91,7 @@ def test_missing_data_with_no_source_is_explained(tmp_path):
 def test_help_lists_every_command():
     proc = hybnn("--help")
     assert proc.returncode == 0
-    for command in ("data", "pretrain", "extract", "train", "baseline", "reproduce"):
+    for command in ("data", "pretrain", "upgrade-encoder", "extract", "train", "baseline", "reproduce"):
         assert command in proc.stdout
 
 

@@ -186,20 +186,30 @@ def test_an_unwritable_cache_is_skipped_with_a_warning(tmp_path: Path, fake_data
     assert (data_root / "features").read_text().startswith("a file")
 
 
-def test_a_manifest_with_another_slope_does_not_reuse_the_codes(tmp_path: Path, fake_data: dict) -> None:
-    """Same weights (same cache folder), another activation slope: other codes, so the cache is rebuilt."""
-    from common.encoder.artifact import load_encoder_artifact
-
-    art = make_artifact(tmp_path / "a")
-    codes, _ = load_codes(art, tmp_path / "data", "test", progress=False)
-    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    manifest["architecture"]["leaky_slope"] = 0.9
-    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
-    edited = load_encoder_artifact(tmp_path / "a")
-    assert cache_path(edited, tmp_path / "data", "test") == cache_path(art, tmp_path / "data", "test")
-    recoded, _ = load_codes(edited, tmp_path / "data", "test", progress=False)
+def test_another_slope_over_the_same_tensors_is_another_encoder(tmp_path: Path, fake_data: dict) -> None:
+    """The same tensors, another activation slope: other codes, so another sha256 and cache folder; a cache
+    file in that folder that records another architecture is rebuilt."""
+    torch.manual_seed(0)
+    plain = save_encoder_artifact(BinaryVAE(VAEConfig()).eval(), tmp_path / "a", data_sha256="0" * 64,
+                                  train_config={}, history=[])
+    torch.manual_seed(0)
+    steep = save_encoder_artifact(BinaryVAE(VAEConfig(leaky_slope=0.9)).eval(), tmp_path / "b",
+                                  data_sha256="0" * 64, train_config={}, history=[])
+    assert all(torch.equal(a, b) for a, b in zip(plain.encoder.state_dict().values(),
+                                                 steep.encoder.state_dict().values()))
+    assert steep.sha256 != plain.sha256
+    assert cache_path(steep, tmp_path / "data", "test") != cache_path(plain, tmp_path / "data", "test")
+    codes, labels = load_codes(plain, tmp_path / "data", "test", progress=False)
+    recoded, _ = load_codes(steep, tmp_path / "data", "test", progress=False)
     assert fake_data["encode"] == 2
     assert not np.array_equal(recoded, codes)
+
+    images, _ = fake_mnist()
+    features._write_cache(cache_path(steep, tmp_path / "data", "test"), codes, labels,
+                          features.CacheKey(steep.sha256, features.cache_architecture(plain),
+                                            features.dataset_sha256(images, labels)))
+    again, _ = load_codes(steep, tmp_path / "data", "test", progress=False)
+    assert fake_data["encode"] == 3 and np.array_equal(again, recoded)
 
 
 @pytest.mark.parametrize("slope", [float("nan"), float("inf"), -0.1, 1.0])

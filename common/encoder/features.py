@@ -11,7 +11,7 @@ for every other data set. The key is (encoder, data), so a new encoder never reu
 the codes of an old one, nor one data set the codes of another. A cache file is written
 atomically and records what made it: the encoder's sha256, the fingerprint of the images
 and labels it encoded (:func:`common.data.mnist.dataset_sha256`), the manifest's architecture
-(the activation's slope and the image shape are not in the weights) and the sha256 of its
+(which the encoder's sha256 covers too, checked again here) and the sha256 of its
 codes and labels. One that cannot be read, holds the wrong shape or dtype, names another
 encoder or other data (a file copied from another encoder's folder), was computed under
 another architecture, or whose contents no longer match its recorded hash (a changed file),
@@ -169,9 +169,9 @@ def cache_digest(codes: np.ndarray, labels: np.ndarray) -> str:
 
 
 def cache_architecture(artifact: "EncoderArtifact") -> str:
-    """The architecture the codes were computed with, as the cache records it. The cache's folder
-    is named by the weights' sha256 alone, and the manifest's architecture (the activation's slope)
-    changes the codes too."""
+    """The architecture the codes were computed with, as the cache records it. The weights file's
+    sha256, which names the cache's folder, covers it as well; a cache file that records another
+    architecture (written by hand or by another tool) is still rebuilt."""
     return json.dumps(artifact.config.to_dict(), sort_keys=True)
 
 
