@@ -7,6 +7,9 @@
 #                     the SuperLink, which itself runs the stock flwr/superlink image).
 #                     Flower's images all hold the whole flwr package, so torch and the
 #                     project are installed once, in the supernode stage.
+# target "operator":  the same image with the app's pyproject.toml as committed, for the
+#                     `flwr` CLI inside the stack (`flwr run .` from /app, `flwr supernode
+#                     register`); docker-compose.yml's operator service.
 #
 # Build arguments and secrets:
 #   TORCH_INDEX_URL  where torch comes from. The default, PyTorch's CPU wheel index, has
@@ -55,3 +58,10 @@ ENTRYPOINT ["flower-supernode"]
 
 FROM supernode AS superexec
 ENTRYPOINT ["flower-superexec"]
+
+FROM supernode AS operator
+# The supernode stage dropped the flwr pin from pyproject.toml before `pip install .`;
+# the app bundle `flwr run .` sends is made from the file as committed.
+COPY --chown=app:app pyproject.toml ./
+ENTRYPOINT []
+CMD ["flwr", "--help"]

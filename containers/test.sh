@@ -8,10 +8,14 @@
 #      fixed encoder (tests/conftest.py's fixed_encoder), MNIST (`hybnn data`)
 #   4. each SuperNode and the SuperExec extract their codes in their own container
 #   5. docker-compose.yml up with TLS, SuperNode authentication and the Fleet-only
-#      front; the three SuperNodes' public keys registered over the loopback Control API
-#   6. `flwr run` for 2 rounds from the host; server.json and the global model checked:
-#      finished, 2 rounds, 3 clients in each
-#   7. everything taken down, containers and volumes, also on failure or Ctrl-C
+#      front; the three SuperNodes' public keys registered by the operator service
+#      (`flwr supernode register` inside the stack)
+#   6. a stranger on the host, with ca.crt: only the front's port is published;
+#      `flwr ls` and `flwr run` against 127.0.0.1:8000 (and any other published port)
+#      cannot connect; through the front they get 403 (Fleet API only)
+#   7. `flwr run` for 2 rounds from the operator service; server.json and the global
+#      model checked: finished, 2 rounds, 3 clients in each
+#   8. everything taken down, containers and volumes, also on failure or Ctrl-C
 #
 # Run as root from the repository root after `make install`. Environment:
 #   PYTHON              the project's Python (default .venv/bin/python)
@@ -57,7 +61,7 @@ if [ -z "${PIP_CA_BUNDLE:-}" ] && compgen -G "/usr/local/share/ca-certificates/*
 fi
 BUILD_ARGS=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 [ -n "${PIP_CA_BUNDLE:-}" ] && [ "$PIP_CA_BUNDLE" != none ] && BUILD_ARGS+=(--secret "id=pip-ca,src=$PIP_CA_BUNDLE")
-for target in supernode superexec; do
+for target in supernode superexec operator; do
     timed "podman build --target $target" podman build -q "${BUILD_ARGS[@]}" --target "$target" \
         -t "localhost/hybnn-$target:1.42.0" . >/dev/null
 done
@@ -67,14 +71,32 @@ podman image prune -f >/dev/null  # the previous build's last layers, once repla
 WORK=$(mktemp -d /var/tmp/hybnn-container-test.XXXXXX)
 export HYBNN_CERTS=$WORK/certs HYBNN_ENCODER=$WORK/encoder HYBNN_RESULTS=$WORK/results
 export HYBNN_MNIST=$WORK/mnist
-read -r HYBNN_SUPERLINK_PORT HYBNN_FLEET_PORT < <("$PYTHON" -c '
+HYBNN_FLEET_PORT=$("$PYTHON" -c '
 import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))')
-export HYBNN_SUPERLINK_PORT HYBNN_FLEET_PORT
-export FLWR_HOME=$WORK/flwr-home FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-compose() { podman-compose -p "$PROJECT" -f "$REPO/docker-compose.yml" "$@"; }
+s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export HYBNN_FLEET_PORT
+export FLWR_HOME=$WORK/stranger-flwr-home  # the host's flwr CLI is the stranger's (step 6)
+# podman-compose prints its podman commands and their exit codes ("exit code: N");
+# unbuffered, so that they stay in order with the containers' output.
+compose() { PYTHONUNBUFFERED=1 podman-compose -p "$PROJECT" -f "$REPO/docker-compose.yml" "$@"; }
+# podman-compose 1.0.3's `run` exits 0 whatever its command did, and ignores compose
+# profiles: one-off containers run with --no-deps (else it would start the whole file,
+# operator included), and their status is the "exit code" it prints.
+oneoff() {  # oneoff LOG [RUN OPTIONS] SERVICE [CMD...]: a one-off container; output to LOG, CMD's status
+    local log=$1 status; shift
+    compose run --rm --no-deps -T "$@" >"$log" 2>&1 || true
+    status=$(sed -n 's/^exit code: \([0-9][0-9]*\)$/\1/p' "$log" | tail -n 1)
+    return "${status:-1}"
+}
+operator() { local log=$1; shift; oneoff "$log" operator "$@"; }  # operator LOG CMD...: CMD in the operator service
+json_in() {  # the first JSON object in a log (podman-compose's lines around it)
+    "$PYTHON" -c '
+import json, sys
+text = open(sys.argv[1]).read()
+start = text.find("{")
+print(json.dumps(json.JSONDecoder().raw_decode(text[start:])[0]) if start >= 0 else "{}")' "$1"
+}
+STACK=(superlink superexec-serverapp fleet-front $(seq -f 'supernode-%g' 0 $((CLIENTS - 1))))  # all but the operator
 
 teardown() {
     local status=$?
@@ -107,11 +129,11 @@ timed "hybnn data" "${HYBNN[@]}" data --data-root "$DATA_ROOT" >/dev/null
 # hybnn writes its files readable by their owner only; the containers' user needs to read these.
 install -d "$HYBNN_MNIST" && install -m 644 "$DATA_ROOT"/MNIST/raw/*-ubyte "$HYBNN_MNIST"/
 chmod -R a+rX "$HYBNN_ENCODER"
-log "work folder $WORK; SuperLink on 127.0.0.1:$HYBNN_SUPERLINK_PORT, front on :$HYBNN_FLEET_PORT"
+log "work folder $WORK; front on :$HYBNN_FLEET_PORT, the SuperLink's port published nowhere"
 
 # 4. Codes, extracted by each service in its own container into its own volume.
-extract() { compose run --rm --no-deps -T --entrypoint hybnn "$1" extract --encoder /encoder --data-root /data \
-                >"$WORK/extract-$1.log" 2>&1 || { cat "$WORK/extract-$1.log" >&2; return 1; }; }
+extract() { oneoff "$WORK/extract-$1.log" --entrypoint hybnn "$1" extract --encoder /encoder --data-root /data \
+                || { cat "$WORK/extract-$1.log" >&2; return 1; }; }
 extract_all() {
     # Two at a time, never two services of the same network at once: parallel
     # `podman-compose run`s of one network race to create it.
@@ -125,49 +147,102 @@ extract_all() {
 }
 timed "codes extracted in 1+$CLIENTS containers" extract_all
 
-# 5. The stack.
-mkdir -p "$FLWR_HOME"
-cat >"$FLWR_HOME/config.toml" <<TOML
-[superlink]
-default = "containers"
-
-[superlink.containers]
-address = "127.0.0.1:$HYBNN_SUPERLINK_PORT"
-root-certificates = "$HYBNN_CERTS/ca.crt"
-TOML
-flwr() { "$BIN/flwr" "$@"; }
+# 5. The stack; the operator service registers the keys and watches the SuperNodes come online.
+online_count() {  # SuperNodes "online" as the operator's `flwr supernode list` shows them
+    operator "$WORK/list.log" flwr supernode list containers --format json || { echo 0; return; }
+    json_in "$WORK/list.log" | "$PYTHON" -c '
+import json, sys
+nodes = json.load(sys.stdin).get("nodes", [])
+print(sum(1 for n in nodes if str(n.get("status", "")).lower() == "online"))'
+}
 stack_up() {
     compose up -d --no-build superlink superexec-serverapp fleet-front >"$WORK/up.log" 2>&1 \
         || { cat "$WORK/up.log" >&2; return 1; }
-    local i
-    for i in $(seq 60); do  # the SuperLink answers the Control API once it is up
-        flwr supernode list containers >/dev/null 2>&1 && break
+    local i deadline=$((SECONDS + 90))
+    until operator "$WORK/list.log" flwr supernode list containers; do  # the Control API is up
+        ((SECONDS < deadline)) || { cat "$WORK/list.log" >&2; return 1; }
         sleep 1
     done
     for i in $(seq 0 $((CLIENTS - 1))); do
-        flwr supernode register "$HYBNN_CERTS/supernodes/supernode-$i.pub" containers >>"$WORK/register.log" 2>&1 \
-            || { cat "$WORK/register.log" >&2; return 1; }
+        operator "$WORK/register-$i.log" flwr supernode register "/certs/supernodes/supernode-$i.pub" containers \
+            || { cat "$WORK/register-$i.log" >&2; return 1; }
     done
-    compose up -d --no-build >>"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; return 1; }
-    for i in $(seq 120); do
-        online=$(flwr supernode list containers --format json 2>/dev/null | "$PYTHON" -c '
-import json, sys
-nodes = json.load(sys.stdin).get("nodes", [])
-print(sum(1 for n in nodes if str(n.get("status", "")).lower() == "online"))' 2>/dev/null || echo 0)
-        [ "$online" -ge "$CLIENTS" ] && return 0
-        sleep 1
+    compose up -d --no-build "${STACK[@]}" >>"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; return 1; }
+    deadline=$((SECONDS + 180))
+    while online=$(online_count); ((online < CLIENTS)); do
+        ((SECONDS < deadline)) || break
+        sleep 2
     done
-    echo "only $online of $CLIENTS SuperNodes came online within 120 s" >&2
-    flwr supernode list containers >&2 || true
+    ((online >= CLIENTS)) && return 0
+    echo "only $online of $CLIENTS SuperNodes came online within 180 s" >&2
+    cat "$WORK/list.log" >&2
     return 1
 }
-timed "stack up, $CLIENTS SuperNodes online" stack_up
+timed "stack up, keys registered by the operator service, $CLIENTS SuperNodes online" stack_up
 
-# 6. The run.
+# 6. A stranger on the host with ca.crt: a flwr connection to 127.0.0.1:PORT.
+stranger_connection() {  # stranger_connection PORT: the host's flwr config, connection "stranger"
+    mkdir -p "$FLWR_HOME"
+    printf '[superlink]\ndefault = "stranger"\n\n[superlink.stranger]\naddress = "127.0.0.1:%s"\nroot-certificates = "%s"\n' \
+        "$1" "$HYBNN_CERTS/ca.crt" >"$FLWR_HOME/config.toml"
+}
+stranger_fails() {  # stranger_fails LOG EXPECTED CMD...: CMD must fail, and say EXPECTED
+    local log=$1 expected=$2; shift 2
+    if "$@" >"$log" 2>&1; then echo "the stranger's \`${*:1:3}\` succeeded:" >&2; cat "$log" >&2; return 1; fi
+    grep -q "$expected" "$log" || { echo "the stranger's \`${*:1:3}\` failed, but not with \"$expected\":" >&2; cat "$log" >&2; return 1; }
+}
+stranger_check() {
+    local name port others=() published
+    # Every port the stack publishes on the host: the front's alone.
+    for name in $(podman ps --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'); do
+        while read -r _ _ published; do
+            [ -n "$published" ] || continue
+            port=${published##*:}
+            log "published: $name ${published}"
+            [[ $name == *fleet-front* && $port == "$HYBNN_FLEET_PORT" ]] || others+=("$port")
+        done < <(podman port "$name")
+    done
+    for port in 8000 "${others[@]}"; do  # the SuperLink's own port, and anything else published
+        stranger_connection "$port"
+        stranger_fails "$WORK/stranger-ls-$port.log" "unavailable" "$BIN/flwr" ls stranger
+        stranger_fails "$WORK/stranger-run-$port.log" "unavailable" "$BIN/flwr" run . stranger
+        log "stranger on 127.0.0.1:$port: flwr ls and flwr run: $(grep -m1 -o 'Connection to the SuperLink is unavailable' "$WORK/stranger-ls-$port.log" || true)"
+    done
+    ((${#others[@]} == 0)) || { echo "published beyond the front: ports ${others[*]}" >&2; return 1; }
+    # Through the front: TLS works, the Control API is refused.
+    stranger_connection "$HYBNN_FLEET_PORT"
+    stranger_fails "$WORK/stranger-ls-front.log" "403" "$BIN/flwr" ls stranger
+    stranger_fails "$WORK/stranger-register-front.log" "403" \
+        "$BIN/flwr" supernode register "$HYBNN_CERTS/supernodes/supernode-0.pub" stranger
+    log "stranger through the front: flwr ls and flwr supernode register get 403"
+    # Not a check but a fact for docs/security.md: the host routes to its container
+    # networks, so the SuperLink container's own address may answer a local process.
+    local address answer
+    address=$(podman inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}' "${PROJECT}_superlink_1" \
+        | awk '{print $1}')
+    answer=$("$PYTHON" - "$address" "$HYBNN_CERTS/ca.crt" <<'PY'
+import socket, ssl, sys
+address, ca = sys.argv[1], sys.argv[2]
+try:
+    with socket.create_connection((address, 8000), timeout=5) as raw:
+        with ssl.create_default_context(cafile=ca).wrap_socket(raw, server_hostname="superlink") as tls:
+            tls.sendall(b"GET /health HTTP/1.1\r\nHost: superlink\r\nConnection: close\r\n\r\n")
+            status_line = tls.recv(200).split(b"\r\n")[0].decode(errors="replace")
+    print(f"answers: TLS as 'superlink', GET /health -> {status_line}")
+except OSError as err:
+    print(f"does not answer: {err}")
+PY
+)
+    log "from the host, the SuperLink container's address $address:8000 $answer"
+}
+timed "stranger check" stranger_check
+
+# 7. The run, from the operator service.
 RUN_CONFIG="num-server-rounds=$ROUNDS local-epochs=1 encoder-path='/encoder' data-root='/data' out-dir='/results'"
 RUN_CONFIG+=" encoder-sha256='$ENCODER_SHA256' min-available-nodes=$CLIENTS min-train-nodes=$CLIENTS"
-timed "flwr run, $ROUNDS rounds" timeout 900 "$BIN/flwr" run . containers --run-config "$RUN_CONFIG" --stream \
-    >"$WORK/flwr-run.log" 2>&1 || { tail -50 "$WORK/flwr-run.log" >&2; exit 1; }
+timed "flwr run from the operator service, $ROUNDS rounds" \
+    operator "$WORK/flwr-run.log" timeout 900 flwr run . containers --run-config "$RUN_CONFIG" --stream \
+    || { tail -50 "$WORK/flwr-run.log" >&2; exit 1; }
 "$PYTHON" - "$HYBNN_RESULTS" "$ROUNDS" "$CLIENTS" "$ENCODER_SHA256" <<'PY'
 import json, sys
 from pathlib import Path

@@ -2,8 +2,10 @@
 
 It parses; images are pinned to Flower 1.42.0; every Flower service's command parses
 with the installed Flower CLI's own argument parser; nothing runs insecure; only the
-Fleet-only front is published beyond the host's loopback and the SuperNodes cannot
-reach the SuperLink except through it; the front's nginx config is the one
+Fleet-only front is published (the SuperLink not even on the host's loopback) and the
+SuperNodes cannot reach the SuperLink except through it; the operator's `flwr` CLI is a
+service under a profile, on the SuperLink's network only, whose connection is the
+SuperLink's port with the deployment's CA; the front's nginx config is the one
 simulation/credentials.py renders; and the flags that deploy-local's real processes
 use are the ones the containers use. `make container-test` builds and runs it all.
 """
@@ -66,7 +68,7 @@ def parser_for(service: dict):
 
 def test_services_and_pinned_images(compose):
     services = compose["services"]
-    assert set(services) == {*FLOWER_SERVICES, "fleet-front"}
+    assert set(services) == {*FLOWER_SERVICES, "fleet-front", "operator"}
     assert services["superlink"]["image"] == f"flwr/superlink:{FLWR}"
     for name in FLOWER_SERVICES:
         assert services[name]["image"].endswith(f":{FLWR}"), name
@@ -75,7 +77,9 @@ def test_services_and_pinned_images(compose):
     assert f"ARG FLWR_VERSION={FLWR}" in dockerfile
     # torch and the project are installed once; the superexec target reuses that stage
     assert re.findall(r"^FROM (\S+) AS (\S+)", dockerfile, re.M) == [
-        ("flwr/supernode:${FLWR_VERSION}", "supernode"), ("supernode", "superexec")]
+        ("flwr/supernode:${FLWR_VERSION}", "supernode"), ("supernode", "superexec"), ("supernode", "operator")]
+    assert services["operator"]["image"] == f"hybnn-operator:{FLWR}"
+    assert services["operator"]["build"]["target"] == "operator"
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
 
 
@@ -111,15 +115,14 @@ def test_nothing_runs_insecure(compose):
         assert not any(h.endswith("ca.key") for h in mounts(service).values())
 
 
-def test_only_the_fleet_front_is_published_beyond_loopback(compose):
+def test_only_the_fleet_front_is_published(compose):
     services = compose["services"]
+    assert "ports" not in services["superlink"]  # not even on the host's loopback: the Control API
+    published = {name: [re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(p)) for p in service["ports"]]
+                 for name, service in services.items() if service.get("ports")}
+    assert published == {"fleet-front": ["9092:9092"]}
     for name, service in services.items():
-        for port in service.get("ports", []):
-            port = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(port))
-            if name == "fleet-front":
-                assert port == "9092:9092"
-            else:
-                assert name == "superlink" and port == "127.0.0.1:8000:8000", (name, port)
+        assert not service.get("network_mode"), name  # "host" would bypass all of this
     # SuperNodes talk to the front only; they share no network with the SuperLink
     link_networks = set(services["superlink"]["networks"])
     for name in SUPERNODES:
@@ -129,6 +132,34 @@ def test_only_the_fleet_front_is_published_beyond_loopback(compose):
         assert flag_value(node, "--host") == "127.0.0.1"  # ClientAppIo stays inside the container
     assert set(services["fleet-front"]["networks"]) >= link_networks | set(services[SUPERNODES[0]]["networks"])
     assert set(services["superexec-serverapp"]["networks"]) <= link_networks
+
+
+def test_operator_service_reaches_only_the_superlink(compose, tmp_path, monkeypatch):
+    """Only the operator starts runs: its CLI is in the stack, on the server network alone."""
+    from flwr.cli.flower_config import read_superlink_connection
+
+    services = compose["services"]
+    operator = services["operator"]
+    assert operator["profiles"] == ["operator"]  # `docker compose up` leaves it out
+    assert operator["networks"] == ["server"]
+    assert set(services["superlink"]["networks"]) == {"server"}
+    assert "ports" not in operator and not operator.get("depends_on")
+    m = mounts(operator)
+    home = operator["environment"]["FLWR_HOME"]
+    assert m[f"{home}/config.toml:ro"] == "./containers/operator-flwr.toml"
+    # the connection as the flwr CLI itself reads it from $FLWR_HOME/config.toml
+    (tmp_path / "config.toml").write_text((REPO / "containers" / "operator-flwr.toml").read_text())
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    connection = read_superlink_connection(None)
+    assert connection.name == "containers" and not connection.insecure
+    port = flag_value(args_of(services["superlink"]), "--port")
+    assert connection.address == f"superlink:{port}"
+    assert connection.root_certificates == "/certs/ca.crt" and m["/certs/ca.crt:ro"] == "./certs/ca.crt"
+    # the SuperNodes' public keys, to register; no private file
+    for i in range(len(SUPERNODES)):
+        assert m[f"/certs/supernodes/supernode-{i}.pub:ro"] == f"./certs/supernodes/supernode-{i}.pub"
+    assert all(h.endswith((".pub", "ca.crt", ".toml")) for h in m.values()), m
+    assert all(c.endswith(":ro") for c in m), m
 
 
 def test_front_config_is_the_rendered_one(compose):
