@@ -259,6 +259,12 @@ def supernode_key_pair(comment: str) -> tuple[bytes, bytes]:
 PRIVATE_FILES = (CA_KEY, SERVER_KEY, SUPEREXEC_SECRET)
 
 
+def new_superexec_secret() -> bytes:
+    """A fresh secret for ``--superexec-auth-secret-file``: 64 hex characters, no newline
+    (Flower reads the file as exact bytes)."""
+    return secrets.token_hex(32).encode()
+
+
 def make_credentials(out: Path | str, hosts: tuple[str, ...] | list[str] = (), supernodes: int = DEFAULT_SUPERNODES,
                      force: bool = False, valid_days: int = CERT_VALID_DAYS) -> Credentials:
     """Write a fresh credentials directory (see the module docstring) and return its paths."""
@@ -271,7 +277,7 @@ def make_credentials(out: Path | str, hosts: tuple[str, ...] | list[str] = (), s
     check_output_dir(root)
 
     files = _certificates(names, ips, valid_days)
-    files[SUPEREXEC_SECRET] = secrets.token_hex(32).encode()  # read as exact bytes: no newline
+    files[SUPEREXEC_SECRET] = new_superexec_secret()
     private = set(PRIVATE_FILES)
     for i in range(supernodes):
         key, pub = supernode_key_pair(supernode_key_name(i))

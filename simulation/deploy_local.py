@@ -10,11 +10,15 @@ the machine reaches the SuperLink's unauthenticated Control API:
 * ``flwr supernode register`` of each SuperNode's public key;
 * with ``--fleet-front``, the Fleet-only TLS front (nginx) that SuperNodes connect
   through, as on a real deployment (docs/security.md);
-* one ``flower-supernode`` per client, each with its own ClientAppIo port, its private
+* one ``flower-supernode`` per client, each with its own Runtime API port, its private
   key, the CA certificate, and a node config naming its ``partition-id``,
-  ``num-partitions``, ``encoder-path`` and ``data-root``;
-* ``flwr run <project> <connection> --stream``, which builds the app bundle, submits
-  it, and streams the ServerApp's log until the run ends.
+  ``num-partitions``, ``encoder-path`` and ``data-root``; with ``--isolation process`` and,
+  beside it, the SuperExec that starts its ClientApps only for this run's app bundle
+  (:mod:`client.pinned_superexec`; the two share a secret of their own, and the process
+  group: when either exits, the other and its ClientApps are stopped);
+* ``flwr run <app> <connection> --stream`` on a copy of the project's git-tracked files,
+  whose app bundle (:mod:`simulation.app_bundle`) is the one the SuperExecs are pinned to;
+  it submits the bundle and streams the ServerApp's log until the run ends.
 
 ``--insecure`` drops TLS and authentication (a warning says what that exposes). The CLI
 connection lives in a temporary ``FLWR_HOME``; runtime dependency installation is off
@@ -44,8 +48,10 @@ from common.federated import settings
 from common.errors import HyBNNError
 from server.resume import read_state
 from simulation import runs
+from simulation.app_bundle import (build_app_bundle, bundle_sha256, check_pyproject_current, stage_tracked_app,
+                                   tracked_files)
 from simulation.netns import DEFAULT_NETWORK
-from simulation.credentials import Credentials, fleet_front_config, make_credentials
+from simulation.credentials import Credentials, fleet_front_config, make_credentials, new_superexec_secret
 from simulation.federate import FederateConfig, import_plotting, centralized_reference, check_config, finish_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +71,8 @@ class DeployConfig(FederateConfig):
     timeout_s: float = 1800.0
     """The whole run, start-up included."""
     kill_client_after_round: int | None = None
-    """Fault injection: SIGKILL the last SuperNode once this round is in server.json."""
+    """Fault injection: SIGKILL the last SuperNode (that process alone, as another user's kill would)
+    once this round is in server.json."""
     kill_superlink_after_round: int | None = None
     """Fault injection: SIGKILL the SuperLink (and the ServerApp below it) once this round is saved."""
     log_dir: Path | None = None
@@ -134,10 +141,12 @@ def superlink_command(port: int, credentials: Credentials | None = None) -> list
 
 def supernode_command(superlink_port: int, port: int, node_config: str, credentials: Credentials | None = None,
                       index: int = 0, max_retries: int | None = None,
-                      max_wait_time_s: float | None = None) -> list[str]:
+                      max_wait_time_s: float | None = None, superexec_secret: Path | None = None) -> list[str]:
     """SuperNode ``index``: it checks the SuperLink's certificate against the CA and signs in
     with its private key; without ``credentials``, insecure. ``max_retries``/``max_wait_time_s``:
-    give up connecting after that many tries / seconds (Flower's default: never)."""
+    give up connecting after that many tries / seconds (Flower's default: never). With
+    ``superexec_secret``, ``--isolation process``: it starts no ClientApp itself, a SuperExec
+    holding that secret (:func:`pinned_superexec_command`) does."""
     if credentials is None:
         security = ["--insecure"]
     else:
@@ -148,8 +157,31 @@ def supernode_command(superlink_port: int, port: int, node_config: str, credenti
         retry += ["--max-retries", str(max_retries)]
     if max_wait_time_s is not None:
         retry += ["--max-wait-time", str(max_wait_time_s)]
+    isolation = []
+    if superexec_secret is not None:
+        isolation = ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     return [_bin("flower-supernode"), *security, "--superlink", f"127.0.0.1:{superlink_port}", *retry,
-            "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
+            *isolation, "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
+
+
+def pinned_superexec_command(runtime_port: int, app_sha256: str, superexec_secret: Path,
+                             supernode_pid: int | None = None) -> list[str]:
+    """The SuperExec beside a SuperNode: it starts ClientApps only for the bundle ``app_sha256``
+    (:mod:`client.pinned_superexec`). Its Runtime API is the SuperNode's, plaintext on loopback,
+    where the shared secret keeps any other SuperExec out. With ``supernode_pid``, it also stops
+    by itself when that process is gone."""
+    parent = [] if supernode_pid is None else ["--parent-pid", str(supernode_pid)]
+    return [sys.executable, "-m", "client.pinned_superexec", "--app-sha256", app_sha256,
+            "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure",
+            "--superexec-auth-secret-file", str(superexec_secret), *parent]
+
+
+def write_superexec_secret(path: Path) -> Path:
+    """A fresh secret shared by one SuperNode and its SuperExec (mode 0600)."""
+    from common.fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, new_superexec_secret(), mode=0o600)
+    return path
 
 
 def node_config(partition_id: int, num_partitions: int, encoder: Path, data_root: Path) -> str:
@@ -218,30 +250,6 @@ def register_supernodes(credentials: Credentials, count: int, connection: str, e
                                  f"(status {done.returncode}); see {log_dir}/register.log.")
 
 
-def stage_tracked_app(project: Path, dest: Path) -> Path:
-    """A copy of ``project``'s git-tracked files in ``dest`` to build the app bundle from.
-
-    ``flwr run`` bundles what pyproject's ``fab-include`` names; this also keeps out any
-    untracked file inside those folders (a stray ``common/secret.py``). Outside a git
-    checkout (an installed copy, a container image) it returns ``project`` itself.
-    """
-    import shutil
-
-    try:
-        listed = subprocess.run(["git", "-C", str(project), "ls-files", "-z", "--cached"],
-                                capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return project
-    if listed.returncode != 0 or not listed.stdout:
-        return project
-    for rel in filter(None, listed.stdout.decode("utf-8", "surrogateescape").split("\0")):
-        src = project / rel
-        if src.is_file() and not src.is_symlink():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest
-
-
 def nginx_binary() -> str | None:
     """nginx from PATH or Debian's /usr/sbin, or None."""
     import shutil
@@ -273,18 +281,70 @@ class Processes:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.groups: dict[str, list[str]] = {}
+        """Process groups by name: their members' names, the first the group's leader."""
+        self.stopped_groups: set[str] = set()
         self.guard = runs.OrphanGuard()  # stops them should this command be killed outright
 
-    def start(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], env: dict, group: str | None = None) -> subprocess.Popen:
+        """Start ``cmd`` as process ``name``, logging to ``NAME.log``, in a session of its own; with
+        ``group``, in that process group instead, with everything it starts: the first process of a
+        group leads it (in this command's session, so that the others may join it)."""
+        placement: dict = {"start_new_session": True}
+        if group is not None:
+            members = self.groups.setdefault(group, [])
+            placement = {"process_group": self.process(members[0]).pid if members else 0}
         log_file = open(self.log_dir / f"{name}.log", "w")
         log_file.write("$ " + shlex.join(cmd) + "\n")
         log_file.flush()
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                cwd=PROJECT_ROOT, start_new_session=True)
-        log_file.close()
+        try:
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                    cwd=PROJECT_ROOT, **placement)
+        except OSError as exc:  # joining a group whose processes are all gone already
+            raise HyBNNError(f"Could not start {name}: {exc.strerror or exc}.") from None
+        finally:
+            log_file.close()
         self.procs.append((name, proc))
+        if group is not None:
+            self.groups[group].append(name)
         self.guard.watch(proc.pid)
         return proc
+
+    def process(self, name: str) -> subprocess.Popen:
+        return next(proc for n, proc in self.procs if n == name)
+
+    def send(self, name: str, signum: int) -> None:
+        """Signal process ``name`` alone."""
+        proc = self.process(name)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    def exited_groups(self) -> list[tuple[str, str, int]]:
+        """Stop every group one of whose processes has exited, with everything in it; for each,
+        ``(group, the process that exited, its exit status)``."""
+        stopped = []
+        for group, members in self.groups.items():
+            if group in self.stopped_groups:
+                continue
+            for member in members:
+                status = self.process(member).poll()
+                if status is not None:
+                    self.kill_group(group)
+                    stopped.append((group, member, status))
+                    break
+        return stopped
+
+    def kill_group(self, group: str) -> None:
+        """SIGKILL every process of ``group``, and any process below its members that left it."""
+        members = [self.process(n) for n in self.groups[group]]
+        below = set().union(*(runs.descendants(p.pid) for p in members if p.poll() is None))
+        runs.signal_all(below | {p.pid for p in members if p.poll() is None}, {members[0].pid}, signal.SIGKILL)
+        for proc in members:
+            proc.wait()
+        deadline = time.monotonic() + 5.0  # SIGKILL lands at once, but not synchronously
+        while runs.group_exists(members[0].pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.stopped_groups.add(group)
 
     def kill(self, name: str) -> None:
         """SIGKILL process ``name`` and every process below it (a SuperLink's SuperExec and
@@ -299,9 +359,12 @@ class Processes:
                 proc.wait()
 
     def stop_all(self, grace_s: float = 3.0) -> None:
-        """Stop every process started here and the processes below them: SIGTERM, then
-        SIGKILL for what remains after ``grace_s``."""
-        runs.stop_process_tree([proc for _, proc in reversed(self.procs)], grace_s)
+        """Stop every process started here, every process of their groups and the processes
+        below them: SIGTERM, then SIGKILL for what remains after ``grace_s``."""
+        # A group counts while one of its members lives: until then its id cannot name another group.
+        groups = {self.process(members[0]).pid for group, members in self.groups.items()
+                  if group not in self.stopped_groups and any(self.process(n).poll() is None for n in members)}
+        runs.stop_process_tree([proc for _, proc in reversed(self.procs)], grace_s, groups=groups)
         self.guard.close()
 
 
@@ -335,6 +398,8 @@ def deploy_local(config: DeployConfig) -> dict:
         raise HyBNNError(f"--min-nodes must be between 1 and --clients ({config.clients}).")
     check_security_options(config)
     check_network(config.network)
+    if tracked_files(PROJECT_ROOT) is not None:
+        check_pyproject_current(PROJECT_ROOT)  # the bundle is built from a copy, which is no checkout
     started = time.perf_counter()
     out = Path(config.out).resolve()
     with runs.StopSignals() as signals:
@@ -373,6 +438,10 @@ def _deploy_local(config: DeployConfig, out: Path, started: float, signals: runs
         env.update({"FLWR_HOME": str(Path(tmp) / "flwr-home"),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PYTHONUNBUFFERED": "1"})
+        # What `flwr run` sends is built from this copy, so that the pin is its bundle's hash.
+        app_dir = stage_tracked_app(PROJECT_ROOT, Path(tmp) / "app")
+        app_sha256 = bundle_sha256(build_app_bundle(app_dir, Path(tmp) / "bundle"))
+        print(f"App bundle sha256 {app_sha256}: the only one whose ClientApps the SuperNodes start", flush=True)
         with _network(config.network):
             procs = Processes(log_dir)
             try:
@@ -394,11 +463,7 @@ def _deploy_local(config: DeployConfig, out: Path, started: float, signals: runs
                         fleet_port = start_fleet_front(procs, credentials, link_port, env, log_dir / "fleet-front")
                         print(f"Fleet-only TLS front on 127.0.0.1:{fleet_port}", flush=True)
                 for i in range(config.clients):
-                    cmd = supernode_command(fleet_port, free_port(),
-                                            node_config(i, config.clients, config.encoder, config.data_root),
-                                            credentials, index=i)
-                    procs.start(f"supernode-{i}", cmd, env)
-                app_dir = stage_tracked_app(PROJECT_ROOT, Path(tmp) / "app")
+                    start_node(procs, i, fleet_port, app_sha256, config, credentials, env, Path(tmp))
                 run_cmd = [_bin("flwr"), "run", str(app_dir), connection,
                            "--run-config", run_config_string(run_config), "--stream"]
                 print(f"Submitting: {shlex.join(run_cmd[:4])} --run-config ... --stream", flush=True)
@@ -413,6 +478,26 @@ def _deploy_local(config: DeployConfig, out: Path, started: float, signals: runs
                 procs.stop_all(config.stop_grace_s)
     return finish_run(server_json, staging, out, centralized, {**config.to_dict(), "mode": "deploy-local"},
                       started, signals.stopped, source, config.rounds)
+
+
+def start_node(procs: Processes, index: int, fleet_port: int, app_sha256: str, config: DeployConfig,
+               credentials: Credentials | None, env: dict, tmp: Path) -> None:
+    """SuperNode ``index`` and its pinned SuperExec, in one process group of their own."""
+    secret = write_superexec_secret(tmp / f"superexec-{index}.secret")
+    runtime_port = free_port()
+    node = procs.start(f"supernode-{index}", supernode_command(
+        fleet_port, runtime_port, node_config(index, config.clients, config.encoder, config.data_root),
+        credentials, index=index, superexec_secret=secret), env, group=f"node-{index}")
+    procs.start(f"superexec-{index}", pinned_superexec_command(runtime_port, app_sha256, secret, node.pid), env,
+                group=f"node-{index}")
+
+
+def node_exit_line(group: str, exited: str, status: int) -> str:
+    """What the watch loop says when a process of a SuperNode's group exits before the run ends."""
+    supernode = "supernode-" + group.split("-", 1)[1]
+    if exited == supernode:
+        return f"{supernode} exited (status {status}); its SuperExec and ClientApps were stopped"
+    return f"{exited} exited (status {status}); {supernode} and its ClientApps were stopped"
 
 
 def check_network(network: str) -> None:
@@ -480,8 +565,10 @@ def _watch(config: DeployConfig, procs: Processes, runner: subprocess.Popen, ser
                 and done >= config.kill_client_after_round):
             name = f"supernode-{config.clients - 1}"
             print(f"  killing {name} (fault injection)", flush=True)
-            procs.kill(name)
+            procs.send(name, signal.SIGKILL)
             killed = True
+        for group, exited, status in procs.exited_groups():
+            print(f"  {node_exit_line(group, exited, status)}", flush=True)
         if (config.kill_superlink_after_round is not None
                 and (read_state(server_json.parent) or {}).get("round", 0) >= config.kill_superlink_after_round):
             print("  killing the SuperLink (fault injection)", flush=True)

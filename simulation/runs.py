@@ -238,11 +238,11 @@ def stop_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
             time.sleep(poll_s)
         print("The command that started this run is gone; stopping.", file=sys.stderr, flush=True)
         below = descendants(os.getpid())
-        _signal_all(below, set(), signal.SIGTERM)
+        signal_all(below, set(), signal.SIGTERM)
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and any(is_alive(pid) for pid in below):
             time.sleep(0.1)
-        _signal_all({pid for pid in below | descendants(os.getpid()) if is_alive(pid)}, set(), signal.SIGKILL)
+        signal_all({pid for pid in below | descendants(os.getpid()) if is_alive(pid)}, set(), signal.SIGKILL)
         os._exit(STOPPED_EXIT_STATUS)
 
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
@@ -290,13 +290,13 @@ def _guard_main() -> int:
     seen = set(pids)
     for pid in pids:
         seen |= descendants(pid)
-    _signal_all({pid for pid in seen if is_alive(pid)}, {pid for pid in pids if is_alive(pid)}, signal.SIGTERM)
+    signal_all({pid for pid in seen if is_alive(pid)}, {pid for pid in pids if is_alive(pid)}, signal.SIGTERM)
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline and any(is_alive(pid) for pid in seen):
         time.sleep(0.1)
         for pid in pids:
             seen |= descendants(pid)
-    _signal_all({pid for pid in seen if is_alive(pid)}, set(), signal.SIGKILL)
+    signal_all({pid for pid in seen if is_alive(pid)}, set(), signal.SIGKILL)
     return 0
 
 
@@ -326,7 +326,7 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def _signal_all(pids: set[int], groups: set[int], signum: int) -> None:
+def signal_all(pids: set[int], groups: set[int], signum: int) -> None:
     for group in groups:
         try:
             os.killpg(group, signum)
@@ -339,32 +339,56 @@ def _signal_all(pids: set[int], groups: set[int], signum: int) -> None:
             pass
 
 
-def stop_process_tree(procs: subprocess.Popen | list[subprocess.Popen], grace_s: float = 1.0) -> None:
-    """SIGTERM each of ``procs`` (each started in its own session) and everything below them;
-    SIGKILL what is left after ``grace_s``. Processes that left a tree (a daemon reparented
-    to init) are still caught by the pids seen earlier."""
+def stop_process_tree(procs: subprocess.Popen | list[subprocess.Popen], grace_s: float = 1.0,
+                      groups: set[int] = frozenset()) -> None:
+    """SIGTERM each of ``procs`` (each started in its own session or process group), every
+    process of ``groups`` (process group ids) and everything below them; SIGKILL what is left
+    after ``grace_s``. Processes that left a tree (a daemon reparented to init) are still
+    caught by the pids seen earlier."""
     procs = [procs] if isinstance(procs, subprocess.Popen) else list(procs)
-    groups = {proc.pid for proc in procs if proc.poll() is None}
+    leaders = {proc.pid for proc in procs if proc.poll() is None}
     seen: set[int] = set()
     for proc in procs:
         seen |= descendants(proc.pid)
-    _signal_all(seen | groups, groups, signal.SIGTERM)
+    signal_all(seen | leaders, leaders | set(groups), signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         for proc in procs:
             seen |= descendants(proc.pid)
-        if all(proc.poll() is not None for proc in procs) and not any(is_alive(pid) for pid in seen):
+        if (all(proc.poll() is not None for proc in procs) and not any(is_alive(pid) for pid in seen)
+                and not any(group_exists(g) for g in groups)):
             return
         time.sleep(0.1)
     for proc in procs:
         seen |= descendants(proc.pid)
-    _signal_all({pid for pid in seen if is_alive(pid)} | {p.pid for p in procs if p.poll() is None},
-                {p.pid for p in procs if p.poll() is None}, signal.SIGKILL)
+    signal_all({pid for pid in seen if is_alive(pid)} | {p.pid for p in procs if p.poll() is None},
+               {p.pid for p in procs if p.poll() is None} | set(groups), signal.SIGKILL)
     for proc in procs:
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
             pass
+
+
+def group_members(pgid: int) -> set[int]:
+    """The living (not zombie) processes of process group ``pgid``, from /proc."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, _, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            members.add(int(entry.name))
+    return members
+
+
+def group_exists(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a living process in it."""
+    return bool(group_members(pgid))
 
 
 def is_alive(pid: int) -> bool:

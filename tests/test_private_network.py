@@ -4,12 +4,16 @@ The stranger test runs real processes: during a default `deploy-local` run, a pr
 same machine holding the deployment's public `ca.crt` (and a key pair of its own) tries to list
 the runs, register its key, submit its own app bundle and join as a SuperNode. Each fails; the
 same `flwr list` run inside the deployment's namespace succeeds (so the stranger's commands
-are well-formed and the check can fail), and the operator's run ends with the same accuracy
-as the same run on the host's loopback.
+are well-formed and the check can fail). The same run then goes on the host's loopback, where
+the operator, with the run's own `flwr` connection, submits a foreign app bundle: every
+SuperNode refuses it (its pinned SuperExec logs the run and both hashes, the foreign ServerApp
+gets an error reply from each node, no foreign ClientApp runs), and the operator's run ends
+with the same accuracy as the private one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -110,9 +114,73 @@ def _superlink_pid(port: int) -> int:
     raise AssertionError(f"no flower-superlink process with port {port}")
 
 
+FOREIGN_FEDERATED_APP = '''
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@client.train()
+def train(msg, context):
+    Path({client_marker!r}).write_text("a foreign ClientApp ran on a SuperNode")
+    return Message(RecordDict(), reply_to=msg)
+
+
+@server.main()
+def main(grid, context):
+    deadline = time.monotonic() + 120
+    while len(nodes := sorted(grid.get_node_ids())) < {nodes} and time.monotonic() < deadline:
+        time.sleep(1)
+    replies = grid.send_and_receive(
+        [Message(RecordDict(), dst_node_id=node, message_type="train") for node in nodes], timeout=120)
+    Path({server_marker!r}).write_text(json.dumps(
+        [[r.metadata.src_node_id, r.error.code if r.has_error() else None,
+          r.error.reason if r.has_error() else ""] for r in replies]))
+'''
+
+
+def _foreign_federated_app(root: Path, client_marker: Path, server_marker: Path, nodes: int) -> Path:
+    """An app bundle of someone else's: its ServerApp sends a train message to ``nodes`` nodes and
+    writes their replies to ``server_marker``; its ClientApp would write ``client_marker``."""
+    app = root / "foreign"
+    app.mkdir(parents=True)
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "foreign"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "someone"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "foreign_app:server"\nclientapp = "foreign_app:client"\n')
+    (app / "foreign_app.py").write_text(FOREIGN_FEDERATED_APP.format(
+        client_marker=str(client_marker), server_marker=str(server_marker), nodes=nodes))
+    return app
+
+
+def _in_background(config) -> tuple[threading.Thread, dict]:
+    """deploy_local(config) in a thread; its results (or error) land in the returned dict."""
+    from simulation.deploy_local import deploy_local
+
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["results"] = deploy_local(config)
+        except BaseException as exc:  # reported by the main thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    return worker, outcome
+
+
 @needs_root
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_a_local_stranger_with_the_ca_certificate_cannot_list_register_run_or_join(tmp_path, mnist_root):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -126,19 +194,10 @@ def test_a_local_stranger_with_the_ca_certificate_cannot_list_register_run_or_jo
         pytest.skip("needs util-linux's nsenter for the in-namespace control (apt-get install util-linux)")
     creds = make_credentials(tmp_path / "creds", supernodes=2)
     common = dict(task="0v1", clients=2, rounds=2, local_epochs=1, encoder=fixed_encoder(tmp_path / "encoder"),
-                  data_root=mnist_root, centralized_epochs=1, node_wait_s=60.0, round_timeout_s=90.0,
-                  timeout_s=300.0, progress=False, certs=creds.root)
+                  data_root=mnist_root, centralized_epochs=1, node_wait_s=60.0, round_timeout_s=240.0,
+                  timeout_s=420.0, progress=False, certs=creds.root)
     config = DeployConfig(**common, out=tmp_path / "run", log_dir=tmp_path / "logs")
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["results"] = deploy_local(config)
-        except BaseException as exc:  # reported by the main thread
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run)
-    worker.start()
+    worker, outcome = _in_background(config)
     attempts: dict[str, subprocess.CompletedProcess] = {}
     stranger_node = None
     try:
@@ -180,7 +239,7 @@ def test_a_local_stranger_with_the_ca_certificate_cannot_list_register_run_or_jo
         inside = subprocess.run(["nsenter", f"--net=/proc/{_superlink_pid(port)}/ns/net", *commands["list"]],
                                 capture_output=True, text=True, env=env, timeout=120)
     finally:
-        worker.join(timeout=360)
+        worker.join(timeout=440)
         if stranger_node is not None:
             try:
                 stranger_node.wait(timeout=60)
@@ -200,8 +259,49 @@ def test_a_local_stranger_with_the_ca_certificate_cannot_list_register_run_or_jo
     assert results["status"] == "finished"
     assert [len(r["clients"]) for r in results["rounds"]] == [2, 2]
 
-    # The stranger changed nothing: the same run on the host's loopback ends with the same model.
-    alone = deploy_local(DeployConfig(**common, out=tmp_path / "alone", network="host"))
-    assert alone["status"] == "finished"
-    assert results["final_test_acc"] == alone["final_test_acc"]
-    assert [r["test_acc"] for r in results["rounds"]] == [r["test_acc"] for r in alone["rounds"]]
+    # On the host's loopback, the operator submits a foreign app bundle with the run's own connection.
+    from simulation.app_bundle import PROJECT_ROOT, build_app_bundle, bundle_sha256
+
+    pinned = bundle_sha256(build_app_bundle(PROJECT_ROOT, tmp_path / "bundle"))
+    host_logs = tmp_path / "host-logs"
+    worker, outcome = _in_background(DeployConfig(**common, out=tmp_path / "host", log_dir=host_logs,
+                                                  network="host"))
+    client_marker, server_marker = tmp_path / "foreign-client-ran", tmp_path / "foreign-replies.json"
+    foreign = _foreign_federated_app(tmp_path / "operator", client_marker, server_marker, nodes=2)
+    run_log = host_logs / "flwr-run.log"
+    try:
+        deadline = time.monotonic() + 200
+        while not (run_log.exists() and "Starting logstream" in run_log.read_text()):
+            assert worker.is_alive() and time.monotonic() < deadline, f"the deployment did not start: {outcome}"
+            time.sleep(0.5)
+        flwr_home = Path(re.search(r" run (\S+) hybnn-local ", run_log.read_text()).group(1)).parent / "flwr-home"
+        submitted = subprocess.run([_bin("flwr"), "run", str(foreign), "hybnn-local"], capture_output=True,
+                                   text=True, env=_env(flwr_home), timeout=120)  # the deployment's own connection
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        foreign_run = int(re.search(r"Successfully started run (\d+)", submitted.stdout + submitted.stderr).group(1))
+        while not server_marker.exists():
+            assert worker.is_alive(), f"the foreign ServerApp got no replies while the deployment ran: {outcome}"
+            time.sleep(0.5)
+    finally:
+        worker.join(timeout=440)
+    assert "error" not in outcome, outcome.get("error")
+    replies = json.loads(server_marker.read_text())
+    assert len(replies) == 2, replies
+    foreign_sha256 = set()
+    for node, code, reason in replies:
+        assert code == 7 and pinned in reason, (node, code, reason)  # INVALID_FAB, naming the pin
+        foreign_sha256.add(re.search(r"the run's bundle has sha256 ([0-9a-f]{64})", reason).group(1))
+    (foreign_sha256,) = foreign_sha256
+    assert foreign_sha256 != pinned
+    for i in range(2):
+        refusals = [line for line in (host_logs / f"superexec-{i}.log").read_text().splitlines()
+                    if f"Refused run {foreign_run}:" in line]
+        assert len(refusals) == 1, (i, refusals)
+        assert foreign_sha256 in refusals[0] and pinned in refusals[0]
+    assert not client_marker.exists()
+    host = outcome["results"]
+    assert host["status"] == "finished"
+    assert [len(r["clients"]) for r in host["rounds"]] == [2, 2]
+    # Neither the stranger nor the refused bundle changed anything: the same model in both runs.
+    assert results["final_test_acc"] == host["final_test_acc"]
+    assert [r["test_acc"] for r in results["rounds"]] == [r["test_acc"] for r in host["rounds"]]

@@ -376,53 +376,6 @@ def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnis
     assert '"POST /v1/control/start-run HTTP/1.1" 403' in log
 
 
-# ------------------------------------------------------------------ the app bundle
-def _fab_names(app: Path, workdir: Path) -> set[str]:
-    """Build the app bundle with `flwr build` as `flwr run` does, and list what it carries."""
-    import zipfile
-
-    from simulation.deploy_local import _bin
-
-    workdir.mkdir()
-    built = subprocess.run([_bin("flwr"), "build", "--app", str(app)], cwd=workdir, capture_output=True,
-                           text=True, timeout=120)
-    assert built.returncode == 0, built.stdout + built.stderr
-    (fab,) = workdir.glob("*.fab")
-    with zipfile.ZipFile(fab) as z:
-        return set(z.namelist())
-
-
-@pytest.mark.timeout(240)
-def test_app_bundle_carries_only_the_tracked_app(tmp_path):
-    from simulation.deploy_local import PROJECT_ROOT, stage_tracked_app
-
-    if not (PROJECT_ROOT / ".git").exists():
-        pytest.skip("the project is not a git checkout here; the fab-include half is checked by the next step")
-    repo = stage_tracked_app(PROJECT_ROOT, tmp_path / "repo")
-    assert repo != PROJECT_ROOT
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(git + ["init", "-q"], check=True, timeout=30)
-    subprocess.run(git + ["add", "-A"], check=True, timeout=30)
-    subprocess.run(git + ["commit", "-qm", "app"], check=True, timeout=60)
-    tracked = set(subprocess.run(git + ["ls-files"], capture_output=True, text=True, check=True).stdout.split())
-    strays = {"secret.py": "TOKEN = 'x'\n", "notes.md": "private\n", "runs/fedhybnn/server.json": "{}\n",
-              "common/secret.py": "TOKEN = 'x'\n", "tests/conftest_local.py": "x = 1\n"}
-    for rel, text in strays.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(text)
-
-    expected = {f for f in tracked if f == "README.md" or (f.split("/")[0] in ("common", "server", "client",
-                                                                                 "simulation") and f.endswith(".py"))}
-    assert {"common/__init__.py", "server/server_app.py", "client/client_app.py", "README.md"} <= expected
-
-    # pyproject's fab-include keeps everything outside the app's folders out ...
-    in_place = _fab_names(repo, tmp_path / "fab-in-place")
-    assert in_place - {"pyproject.toml", ".info/CONTENT"} == expected | {"common/secret.py"}
-    # ... and deploy-local's copy of the tracked files keeps out the stray inside them too.
-    staged = _fab_names(stage_tracked_app(repo, tmp_path / "staged"), tmp_path / "fab-staged")
-    assert staged - {"pyproject.toml", ".info/CONTENT"} == expected
-
-
 def test_insecure_is_explicit_and_says_what_it_exposes(tmp_path, capsys):
     from simulation.deploy_local import DeployConfig, _deployment_credentials, superlink_command, supernode_command
 
