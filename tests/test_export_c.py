@@ -247,7 +247,8 @@ def test_more_classes_than_a_byte_holds_are_refused() -> None:
 # ---------------------------------------------------------------- real MNIST codes
 @pytest.mark.parametrize("task_name", ["0v1", "2v3", "4v5", "6v7", "8v9", "all10"])
 def test_whole_mnist_test_set_agrees_for_every_task(tmp_path, task_name: str, mnist_encoder) -> None:
-    """numpy and C (strict flags) give torch's predictions on the task's entire test set."""
+    """numpy and C (strict flags, and -march=native: nibble tables or vector popcount on x86)
+    give torch's predictions on the task's entire test set."""
     artifact, data_root = mnist_encoder
     from common.bnn.model import codes_to_inputs
     from common.edge.deploy import predict
@@ -266,6 +267,7 @@ def test_whole_mnist_test_set_agrees_for_every_task(tmp_path, task_name: str, mn
     deployed = to_deployment(model)
     np.testing.assert_array_equal(predict(deployed, test_codes), want)
     np.testing.assert_array_equal(build_kernel(deployed, tmp_path).predict(test_codes), want)
+    np.testing.assert_array_equal(build_kernel(deployed, tmp_path / "native", FAST_FLAGS).predict(test_codes), want)
 
 
 PROVENANCE_DRIVER = r"""

@@ -3,7 +3,8 @@
 ``write_c(model, out_dir)`` writes ``hybnn.h`` and ``hybnn.c``: the weights as packed
 integer arrays, the thresholds, and ``hybnn_predict`` / ``hybnn_predict_batch``. The code
 needs only ``<stdint.h>``: no heap, no floats, no library calls, so it fits a
-microcontroller. It is plain C99 that compilers vectorize; no intrinsics.
+microcontroller. It is plain C99 that compilers vectorize; intrinsics (SSSE3 / AVX2, from
+the compiler's own header) only behind the compilers' feature macros.
 
 Layout and loop shape, chosen for speed (the generated code is the reference for these
 details):
@@ -23,12 +24,23 @@ details):
   ``d = n - p`` counts the disagreeing bits. A layer first writes every unit's count
   into an int32 array (one vectorized loop), then compares the counts with the
   thresholds and packs the fired bits (a second one).
-* Counting. With a vector popcount instruction (``__AVX512VPOPCNTDQ__``) each word is
-  counted with ``__builtin_popcount``. Everywhere else (AVX2, SSE, Cortex-M, any
-  compiler) the words of a unit are first added bit-sliced with carry-save adders
-  into a few bit planes (7 words -> 3 planes: ones, twos, fours), whose weighted count
-  is one shift-and-add popcount: fewer counts, all in plain logic that vectorizes
-  on AVX2 and needs no popcount instruction or library call.
+* Counting, chosen at compile time by feature macros:
+
+  - with a vector popcount instruction (``__AVX512VPOPCNTDQ__``) each word is counted
+    with ``__builtin_popcount``;
+  - else, on x86 with ``__AVX2__`` or ``__SSSE3__``, the first layer (at most 31 code
+    bytes) uses *nibble tables*: its weights are stored a second way, byte ``k`` of each
+    unit as two 4-bit indices with the units side by side in byte lanes, and one
+    ``vpshufb`` through a 16-entry table picked by a nibble of the code counts that
+    nibble's disagreeing bits for 32 (AVX2) or 16 (SSSE3) units at once. The intrinsics
+    headers are included only inside these feature checks;
+  - everywhere else (Cortex-M, any compiler, the portable x86-64 baseline) the words of
+    a unit are first added bit-sliced with carry-save adders into a few bit planes (7
+    words -> 3 planes: ones, twos, fours), whose weighted count is one shift-and-add
+    popcount: fewer counts, all in plain logic that vectorizes and needs no popcount
+    instruction or library call;
+  - a loop over fewer than 8 units or classes (the output of a two-class model) does
+    not vectorize: with ``__POPCNT__`` it counts each word with the scalar instruction.
 * Hidden activations are packed LSB-first: unit ``j`` is bit ``j % 32`` of word
   ``j / 32``; padding bits stay 0 in activations and weights alike.
 * Output: ``score_c = A[c] * d_c + B[c]`` with ``A = -scale``, ``B = scale * n + offset``
