@@ -234,10 +234,10 @@ def main() -> None:
     print(f"{'torch float32 (eval)':<32}{rate(t_torch, n):>26,.0f}{rate(s_torch, m):>22,.0f}{float_bytes:>14,}")
     print(f"{'numpy engine (bitwise_count)':<32}{rate(t_numpy, n):>26,.0f}{rate(s_numpy, m):>22,.0f}"
           f"{deployed.nbytes():>14,}")
-    print(f"{'C -O3 -march=native (ctypes)':<32}{rate(t_c, n):>26,.0f}{rate(s_c, m):>22,.0f}{c_bytes:>14,}")
+    print(f"{'C -O3 -march=native (ctypes)':<32}{rate(t_c, n):>26,.0f}{rate(s_c, m):>22,.0f}{kernel.model_bytes:>14,}")
     for (label, _), seconds in zip(extra, t_extra):
         print(f"{label:<32}{rate(seconds, n):>26,.0f}")
-    print(f"{'C portable -O2 (ctypes)':<32}{rate(t_cp, n):>26,.0f}{'':>22}{c_bytes:>14,}")
+    print(f"{'C portable -O2 (ctypes)':<32}{rate(t_cp, n):>26,.0f}{'':>22}{portable.model_bytes:>14,}")
     print(f"(npz file of the deployment form: {npz_bytes:,} bytes)")
     print()
     print(f"numpy vs torch: batch {n} {t_torch / t_numpy:.2f}x, batch 1 {s_torch / s_numpy:.2f}x")

@@ -50,18 +50,31 @@ X86 = platform.machine() in ("x86_64", "AMD64")
 CPU_FLAGS = _cpu_flags()
 VECTOR_POPCOUNT_FLAGS = ("-std=c99", "-O3", "-march=x86-64-v4", "-mavx512vpopcntdq", "-Wall", "-Wextra", "-Werror")
 """AVX-512 with VPOPCNTDQ named explicitly, so that path is built wherever the CPU can run it."""
+SSE_FLAGS = ("-std=c99", "-O3", "-march=x86-64-v2", "-Wall", "-Wextra", "-Werror")
+"""x86-64 with SSSE3, SSE4.2 and POPCNT but no AVX: the 16-unit nibble tables."""
 
-# (flags, the counting path the build must take: 1 vector popcount, 0 carry-save adders, None: the CPU's)
+# (flags, the counting path the build must take: (HYBNN_VECTOR_POPCOUNT, HYBNN_NIBBLE_TABLES), None: the CPU's)
 BUILDS = {
-    "strict-portable": (STRICT_FLAGS, 0),
+    "strict-portable": (STRICT_FLAGS, (0, 0)),
     "native": (FAST_FLAGS, None),
-    "avx2": (AVX2_FLAGS, 0),
-    "avx512-vpopcnt": (VECTOR_POPCOUNT_FLAGS, 1),
+    "avx2": (AVX2_FLAGS, (0, 32)),
+    "sse": (SSE_FLAGS, (0, 16)),
+    "avx512-vpopcnt": (VECTOR_POPCOUNT_FLAGS, (1, 0)),
 }
 RUNNABLE = {
     "avx2": X86 and "avx2" in CPU_FLAGS,
+    "sse": X86 and {"ssse3", "sse4_1", "sse4_2", "popcnt"} <= CPU_FLAGS,
     "avx512-vpopcnt": X86 and {"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512cd", "avx512_vpopcntdq"} <= CPU_FLAGS,
 }
+
+
+def _native_path() -> tuple[int, int]:
+    """The counting path -march=native takes on this CPU."""
+    if X86 and "avx512_vpopcntdq" in CPU_FLAGS:
+        return 1, 0
+    if X86 and "avx2" in CPU_FLAGS:
+        return 0, 32
+    return 0, 16 if X86 and "ssse3" in CPU_FLAGS else 0
 
 
 def _build_params() -> list:
@@ -110,7 +123,7 @@ def _all_ones(in_bits: int) -> np.ndarray:
 
 @pytest.mark.parametrize("build", _build_params())
 def test_compiled_c_agrees_with_torch(tmp_path, hard_model: BNN, build: str) -> None:
-    """Both counting paths (carry-save adders, vector popcount), plain and vectorized builds."""
+    """Every counting path (carry-save adders, vector popcount, nibble tables), plain and vectorized builds."""
     deployed = to_deployment(hard_model)
     kernel = build_kernel(deployed, tmp_path, BUILDS[build][0])
     codes = _codes(hard_model, seed=23)
@@ -123,14 +136,22 @@ def test_compiled_c_agrees_with_torch(tmp_path, hard_model: BNN, build: str) -> 
 
 @pytest.mark.parametrize("build", _build_params())
 def test_each_build_takes_its_counting_path(tmp_path, build: str) -> None:
-    """The vector popcount path exactly where the compiler targets VPOPCNTDQ, the portable one elsewhere."""
+    """The vector popcount path exactly where the compiler targets VPOPCNTDQ, nibble tables on other
+    x86 builds with AVX2 (32 units a lookup) or SSSE3 (16), the carry-save adders elsewhere."""
     flags, want = BUILDS[build]
-    if want is None:
-        want = int(X86 and "avx512_vpopcntdq" in CPU_FLAGS)
+    vector, nibble = _native_path() if want is None else want
     export_model(trained_bnn(TINY, seed=40), tmp_path, "c")
     macros = subprocess.run([CC, *flags, "-E", "-dM", str(tmp_path / SOURCE_NAME)],
-                            capture_output=True, text=True, check=True).stdout
-    assert f"#define HYBNN_VECTOR_POPCOUNT {want}" in macros.splitlines()
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    assert f"#define HYBNN_VECTOR_POPCOUNT {vector}" in macros
+    assert f"#define HYBNN_NIBBLE_TABLES {nibble}" in macros
+
+
+def test_a_first_layer_too_wide_for_byte_lanes_has_no_nibble_tables(tmp_path) -> None:
+    export_model(trained_bnn(WIDE, seed=45), tmp_path, "c")
+    macros = subprocess.run([CC, *AVX2_FLAGS, "-E", "-dM", str(tmp_path / SOURCE_NAME)],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "#define HYBNN_NIBBLE_TABLES 0" in macros
 
 
 def test_padding_bits_of_the_code_are_ignored(tmp_path) -> None:
@@ -177,7 +198,11 @@ def test_generated_code_needs_no_heap_floats_or_libraries(tmp_path) -> None:
     model = harden(trained_bnn(PAPER, seed=32), seed=33)
     header, source = (p.read_text() for p in export_model(model, tmp_path, "c"))
     code = re.sub(r"/\*.*?\*/", "", header + source, flags=re.S)
-    assert re.findall(r"#include\s*[<\"]([^>\"]+)", code) == ["stdint.h", HEADER_NAME]
+    # the intrinsics headers only where the compiler targets them
+    intrinsics = re.findall(r"#(?:el)?if ([^\n]*)\n#define HYBNN_NIBBLE_TABLES \d+\n#include <(\w+\.h)>", code)
+    assert intrinsics == [("!HYBNN_VECTOR_POPCOUNT && defined(__AVX2__)", "immintrin.h"),
+                          ("!HYBNN_VECTOR_POPCOUNT && defined(__SSSE3__)", "tmmintrin.h")]
+    assert re.findall(r"#include\s*[<\"]([^>\"]+)", code) == ["stdint.h", HEADER_NAME, "immintrin.h", "tmmintrin.h"]
     for word in ("float", "double", "malloc", "free", "static int32_t counter", "memcpy"):
         assert not re.search(rf"\b{word}\b", code), word
     # the contract is written down where a firmware author reads it
@@ -191,6 +216,11 @@ def test_generated_code_needs_no_heap_floats_or_libraries(tmp_path) -> None:
     if nm:
         undefined = subprocess.run([nm, "-u", str(obj)], capture_output=True, text=True, check=True).stdout.split()
         assert undefined == [], undefined
+        if X86:  # the nibble tables call nothing either
+            subprocess.run([CC, *AVX2_FLAGS, "-c", "-o", str(obj), str(tmp_path / SOURCE_NAME)], check=True,
+                           capture_output=True)
+            undefined = subprocess.run([nm, "-u", str(obj)], capture_output=True, text=True, check=True).stdout.split()
+            assert undefined == [], undefined
 
 
 def test_model_bytes_are_counted_and_small(tmp_path) -> None:
@@ -199,6 +229,11 @@ def test_model_bytes_are_counted_and_small(tmp_path) -> None:
     _, _, model_bytes = generate_c(deployed)
     kernel = build_kernel(deployed, tmp_path)  # the source checks the count with sizeof at compile time
     assert kernel.model_bytes == model_bytes
+    header, _, _ = generate_c(deployed)
+    nibble_bytes = int(re.search(r"#define HYBNN_NIBBLE_MODEL_BYTES (\d+)", header).group(1))
+    assert nibble_bytes == model_bytes + 2 * 25 * 128 + 128 - (4 * 6 + 1 + 2) * 128  # nibbles and limits, not words
+    if RUNNABLE["avx2"]:
+        assert build_kernel(deployed, tmp_path / "avx2", AVX2_FLAGS).model_bytes == nibble_bytes
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert model_bytes * 25 <= float_bytes, (model_bytes, float_bytes)
 
@@ -212,7 +247,8 @@ def test_more_classes_than_a_byte_holds_are_refused() -> None:
 # ---------------------------------------------------------------- real MNIST codes
 @pytest.mark.parametrize("task_name", ["0v1", "2v3", "4v5", "6v7", "8v9", "all10"])
 def test_whole_mnist_test_set_agrees_for_every_task(tmp_path, task_name: str, mnist_encoder) -> None:
-    """numpy and C (strict flags) give torch's predictions on the task's entire test set."""
+    """numpy and C (strict flags, and -march=native: nibble tables or vector popcount on x86)
+    give torch's predictions on the task's entire test set."""
     artifact, data_root = mnist_encoder
     from common.bnn.model import codes_to_inputs
     from common.edge.deploy import predict
@@ -231,6 +267,7 @@ def test_whole_mnist_test_set_agrees_for_every_task(tmp_path, task_name: str, mn
     deployed = to_deployment(model)
     np.testing.assert_array_equal(predict(deployed, test_codes), want)
     np.testing.assert_array_equal(build_kernel(deployed, tmp_path).predict(test_codes), want)
+    np.testing.assert_array_equal(build_kernel(deployed, tmp_path / "native", FAST_FLAGS).predict(test_codes), want)
 
 
 PROVENANCE_DRIVER = r"""

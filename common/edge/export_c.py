@@ -3,7 +3,8 @@
 ``write_c(model, out_dir)`` writes ``hybnn.h`` and ``hybnn.c``: the weights as packed
 integer arrays, the thresholds, and ``hybnn_predict`` / ``hybnn_predict_batch``. The code
 needs only ``<stdint.h>``: no heap, no floats, no library calls, so it fits a
-microcontroller. It is plain C99 that compilers vectorize; no intrinsics.
+microcontroller. It is plain C99 that compilers vectorize; intrinsics (SSSE3 / AVX2, from
+the compiler's own header) only behind the compilers' feature macros.
 
 Layout and loop shape, chosen for speed (the generated code is the reference for these
 details):
@@ -23,12 +24,23 @@ details):
   ``d = n - p`` counts the disagreeing bits. A layer first writes every unit's count
   into an int32 array (one vectorized loop), then compares the counts with the
   thresholds and packs the fired bits (a second one).
-* Counting. With a vector popcount instruction (``__AVX512VPOPCNTDQ__``) each word is
-  counted with ``__builtin_popcount``. Everywhere else (AVX2, SSE, Cortex-M, any
-  compiler) the words of a unit are first added bit-sliced with carry-save adders
-  into a few bit planes (7 words -> 3 planes: ones, twos, fours), whose weighted count
-  is one shift-and-add popcount: fewer counts, all in plain logic that vectorizes
-  on AVX2 and needs no popcount instruction or library call.
+* Counting, chosen at compile time by feature macros:
+
+  - with a vector popcount instruction (``__AVX512VPOPCNTDQ__``) each word is counted
+    with ``__builtin_popcount``;
+  - else, on x86 with ``__AVX2__`` or ``__SSSE3__``, the first layer (at most 31 code
+    bytes) uses *nibble tables*: its weights are stored a second way, byte ``k`` of each
+    unit as two 4-bit indices with the units side by side in byte lanes, and one
+    ``vpshufb`` through a 16-entry table picked by a nibble of the code counts that
+    nibble's disagreeing bits for 32 (AVX2) or 16 (SSSE3) units at once. The intrinsics
+    headers are included only inside these feature checks;
+  - everywhere else (Cortex-M, any compiler, the portable x86-64 baseline) the words of
+    a unit are first added bit-sliced with carry-save adders into a few bit planes (7
+    words -> 3 planes: ones, twos, fours), whose weighted count is one shift-and-add
+    popcount: fewer counts, all in plain logic that vectorizes and needs no popcount
+    instruction or library call;
+  - a loop over fewer than 8 units or classes (the output of a two-class model) does
+    not vectorize: with ``__POPCNT__`` it counts each word with the scalar instruction.
 * Hidden activations are packed LSB-first: unit ``j`` is bit ``j % 32`` of word
   ``j / 32``; padding bits stay 0 in activations and weights alike.
 * Output: ``score_c = A[c] * d_c + B[c]`` with ``A = -scale``, ``B = scale * n + offset``
@@ -108,6 +120,8 @@ class _Array:
     name: str
     ctype: str
     values: np.ndarray
+    build: str = "all"
+    """"all", "words" (the builds without nibble tables) or "nibble" (SSSE3 / AVX2 builds)."""
 
     def nbytes(self) -> int:
         return _ctype_bytes(self.ctype) * int(self.values.size)
@@ -127,23 +141,39 @@ class _Array:
             body = "    " + block(self.values, "    ")
         else:  # a table: one brace-enclosed row per class
             body = ",\n".join("    {\n        " + block(row, "        ") + "\n    }" for row in self.values)
-        return f"static const {self.ctype} {self.name}{dims} = {{\n{body}\n}};\n"
+        align = "HYBNN_ALIGN " if self.build == "nibble" else ""
+        return f"static const {self.ctype} {align}{self.name}{dims} = {{\n{body}\n}};\n"
 
 
-def _popcount_block() -> str:
-    return """\
+MAX_NIBBLE_BYTES = 31
+"""A first layer of at most this many input bytes counts in byte lanes (8 * 31 = 248 < 256)."""
+
+
+def _popcount_block(nibble_bytes: int | None) -> str:
+    """The counting paths and the macros that pick one; ``nibble_bytes``: the first layer's
+    input bytes when it can use nibble tables, else None."""
+    popcount = """\
 /* Counting the set bits of a unit's words. With a vector popcount instruction
  * (AVX-512 VPOPCNTDQ) the compiler turns __builtin_popcount in the loop over units
  * into one instruction per 16 units, so each word is counted on its own. Everywhere
  * else (AVX2, SSE, Cortex-M, any compiler) the words are first added bit-sliced with
  * carry-save adders into bit planes of weight 1, 2, 4, ...; hybnn_count3 below counts
  * three planes at once with shift-and-add steps. That needs no popcount instruction
- * and no library call, and it is plain logic that compilers vectorize on AVX2. */
+ * and no library call, and it is plain logic that compilers vectorize on AVX2. A loop
+ * over fewer than 8 units or classes does not vectorize: there the scalar popcount
+ * instruction (__POPCNT__, x86-64-v2 and later) counts each word. */
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512VPOPCNTDQ__)
 #define HYBNN_VECTOR_POPCOUNT 1
+#define HYBNN_SCALAR_POPCOUNT 0
 #define HYBNN_POPC32(x) ((int32_t)__builtin_popcount(x))
 #else
 #define HYBNN_VECTOR_POPCOUNT 0
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__POPCNT__)
+#define HYBNN_SCALAR_POPCOUNT 1
+#define HYBNN_POPC32(x) ((int32_t)__builtin_popcount(x))
+#else
+#define HYBNN_SCALAR_POPCOUNT 0
+#endif
 /* Bit counts of the four bytes of x, each in its own byte (0 .. 8). */
 static inline uint32_t hybnn_byte_counts(uint32_t x)
 {
@@ -164,6 +194,71 @@ static inline int32_t hybnn_count3(uint32_t p0, uint32_t p1, uint32_t p2)
 }
 #endif
 """
+    if nibble_bytes is None:
+        return popcount + f"""
+/* The first layer reads more than {MAX_NIBBLE_BYTES} bytes, too many for counts in byte lanes:
+ * no nibble tables. */
+#define HYBNN_NIBBLE_TABLES 0
+"""
+    rows = ",\n".join("    { " + ", ".join(str(bin((i & 15) ^ a).count("1")) for i in range(32)) + " }"
+                      for a in range(16))
+    return popcount + f"""
+/* The first layer on x86 with AVX2 or SSSE3 but without VPOPCNTDQ: nibble tables.
+ * Byte k of every unit's weights is stored as two 4-bit indices, units side by side in
+ * byte lanes (L0_NIB[2k][j]: bits 0-3 of byte k of unit j, L0_NIB[2k + 1][j]: bits 4-7).
+ * For each nibble v of the code, row v of HYBNN_NIBBLE_COUNTS maps an index i to
+ * popcount(i ^ v), so one table lookup (vpshufb / pshufb) counts the disagreeing bits of
+ * that nibble for 32 (AVX2) or 16 (SSSE3) units at once, and a byte add sums them: two
+ * lookups and two adds per code byte and 32 units, against dozens of logic operations
+ * for the carry-save form. A unit's count is at most 8 * {nibble_bytes}, so it stays in its
+ * byte lane; unit j fires iff its count is below L0_U[j] (the threshold plus one, so
+ * both "never" (0) and "always" fit a byte), read off with one compare and movemask per
+ * lane width. HYBNN_NIBBLE_TABLES is the units per lookup (32, 16) or 0 (not used). */
+#if !HYBNN_VECTOR_POPCOUNT && defined(__AVX2__)
+#define HYBNN_NIBBLE_TABLES 32
+#include <immintrin.h>
+typedef __m256i hybnn_v;
+#define HYBNN_LOAD(p) _mm256_loadu_si256((const __m256i *)(const void *)(p))
+#define HYBNN_ZERO() _mm256_setzero_si256()
+#define HYBNN_ADD(a, b) _mm256_add_epi8((a), (b))
+#define HYBNN_LOOKUP(table, index) _mm256_shuffle_epi8((table), (index))
+#define HYBNN_FIRED(count, limit) \\
+    (~(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8((count), (limit)), (count))))
+#define HYBNN_PUT(h, u, f) ((h)[(u) / 32] = (f))
+#elif !HYBNN_VECTOR_POPCOUNT && defined(__SSSE3__)
+#define HYBNN_NIBBLE_TABLES 16
+#include <tmmintrin.h>
+typedef __m128i hybnn_v;
+#define HYBNN_LOAD(p) _mm_loadu_si128((const __m128i *)(const void *)(p))
+#define HYBNN_ZERO() _mm_setzero_si128()
+#define HYBNN_ADD(a, b) _mm_add_epi8((a), (b))
+#define HYBNN_LOOKUP(table, index) _mm_shuffle_epi8((table), (index))
+#define HYBNN_FIRED(count, limit) \\
+    (~(uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_max_epu8((count), (limit)), (count))) & 0xffffu)
+#define HYBNN_PUT(h, u, f) ((h)[(u) / 32] = (u) % 32 ? (h)[(u) / 32] | ((f) << 16) : (f))
+#else
+#define HYBNN_NIBBLE_TABLES 0
+#endif
+#if HYBNN_NIBBLE_TABLES
+#if defined(__GNUC__) || defined(__clang__)
+#define HYBNN_ALIGN __attribute__((aligned(32)))
+#else
+#define HYBNN_ALIGN
+#endif
+/* GCC keeps the counts in registers with the byte loop unrolled a few times, which saves
+ * the loop's bookkeeping and register moves per code byte (a few % on Zen 3). */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+#define HYBNN_PRAGMA(text) _Pragma(#text)
+#define HYBNN_UNROLL(n) HYBNN_PRAGMA(GCC unroll n)
+#else
+#define HYBNN_UNROLL(n)
+#endif
+/* Row v, entry i: popcount((i % 16) ^ v); 32 entries, the table of each 16-byte lane. */
+static const uint8_t HYBNN_ALIGN HYBNN_NIBBLE_COUNTS[16][32] = {{
+{rows}
+}};
+#endif
+"""
 
 
 _LOAD32 = [
@@ -176,15 +271,22 @@ _LOAD32 = [
 ]
 
 
-def _count_lines(terms: list[str], target: str, indent: str) -> list[str]:
-    """C lines that set ``target`` to the total popcount of the words ``terms`` (uint32 expressions).
+SCALAR_LOOP_ROWS = 8
+"""A loop over fewer units (or classes) than this does not vectorize (8 int32 lanes of AVX2):
+it counts with the scalar popcount instruction where there is one."""
+
+
+def _count_lines(terms: list[str], target: str, indent: str, rows: int) -> list[str]:
+    """C lines that set ``target`` to the total popcount of the words ``terms`` (uint32 expressions)
+    in a loop over ``rows`` units or classes.
 
     Both forms of :func:`_popcount_block`: the per-word hardware count, and a carry-save
     reduction of the words into bit planes counted by ``hybnn_count3``.
     """
     words = [f"a{k}" for k in range(len(terms))]
     lines = [f"{indent}const uint32_t {w} = {t};" for w, t in zip(words, terms)]
-    lines.append("#if HYBNN_VECTOR_POPCOUNT")
+    scalar = " || HYBNN_SCALAR_POPCOUNT" if rows < SCALAR_LOOP_ROWS else ""
+    lines.append(f"#if HYBNN_VECTOR_POPCOUNT{scalar}")
     lines.append(f"{indent}{target} = {' + '.join(f'HYBNN_POPC32({w})' for w in words)};")
     lines.append("#else")
     # Reduce the words of each weight with full adders (3 -> sum, carry) and half adders
@@ -222,6 +324,74 @@ def _count_lines(terms: list[str], target: str, indent: str) -> list[str]:
     return lines
 
 
+NIBBLE_BLOCK_UNITS = 128
+"""Units whose byte-lane counts stay in registers at once: 4 AVX2 (8 SSSE3) accumulators,
+beside the two tables of the current code byte and the loaded indices."""
+
+
+def _nibble_layer(bits: np.ndarray, thresh: np.ndarray, code_bytes: int, n_in: int, arrays: list[_Array]) -> str:
+    """The first hidden layer in nibble-table form (see :func:`_popcount_block`); declares its arrays.
+
+    ``bits``: the units' weight bits (units, n_in) with flipped units complemented, so unit
+    ``j`` fires iff ``d_j <= thresh[j]``, ``d_j`` the disagreeing bits with the code.
+    """
+    units = bits.shape[0]
+    padded = 32 * -(-units // 32)  # whole 32-unit groups; padding units never fire
+    weight_bytes = np.zeros((padded, code_bytes), np.uint8)
+    weight_bytes[:units] = np.packbits(bits, axis=1, bitorder="big")
+    nibbles = np.empty((2 * code_bytes, padded), np.uint8)
+    nibbles[0::2] = (weight_bytes & 0x0F).T
+    nibbles[1::2] = (weight_bytes >> 4).T
+    limit = np.zeros(padded, np.uint8)
+    limit[:units] = np.clip(thresh + 1, 0, 255)  # d <= thresh  <=>  d < thresh + 1
+    arrays.append(_Array("L0_NIB", "uint8_t", nibbles, "nibble"))
+    arrays.append(_Array("L0_U", "uint8_t", limit, "nibble"))
+    byte = "(uint32_t)code[k]"
+    if n_in % 8:  # the code's padding bits: cleared in its last byte
+        keep = (0xFF << (8 - n_in % 8)) & 0xFF
+        byte = f"((uint32_t)code[k] & (k == {code_bytes - 1} ? 0x{keep:02x}u : 0xffu))"
+
+    unroll = next((f for f in (5, 4, 3) if code_bytes % f == 0), 2)
+
+    def block(start: str, block_units: int) -> str:
+        lanes = f"{block_units} / HYBNN_NIBBLE_TABLES"
+        return f"""
+        hybnn_v acc[{lanes}];
+        for (b = 0; b < {lanes}; ++b) {{
+            acc[b] = HYBNN_ZERO();
+        }}
+        HYBNN_UNROLL({unroll})
+        for (k = 0; k < {code_bytes}; ++k) {{
+            const uint32_t x = {byte};
+            const hybnn_v lo = HYBNN_LOAD(HYBNN_NIBBLE_COUNTS[x & 15]), hi = HYBNN_LOAD(HYBNN_NIBBLE_COUNTS[x >> 4]);
+            for (b = 0; b < {lanes}; ++b) {{
+                const int32_t u = {start} + HYBNN_NIBBLE_TABLES * b;
+                acc[b] = HYBNN_ADD(acc[b], HYBNN_ADD(HYBNN_LOOKUP(lo, HYBNN_LOAD(&L0_NIB[2 * k][u])),
+                                                     HYBNN_LOOKUP(hi, HYBNN_LOAD(&L0_NIB[2 * k + 1][u]))));
+            }}
+        }}
+        for (b = 0; b < {lanes}; ++b) {{
+            const int32_t u = {start} + HYBNN_NIBBLE_TABLES * b;
+            HYBNN_PUT(h1, u, HYBNN_FIRED(acc[b], HYBNN_LOAD(&L0_U[u])));
+        }}"""
+
+    full, rest = divmod(padded, NIBBLE_BLOCK_UNITS)
+    text = f"""
+    /* hidden layer 0: {n_in} -> {units} with nibble tables, blocks of at most {NIBBLE_BLOCK_UNITS} units whose
+     * byte-lane counts stay in registers over the {code_bytes} code bytes; packed LSB-first
+     * 32 units to a word, the padding units to {padded} never fire. */"""
+    if full:
+        text += f"""
+    for (j = 0; j < {full * NIBBLE_BLOCK_UNITS}; j += {NIBBLE_BLOCK_UNITS}) {{{block("j", NIBBLE_BLOCK_UNITS)}
+    }}"""
+    if rest:
+        text += f"""
+    j = {full * NIBBLE_BLOCK_UNITS};
+    {{{block("j", rest)}
+    }}"""
+    return text
+
+
 def _working_bytes(model: DeployedBNN) -> int:
     """Stack bytes ``hybnn_classify`` needs, about: the counts, the packed layers, the output counts, scalars."""
     cfg = model.config
@@ -241,6 +411,7 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
 
     # ---- the first layer reads the input code's bytes
     widths = (cfg.in_bits, *cfg.hidden)
+    nibble = bool(model.hidden) and code_bytes <= MAX_NIBBLE_BYTES  # the first layer may use nibble tables
     nw0, tail0 = divmod(code_bytes, 4)
     load = [f"    const uint32_t x{k} = hybnn_load32(code + {4 * k});" for k in range(nw0)]
     if tail0:
@@ -251,6 +422,8 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
             full_mask = ((1 << (8 * (tail0 - 1))) - 1) | (keep << (8 * (tail0 - 1)))
             mask = f" & UINT32_C(0x{full_mask:x})"
         load.append(f"    const uint32_t xt = ({parts}){mask};")
+    if nibble:  # the word loads belong to the words form of the first layer
+        load = ["#if !HYBNN_NIBBLE_TABLES", *load, "#endif"]
     body.extend(load)
 
     def layer_inputs(index: int) -> tuple[list[str], str | None]:
@@ -268,15 +441,15 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
         return _lsb_words(bits), None, 0
 
     def weight_terms(index: int, prefix: str, words: np.ndarray, tail: np.ndarray | None, tail_bytes: int,
-                     unit: str) -> list[str]:
+                     unit: str, build: str = "all") -> list[str]:
         """Declare the layer's weight arrays; return the XOR terms ``x_k ^ W_k[unit]``."""
         xs, xt = layer_inputs(index)
         terms = []
         for k in range(words.shape[1]):
-            arrays.append(_Array(f"{prefix}_W{k}", "uint32_t", words[:, k]))
+            arrays.append(_Array(f"{prefix}_W{k}", "uint32_t", words[:, k], build))
             terms.append(f"{xs[k]} ^ {prefix}_W{k}[{unit}]")
         if tail is not None:
-            arrays.append(_Array(f"{prefix}_WT", _tail_type(tail_bytes), tail))
+            arrays.append(_Array(f"{prefix}_WT", _tail_type(tail_bytes), tail, build))
             terms.append(f"{xt} ^ {prefix}_WT[{unit}]")
         return terms
 
@@ -287,8 +460,9 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
         bits = np.where(layer.flip[:, None], ~bits, bits)
         thresh = np.where(layer.flip, t, n - t)  # fires iff d' <= thresh
         words, tail, tail_bytes = weight_words(i, bits)
-        terms = weight_terms(i, f"L{i}", words, tail, tail_bytes, "j")
-        arrays.append(_Array(f"L{i}_T", "int16_t", thresh.astype(np.int16)))
+        build = "words" if i == 0 and nibble else "all"
+        terms = weight_terms(i, f"L{i}", words, tail, tail_bytes, "j", build)
+        arrays.append(_Array(f"L{i}_T", "int16_t", thresh.astype(np.int16), build))
         full, rest = divmod(h, 32)
         pack = []
         if full:
@@ -306,14 +480,19 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
     for (b = 0; b < {rest}; ++b) {{
         h{i + 1}[{full}] |= (uint32_t)(cnt[{32 * full} + b] <= L{i}_T[{32 * full} + b]) << b;
     }}""")
-        count = "\n".join(_count_lines(terms, "cnt[j]", "        "))
-        body.append(f"""
+        count = "\n".join(_count_lines(terms, "cnt[j]", "        ", h))
+        words_form = f"""
     /* hidden layer {i}: {n} -> {h}; unit j fires iff popcount(x ^ w'_j) <= T_j. Two
      * straight loops over the units, which compilers vectorize: the counts, then the
      * comparisons, packed LSB-first 32 units to a word. */
     for (j = 0; j < {h}; ++j) {{
 {count}
-    }}{"".join(pack)}""")
+    }}{"".join(pack)}"""
+        if build == "words":
+            body.append("\n#if HYBNN_NIBBLE_TABLES" + _nibble_layer(bits, thresh, code_bytes, n0, arrays)
+                        + "\n#else" + words_form + "\n#endif")
+        else:
+            body.append(words_form)
 
     # ---- output layer
     out = model.output
@@ -332,7 +511,7 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
         ctype = "int16_t" if table.max() < 2**15 else "int32_t"
         arrays.append(_Array("OUT_TAB", ctype, np.ascontiguousarray(table)))
         score = "(int32_t)OUT_TAB[c][d]"
-    count = "\n".join(_count_lines(terms, "dc[c]", "        "))
+    count = "\n".join(_count_lines(terms, "dc[c]", "        ", c))
     body.append(f"""
     /* output layer: {n} -> {c}; first class with the highest integer score. The counts
      * get a loop of their own, which compilers vectorize over the classes. */
@@ -348,10 +527,13 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
     }}
     return (uint8_t)best;""")
 
-    model_bytes = sum(a.nbytes() for a in arrays)
+    model_bytes = sum(a.nbytes() for a in arrays if a.build != "nibble")
+    nibble_bytes = sum(a.nbytes() for a in arrays if a.build != "words")
     decls = ["    int32_t j, k, b, c, best = 0, best_score = 0;"]
-    if model.hidden:  # every hidden layer's counts, one at a time
+    if len(model.hidden) > 1 or (model.hidden and not nibble):  # the hidden layers' counts, one at a time
         decls.append(f"    int32_t cnt[{max(cfg.hidden)}];")
+    elif model.hidden:  # only the words form of the first layer counts into memory
+        decls.extend(["#if !HYBNN_NIBBLE_TABLES", f"    int32_t cnt[{max(cfg.hidden)}];", "#endif"])
     decls.append(f"    int32_t dc[{c}];")
     for i, layer in enumerate(model.hidden):
         decls.append(f"    uint32_t h{i + 1}[{-(-layer.n_out // 32)}];")
@@ -361,18 +543,45 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
     elif max(cfg.hidden) < 32:  # no full word of hidden units: no loop over words
         unused.append("    (void)k;")
 
-    header = _header(model, code_bytes, model_bytes)
+    def size_check(kept: list[_Array], macro: str) -> str:
+        return ("typedef char hybnn_model_bytes_check[(" + " + ".join(f"sizeof({a.name})" for a in kept)
+                + f") == {macro} ? 1 : -1];")
+
+    shared = [a for a in arrays if a.build == "all"]
+    if nibble:
+        nibble_arrays = [a for a in arrays if a.build == "nibble"]
+        word_arrays = [a for a in arrays if a.build == "words"]
+        array_lines = [
+            "#if HYBNN_NIBBLE_TABLES", *[a.emit() for a in nibble_arrays],
+            "#else", *[a.emit() for a in word_arrays], "#endif",
+            *[a.emit() for a in shared],
+            f"/* The C arrays above hold {model_bytes} bytes (HYBNN_MODEL_BYTES), or {nibble_bytes} with nibble",
+            " * tables (HYBNN_NIBBLE_MODEL_BYTES). */",
+            "#if HYBNN_NIBBLE_TABLES",
+            size_check(nibble_arrays + shared, "HYBNN_NIBBLE_MODEL_BYTES"),
+            "#define HYBNN_BUILD_MODEL_BYTES HYBNN_NIBBLE_MODEL_BYTES",
+            "#else",
+            size_check(word_arrays + shared, "HYBNN_MODEL_BYTES"),
+            "#define HYBNN_BUILD_MODEL_BYTES HYBNN_MODEL_BYTES",
+            "#endif",
+        ]
+    else:
+        array_lines = [
+            *[a.emit() for a in shared],
+            f"/* The C arrays above hold {model_bytes} bytes: HYBNN_MODEL_BYTES. */",
+            size_check(shared, "HYBNN_MODEL_BYTES"),
+            "#define HYBNN_BUILD_MODEL_BYTES HYBNN_MODEL_BYTES",
+        ]
+
+    header = _header(model, code_bytes, model_bytes, nibble_bytes if nibble else None)
     source = "\n".join([
         f"/* Generated by HyBNN (common/edge/export_c.py) from a trained BNN {cfg.in_bits}-"
         f"{'-'.join(map(str, cfg.hidden))}{'-' if cfg.hidden else ''}{cfg.num_classes}. Do not edit. */",
         f'#include "{HEADER_NAME}"',
         "",
-        _popcount_block(),
-        *(_LOAD32 if nw0 else []),
-        *[a.emit() for a in arrays],
-        f"/* The C arrays above hold {model_bytes} bytes: HYBNN_MODEL_BYTES. */",
-        "typedef char hybnn_model_bytes_check[(" + " + ".join(f"sizeof({a.name})" for a in arrays)
-        + ") == HYBNN_MODEL_BYTES ? 1 : -1];",
+        _popcount_block(code_bytes if nibble else None),
+        *((["#if !HYBNN_NIBBLE_TABLES", *_LOAD32, "#endif"] if nibble else _LOAD32) if nw0 else []),
+        *array_lines,
         "",
         "static uint8_t hybnn_classify(const uint8_t *code)",
         "{",
@@ -397,7 +606,7 @@ def generate_c(model: DeployedBNN) -> tuple[str, str, int]:
         "",
         "int32_t hybnn_model_bytes(void)",
         "{",
-        "    return HYBNN_MODEL_BYTES;",
+        "    return HYBNN_BUILD_MODEL_BYTES;",
         "}",
         "",
     ])
@@ -433,11 +642,18 @@ def _provenance(model: DeployedBNN) -> str:
     ])
 
 
-def _header(model: DeployedBNN, code_bytes: int, model_bytes: int) -> str:
+def _header(model: DeployedBNN, code_bytes: int, model_bytes: int, nibble_bytes: int | None) -> str:
     cfg = model.config
     pad = code_bytes * 8 - cfg.in_bits
     pad_note = (f" The last {pad} bit(s) of byte {code_bytes - 1} are padding and are ignored."
                 if pad else "")
+    nibble_note, nibble_define, intrinsics_note = "", "", ""
+    if nibble_bytes is not None:
+        nibble_note = ("\n * A build for x86 with AVX2 or SSSE3 and without AVX-512 VPOPCNTDQ keeps the first layer\n"
+                       " * as nibble tables instead: HYBNN_NIBBLE_MODEL_BYTES. hybnn_model_bytes() returns the\n"
+                       " * figure of the build it is in.")
+        nibble_define = f"\n#define HYBNN_NIBBLE_MODEL_BYTES {nibble_bytes}"
+        intrinsics_note = " (built for x86 with SSSE3 or AVX2, hybnn.c also includes the\n * compiler's intrinsics header)"
     return f"""\
 /* Generated by HyBNN (common/edge/export_c.py). Do not edit.
  *
@@ -446,7 +662,7 @@ def _header(model: DeployedBNN, code_bytes: int, model_bytes: int) -> str:
  * output score. It predicts exactly what the trained torch model predicts in eval
  * mode, for every possible input code.
  *
- * Needs: C99 and <stdint.h>. No heap, no floating point, no library calls, no
+ * Needs: C99 and <stdint.h>{intrinsics_note}. No heap, no floating point, no library calls, no
  * global state: the functions are reentrant. Working memory: about {_working_bytes(model)} bytes.
  *
  * Input contract. A code is HYBNN_CODE_BYTES = {code_bytes} bytes holding the encoder's
@@ -463,8 +679,8 @@ def _header(model: DeployedBNN, code_bytes: int, model_bytes: int) -> str:
 #define HYBNN_IN_BITS {cfg.in_bits}
 #define HYBNN_CODE_BYTES {code_bytes}
 #define HYBNN_NUM_CLASSES {cfg.num_classes}
-/* Bytes of the model's constant arrays (weights, thresholds, output scores). */
-#define HYBNN_MODEL_BYTES {model_bytes}
+/* Bytes of the model's constant arrays (weights, thresholds, output scores).{nibble_note} */
+#define HYBNN_MODEL_BYTES {model_bytes}{nibble_define}
 
 {_provenance(model)}
 
