@@ -92,7 +92,8 @@ compose() { PYTHONUNBUFFERED=1 podman-compose -p "$PROJECT" -f "$REPO/docker-com
 oneoff() {  # oneoff LOG [RUN OPTIONS] SERVICE [CMD...]: a one-off container; output to LOG, CMD's status
     local log=$1 status; shift
     compose run --rm --no-deps -T "$@" >"$log" 2>&1 || true
-    status=$(sed -n 's/^exit code: \([0-9][0-9]*\)$/\1/p' "$log" | tail -n 1)
+    # Its last line; a progress bar's unended line (tqdm's \r) may precede it on the same line.
+    status=$(sed -n 's/^.*exit code: \([0-9][0-9]*\)$/\1/p' "$log" | tail -n 1)
     return "${status:-1}"
 }
 operator() { local log=$1; shift; oneoff "$log" operator "$@"; }  # operator LOG CMD...: CMD in the operator service
