@@ -122,8 +122,7 @@ teardown() {
     # All at once (`down` stops them one by one; a SuperNode takes about 5 s), then removed.
     podman ps -q --filter "label=io.podman.compose.project=$PROJECT" | xargs -r podman stop -t 10 >/dev/null 2>&1 || true
     compose down -v -t 10 >"$WORK/down.log" 2>&1 || cat "$WORK/down.log" >&2
-    podman network rm "${PROJECT}_server" "${PROJECT}_fleet" $(seq -f "${PROJECT}_node-%g" 0 $((CLIENTS - 1))) \
-        >>"$WORK/down.log" 2>&1 || true  # not removed by `down`
+    podman network rm "${PROJECT}_server" "${PROJECT}_fleet" >>"$WORK/down.log" 2>&1 || true  # not removed by `down`
     if [ "$status" = 0 ] && [ -z "${KEEP_WORK:-}" ]; then rm -rf "$WORK"; else log "work folder kept: $WORK"; fi
     log "total: $((SECONDS - T0)) s"
     exit "$status"
@@ -166,8 +165,8 @@ timed "pin computed" pin
 extract() { oneoff "$WORK/extract-$1.log" --entrypoint hybnn "$1" extract --encoder /encoder --data-root /data \
                 || { cat "$WORK/extract-$1.log" >&2; return 1; }; }
 extract_all() {
-    # Two at a time, never two services of the same network at once: parallel
-    # `podman-compose run`s of one network race to create it.
+    # Two at a time, the first two on different networks: parallel `podman-compose run`s
+    # of one network race to create it (the first pair creates both).
     local names=(superexec-serverapp "${EXECS[@]}") i
     for ((i = 0; i < ${#names[@]}; i += 2)); do
         extract "${names[i]}" &
