@@ -2,9 +2,12 @@
 #
 #   docker compose build            # builds both targets below
 #
-# target "supernode": flower-supernode plus this project (ClientApp runs in a subprocess)
+# target "supernode": flower-supernode plus this project (in process isolation: its
+#                     ClientApps run in a SuperExec beside it)
 # target "superexec": the same image running flower-superexec (runs the ServerApp for
-#                     the SuperLink, which itself runs the stock flwr/superlink image).
+#                     the SuperLink, which itself runs the stock flwr/superlink image);
+#                     with the entrypoint `python -m client.pinned_superexec`, the SuperExec
+#                     beside each SuperNode that starts ClientApps of the pinned app bundle only.
 #                     Flower's images all hold the whole flwr package, so torch and the
 #                     project are installed once, in the supernode stage.
 # target "operator":  the same image with the app's pyproject.toml as committed, for the

@@ -6,16 +6,23 @@
 #      without source changes take seconds)
 #   3. on the host: credentials (`hybnn certs`, owned by the images' uid 49999), a small
 #      fixed encoder (tests/conftest.py's fixed_encoder), MNIST (`hybnn data`)
-#   4. each SuperNode and the SuperExec extract their codes in their own container
-#   5. docker-compose.yml up with TLS, SuperNode authentication and the Fleet-only
+#   4. the pin: the app bundle's sha256 computed in the operator service (what its
+#      `flwr run .` sends) and on the host's checkout, which must agree; written to
+#      certs/app.sha256 for the SuperNodes' pinned SuperExecs
+#   5. each SuperNode's pinned SuperExec (where its ClientApps run) and the ServerApp's
+#      SuperExec extract their codes in their own container
+#   6. docker-compose.yml up with TLS, SuperNode authentication and the Fleet-only
 #      front; the three SuperNodes' public keys registered by the operator service
-#      (`flwr supernode register` inside the stack)
-#   6. a stranger on the host, with ca.crt: only the front's port is published;
+#      (`flwr supernode register` inside the stack); each pinned SuperExec has read the pin
+#   7. a stranger on the host, with ca.crt: only the front's port is published;
 #      `flwr ls` and `flwr run` against 127.0.0.1:8000 (and any other published port)
 #      cannot connect; through the front they get 403 (Fleet API only)
-#   7. `flwr run` for 2 rounds from the operator service; server.json and the global
-#      model checked: finished, 2 rounds, 3 clients in each
-#   8. everything taken down, containers and volumes, also on failure or Ctrl-C
+#   8. a foreign app bundle submitted from the operator service: every SuperNode's
+#      pinned SuperExec refuses it (its log line), its ServerApp gets an error reply
+#      (INVALID_FAB) from each node, and its ClientApp never runs (no marker file)
+#   9. `flwr run` for 2 rounds from the operator service; server.json and the global
+#      model checked: finished, 2 rounds, 3 clients in each; no SuperNode refused it
+#  10. everything taken down, containers and volumes, also on failure or Ctrl-C
 #
 # Run as root from the repository root after `make install`. Environment:
 #   PYTHON              the project's Python (default .venv/bin/python)
@@ -85,7 +92,8 @@ compose() { PYTHONUNBUFFERED=1 podman-compose -p "$PROJECT" -f "$REPO/docker-com
 oneoff() {  # oneoff LOG [RUN OPTIONS] SERVICE [CMD...]: a one-off container; output to LOG, CMD's status
     local log=$1 status; shift
     compose run --rm --no-deps -T "$@" >"$log" 2>&1 || true
-    status=$(sed -n 's/^exit code: \([0-9][0-9]*\)$/\1/p' "$log" | tail -n 1)
+    # Its last line; a progress bar's unended line (tqdm's \r) may precede it on the same line.
+    status=$(sed -n 's/^.*exit code: \([0-9][0-9]*\)$/\1/p' "$log" | tail -n 1)
     return "${status:-1}"
 }
 operator() { local log=$1; shift; oneoff "$log" operator "$@"; }  # operator LOG CMD...: CMD in the operator service
@@ -96,7 +104,10 @@ text = open(sys.argv[1]).read()
 start = text.find("{")
 print(json.dumps(json.JSONDecoder().raw_decode(text[start:])[0]) if start >= 0 else "{}")' "$1"
 }
-STACK=(superlink superexec-serverapp fleet-front $(seq -f 'supernode-%g' 0 $((CLIENTS - 1))))  # all but the operator
+NODES=($(seq -f 'supernode-%g' 0 $((CLIENTS - 1))))
+EXECS=($(seq -f 'supernode-%g-exec' 0 $((CLIENTS - 1))))  # each SuperNode's pinned SuperExec
+STACK=(superlink superexec-serverapp fleet-front "${NODES[@]}" "${EXECS[@]}")  # all but the operator
+container() { echo "${PROJECT}_$1_1"; }  # a service's container, as podman-compose names it
 
 teardown() {
     local status=$?
@@ -131,13 +142,32 @@ install -d "$HYBNN_MNIST" && install -m 644 "$DATA_ROOT"/MNIST/raw/*-ubyte "$HYB
 chmod -R a+rX "$HYBNN_ENCODER"
 log "work folder $WORK; front on :$HYBNN_FLEET_PORT, the SuperLink's port published nowhere"
 
-# 4. Codes, extracted by each service in its own container into its own volume.
+# 4. The pin: the sha256 of the bundle the operator service's `flwr run .` sends (Flower
+# builds it from the image's /app, which has no .git), and the checkout's own.
+pin() {
+    local image host
+    operator "$WORK/pin.log" python -m simulation.app_bundle --sha256 || { cat "$WORK/pin.log" >&2; return 1; }
+    image=$(grep -m1 -oE '^[0-9a-f]{64}' "$WORK/pin.log") || { cat "$WORK/pin.log" >&2; return 1; }
+    host=$("$PYTHON" -m simulation.app_bundle --sha256)
+    if [ "$image" != "$host" ]; then
+        echo "the operator image's app bundle has sha256 $image, the checkout's $host: rebuild the images" >&2
+        return 1
+    fi
+    printf '%s\n' "$image" >"$WORK/app.sha256"
+    install -o 49999 -g 49999 -m 444 "$WORK/app.sha256" "$HYBNN_CERTS/app.sha256"
+    APP_SHA256=$image
+    log "app bundle sha256 $APP_SHA256 (the operator image's and the checkout's): the SuperNodes' pin"
+}
+timed "pin computed" pin
+
+# 5. Codes, extracted by each service in its own container into its own volume (a
+# SuperNode's ClientApps run in its pinned SuperExec's container).
 extract() { oneoff "$WORK/extract-$1.log" --entrypoint hybnn "$1" extract --encoder /encoder --data-root /data \
                 || { cat "$WORK/extract-$1.log" >&2; return 1; }; }
 extract_all() {
-    # Two at a time, never two services of the same network at once: parallel
-    # `podman-compose run`s of one network race to create it.
-    local names=(superexec-serverapp $(seq -f 'supernode-%g' 0 $((CLIENTS - 1)))) i
+    # Two at a time, the first two on different networks: parallel `podman-compose run`s
+    # of one network race to create it (the first pair creates both).
+    local names=(superexec-serverapp "${EXECS[@]}") i
     for ((i = 0; i < ${#names[@]}; i += 2)); do
         extract "${names[i]}" &
         local first=$!
@@ -147,7 +177,7 @@ extract_all() {
 }
 timed "codes extracted in 1+$CLIENTS containers" extract_all
 
-# 5. The stack; the operator service registers the keys and watches the SuperNodes come online.
+# 6. The stack; the operator service registers the keys and watches the SuperNodes come online.
 online_count() {  # SuperNodes "online" as the operator's `flwr supernode list` shows them
     operator "$WORK/list.log" flwr supernode list containers --format json || { echo 0; return; }
     json_in "$WORK/list.log" | "$PYTHON" -c '
@@ -173,14 +203,23 @@ stack_up() {
         ((SECONDS < deadline)) || break
         sleep 2
     done
-    ((online >= CLIENTS)) && return 0
-    echo "only $online of $CLIENTS SuperNodes came online within 180 s" >&2
-    cat "$WORK/list.log" >&2
-    return 1
+    ((online >= CLIENTS)) || {
+        echo "only $online of $CLIENTS SuperNodes came online within 180 s" >&2
+        cat "$WORK/list.log" >&2
+        return 1
+    }
+    local exec
+    for exec in "${EXECS[@]}"; do  # each pinned SuperExec has read the pin
+        until podman logs "$(container "$exec")" 2>&1 | grep -q "Pinned app bundle: sha256 $APP_SHA256"; do
+            ((SECONDS < deadline)) || { echo "$exec did not start pinned to $APP_SHA256:" >&2
+                                        podman logs --tail 20 "$(container "$exec")" >&2; return 1; }
+            sleep 2
+        done
+    done
 }
-timed "stack up, keys registered by the operator service, $CLIENTS SuperNodes online" stack_up
+timed "stack up, keys registered by the operator service, $CLIENTS SuperNodes online, pinned" stack_up
 
-# 6. A stranger on the host with ca.crt: a flwr connection to 127.0.0.1:PORT.
+# 7. A stranger on the host with ca.crt: a flwr connection to 127.0.0.1:PORT.
 stranger_connection() {  # stranger_connection PORT: the host's flwr config, connection "stranger"
     mkdir -p "$FLWR_HOME"
     printf '[superlink]\ndefault = "stranger"\n\n[superlink.stranger]\naddress = "127.0.0.1:%s"\nroot-certificates = "%s"\n' \
@@ -237,12 +276,73 @@ PY
 }
 timed "stranger check" stranger_check
 
-# 7. The run, from the operator service.
+# 8. A foreign app bundle (tests/test_private_network.py's), submitted from the operator
+# service: its ClientApp would write a marker into the client's data volume, its ServerApp
+# writes the replies it gets. podman-compose 1.0.3's `run` ignores -v, so the app travels
+# as a hex-encoded tar in an environment variable.
+FOREIGN_CLIENT_MARKER=/data/foreign-client-ran
+FOREIGN_REPLIES=/tmp/foreign-replies.json  # in the ServerApp's container
+foreign_check() {
+    local hex run_id exec refusals foreign_sha256
+    hex=$("$PYTHON" - "$WORK/foreign-src" "$FOREIGN_CLIENT_MARKER" "$FOREIGN_REPLIES" "$CLIENTS" <<'PY'
+import io, sys, tarfile
+from pathlib import Path
+from tests.test_private_network import _foreign_federated_app
+
+app = _foreign_federated_app(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), nodes=int(sys.argv[4]))
+buffer = io.BytesIO()
+with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    tar.add(app, arcname="foreign")
+print(buffer.getvalue().hex())
+PY
+)
+    oneoff "$WORK/foreign-run.log" -e "FOREIGN_APP_HEX=$hex" operator sh -c 'python -c "
+import io, os, tarfile
+tarfile.open(fileobj=io.BytesIO(bytes.fromhex(os.environ[\"FOREIGN_APP_HEX\"]))).extractall(\"/tmp\")
+" && timeout 300 flwr run /tmp/foreign containers --stream' || { tail -30 "$WORK/foreign-run.log" >&2; return 1; }
+    run_id=$(grep -m1 -oE 'Successfully started run [0-9]+' "$WORK/foreign-run.log" | grep -oE '[0-9]+$') \
+        || { echo "no run id in the foreign run's log" >&2; tail -30 "$WORK/foreign-run.log" >&2; return 1; }
+    for exec in "${EXECS[@]}"; do
+        refusals=$(podman logs "$(container "$exec")" 2>&1 | grep "Refused run $run_id:" || true)
+        [ -n "$refusals" ] || { echo "$exec did not refuse the foreign run $run_id:" >&2
+                                podman logs --tail 30 "$(container "$exec")" >&2; return 1; }
+        grep -q "not the pinned $APP_SHA256" <<<"$refusals" || { echo "$exec: $refusals" >&2; return 1; }
+        foreign_sha256=$(grep -m1 -oE 'has sha256 [0-9a-f]{64}' <<<"$refusals" | grep -oE '[0-9a-f]{64}$')
+        [ "$foreign_sha256" != "$APP_SHA256" ] || { echo "$exec refused the pinned bundle" >&2; return 1; }
+        # The volume is there (the container answers), the marker is not.
+        podman exec "$(container "$exec")" sh -c "test -d /data/features && test ! -e $FOREIGN_CLIENT_MARKER" \
+            || { echo "the foreign ClientApp ran on $exec ($FOREIGN_CLIENT_MARKER), or its container is gone" >&2
+                 return 1; }
+        log "$exec: $(grep -m1 -o 'Refused run.*' <<<"$refusals")"
+    done
+    podman exec "$(container superexec-serverapp)" cat "$FOREIGN_REPLIES" >"$WORK/foreign-replies.json" \
+        || { echo "the foreign ServerApp wrote no replies" >&2; return 1; }
+    "$PYTHON" - "$WORK/foreign-replies.json" "$CLIENTS" <<'PY' || return 1
+import json, sys
+from flwr.common.constant import ErrorCode
+
+replies, clients = json.load(open(sys.argv[1])), int(sys.argv[2])
+codes = sorted(code for _, code, _ in replies)
+if codes != [ErrorCode.INVALID_FAB] * clients:
+    sys.exit(f"the foreign ServerApp's replies: {replies}; expected {clients} errors INVALID_FAB")
+print(f"the foreign ServerApp got {len(replies)} error replies, code INVALID_FAB ({ErrorCode.INVALID_FAB})")
+PY
+    log "foreign run $run_id (bundle sha256 ${foreign_sha256:0:16}...): refused by all $CLIENTS SuperNodes, no ClientApp of it ran"
+}
+timed "foreign app bundle refused" foreign_check
+
+# 9. The run, from the operator service.
 RUN_CONFIG="num-server-rounds=$ROUNDS local-epochs=1 encoder-path='/encoder' data-root='/data' out-dir='/results'"
 RUN_CONFIG+=" encoder-sha256='$ENCODER_SHA256' min-available-nodes=$CLIENTS min-train-nodes=$CLIENTS"
 timed "flwr run from the operator service, $ROUNDS rounds" \
     operator "$WORK/flwr-run.log" timeout 900 flwr run . containers --run-config "$RUN_CONFIG" --stream \
     || { tail -50 "$WORK/flwr-run.log" >&2; exit 1; }
+RUN_ID=$(grep -m1 -oE 'Successfully started run [0-9]+' "$WORK/flwr-run.log" | grep -oE '[0-9]+$' || true)
+for exec in "${EXECS[@]}"; do
+    if [ -z "$RUN_ID" ] || podman logs "$(container "$exec")" 2>&1 | grep -q "Refused run $RUN_ID:"; then
+        echo "$exec refused the operator's run ${RUN_ID:-(no run id in its log)}" >&2; exit 1
+    fi
+done
 "$PYTHON" - "$HYBNN_RESULTS" "$ROUNDS" "$CLIENTS" "$ENCODER_SHA256" <<'PY'
 import json, sys
 from pathlib import Path

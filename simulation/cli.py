@@ -367,7 +367,7 @@ def cmd_certs(args: argparse.Namespace) -> None:
     creds = make_credentials(args.out, hosts=args.host, supernodes=args.supernodes, force=args.force)
     print(f"Credentials written to {creds.root}: CA {creds.ca_cert.name}, SuperLink certificate "
           f"{creds.server_cert.name}, {creds.superexec_secret.name}, {args.supernodes} SuperNode key pair(s) "
-          f"in {creds.supernode_key(0).parent.name}/. Keep the private keys (mode 0600) where they are used; "
+          f"and SuperExec secret(s) in {creds.supernode_key(0).parent.name}/. Keep the private keys (mode 0600) where they are used; "
           f"docs/security.md says which file goes to which machine.")
 
 
@@ -586,13 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_deploy_local)
 
     p = sub.add_parser("certs", help="write a private CA, the SuperLink's TLS certificate, the SuperExec "
-                                     "secret and SuperNode key pairs (docs/security.md)")
+                                     "secret and, per SuperNode, a key pair and a SuperExec secret (docs/security.md)")
     p.add_argument("--out", type=path_arg, required=True, help="credentials directory")
     p.add_argument("--host", action="append", default=[], metavar="NAME",
                    help="a DNS name or IP address the SuperLink/front is reached at, beyond localhost, "
                         "127.0.0.1, ::1, superlink and fleet-front (repeatable)")
     p.add_argument("--supernodes", type=int, default=3,
-                   help="SuperNode key pairs to write, 0 to 10000 (default: %(default)s)")
+                   help="SuperNodes to write a key pair and a secret for, 0 to 10000 (default: %(default)s)")
     p.add_argument("--force", action="store_true",
                    help="replace existing files (the old ones are moved to DIR/replaced-TIME/)")
     p.set_defaults(handler=cmd_certs)

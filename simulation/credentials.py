@@ -1,5 +1,6 @@
 """Credentials for a deployment strangers can't use: a private CA, the SuperLink's TLS
-certificate, the SuperExec shared secret and one key pair per SuperNode.
+certificate, the SuperExec shared secret and, per SuperNode, a key pair and the secret it
+shares with the SuperExec beside it.
 
 ``hybnn certs --out DIR`` writes (private keys and the secret with mode 0600)::
 
@@ -8,6 +9,8 @@ certificate, the SuperExec shared secret and one key pair per SuperNode.
     DIR/superexec.secret              --superexec-auth-secret-file of SuperLink/SuperNode/SuperExec
     DIR/supernodes/supernode-{i}      flower-supernode --auth-supernode-private-key (OpenSSH EC key)
     DIR/supernodes/supernode-{i}.pub  flwr supernode register (OpenSSH EC public key)
+    DIR/supernodes/supernode-{i}.secret  --superexec-auth-secret-file of SuperNode i and of the
+                                      pinned SuperExec beside it (client/pinned_superexec.py)
 
 Existing files are never overwritten: without ``force`` it refuses; with ``force`` the
 earlier files are first moved into ``DIR/replaced-<UTC time>/``.
@@ -57,7 +60,7 @@ FLEET_API_ROUTES = (
     "confirm-message-received",
 )
 
-_SUPERNODE_FILE = re.compile(r"^supernode-[0-9]+(\.pub)?$")
+_SUPERNODE_FILE = re.compile(r"^supernode-[0-9]+(\.pub|\.secret)?$")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -96,6 +99,10 @@ class Credentials:
 
     def supernode_public_key(self, index: int) -> Path:
         return self.root / SUPERNODES_DIR / f"{supernode_key_name(index)}.pub"
+
+    def supernode_secret(self, index: int) -> Path:
+        """The secret SuperNode ``index`` shares with its own SuperExec, and nothing else."""
+        return self.root / SUPERNODES_DIR / f"{supernode_key_name(index)}.secret"
 
     def check(self, supernodes: int) -> None:
         """Raise :class:`HyBNNError` unless the files a deployment of ``supernodes`` needs are here."""
@@ -283,7 +290,8 @@ def make_credentials(out: Path | str, hosts: tuple[str, ...] | list[str] = (), s
         key, pub = supernode_key_pair(supernode_key_name(i))
         files[f"{SUPERNODES_DIR}/{supernode_key_name(i)}"] = key
         files[f"{SUPERNODES_DIR}/{supernode_key_name(i)}.pub"] = pub
-        private.add(f"{SUPERNODES_DIR}/{supernode_key_name(i)}")
+        files[f"{SUPERNODES_DIR}/{supernode_key_name(i)}.secret"] = new_superexec_secret()
+        private |= {f"{SUPERNODES_DIR}/{supernode_key_name(i)}", f"{SUPERNODES_DIR}/{supernode_key_name(i)}.secret"}
 
     # Every earlier SuperNode key counts, not only those of the new set's size: a --force
     # with fewer SuperNodes must not leave keys of the old set beside the new ones.

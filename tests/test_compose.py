@@ -5,7 +5,11 @@ with the installed Flower CLI's own argument parser; nothing runs insecure; only
 Fleet-only front is published (the SuperLink not even on the host's loopback) and the
 SuperNodes cannot reach the SuperLink except through it; the operator's `flwr` CLI is a
 service under a profile, on the SuperLink's network only, whose connection is the
-SuperLink's port with the deployment's CA; the front's nginx config is the one
+SuperLink's port with the deployment's CA; each SuperNode runs in process isolation
+beside a SuperExec pinned to the app bundle's sha256 (read-only), the two sharing a
+secret no other service holds, both on the SuperNodes' network alone (a container on
+two podman networks does not always resolve the names of both), and the ClientApps' encoder
+and data are on the SuperExec; the front's nginx config is the one
 simulation/credentials.py renders; and the flags that deploy-local's real processes
 use are the ones the containers use. `make container-test` builds and runs it all.
 """
@@ -21,7 +25,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 FLWR = "1.42.0"
 SUPERNODES = [f"supernode-{i}" for i in range(3)]
-FLOWER_SERVICES = ["superlink", "superexec-serverapp", *SUPERNODES]
+EXECS = [f"{node}-exec" for node in SUPERNODES]
+"""Each SuperNode's pinned SuperExec (client/pinned_superexec.py), where its ClientApps run."""
+FLOWER_SERVICES = ["superlink", "superexec-serverapp", *SUPERNODES, *EXECS]
+PINNED_SUPEREXEC = ["python", "-m", "client.pinned_superexec"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +38,15 @@ def compose() -> dict:
 
 def args_of(service: dict) -> list[str]:
     return [str(a) for a in service["command"]]
+
+
+def superexec_args(service: dict) -> list[str]:
+    """A pinned SuperExec's arguments without its own ``--app-sha256 X``: flower-superexec's."""
+    args = args_of(service)
+    if service.get("entrypoint") == PINNED_SUPEREXEC:
+        i = args.index("--app-sha256")
+        args = args[:i] + args[i + 2:]
+    return args
 
 
 def flag_value(args: list[str], flag: str) -> str:
@@ -69,6 +85,9 @@ def parser_for(service: dict):
 def test_services_and_pinned_images(compose):
     services = compose["services"]
     assert set(services) == {*FLOWER_SERVICES, "fleet-front", "operator"}
+    for name in EXECS:  # the project's image: the pinned SuperExec is its code
+        assert services[name]["image"] == f"hybnn-superexec:{FLWR}"
+        assert services[name]["build"]["target"] == "superexec"
     assert services["superlink"]["image"] == f"flwr/superlink:{FLWR}"
     for name in FLOWER_SERVICES:
         assert services[name]["image"].endswith(f":{FLWR}"), name
@@ -86,13 +105,14 @@ def test_services_and_pinned_images(compose):
 def test_every_command_parses_with_the_installed_flower(compose):
     for name in FLOWER_SERVICES:
         service = compose["services"][name]
-        parser_for(service).parse_args(args_of(service))  # SystemExit on an unknown flag or bad value
+        parser_for(service).parse_args(superexec_args(service))  # SystemExit on an unknown flag or bad value
 
 
 def test_nothing_runs_insecure(compose):
     services = compose["services"]
     for name in FLOWER_SERVICES:
-        assert "--insecure" not in args_of(services[name]), name
+        if name not in EXECS:  # a pinned SuperExec's plaintext is its SuperNode's Runtime API
+            assert "--insecure" not in args_of(services[name]), name
     link = args_of(services["superlink"])
     for flag, path in (("--ssl-ca-certfile", "/certs/ca.crt"), ("--ssl-certfile", "/certs/server.pem"),
                        ("--ssl-keyfile", "/certs/server.key"),
@@ -111,6 +131,9 @@ def test_nothing_runs_insecure(compose):
         assert mounts(services[name])[f"{key}:ro"] == f"./certs/supernodes/supernode-{i}"
         assert not any("server.key" in h or "superexec.secret" in h or "ca.key" in h
                        for h in mounts(services[name]).values())
+    for name in EXECS:  # no TLS key, no SuperNode key, not the server's secret
+        assert not any(h.endswith(("server.key", "superexec.secret", "ca.key")) or h.endswith(name[:-len("-exec")])
+                       for h in mounts(services[name]).values()), name
     for service in services.values():
         assert not any(h.endswith("ca.key") for h in mounts(service).values())
 
@@ -129,8 +152,11 @@ def test_only_the_fleet_front_is_published(compose):
         node = args_of(services[name])
         assert flag_value(node, "--superlink") == "fleet-front:9092"
         assert not set(services[name]["networks"]) & link_networks, name
-        assert flag_value(node, "--host") == "127.0.0.1"  # ClientAppIo stays inside the container
-    assert set(services["fleet-front"]["networks"]) >= link_networks | set(services[SUPERNODES[0]]["networks"])
+        # ClientAppIo: published nowhere (no ports); its SuperExec reaches it on "fleet"
+        assert flag_value(node, "--host") == "0.0.0.0"
+        assert not set(services[f"{name}-exec"]["networks"]) & link_networks, name
+    assert set(services["fleet-front"]["networks"]) >= link_networks | {"fleet"}
+    assert all("fleet" in services[name]["networks"] for name in SUPERNODES)
     assert set(services["superexec-serverapp"]["networks"]) <= link_networks
 
 
@@ -191,11 +217,13 @@ def test_encoder_is_read_only_and_each_client_has_its_own_data(compose):
         service = compose["services"][name]
         config = parse_config_args([flag_value(args_of(service), "--node-config")])
         assert config == {"partition-id": i, "num-partitions": 3, "encoder-path": "/encoder", "data-root": "/data"}
-        m = mounts(service)
+        assert service["build"]["target"] == "supernode"
+        # the ClientApps run in the pinned SuperExec's container: the inputs are mounted there
+        assert not {"/encoder:ro", "/data/MNIST/raw:ro", "/data"} & set(mounts(service)), name
+        m = mounts(compose["services"][f"{name}-exec"])
         assert "/encoder:ro" in m and "/data/MNIST/raw:ro" in m
         volumes_seen.add(m["/data"])
         assert m["/data"] in compose["volumes"]
-        assert service["build"]["target"] == "supernode"
     assert len(volumes_seen) == 3
     server = mounts(compose["services"]["superexec-serverapp"])
     assert "/encoder:ro" in server and "/results" in server and server["/data"] in compose["volumes"]
@@ -211,18 +239,23 @@ def test_superexec_reaches_the_superlink_runtime_api(compose):
 def test_same_flags_as_the_process_run(compose, tmp_path):
     """deploy-local's SuperLink and SuperNodes use a subset of the containers' flags."""
     from simulation.credentials import Credentials
-    from simulation.deploy_local import node_config, superlink_command, supernode_command
+    from simulation.deploy_local import node_config, pinned_superexec_command, superlink_command, supernode_command
 
     def flags(args: list[str]) -> set[str]:
         return {a for a in args if a.startswith("--")}
 
     credentials = Credentials(tmp_path)
     local_link = superlink_command(8000, credentials)[1:]
-    local_node = supernode_command(8000, 9094, node_config(0, 3, "/encoder", "/data"), credentials, index=0)[1:]
+    local_node = supernode_command(8000, 9094, node_config(0, 3, "/encoder", "/data"), credentials, index=0,
+                                   superexec_secret=tmp_path / "s")[1:]
+    local_exec = pinned_superexec_command(9094, "0" * 64, tmp_path / "s")[1:]
     compose_link = args_of(compose["services"]["superlink"])
     compose_node = args_of(compose["services"]["supernode-0"])
+    compose_exec = compose["services"]["supernode-0-exec"]
     assert flags(local_link) <= flags(compose_link)
     assert flags(local_node) <= flags(compose_node)
+    assert local_exec[:2] == PINNED_SUPEREXEC[1:] and compose_exec["entrypoint"] == PINNED_SUPEREXEC
+    assert flags(local_exec) <= flags(args_of(compose_exec))
     from flwr.common.config import parse_config_args
 
     # the same node config as Flower reads it (the quoting style of the strings may differ)
@@ -230,3 +263,34 @@ def test_same_flags_as_the_process_run(compose, tmp_path):
         parse_config_args([flag_value(compose_node, "--node-config")])
     for service, args in (({"image": "flwr/superlink"}, local_link), ({"image": "x/supernode"}, local_node)):
         parser_for(service).parse_args(args)
+
+
+def test_each_supernode_runs_only_the_pinned_bundle(compose):
+    """Process isolation, and beside each SuperNode a pinned SuperExec: the pin mounted
+    read-only, a secret of their own (no other service holds it), on the network "fleet" alone."""
+    services = compose["services"]
+    secrets = set()
+    for i, name in enumerate(SUPERNODES):
+        node, exec_service = services[name], services[f"{name}-exec"]
+        node_args, exec_args = args_of(node), args_of(exec_service)
+        assert flag_value(node_args, "--isolation") == "process", name
+        assert exec_service["entrypoint"] == PINNED_SUPEREXEC
+        # the pin: the file the operator writes with `python -m simulation.app_bundle --sha256`
+        pin = flag_value(exec_args, "--app-sha256")
+        assert mounts(exec_service).get(f"{pin}:ro") == "./certs/app.sha256", f"{name}: the pin, read-only"
+        # the SuperNode's Runtime API, where only this SuperExec holds the secret
+        assert flag_value(exec_args, "--runtime-api-address") == f"{name}:{flag_value(node_args, '--port')}"
+        node_secret = mounts(node)[f"{flag_value(node_args, '--superexec-auth-secret-file')}:ro"]
+        exec_secret = mounts(exec_service)[f"{flag_value(exec_args, '--superexec-auth-secret-file')}:ro"]
+        assert node_secret == exec_secret == f"./certs/supernodes/supernode-{i}.secret"
+        secrets.add(node_secret)
+        holders = [s for s, service in services.items() if node_secret in mounts(service).values()]
+        assert sorted(holders) == sorted([name, f"{name}-exec"])
+        # one network each: on two, podman's name servers answer in no fixed order
+        assert node["networks"] == exec_service["networks"] == ["fleet"], name
+        assert "ports" not in node and "ports" not in exec_service
+    assert len(secrets) == len(SUPERNODES)
+    from simulation.credentials import Credentials
+
+    # the secrets are files `hybnn certs` writes
+    assert {f"./{Credentials(Path('certs')).supernode_secret(i)}" for i in range(3)} == secrets

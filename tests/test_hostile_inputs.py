@@ -64,11 +64,13 @@ def test_certs_force_with_fewer_supernodes_moves_every_earlier_key_aside(tmp_pat
     assert cli(capsys, "certs", "--out", out, "--supernodes", "3")[0] == 0
     old_keys = {i: (out / "supernodes" / f"supernode-{i}").read_bytes() for i in range(3)}
     assert cli(capsys, "certs", "--out", out, "--supernodes", "1", "--force")[0] == 0
-    assert sorted(p.name for p in (out / "supernodes").iterdir()) == ["supernode-0", "supernode-0.pub"]
+    assert sorted(p.name for p in (out / "supernodes").iterdir()) == [
+        "supernode-0", "supernode-0.pub", "supernode-0.secret"]
     (backup,) = out.glob("replaced-*")
     for i in range(3):
         assert (backup / "supernodes" / f"supernode-{i}").read_bytes() == old_keys[i]
         assert (backup / "supernodes" / f"supernode-{i}.pub").is_file()
+        assert (backup / "supernodes" / f"supernode-{i}.secret").is_file()
 
 
 def _certs(root: Path, supernodes: int = 2, **kwargs) -> Path:

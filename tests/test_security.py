@@ -34,11 +34,14 @@ def test_certs_writes_the_fixed_layout_with_private_modes(tmp_path):
                  "--supernodes", "2"]) == 0
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert names == {"ca.crt", "ca.key", "server.pem", "server.key", "superexec.secret",
-                     "supernodes/supernode-0", "supernodes/supernode-0.pub",
-                     "supernodes/supernode-1", "supernodes/supernode-1.pub"}
-    for private in ("ca.key", "server.key", "superexec.secret", "supernodes/supernode-0", "supernodes/supernode-1"):
+                     "supernodes/supernode-0", "supernodes/supernode-0.pub", "supernodes/supernode-0.secret",
+                     "supernodes/supernode-1", "supernodes/supernode-1.pub", "supernodes/supernode-1.secret"}
+    for private in ("ca.key", "server.key", "superexec.secret", "supernodes/supernode-0", "supernodes/supernode-1",
+                    "supernodes/supernode-0.secret", "supernodes/supernode-1.secret"):
         assert stat.S_IMODE((out / private).stat().st_mode) == 0o600, private
-    assert len((out / "superexec.secret").read_bytes()) == 64
+    secrets = [(out / name).read_bytes() for name in
+               ("superexec.secret", "supernodes/supernode-0.secret", "supernodes/supernode-1.secret")]
+    assert all(len(s) == 64 for s in secrets) and len(set(secrets)) == 3  # one of its own per machine
 
     server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
     ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
