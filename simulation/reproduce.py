@@ -418,16 +418,31 @@ def baselines_beside(task_names: list[str], prof: Profile, data_root: Path):
     if (os.cpu_count() or 1) < 2 * threads:
         yield None
         return
-    executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_die_with_parent)
+    import signal
+
+    executor = None
     try:
-        yield executor.submit(_train_baselines, list(task_names), prof.baseline_epochs, data_root,
-                              prof.train_limit, threads)
+        # The worker starts with SIGINT and SIGTERM ignored, a disposition that survives its exec
+        # (Python keeps an ignored SIGINT): a Ctrl-C at the terminal, which reaches the whole
+        # process group, stops this process alone, and this process kills the worker below,
+        # without a traceback from it. Only during the start (milliseconds) is a stop ignored here too.
+        stops = (signal.SIGINT, signal.SIGTERM)
+        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in stops}
+        try:
+            executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_die_with_parent)
+            future = executor.submit(_train_baselines, list(task_names), prof.baseline_epochs, data_root,
+                                     prof.train_limit, threads)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        yield future
     finally:
-        for process in list((executor._processes or {}).values()):  # no public handle on the worker
-            if process.is_alive():
-                process.kill()
-        executor.shutdown(wait=True, cancel_futures=True)
+        if executor is not None:
+            for process in list((executor._processes or {}).values()):  # no public handle on the worker
+                if process.is_alive():
+                    process.kill()
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 def reproduce(

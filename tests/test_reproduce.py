@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import json
 import os
 from pathlib import Path
@@ -198,3 +199,26 @@ def test_sigterm_removes_the_staging_folder_and_leaves_no_out(workspace, tmp_pat
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not staging.exists()
     assert not out.exists()
+
+
+def test_the_baselines_worker_ignores_ctrl_c_so_only_the_run_stops_it(tmp_path, monkeypatch):
+    """Ctrl-C at a terminal reaches the whole process group: the baselines' worker must leave
+    it to the run (which kills the worker), not print a traceback of its own."""
+    import types
+
+    from simulation import reproduce as rp
+
+    monkeypatch.setattr(rp.os, "cpu_count", lambda: 64)  # a CPU to spare, so the worker starts
+    prof = types.SimpleNamespace(baseline_epochs=1, train_limit=1)
+    with rp.baselines_beside([], prof, tmp_path) as future:
+        assert future is not None
+        assert future.result(timeout=120) == {}  # no tasks: the worker answers at once
+        executor_processes = [p for p in __import__("multiprocessing").active_children()
+                              if p.name.startswith("SpawnProcess")]
+        assert executor_processes
+        for process in executor_processes:
+            ignored = int(next(line for line in open(f"/proc/{process.pid}/status")
+                               if line.startswith("SigIgn")).split()[1], 16)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                assert ignored & (1 << (signum - 1)), (process.pid, signum)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's own handler is back
