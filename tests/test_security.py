@@ -306,7 +306,7 @@ def _foreign_app(root: Path, marker: Path) -> Path:
 
 @needs_nginx
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnist_root):
     """deploy-local with the Fleet-only front: SuperNodes train through it; a stranger who reaches
     only the front can neither start a run, nor register a key, nor reach the Runtime API."""
@@ -323,7 +323,7 @@ def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnis
     creds = make_credentials(tmp_path / "creds", supernodes=2)
     config = DeployConfig(
         task="0v1", clients=2, rounds=2, encoder=fixed_encoder(tmp_path / "encoder"), data_root=mnist_root,
-        out=tmp_path / "run", centralized_epochs=1, node_wait_s=60.0, round_timeout_s=90.0, timeout_s=200.0,
+        out=tmp_path / "run", centralized_epochs=1, node_wait_s=60.0, round_timeout_s=240.0, timeout_s=500.0,
         progress=False, certs=creds.root, fleet_front=True, log_dir=tmp_path / "logs",
         # On the host's loopback, so that this test's stranger reaches the front as one on the network would.
         network="host")
@@ -369,7 +369,7 @@ def test_front_refuses_flwr_run_while_supernodes_train_through_it(tmp_path, mnis
             conn.close()
             assert status == 403, (method, path, status)
     finally:
-        worker.join(timeout=220)
+        worker.join(timeout=540)
     assert "error" not in outcome, outcome.get("error")
     assert outcome["results"]["status"] == "finished"
     assert [len(r["clients"]) for r in outcome["results"]["rounds"]] == [2, 2]
