@@ -210,6 +210,7 @@ def test_the_baselines_worker_ignores_ctrl_c_so_only_the_run_stops_it(tmp_path, 
 
     monkeypatch.setattr(rp.os, "cpu_count", lambda: 64)  # a CPU to spare, so the worker starts
     prof = types.SimpleNamespace(baseline_epochs=1, train_limit=1)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     with rp.baselines_beside([], prof, tmp_path) as future:
         assert future is not None
         assert future.result(timeout=120) == {}  # no tasks: the worker answers at once
@@ -221,4 +222,4 @@ def test_the_baselines_worker_ignores_ctrl_c_so_only_the_run_stops_it(tmp_path, 
                                if line.startswith("SigIgn")).split()[1], 16)
             for signum in (signal.SIGINT, signal.SIGTERM):
                 assert ignored & (1 << (signum - 1)), (process.pid, signum)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's own handler is back
+    assert {signum: signal.getsignal(signum) for signum in before} == before  # the run's own handlers are back
