@@ -40,3 +40,31 @@ def unpack_signs(packed: np.ndarray, n_bits: int, dtype: type = np.float32) -> n
     """Inverse of :func:`pack_signs`: +-1 values of ``dtype`` with last axis ``n_bits``."""
     bits = unpack_bits(packed, n_bits)
     return (bits.astype(dtype) * 2 - 1).astype(dtype)
+
+
+def pack_uint(values: np.ndarray, width: int) -> np.ndarray:
+    """Pack unsigned integers at ``width`` bits each (1..64), most significant bit first, element
+    after element; ``ceil(len * width / 8)`` bytes, the padding bits 0. Every value must be
+    below ``2**width``."""
+    if not 1 <= width <= 64:
+        raise ValueError(f"width must lie in 1..64, got {width}")
+    values = np.ascontiguousarray(values, dtype=np.uint64).reshape(-1)
+    if width < 64 and values.size and int(values.max()) >> width:
+        raise ValueError(f"a value does not fit {width} bits")
+    bits = np.unpackbits(values.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder=BIT_ORDER)
+    return np.packbits(bits[:, 64 - width:].reshape(-1), bitorder=BIT_ORDER)
+
+
+def unpack_uint(packed: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_uint`: ``count`` uint64 values. The packed bytes must be exactly
+    ``ceil(count * width / 8)`` long."""
+    if not 1 <= width <= 64:
+        raise ValueError(f"width must lie in 1..64, got {width}")
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size != packed_length(count * width):
+        raise ValueError(f"{count} values of {width} bits take {packed_length(count * width)} bytes, "
+                         f"not {packed.size}")
+    bits = np.unpackbits(packed, count=count * width, bitorder=BIT_ORDER).reshape(count, width)
+    full = np.zeros((count, 64), dtype=np.uint8)
+    full[:, 64 - width:] = bits
+    return np.packbits(full, axis=1, bitorder=BIT_ORDER).view(">u8").reshape(-1).astype(np.uint64)
