@@ -219,12 +219,13 @@ def ensure_encoder(
     return artifact, info
 
 
-def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir: Path,
-              *, progress: bool = True, seed: int = 0, dataset: str = "mnist",
+def run_hybnn(artifact, task_name: str, epochs: "int | Callable[[int, int], int]", data_root: Path,
+              models_dir: Path, *, progress: bool = True, seed: int = 0, dataset: str = "mnist",
               record_root: Path | None = None) -> dict:
     """Train the task's BNN (:meth:`BNNConfig.for_task`) on ``dataset``'s codes and save it
     under ``models_dir/<task>``; the result names that folder relative to ``record_root``
-    (default: the parent of ``models_dir``, the run's directory)."""
+    (default: the parent of ``models_dir``, the run's directory). ``epochs``: a number, or
+    a function of (training codes, batch size) that gives it (:meth:`Profile.bnn_epochs_for`)."""
     from common.bnn.store import save_bnn
     from dataclasses import replace
 
@@ -233,10 +234,12 @@ def run_hybnn(artifact, task_name: str, epochs: int, data_root: Path, models_dir
     from common.data.tasks import select_task, task_for_dataset
 
     task = task_for_dataset(task_name, dataset)
-    config = replace(HYBNN_TRAIN_CONFIG, epochs=epochs, seed=seed)
-    run = train_hybnn(artifact, task, data_root, config, progress=progress, dataset=dataset)
     _, labels = load_codes(artifact, data_root, "train", progress=False, dataset=dataset)  # cached: cheap
     train_samples = int(len(select_task(labels, labels, task)[1]))
+    if callable(epochs):
+        epochs = epochs(train_samples, HYBNN_TRAIN_CONFIG.batch_size)
+    config = replace(HYBNN_TRAIN_CONFIG, epochs=epochs, seed=seed)
+    run = train_hybnn(artifact, task, data_root, config, progress=progress, dataset=dataset)
     model_dir = models_dir / task.slug
     save_bnn(run.model, model_dir, meta={"task": task.name, "dataset": dataset,
                                          "class_names": list(task.class_names),
@@ -506,10 +509,11 @@ def reproduce(
         say(product_choice().describe())
         t0 = time.perf_counter()
         for task in task_names:
-            stage(f"hybnn on {task} ({prof.bnn_epochs} epochs)")
-            entry = run_hybnn(artifact, task, prof.bnn_epochs, data_root, staging / "models", progress=progress)
+            step_cap = f", at most {prof.bnn_steps} steps' worth" if prof.bnn_steps else ""
+            stage(f"hybnn on {task} ({prof.bnn_epochs} epochs{step_cap})")
+            entry = run_hybnn(artifact, task, prof.bnn_epochs_for, data_root, staging / "models", progress=progress)
             results["tasks"].setdefault(task, {})["hybnn"] = entry
-            say(f"    test accuracy {entry['test_acc']:.4f} in {entry['train_seconds']:.1f} s")
+            say(f"    test accuracy {entry['test_acc']:.4f} in {entry['train_seconds']:.1f} s ({entry['epochs']} epochs)")
         stages["hybnn"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
