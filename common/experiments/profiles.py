@@ -20,7 +20,6 @@ on the six tasks of both data sets (:class:`TransferProfile`, docs/datasets.md).
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 
 from common.errors import HyBNNError
