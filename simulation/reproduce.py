@@ -404,6 +404,8 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # started with the parent's stops blocked (baselines_beside); they stay ignored here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
 
 
 @contextmanager
@@ -428,8 +430,11 @@ def baselines_beside(task_names: list[str], prof: Profile, data_root: Path):
         # The worker starts with SIGINT and SIGTERM ignored, a disposition that survives its exec
         # (Python keeps an ignored SIGINT): a Ctrl-C at the terminal, which reaches the whole
         # process group, stops this process alone, and this process kills the worker below,
-        # without a traceback from it. Only during the start (milliseconds) is a stop ignored here too.
+        # without a traceback from it. A stop that comes during the start is blocked, not lost:
+        # Linux keeps a blocked signal pending even while it is ignored, and it reaches this
+        # process's own handler once that is back and the signal unblocked.
         stops = (signal.SIGINT, signal.SIGTERM)
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in stops}
         try:
             executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
@@ -439,6 +444,7 @@ def baselines_beside(task_names: list[str], prof: Profile, data_root: Path):
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         yield future
     finally:
         if executor is not None:

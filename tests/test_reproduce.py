@@ -222,4 +222,36 @@ def test_the_baselines_worker_ignores_ctrl_c_so_only_the_run_stops_it(tmp_path, 
                                if line.startswith("SigIgn")).split()[1], 16)
             for signum in (signal.SIGINT, signal.SIGTERM):
                 assert ignored & (1 << (signum - 1)), (process.pid, signum)
+            blocked = int(next(line for line in open(f"/proc/{process.pid}/status")
+                               if line.startswith("SigBlk")).split()[1], 16)
+            assert not blocked & ((1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))), process.pid
     assert {signum: signal.getsignal(signum) for signum in before} == before  # the run's own handlers are back
+
+
+def test_a_stop_during_the_baselines_worker_start_is_not_lost(tmp_path, monkeypatch):
+    """A SIGTERM that arrives while the worker starts (the run's handlers set aside) reaches the
+    run's handler once they are back, instead of being ignored."""
+    import threading
+    import types
+    from concurrent.futures import ProcessPoolExecutor
+
+    from simulation import reproduce as rp
+
+    monkeypatch.setattr(rp.os, "cpu_count", lambda: 64)
+    submit = ProcessPoolExecutor.submit
+
+    def submit_with_a_stop(self, *args, **kwargs):
+        # in the middle of the start, to the main thread: `hybnn reproduce` has no other thread then
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", submit_with_a_stop)
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with rp.baselines_beside([], types.SimpleNamespace(baseline_epochs=1, train_limit=1), tmp_path) as future:
+            assert future is not None
+            future.result(timeout=120)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM]
