@@ -434,7 +434,7 @@ def baselines_beside(task_names: list[str], prof: Profile, data_root: Path):
         # Linux keeps a blocked signal pending even while it is ignored, and it reaches this
         # process's own handler once that is back and the signal unblocked.
         stops = (signal.SIGINT, signal.SIGTERM)
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in stops}
         try:
             executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
@@ -444,7 +444,7 @@ def baselines_beside(task_names: list[str], prof: Profile, data_root: Path):
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # as the caller had it
         yield future
     finally:
         if executor is not None:
