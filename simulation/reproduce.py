@@ -404,8 +404,13 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    # started with the parent's stops blocked (baselines_beside); they stay ignored here
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
+    # Started with the run's stops blocked (baselines_beside): ignoring them drops any that came
+    # while this process started (a Ctrl-C at the terminal reaches the whole process group);
+    # the run, which got them too, stops and kills this process.
+    stops = (signal.SIGINT, signal.SIGTERM)
+    for signum in stops:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
 
 
 @contextmanager
@@ -427,23 +432,19 @@ def baselines_beside(task_names: list[str], prof: Profile, data_root: Path):
 
     executor = None
     try:
-        # The worker starts with SIGINT and SIGTERM ignored, a disposition that survives its exec
-        # (Python keeps an ignored SIGINT): a Ctrl-C at the terminal, which reaches the whole
-        # process group, stops this process alone, and this process kills the worker below,
-        # without a traceback from it. A stop that comes during the start is blocked, not lost:
-        # Linux keeps a blocked signal pending even while it is ignored, and it reaches this
-        # process's own handler once that is back and the signal unblocked.
+        # The worker starts with SIGINT and SIGTERM blocked (a thread's signal mask survives fork
+        # and exec) and ignores them from its first step on (_die_with_parent), so a Ctrl-C at
+        # the terminal stops this process alone, which kills the worker below, and the worker
+        # prints no traceback. This process keeps its handlers all along: a stop that comes now
+        # reaches them through another thread, or once this thread's mask is back, never lost.
         stops = (signal.SIGINT, signal.SIGTERM)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in stops}
         try:
             executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                            initializer=_die_with_parent)
             future = executor.submit(_train_baselines, list(task_names), prof.baseline_epochs, data_root,
                                      prof.train_limit, threads)
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # as the caller had it
         yield future
     finally:

@@ -228,9 +228,11 @@ def test_the_baselines_worker_ignores_ctrl_c_so_only_the_run_stops_it(tmp_path, 
     assert {signum: signal.getsignal(signum) for signum in before} == before  # the run's own handlers are back
 
 
-def test_a_stop_during_the_baselines_worker_start_is_not_lost(tmp_path, monkeypatch):
-    """A SIGTERM that arrives while the worker starts (the run's handlers set aside) reaches the
-    run's handler once they are back, instead of being ignored."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_during_the_baselines_worker_start_is_not_lost(tmp_path, monkeypatch, signum):
+    """A stop sent to the run's process (by `kill`, a scheduler or the terminal) while the worker
+    starts reaches the run's handler, also when another thread of the run (torch's, tqdm's) is
+    the one the kernel hands it to."""
     import threading
     import types
     from concurrent.futures import ProcessPoolExecutor
@@ -241,17 +243,20 @@ def test_a_stop_during_the_baselines_worker_start_is_not_lost(tmp_path, monkeypa
     submit = ProcessPoolExecutor.submit
 
     def submit_with_a_stop(self, *args, **kwargs):
-        # in the middle of the start, to the main thread: `hybnn reproduce` has no other thread then
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        os.kill(os.getpid(), signum)  # to the process, as `kill` sends it: any thread may take it
         return submit(self, *args, **kwargs)
 
     monkeypatch.setattr(ProcessPoolExecutor, "submit", submit_with_a_stop)
+    other_thread_done = threading.Event()
+    other = threading.Thread(target=other_thread_done.wait, args=(30,), daemon=True)
+    other.start()
     received = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    previous = signal.signal(signum, lambda got, frame: received.append(got))
     try:
         with rp.baselines_beside([], types.SimpleNamespace(baseline_epochs=1, train_limit=1), tmp_path) as future:
             assert future is not None
             future.result(timeout=120)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert received == [signal.SIGTERM]
+        signal.signal(signum, previous)
+        other_thread_done.set()
+    assert received == [signum]
