@@ -61,10 +61,12 @@ def _spec(n: int, seed: int = 0, threshold: int | None = None, lengths=LENGTHS, 
 
 
 def run_round(spec: RoundSpec, vectors: dict[int, list[np.ndarray]], silent: dict[str, set[int]] | None = None,
-              edit: Edit | None = None, server: ServerRound | None = None) -> tuple[ServerRound, list[np.ndarray]]:
+              edit: Edit | None = None, server: ServerRound | None = None,
+              carry: Callable[[dict], dict] = dict) -> tuple[ServerRound, list[np.ndarray]]:
     """One round of all four stages, as the transport would run it: every client gets only the
     server's message (the spec travels in it), ``silent[stage]`` lists clients that do not answer
-    that stage, and ``edit(stage, replies)`` may change the replies before the server sees them."""
+    that stage, and ``edit(stage, replies)`` may change the replies before the server sees them.
+    ``carry`` is what a message, a reply or a client's state goes through between two stages."""
     silent = silent or {}
     edit = edit or (lambda stage, replies: None)
     server = server or ServerRound(spec)
@@ -75,7 +77,9 @@ def run_round(spec: RoundSpec, vectors: dict[int, list[np.ndarray]], silent: dic
         for c, message in messages.items():
             if c in silent.get(stage, set()):
                 continue
-            states[c], replies[c] = respond(c, message, spec_from_config(message))
+            message = carry(message)
+            states[c], reply = respond(c, message, spec_from_config(message))
+            states[c], replies[c] = carry(states[c]), carry(reply)
         edit(stage, replies)
         return replies
 
@@ -278,6 +282,19 @@ def test_dropouts_up_to_the_threshold_are_tolerated_one_more_skips_the_round():
     assert server.record()["unmasked_keys_of"] == sorted(gone)
     with pytest.raises(RoundSkipped, match="5 clients remain, the threshold is 6"):
         run_round(spec, vectors, silent={"masked": gone | {spec.clients[0]}})
+
+
+def test_ten_clients_form_a_ring_that_tolerates_two_dropouts_not_three():
+    # At N = 10, k = 2 ceil(log2 10) = 8 < N - 1: each client misses one other, and its
+    # neighbourhood of 9 needs ceil(7 * 9 / 10) = 7 holders. Two dropouts leave every
+    # neighbourhood 7; three leave some 6, and the round is skipped before anyone unmasks.
+    spec = _spec(10, seed=6)
+    assert (spec.threshold, neighbourhood_degree(spec), local_threshold(spec)) == (7, 8, 7)
+    vectors = _vectors(spec)
+    server, total = run_round(spec, vectors, silent={"masked": set(spec.clients[:2])})
+    _assert_sum(spec, total, vectors, spec.clients[2:])
+    with pytest.raises(RoundSkipped, match="stage masked: client .* has 6 holders left, 7 needed"):
+        run_round(spec, vectors, silent={"masked": set(spec.clients[:3])})
 
 
 def test_dropouts_at_every_stage():
@@ -601,13 +618,29 @@ def test_client_never_reveals_both_shares_of_one_client():
         == [4 * i for i in range(8)]
 
 
+def _through_config_record(values: dict) -> dict:
+    """A dict as Flower carries it: a ConfigRecord, serialized and parsed back."""
+    from flwr.app import ConfigRecord
+    from flwr.common import serde
+
+    return dict(serde.config_record_from_proto(serde.config_record_to_proto(ConfigRecord(values))))
+
+
+def test_a_round_survives_flowers_config_records():
+    spec = _spec(5, seed=8)
+    vectors = _vectors(spec)
+    server, total = run_round(spec, vectors, silent={"masked": {spec.clients[1]}}, carry=_through_config_record)
+    _assert_sum(spec, total, vectors, set(spec.clients) - {spec.clients[1]})
+
+
 def test_client_state_and_messages_fit_a_flower_config_record():
     run = _Clients()
     allowed = (bytes, int, str, float, bool)
     for state in [*run.after_keys.values(), *run.after_shares.values(), *run.states.values()]:
         for key, value in state.items():
             assert isinstance(key, str)
-            assert isinstance(value, allowed) or (isinstance(value, list) and all(isinstance(v, int) for v in value)), key
+            assert isinstance(value, allowed) or (
+                isinstance(value, list) and all(isinstance(v, int) for v in value)), key
     for messages in (run.keys_messages, run.share_messages, run.unmask_messages):
         for message in messages.values():
             for value in message.values():

@@ -341,7 +341,8 @@ def _check_state(state: Mapping[str, object], spec: RoundSpec, me: int, stage: s
         raise SecAggError(f"the state names an unknown stage {state['stage']!r}")
     done, wanted = STAGES.index(state["stage"]), STAGES.index(stage)
     if done >= wanted:
-        raise SecAggError(f"stage {stage!r} was already answered this round (the state has answered {state['stage']!r})")
+        raise SecAggError(f"stage {stage!r} was already answered this round "
+                          f"(the state has answered {state['stage']!r})")
     if done != wanted - 1:
         raise SecAggError(f"stage {stage!r} asked before stage {STAGES[wanted - 1]!r}")
 
@@ -546,6 +547,12 @@ def _is_low_order(public: bytes) -> bool:
     return False
 
 
+def _internal(**kwargs: object):
+    """A field of the server's own bookkeeping: not a constructor argument, and kept out of its
+    repr (which would print keys and masked inputs)."""
+    return field(init=False, repr=False, **kwargs)
+
+
 @dataclass
 class ServerRound:
     """The server's side of one round: call :meth:`request_keys`, then :meth:`collect_keys`,
@@ -557,17 +564,17 @@ class ServerRound:
     unmasked vector: it never has one."""
 
     spec: RoundSpec
-    _done: str = field(default="", init=False)
-    _dropped: dict[str, list[tuple[int, str]]] = field(default_factory=lambda: {s: [] for s in STAGES}, init=False)
-    _answered: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STAGES}, init=False)
-    _skipped: str = field(default="", init=False)
-    _keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, init=False)
-    _present: dict[int, tuple[int, ...]] = field(default_factory=dict, init=False)
-    _partners: dict[int, frozenset[int]] = field(default_factory=dict, init=False)
-    _masked: dict[int, np.ndarray] = field(default_factory=dict, init=False)
-    _held: dict[int, frozenset[int]] = field(default_factory=dict, init=False)
-    _survivors: tuple[int, ...] = field(default=(), init=False)
-    _unmask_keys_of: tuple[int, ...] = field(default=(), init=False)
+    _done: str = _internal(default="")
+    _dropped: dict[str, list[tuple[int, str]]] = _internal(default_factory=lambda: {s: [] for s in STAGES})
+    _answered: dict[str, int] = _internal(default_factory=lambda: {s: 0 for s in STAGES})
+    _skipped: str = _internal(default="")
+    _keys: dict[int, tuple[bytes, bytes]] = _internal(default_factory=dict)
+    _present: dict[int, tuple[int, ...]] = _internal(default_factory=dict)
+    _partners: dict[int, frozenset[int]] = _internal(default_factory=dict)
+    _masked: dict[int, np.ndarray] = _internal(default_factory=dict)
+    _held: dict[int, frozenset[int]] = _internal(default_factory=dict)
+    _survivors: tuple[int, ...] = _internal(default=())
+    _unmask_keys_of: tuple[int, ...] = _internal(default=())
 
     def __post_init__(self) -> None:
         self._neighbours = {c: frozenset(neighbours(self.spec, c)) for c in self.spec.clients}
