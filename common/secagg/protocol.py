@@ -1,8 +1,8 @@
 """SecAgg+ (Bell et al., CCS 2020, after Bonawitz et al., CCS 2017) for a semi-honest server.
 
 The server learns the sum, segment by segment modulo ``2**width``, of the vectors of the clients
-that stayed to the end, and nothing about any one of them, as long as fewer than
-``threshold`` of its neighbours collude with it.
+that stayed to the end, and nothing about any one of them, as long as it follows the protocol
+and fewer than :func:`local_threshold` of a client's neighbourhood share their secrets with it.
 
 Four stages, each a pure function on the client and a collect method of :class:`ServerRound`:
 
