@@ -50,7 +50,8 @@ from common.errors import HyBNNError
 from common.federated.settings import parse_settings, per_round_settings, read_by, settings_dataclass
 from common.data.tasks import select_task, task_for_dataset
 from common.bnn.training import TrainConfig, fit
-from common.federated.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_to_payload
+from common.federated.wire import METRIC, RECORD, SECAGG, TRAIN_CONFIG, payload_to_record, record_to_payload
+from client import secure
 
 log = logging.getLogger("hybnn.client")
 
@@ -265,50 +266,118 @@ def train_local(
     return codec.encode_model(model, **encoding), metrics
 
 
+def round_settings(msg: Message, context: Context, defaults: dict | None, who: list[str]
+                   ) -> tuple[ClientSettings, LocalRound]:
+    """The client's settings and the round's train config; ``who[0]`` becomes the client's name
+    for log lines. :class:`HyBNNError` says what is missing or wrong."""
+    settings = ClientSettings.from_context(context, defaults)
+    who[0] = f"client partition {settings.partition_id}/{settings.num_partitions}"
+    if RECORD.config not in msg.content.config_records:
+        raise HyBNNError(f"the message lacks its {RECORD.config!r} record; run the same HyBNN release on the "
+                         "server and the clients")
+    return settings, LocalRound.from_config(msg.content.config_records[RECORD.config])
+
+
+def round_data(settings: ClientSettings, round_config: LocalRound) -> tuple[torch.Tensor, torch.Tensor]:
+    """This client's training data for the round's task, from the encoder the server names."""
+    artifact = load_client_encoder(settings.encoder_path, round_config.encoder_sha256)
+    return local_training_data(artifact, settings, round_config.task)
+
+
+def fail_if_injected(settings: ClientSettings, round_config: LocalRound, who: str) -> None:
+    """Fail this round on purpose where ``client-failure-rate`` draws it (a testing aid)."""
+    if not injected_failure(round_config.client_failure_rate, settings.seed, round_config.server_round,
+                            settings.partition_id):
+        return
+    reason = f"injected failure (client-failure-rate {round_config.client_failure_rate:g}, a testing aid)"
+    if round_config.client_failure_mode == "hang":
+        silence = HANG_TIMEOUT_FACTOR * round_config.round_timeout_s
+        log.warning("%s round %d: %s: silent for %g s, past the round's timeout", who,
+                    round_config.server_round, reason, silence)
+        time.sleep(silence)
+        reason += f", silent for {silence:g} s"
+    raise HyBNNError(reason)
+
+
+def refusal(msg: Message, who: str, exc: Exception) -> Message:
+    """The error reply of a client that cannot take part, with the reason it logs."""
+    reason = f"{who} refused the round: {exc}"
+    log.error(reason)
+    return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
 def handle_train(msg: Message, context: Context, defaults: dict | None = None, threads: int = 1) -> Message:
     """The train handler without Flower's decorator, so tests and the simulation can call it.
 
     ``defaults`` stands in for run-config keys the context lacks (``run_simulation``
     gives the ClientApp an empty run config); ``threads``: torch threads for the training.
+    A message with a ``secagg`` record is a secure round's (client/secure.py): the reply is the
+    masked vector alone.
     """
-    who = f"client node {context.node_id}"
+    who = [f"client node {context.node_id}"]
     try:
-        settings = ClientSettings.from_context(context, defaults)
-        who = f"client partition {settings.partition_id}/{settings.num_partitions}"
-        if RECORD.config not in msg.content.config_records or RECORD.arrays not in msg.content.array_records:
-            raise HyBNNError(f"the train message lacks its {RECORD.arrays!r} or {RECORD.config!r} record; "
-                             "run the same HyBNN release on the server and the clients")
-        round_config = LocalRound.from_config(msg.content.config_records[RECORD.config])
-        if injected_failure(round_config.client_failure_rate, settings.seed, round_config.server_round,
-                            settings.partition_id):
-            reason = f"injected failure (client-failure-rate {round_config.client_failure_rate:g}, a testing aid)"
-            if round_config.client_failure_mode == "hang":
-                silence = HANG_TIMEOUT_FACTOR * round_config.round_timeout_s
-                log.warning("%s round %d: %s: silent for %g s, past the round's timeout", who,
-                            round_config.server_round, reason, silence)
-                time.sleep(silence)
-                reason += f", silent for {silence:g} s"
-            raise HyBNNError(reason)
-        artifact = load_client_encoder(settings.encoder_path, round_config.encoder_sha256)
-        x, y = local_training_data(artifact, settings, round_config.task)
+        settings, round_config = round_settings(msg, context, defaults, who)
+        if RECORD.arrays not in msg.content.array_records:
+            raise HyBNNError(f"the train message lacks its {RECORD.arrays!r} record; run the same HyBNN release "
+                             "on the server and the clients")
+        fail_if_injected(settings, round_config, who[0])
+        x, y = round_data(settings, round_config)
         torch.set_num_threads(threads)
+        global_payload = record_to_payload(msg.content.array_records[RECORD.arrays])
+        num_classes = task_for_dataset(round_config.task, settings.dataset).num_classes
         payload, metrics = train_local(
-            record_to_payload(msg.content.array_records[RECORD.arrays]), x, y, round_config,
-            task_for_dataset(round_config.task, settings.dataset).num_classes,
+            global_payload, x, y, round_config, num_classes,
             seed=derived_seed(settings.seed * 100_003, round_config.server_round * 101 + settings.partition_id),
         )
+        if SECAGG.record in msg.content.config_records:
+            layout = codec.layout_for(BNNConfig.for_task(x.shape[1], num_classes))
+            reference_bn = (codec.decode(global_payload, layout)[1] if round_config.bn_encoding == "thresholds"
+                            else None)
+            content = secure.masked_reply(msg, context, payload, layout, round_config.bn_dtype, reference_bn)
+            log.info("%s round %d: %d examples, loss %.4f, acc %.4f; masked vector sent; %s", who[0],
+                     round_config.server_round, metrics[METRIC.num_examples], metrics[METRIC.train_loss],
+                     metrics[METRIC.train_acc], product_choice().describe())
+            return Message(content=content, reply_to=msg)
     except HyBNNError as exc:
-        reason = f"{who} refused the round: {exc}"
-        log.error(reason)
-        return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+        return refusal(msg, who[0], exc)
     metrics[METRIC.partition_id] = settings.partition_id
-    log.info("%s round %d: %d examples, loss %.4f, acc %.4f; %s", who, round_config.server_round,
+    log.info("%s round %d: %d examples, loss %.4f, acc %.4f; %s", who[0], round_config.server_round,
              metrics[METRIC.num_examples], metrics[METRIC.train_loss], metrics[METRIC.train_acc],
              product_choice().describe())
     content = RecordDict({RECORD.arrays: payload_to_record(payload), RECORD.metrics: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    return handle_train(msg, context)
+def handle_secagg_keys(msg: Message, context: Context, defaults: dict | None = None) -> Message:
+    """Stage 1 of a secure round (client/secure.py): keys, and the client's num-examples."""
+    who = [f"client node {context.node_id}"]
+    try:
+        settings, round_config = round_settings(msg, context, defaults, who)
+        _, y = round_data(settings, round_config)
+        return Message(content=secure.keys_reply(msg, context, len(y), settings.partition_id), reply_to=msg)
+    except HyBNNError as exc:
+        return refusal(msg, who[0], exc)
+
+
+def handle_secagg_stage(msg: Message, context: Context) -> Message:
+    """Stage 2 or 4 of a secure round (client/secure.py), by the message's type."""
+    reply = {SECAGG.message_type(SECAGG.shares_action): secure.shares_reply,
+             SECAGG.message_type(SECAGG.unmask_action): secure.unmask_reply}.get(msg.metadata.message_type)
+    try:
+        if reply is None:
+            raise HyBNNError(f"message type {msg.metadata.message_type!r} is no secure-aggregation stage")
+        return Message(content=reply(msg, context), reply_to=msg)
+    except HyBNNError as exc:
+        return refusal(msg, f"client node {context.node_id}", exc)
+
+
+def register(client_app: ClientApp, train_handler, keys_handler) -> None:
+    """``client_app``'s handlers: ``train`` and the secure-aggregation stages."""
+    client_app.train()(train_handler)
+    client_app.train(SECAGG.keys_action)(keys_handler)
+    client_app.train(SECAGG.shares_action)(handle_secagg_stage)
+    client_app.train(SECAGG.unmask_action)(handle_secagg_stage)
+
+
+register(app, lambda msg, context: handle_train(msg, context),
+         lambda msg, context: handle_secagg_keys(msg, context))

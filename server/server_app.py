@@ -41,7 +41,8 @@ from common.federated import codec, robust, schedule
 from common.bnn.model import BNN, BNNConfig, codes_to_inputs
 from common.errors import HyBNNError
 from common.fileio import atomic_write_bytes
-from common.federated.settings import parse_settings, per_round_settings, read_by, settings_dataclass
+from common.federated.settings import (parse_settings, per_round_settings, read_by, secure_aggregation_refusal,
+                                      settings_dataclass)
 from common.data.datasets import get_dataset
 from common.data.tasks import select_task, task_for_dataset
 from common.bnn.training import evaluate
@@ -66,6 +67,9 @@ class _ServerSettingsMethods:
         task_for_dataset(settings.task, settings.dataset)
         robust.check_weight_bounds(settings.max_weight_vs_median, settings.max_num_examples,
                                    settings.bn_aggregation)
+        refused = secure_aggregation_refusal({s.key: getattr(settings, s.name) for s in read_by("server")})
+        if refused:
+            raise HyBNNError(refused)
         return settings
 
     def lr_for_round(self, server_round: int) -> float:
@@ -159,6 +163,11 @@ def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> di
         "rounds": [],
         "status": "running",
     }
+    if settings.secure_aggregation != "off":
+        results["secure_aggregation"] = {
+            "enabled": settings.secure_aggregation == "on", "mode": settings.secure_aggregation,
+            "threshold": settings.secure_threshold or None, "neighbours": None, "bits": None,
+            "weight_bits": settings.sum_weight_bits}
     ident = resume.identity(asdict(settings), artifact.sha256, codec.CODEC_VERSION,
                             {"config": config.to_dict(), **results["bnn"]},
                             get_dataset(settings.dataset).fingerprint(settings.data_root))
@@ -207,6 +216,12 @@ def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> di
                 "capped": round_log.capped,
                 "seconds": time.perf_counter() - started,
             })
+            if round_log.secure is not None:
+                results["rounds"][-1]["secure"] = round_log.secure
+                if round_log.secure.get("bits"):  # the round's own figures: they follow its clients
+                    results["secure_aggregation"].update(
+                        threshold=round_log.secure["threshold"], neighbours=round_log.secure["neighbours"],
+                        bits=round_log.secure["bits"])
             if not clients:
                 log(ERROR, "Round %d: no reply could be aggregated (%s); the global model stays as it was.",
                     server_round, "; ".join(failure_reasons([results["rounds"][-1]])) or "no client replied")
@@ -244,6 +259,9 @@ def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> di
         flip_blocks=settings.flip_blocks,
         flip_block_rounds=settings.flip_block_rounds,
         num_partitions=settings.min_available_nodes,  # the planned federation: one voter per partition
+        secure_aggregation=settings.secure_aggregation,
+        secure_threshold=settings.secure_threshold,
+        sum_weight_bits=settings.sum_weight_bits,
     )
     if checkpoint is None:
         initial_arrays = strategy.encode_global(codec.binary_latents(initial), codec.bn_vector(initial, layout))

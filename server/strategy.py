@@ -55,10 +55,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
-from common.federated import aggregation, codec, flipcodec, robust, thresholds
+from common.federated import aggregation, codec, flipcodec, robust, sums, thresholds
 from common.federated.voters import VoterRoll
 from common.federated.settings import default
 from common.federated.wire import METRIC, RECORD, TRAIN_CONFIG, payload_to_record, record_nbytes, record_to_payload
+from server.secure import RoundSkipped, SecureRounds
 
 
 @dataclass
@@ -164,6 +165,8 @@ class RoundLog:
     """The sampled nodes whose reply (good or not) arrived before the round's timeout."""
     connected: int = 0
     """Nodes connected when the round was sampled."""
+    secure: dict | None = None
+    """A secure round's record (:meth:`server.secure.SecureRoundState.record`): counts, ids, bytes; no update."""
 
 
 def sample_nodes(nodes: Iterable[int], k: int, seed: int, server_round: int,
@@ -212,6 +215,9 @@ class PackedFedAvg(FedAvg):
         flip_blocks: int = default("flip-blocks"),
         flip_block_rounds: int = default("flip-block-rounds"),
         num_partitions: int = 0,
+        secure_aggregation: str = default("secure-aggregation"),
+        secure_threshold: int = default("secure-threshold"),
+        sum_weight_bits: int = default("sum-weight-bits"),
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -256,6 +262,28 @@ class PackedFedAvg(FedAvg):
         """The global weights sent in each round still being aggregated: what flip updates refer to."""
         self.bn_references: dict[int, np.ndarray] = {}
         """The global batch norm sent in that round: what threshold updates refer to."""
+        if secure_aggregation not in ("off", "on", "clear"):
+            raise ValueError(f"secure_aggregation must be off, on or clear, got {secure_aggregation!r}")
+        self.secure_aggregation = secure_aggregation
+        self.sum_layout = sums.SumLayout(layout.n_binary, layout.shape, bn_dtype)
+        self.sum_weight_bits = sum_weight_bits
+        self.secure = (SecureRounds(self.sum_layout, sum_weight_bits, secure_threshold, self._capped,
+                                    self._voter_refusal) if secure_aggregation == "on" else None)
+        """The protocol's messages of a secure round (server/secure.py), with secure-aggregation on."""
+        self.timeout = 3600.0
+        self._grid: Grid | None = None
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              **kwargs):
+        self.timeout = timeout  # every stage of a secure round waits as long as the round's training
+        return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                             **kwargs)
+
+    def _capped(self, num_examples: list[int]) -> list[int]:
+        return robust.capped_weights(num_examples, self.max_weight_vs_median, self.max_num_examples)
+
+    def _voter_refusal(self, node: int, partition: int | None) -> str | None:
+        return self.voters.refusal(node, partition, self.partitions)
 
     def summary(self) -> None:
         super().summary()
@@ -336,14 +364,35 @@ class PackedFedAvg(FedAvg):
         round_log.sampled_partitions = [self.partitions.get(n) for n in node_ids] if self.partitions else []
         round_log.connected = len(nodes)
         self.set_reference(server_round, arrays)
+        if self.secure is not None:
+            self._grid = grid
+            try:
+                state = self.secure.open(grid, server_round, node_ids, config, self.timeout)
+            except RoundSkipped as exc:
+                self._skip(round_log, exc)
+                return []
+            round_log.secure = state.record()
+            return self.secure.train_messages(state, arrays, config)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def _skip(self, round_log: RoundLog, exc: Exception) -> None:
+        """A secure round that ends without a sum: logged, recorded; the run goes on."""
+        reason = robust.printable(exc)
+        state = self.secure.rounds.get(round_log.round)
+        if state is not None:
+            state.skipped = reason
+        round_log.secure = state.record() if state is not None else {"skipped": reason}
+        log(WARNING, "Round %d is skipped: %s. The global model stays as it was; the run goes on.",
+            round_log.round, reason)
 
     # -------------------------------------------------------------- aggregation
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_log = self.rounds.setdefault(server_round, RoundLog(server_round))
+        if self.secure is not None:
+            return self._aggregate_secure(server_round, replies, round_log)
 
         def drop(node: int, reason: str, hint: str) -> None:
             reason = robust.printable(reason)  # may hold the client's own words: no terminal escapes, bounded
@@ -427,6 +476,40 @@ class PackedFedAvg(FedAvg):
             self.on_round(round_log)
         return arrays, metrics
 
+    def _aggregate_secure(self, server_round: int, replies: Iterable[Message], round_log: RoundLog
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A secure round's end: the masked vectors (stage 3), stage 4, the global model from the sums."""
+        replies = list(replies)
+        round_log.replied = [m.metadata.src_node_id for m in replies]
+        state = self.secure.rounds.get(server_round)
+        arrays = metrics = None
+        if state is not None and state.skipped is None:
+            try:
+                total, weight = self.secure.close(self._grid, server_round, replies, self.timeout)
+                mean, bn = sums.global_model(total, weight, self.sum_layout)
+                arrays = self.encode_global(mean, bn)
+                metrics = MetricRecord({"agreement": float(np.mean(np.abs(mean)))})
+            except (RoundSkipped, sums.SumError) as exc:
+                self._skip(round_log, exc)
+        if state is not None:
+            round_log.secure = state.record()
+            round_log.dropped = [{**d, "stage": stage} for stage, ds in state.dropped.items() for d in ds]
+            if arrays is not None:
+                round_log.clients = [self._secure_entry(state, i, round_log.downlink_bytes)
+                                     for i in sorted(state.server.summed_clients)]
+        if self.on_round:
+            self.on_round(round_log)
+        return arrays, metrics
+
+    def _secure_entry(self, state, index: int, downlink_bytes: int) -> dict:
+        """A summed client's line in the round's log: what the server saw of it, which is no update."""
+        uplink = state.uplink.get(index, 0)
+        return {"node_id": state.nodes[index], "weight": state.weights[index], "capped": None,
+                "uplink_bytes": uplink, "reply_bytes": uplink,
+                "uplink_bits_per_binary_weight": 8 * uplink / self.layout.n_binary,
+                "sign_bits_per_binary_weight": float(state.spec.widths[0]), "sign_flips": None, "bn_step": None,
+                "downlink_bytes": downlink_bytes, "reported": state.reported.get(index, {})}
+
     def _client_entry(self, reply: CheckedReply, weight: int, downlink_bytes: int) -> dict:
         """One client's line in the round's log: the server's measurements, and what it reported apart."""
         n_binary = self.layout.n_binary
@@ -453,7 +536,13 @@ class PackedFedAvg(FedAvg):
             for r, w in zip(good, weights)
         ]
         mean = np.clip(aggregate_arrayrecords(contents, METRIC.num_examples)["w"].numpy(), -1.0, 1.0)
-        if self.bn_encoding == "thresholds":
+        if self.secure_aggregation == "clear":  # what a secure round computes, on the plaintext updates
+            scaled = sums.quantized_weights(weights, self.sum_weight_bits)
+            widths = sums.widths(self.sum_layout, sum(scaled))
+            total = sums.plain_sum([sums.client_vector(r.weights, r.bn, w, self.sum_layout)
+                                    for r, w in zip(good, scaled)], widths)
+            mean, bn = sums.global_model(total, sum(scaled), self.sum_layout)
+        elif self.bn_encoding == "thresholds":
             bn = thresholds.aggregate([r.bn for r in good], weights, self.layout.shape, self.bn_aggregation)
         else:
             bn = robust.aggregate_bn([r.bn for r in good], weights, self.bn_aggregation)

@@ -353,6 +353,9 @@ def _add_federation_options(p: argparse.ArgumentParser, defaults: dict | None = 
         kwargs = {"choices": list(s.choices)} if s.choices else {"type": _option_type(s)}
         if s.key == "dataset" or s.type is Path and s.default is None:
             kwargs["metavar"] = "NAME" if s.key == "dataset" else "DIR"
+        if s.alone is not None:
+            kwargs.update(nargs="?", const=s.alone)
+            help_text += f"; {s.flag} alone: {s.alone}"
         p.add_argument(s.flag, default=default, help=help_text, **kwargs)
         if s.key == "dataset":
             p.add_argument("--image-size", default=None, metavar="HxW",

@@ -112,6 +112,9 @@ def check_config(config: FederateConfig) -> None:
     from common.federated.robust import DEFAULT_BN_AGGREGATION, check_weight_bounds
 
     check_weight_bounds(config.max_weight_vs_median, 0, DEFAULT_BN_AGGREGATION)
+    refused = settings.secure_aggregation_refusal(config.run_config(""))
+    if refused:
+        raise HyBNNError(refused)
     if config.ray_address is not None:
         from simulation.ray_cluster import parse_ray_address
 
@@ -262,7 +265,7 @@ def simulation_apps(run_config: dict, threads: int = 1):
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
 
-    from client.client_app import handle_train, preload
+    from client.client_app import handle_secagg_keys, handle_train, preload, register
     from common.data.datasets import register_all, registered_datasets
     from server.server_app import ServerSettings, run_server
 
@@ -283,11 +286,15 @@ def simulation_apps(run_config: dict, threads: int = 1):
         preload(context, run_config)
         return Message(content=RecordDict(), reply_to=msg)
 
-    @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
         register_all(datasets)
         return handle_train(msg, context, defaults=run_config, threads=threads)
 
+    def _secagg_keys(msg: Message, context: Context) -> Message:
+        register_all(datasets)
+        return handle_secagg_keys(msg, context, defaults=run_config)
+
+    register(client_app, _train, _secagg_keys)
     return server_app, client_app
 
 

@@ -238,7 +238,7 @@ def test_spec_travels_as_a_flat_config():
 
 
 def test_small_rounds_link_everyone_large_rounds_a_ring():
-    for n in (3, 5, 9):
+    for n in (3, 5, 9, 10, 21):
         spec = _spec(n)
         assert neighbourhood_degree(spec) == n - 1
         assert local_threshold(spec) == spec.threshold
@@ -246,7 +246,7 @@ def test_small_rounds_link_everyone_large_rounds_a_ring():
     spec = _spec(40)
     assert neighbourhood_degree(spec) == 12  # 2 ceil(log2 40)
     assert local_threshold(spec) == 9  # ceil(27 * 13 / 40)
-    assert _spec(10).clients and neighbourhood_degree(_spec(10)) == 8 and local_threshold(_spec(10)) == 7
+    assert neighbourhood_degree(_spec(22)) == 10  # 2 ceil(log2 22): the first ring
     table = {c: neighbours(spec, c) for c in spec.clients}
     for c, linked in table.items():
         assert len(linked) == 12 and c not in linked
@@ -284,17 +284,16 @@ def test_dropouts_up_to_the_threshold_are_tolerated_one_more_skips_the_round():
         run_round(spec, vectors, silent={"masked": gone | {spec.clients[0]}})
 
 
-def test_ten_clients_form_a_ring_that_tolerates_two_dropouts_not_three():
-    # At N = 10, k = 2 ceil(log2 10) = 8 < N - 1: each client misses one other, and its
-    # neighbourhood of 9 needs ceil(7 * 9 / 10) = 7 holders. Two dropouts leave every
-    # neighbourhood 7; three leave some 6, and the round is skipped before anyone unmasks.
+def test_ten_clients_at_threshold_seven_survive_any_three_dropouts_not_four():
+    # At N = 10 everyone is everyone's neighbour: any 7 survivors hold every secret's shares.
     spec = _spec(10, seed=6)
-    assert (spec.threshold, neighbourhood_degree(spec), local_threshold(spec)) == (7, 8, 7)
+    assert (spec.threshold, neighbourhood_degree(spec), local_threshold(spec)) == (7, 9, 7)
     vectors = _vectors(spec)
-    server, total = run_round(spec, vectors, silent={"masked": set(spec.clients[:2])})
-    _assert_sum(spec, total, vectors, spec.clients[2:])
-    with pytest.raises(RoundSkipped, match="stage masked: client .* has 6 holders left, 7 needed"):
-        run_round(spec, vectors, silent={"masked": set(spec.clients[:3])})
+    for gone in (set(spec.clients[:3]), set(spec.clients[3:6]), {spec.clients[0], spec.clients[4], spec.clients[9]}):
+        server, total = run_round(spec, vectors, silent={"masked": gone})
+        _assert_sum(spec, total, vectors, set(spec.clients) - gone)
+    with pytest.raises(RoundSkipped, match="6 clients remain, the threshold is 7"):
+        run_round(spec, vectors, silent={"masked": set(spec.clients[:4])})
 
 
 def test_dropouts_at_every_stage():

@@ -71,6 +71,8 @@ class Setting:
     """The server sends it to every client in each round's train config."""
     env: str | None = None
     """An environment variable that, when set, replaces the CLI option's default."""
+    alone: str | None = None
+    """The value the CLI option stands for when given without one (``--secure-aggregation``: on)."""
 
     @property
     def name(self) -> str:
@@ -87,6 +89,8 @@ class Setting:
         where = f"{source} {self.key}={raw!r}"
         if raw is None and self.default is None:
             return None
+        if isinstance(raw, bool) and {"on", "off"} <= set(self.choices):
+            raw = "on" if raw else "off"  # TOML's true / false for an on / off choice
         if isinstance(raw, bool) or not isinstance(raw, (str, int, float, Path)):
             raise HyBNNError(f"{where} is a {type(raw).__name__}; expected {self.describe_type()}.")
         if self.type in (str, Path):
@@ -255,7 +259,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-num-examples", int, 0, "a client's weight is at most this many examples (0: no cap)",
             minimum=0),
     Setting("bn-aggregation", str, "median", "median (coordinate-wise, over the clients) or mean (weighted) of "
-            "the batch-norm numbers", choices=("median", "mean")),
+            "the batch-norm numbers; with secure-aggregation the weighted mean of the summed statistics, whatever "
+            "this says (a median needs each client's numbers)", choices=("median", "mean")),
+    # ---------------------------------------------------------------- secure aggregation
+    Setting("secure-aggregation", str, "off", "on: the server learns only the sum of the round's updates, never "
+            "one client's (SecAgg+; docs/security.md); clear: the same summable aggregation on updates sent in the "
+            "clear, to compare; off: every update in the clear, aggregated as the settings above say",
+            choices=("off", "on", "clear"), field="secure_aggregation", alone="on"),
+    Setting("secure-threshold", int, 0, "secure aggregation: how many of a round's clients must remain to the end "
+            "for its sum to be recovered; fewer: the round is skipped. 0: two thirds of the round's clients, "
+            "rounded up (docs/security.md)", minimum=0, field="secure_threshold"),
+    Setting("sum-weight-bits", int, 4, "secure aggregation: a client's capped weight is scaled to 1 .. "
+            "2**bits - 1 against the round's largest, so that the summed votes stay small integers "
+            "(docs/security.md)", minimum=1, maximum=16),
     # ---------------------------------------------------------------- hybnn federate / deploy-local only
     Setting("clients", int, 3, "number of clients (the run config's min-available-nodes and the SuperNodes' "
             "num-partitions)", scope="command", minimum=1, field="clients"),
@@ -362,6 +378,38 @@ def parse_settings(values: Mapping[str, object], entries: Iterable[Setting], sou
             if log is not None:
                 log(message + " It is ignored.")
     return parsed
+
+
+def secure_aggregation_refusal(values: Mapping[str, Any]) -> str | None:
+    """Why the settings ``values`` (kebab-case keys; missing ones take their defaults) cannot run with
+    secure aggregation, in one paragraph, or None. Secure aggregation is never weakened to fit
+    another setting: the run is refused before it starts."""
+    get = lambda key: values.get(key, BY_KEY[key].default)  # noqa: E731
+    if get("secure-aggregation") == "off":
+        return None
+    problems = []
+    if get("uplink-codec") == "flips":
+        problems.append("uplink-codec flips sends only the signs a client changed, which the server must compare "
+                        "with the global model one client at a time; a secure sum needs every client's votes "
+                        "(use uplink-codec signs)")
+    if get("bn-encoding") != "thresholds":
+        problems.append(f"bn-encoding {get('bn-encoding')} sends float batch-norm numbers; the summed statistics "
+                        "are the hidden units' thresholds (use bn-encoding thresholds)")
+    per_round = get("clients-per-round") or get("min-available-nodes")
+    if per_round < 3:
+        problems.append(f"a round of {per_round} client(s) cannot hide one client's update from the others: with "
+                        "two, each can subtract its own from the sum (use at least 3 clients per round)")
+    threshold = get("secure-threshold")
+    if threshold and threshold > per_round:
+        problems.append(f"secure-threshold {threshold} is more than the {per_round} clients of a round, so no round "
+                        "could end (use at most the clients per round, or 0 for two thirds of them)")
+    if threshold == 1:
+        problems.append("secure-threshold 1 would let any one client's shares unmask the others (use at least 2, "
+                        "or 0 for two thirds of the round)")
+    if not problems:
+        return None
+    return (f"secure-aggregation {get('secure-aggregation')} cannot run with these settings: "
+            + "; ".join(problems) + ". docs/security.md says what secure aggregation protects and what it needs.")
 
 
 # ------------------------------------------------------------------ printed forms

@@ -69,9 +69,32 @@ class MetricKeys:
     train_seconds: str = "train-seconds"
 
 
+@dataclass(frozen=True)
+class SecAggNames:
+    """Secure aggregation's messages (docs/security.md): a round's ``train`` message is preceded by
+    two stages and followed by one, each a message type of its own, ``train.<action>``. Every
+    stage message and reply carries its protocol values in the ConfigRecord :attr:`record`."""
+
+    keys_action: str = "secagg_keys"
+    """Stage 1: the round's spec; the reply advertises the client's public keys and its num-examples."""
+    shares_action: str = "secagg_shares"
+    """Stage 2: the neighbours' public keys and the client's weight; the reply: its encrypted shares."""
+    unmask_action: str = "secagg_unmask"
+    """Stage 4: who sent a masked input and who did not; the reply: the shares that remove the masks."""
+    record: str = "secagg"
+    """The ConfigRecord of every stage message and reply, and of the ``train`` message and its
+    reply in a secure round (stage 3: the shares addressed to the client; its masked input)."""
+    state: str = "secagg-state"
+    """The client's ConfigRecord in its ``Context.state``: its secrets between the stages of a round."""
+
+    def message_type(self, action: str) -> str:
+        return f"train.{action}"
+
+
 RECORD = RecordKeys()
 TRAIN_CONFIG = TrainConfigKeys()
 METRIC = MetricKeys()
+SECAGG = SecAggNames()
 
 
 def record_nbytes(record: ArrayRecord | MetricRecord | ConfigRecord | RecordDict) -> int:

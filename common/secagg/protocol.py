@@ -16,7 +16,8 @@ Four stages, each a pure function on the client and a collect method of :class:`
    dropped clients' mask private keys (never both for one client), and the server removes the
    masks.
 
-Neighbours. In a small round everyone is everyone's neighbour (Bonawitz et al.); otherwise the
+Neighbours. In a small round (up to 21 clients, :func:`neighbourhood_degree`) everyone is
+everyone's neighbour (Bonawitz et al.); otherwise the
 clients lie on a ring in an order drawn from the round's graph seed and each is linked to the
 ``k / 2`` before and after it, ``k = 2 ceil(log2 N)``: a client's work then grows with
 ``log N`` rather than ``N``.
@@ -131,10 +132,13 @@ def new_round_spec(round_id: int, clients: Sequence[int], lengths: Sequence[int]
 
 
 def neighbourhood_degree(spec: RoundSpec) -> int:
-    """How many neighbours each client has: ``k = 2 ceil(log2 N)``, or ``N - 1`` in a small round."""
+    """How many neighbours each client has: ``k = 2 ceil(log2 N)``, or ``N - 1`` in a small round,
+    ``N <= 2 k + 1`` (up to 21 clients). There a ring would link each client to more than half of
+    the others anyway, and linking all makes any ``threshold`` survivors enough: ten clients at
+    threshold 7 survive any three dropouts, which a ring of degree 8 does not."""
     n = len(spec.clients)
     k = 2 * (n - 1).bit_length()  # (n-1).bit_length() is ceil(log2 n) for n >= 2
-    return n - 1 if n <= k + 1 else k
+    return n - 1 if n <= 2 * k + 1 else k
 
 
 @lru_cache(maxsize=16)
