@@ -647,3 +647,35 @@ def test_client_state_and_messages_fit_a_flower_config_record():
                     isinstance(v, allowed) for v in value) and len({type(v) for v in value}) <= 1)
     # Secrets leave the state once they are shared and used.
     assert not {"sk_enc", "sk_mask", "self_seed"} & set(run.states[11])
+
+
+def _corrupt_seed_shares(liars: set[int], owner_of_interest=None):
+    """An edit that makes ``liars`` send wrong self-mask-seed shares (right index, wrong value)."""
+    def edit(stage: str, replies: dict[int, dict]) -> None:
+        if stage != "unmask":
+            return
+        for c in liars:
+            reply = replies[c]
+            reply["seed_shares"] = [s[:2] + bytes(b ^ 0x5A for b in s[2:]) for s in reply["seed_shares"]]
+    return edit
+
+
+def test_a_wrong_seed_share_is_found_by_the_seed_commitment_and_the_sum_stays_exact():
+    # Nine clients, threshold 6: each seed has 9 shares, 6 rebuild it. One liar's shares are
+    # outvoted by the commitment check; its own vector is still summed, and it is named.
+    spec = _spec(9, seed=11, threshold=6)
+    vectors = _vectors(spec)
+    liar = spec.clients[4]
+    server, total = run_round(spec, vectors, edit=_corrupt_seed_shares({liar}))
+    _assert_sum(spec, total, vectors, spec.clients)
+    named = {c for c, reason in server.dropped["unmask"] if "is wrong" in reason}
+    assert named == {liar}
+
+
+def test_too_many_wrong_seed_shares_skip_the_round_instead_of_a_wrong_sum():
+    # Four liars of nine at threshold 6: only 5 right shares of each seed remain, and every
+    # 6-subset holds a wrong one; the commitment refuses each, and the round is skipped.
+    spec = _spec(9, seed=12, threshold=6)
+    vectors = _vectors(spec)
+    with pytest.raises(RoundSkipped, match="does not match what it committed to"):
+        run_round(spec, vectors, edit=_corrupt_seed_shares(set(spec.clients[:4])))

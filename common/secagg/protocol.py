@@ -366,7 +366,8 @@ def client_keys(spec: RoundSpec, me: int) -> tuple[State, Message]:
     state: State = {"round": spec.round_id, "me": me, "stage": "keys", "spec_digest": spec_digest(spec),
                     "sk_enc": sk_enc, "pk_enc": pk_enc, "sk_mask": sk_mask, "pk_mask": pk_mask,
                     "self_seed": os.urandom(SEED_BYTES)}
-    return state, {"round": spec.round_id, "stage": "keys", "pk_enc": pk_enc, "pk_mask": pk_mask}
+    return state, {"round": spec.round_id, "stage": "keys", "pk_enc": pk_enc, "pk_mask": pk_mask,
+                   "seed_commitment": seed_commitment(spec.round_id, me, state["self_seed"])}
 
 
 def keys_from_message(message: Mapping[str, object], spec: RoundSpec) -> dict[int, tuple[bytes, bytes]]:
@@ -541,6 +542,36 @@ def client_unmask(state: State, spec: RoundSpec, me: int, survivors: Sequence[in
 
 # ----------------------------------------------------------------------------- server side
 
+def seed_commitment(round_id: int, client: int, seed: bytes) -> bytes:
+    """SHA-256 of a client's self-mask seed, bound to the round and the client: sent in stage 1, so
+    that the server can tell a seed rebuilt from a wrong share from the client's own."""
+    return hashlib.sha256(b"hybnn-secagg seed" + _u64(round_id) + _u64(client) + seed).digest()
+
+
+MAX_REBUILD_TRIES = 64
+"""Subsets of the shares tried when the first ``t`` rebuild a secret that fails its check."""
+
+
+def rebuild(shares: Sequence[tuple[int, bytes]], t: int, is_right) -> tuple[bytes | None, list[int]]:
+    """A secret from ``(holder, share)`` pairs, the first ``t``-subset whose secret passes
+    ``is_right`` (at most :data:`MAX_REBUILD_TRIES` subsets): ``(secret, holders of shares that
+    contradict it)``; ``(None, [])`` when no subset tried passes."""
+    from itertools import combinations, islice
+
+    for subset in islice(combinations(range(len(shares)), t), MAX_REBUILD_TRIES):
+        secret = crypto.combine([shares[i][1] for i in subset], t)
+        if not is_right(secret):
+            continue
+        bad = []
+        for i in sorted(set(range(len(shares))) - set(subset)):
+            # a share agrees with the polynomial iff it can stand in for one of the subset's
+            swapped = [shares[i][1]] + [shares[j][1] for j in subset[1:]]
+            if crypto.combine(swapped, t) != secret:
+                bad.append(shares[i][0])
+        return secret, bad
+    return None, []
+
+
 def _is_low_order(public: bytes) -> bool:
     """A low-order point gives the all-zero shared secret with every private key (X25519 clamps
     private keys to multiples of the cofactor), so one trial agreement finds it."""
@@ -579,6 +610,7 @@ class ServerRound:
     _held: dict[int, frozenset[int]] = _internal(default_factory=dict)
     _survivors: tuple[int, ...] = _internal(default=())
     _unmask_keys_of: tuple[int, ...] = _internal(default=())
+    _commitments: dict[int, bytes] = _internal(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._neighbours = {c: frozenset(neighbours(self.spec, c)) for c in self.spec.clients}
@@ -662,6 +694,10 @@ class ServerRound:
                     raise SecAggError(f"its {name} is not {crypto.KEY_BYTES} bytes")
                 if _is_low_order(key):
                     raise SecAggError(f"its {name} is a low-order point")
+            commitment = _field(reply, "seed_commitment")
+            if not isinstance(commitment, bytes) or len(commitment) != 32:
+                raise SecAggError("its seed_commitment is not 32 bytes")
+            self._commitments[client] = commitment
             return keys
 
         keys = self._take("keys", replies, self.spec.clients, parse)
@@ -777,24 +813,33 @@ class ServerRound:
                 if reason:
                     self._drop("unmask", client, reason)
                 else:
-                    bucket[owner].append(share_bytes)
+                    bucket[owner].append((client, share_bytes))
         total = sum(self._masked.values()).astype(np.uint64)  # uint64 wraps: arithmetic modulo 2**64
         self._masked = {}  # the masked inputs are not needed once summed
+
+        def secret_of(owner: int, kind: str, shares: list[tuple[int, bytes]], is_right) -> bytes:
+            """The owner's secret, checked; a holder whose share contradicts it is named."""
+            if len(shares) < t:
+                raise self._skip("unmask", f"{len(shares)} shares of client {owner}'s {kind} came back, {t} needed")
+            secret, bad = rebuild(shares, t, is_right)
+            if secret is None:
+                raise self._skip("unmask", f"client {owner}'s {kind}, rebuilt from its shares, does not match "
+                                           f"what it committed to in stage 1 (holders sent wrong shares)")
+            for holder in bad:
+                self._drop("unmask", holder, f"its share of client {owner}'s {kind} is wrong (it contradicts the "
+                                             f"{kind} the other shares rebuild, which the client committed to); "
+                                             "its vector is still summed")
+            return secret
+
         try:
             for owner in self._survivors:
-                seed = crypto.combine(seed_shares[owner], t) if len(seed_shares[owner]) >= t else None
-                if seed is None:
-                    raise self._skip("unmask", f"{len(seed_shares[owner])} shares of client {owner}'s self-mask "
-                                               f"seed came back, {t} needed")
+                seed = secret_of(owner, "self-mask seed", seed_shares[owner],
+                                 lambda secret, owner=owner: seed_commitment(spec.round_id, owner, secret)
+                                 == self._commitments[owner])
                 total -= crypto.key_stream_words(seed, spec.total_length, _self_domain(spec.round_id, owner))
             for owner in self._unmask_keys_of:
-                if len(key_shares[owner]) < t:
-                    raise self._skip("unmask", f"{len(key_shares[owner])} shares of dropped client {owner}'s mask "
-                                               f"key came back, {t} needed")
-                private = crypto.combine(key_shares[owner], t)
-                if crypto.public_of(private) != self._keys[owner][1]:
-                    raise self._skip("unmask", f"dropped client {owner}'s mask key, rebuilt from its shares, does "
-                                               "not match its public key (a holder sent a wrong share)")
+                private = secret_of(owner, "mask key", key_shares[owner],
+                                    lambda secret, owner=owner: crypto.public_of(secret) == self._keys[owner][1])
                 for s in self._survivors:
                     if owner in self._held[s]:
                         seed = crypto.agree(private, self._keys[s][1], _pair_seed_context(spec.round_id, s, owner))
