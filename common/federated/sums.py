@@ -1,9 +1,9 @@
 """The summable aggregation: a round's global model from integer sums over its clients alone.
 
-Secure aggregation (``secure-aggregation = true``) lets the server learn only the sum of the
-clients' vectors, so the global model must follow from sums. ``secure-aggregation = "clear"`` is the
-same aggregation in the clear; for the same clients and seeds both give the same global model,
-bit for bit, because both go through :func:`client_vector` and :func:`global_model`.
+Secure aggregation (``secure-aggregation = "on"``) lets the server learn only the sum of the
+clients' vectors, so the global model must follow from sums. ``secure-aggregation = "clear"``
+is the same aggregation in the clear; for the same clients and seeds both give the same global
+model, bit for bit, because both go through :func:`client_vector` and :func:`global_model`.
 
 Each client's weight
     its capped ``num-examples`` (:func:`common.federated.robust.capped_weights`), scaled to
