@@ -123,11 +123,13 @@ def read_reply(msg: Message, with_metrics: bool = False) -> tuple[dict, dict]:
 
 
 class SecureRounds:
-    """The protocol's messages for :class:`server.strategy.PackedFedAvg`, one round at a time."""
+    """The protocol's messages for :class:`server.strategy.PackedFedAvg`, one round at a time; with
+    secure groups (``secure-group-size``) one protocol instance per group, their stages sent together."""
 
     def __init__(self, layout: sums.SumLayout, weight_bits: int, threshold: int,
                  weigh: Callable[[list[int]], list[int]],
-                 refuse_voter: Callable[[int, int | None], str | None]) -> None:
+                 refuse_voter: Callable[[int, int | None], str | None], group_size: int = 0,
+                 seed: int = 0) -> None:
         self.layout = layout
         self.weight_bits = weight_bits
         self.threshold = threshold
@@ -135,71 +137,140 @@ class SecureRounds:
         """Reported num-examples -> capped weights (the strategy's caps)."""
         self.refuse_voter = refuse_voter
         """(node id, reported partition) -> why it may not vote, or None."""
-        self.rounds: dict[int, SecureRoundState] = {}
+        self.group_size = group_size
+        self.seed = seed
+        self.rounds: dict[int, list[SecureRoundState]] = {}
+
+    def record(self, server_round: int, skipped: str | None = None) -> dict:
+        """The round's entry for results.json: its groups' records, and their counts together."""
+        states = self.rounds.get(server_round, [])
+        if not states:
+            return {"skipped": skipped, "groups": []}
+        first = states[0]
+        groups = [s.record() for s in states]
+        return {**{k: first.record()[k] for k in ("threshold", "neighbours", "local_threshold", "bits")},
+                "clients": sum(g["clients"] for g in groups), "summed": sum(g["summed"] for g in groups),
+                "uplink_bytes": max(g["uplink_bytes"] for g in groups),
+                "dropped": {stage: [d for s in states for d in s.dropped[stage]] for stage in STAGES},
+                "skipped": skipped, "groups": groups}
 
     # ---------------------------------------------------------------- stages 1 and 2
     def open(self, grid: Grid, server_round: int, node_ids: list[int], config: ConfigRecord,
-             timeout: float) -> SecureRoundState:
-        """Stages 1 and 2 for the sampled ``node_ids``; :class:`RoundSkipped` when too few remain."""
+             timeout: float) -> list[SecureRoundState]:
+        """Stages 1 and 2 for the sampled ``node_ids``; the groups still in the round.
+        :class:`RoundSkipped` when no group has enough clients left."""
         self.rounds = {r: s for r, s in self.rounds.items() if r >= server_round - 1}
-        try:
-            spec = round_spec(server_round, len(node_ids), self.layout, self.weight_bits, self.threshold)
-        except protocol.SecAggError as exc:
-            raise RoundSkipped(f"{len(node_ids)} clients sampled: {exc}") from exc
-        state = SecureRoundState(spec, protocol.ServerRound(spec), dict(enumerate(node_ids, start=1)))
-        self.rounds[server_round] = state
-        request = state.server.request_keys()
-        replies = self._send(grid, state, SECAGG.keys_action, timeout,
-                             {i: stage_message({**request, "index": i}, config) for i in state.nodes},
-                             with_metrics=True)
-        keys, reported = {}, {}
-        for i, (values, metrics) in replies.items():
-            refused = self.refuse_voter(state.nodes[i], metrics.get(METRIC.partition_id))
-            if refused:
-                state.reasons[i] = f"not a voter: it {refused}"
-                continue
-            keys[i], reported[i] = values, int(metrics[METRIC.num_examples])
-            state.reported[i] = {"num_examples": reported[i], "partition_id": metrics.get(METRIC.partition_id)}
-        stage2 = self._collect(state, "keys", lambda: state.server.collect_keys(keys))
-        order = sorted(stage2)
-        weights = sums.quantized_weights(self.weigh([reported[i] for i in order]), self.weight_bits)
-        state.weights = dict(zip(order, weights))
-        replies = self._send(grid, state, SECAGG.shares_action, timeout,
-                             {i: stage_message({**stage2[i], "weight": state.weights[i]}) for i in order})
-        shares = {i: values for i, (values, _) in replies.items()}
-        state.stage3 = self._collect(state, "shares", lambda: state.server.collect_shares(shares))
-        return state
+        states = []
+        for members in sums.groups(len(node_ids), self.group_size, self.seed, server_round):
+            nodes = [node_ids[i] for i in members]
+            try:
+                spec = round_spec(server_round, len(nodes), self.layout, self.weight_bits, self.threshold)
+            except protocol.SecAggError as exc:
+                raise RoundSkipped(f"{len(nodes)} clients sampled: {exc}") from exc
+            states.append(SecureRoundState(spec, protocol.ServerRound(spec), dict(enumerate(nodes, start=1))))
+        self.rounds[server_round] = states
+        replies = self._send(grid, SECAGG.keys_action, timeout, [
+            (st, {i: stage_message({**st.server.request_keys(), "index": i}, config) for i in st.nodes})
+            for st in states], with_metrics=True)
+        keys: dict[int, dict] = {}
+        reported: dict[tuple[int, int], int] = {}
+        for g, state in enumerate(states):
+            keys[g] = {}
+            for i, (values, metrics) in replies[g].items():
+                refused = self.refuse_voter(state.nodes[i], metrics.get(METRIC.partition_id))
+                if refused:
+                    state.reasons[i] = f"not a voter: it {refused}"
+                    continue
+                keys[g][i], reported[g, i] = values, int(metrics[METRIC.num_examples])
+                state.reported[i] = {"num_examples": reported[g, i], "partition_id": metrics.get(METRIC.partition_id)}
+        stage2 = {g: self._collect(st, "keys", lambda st=st, g=g: st.server.collect_keys(keys[g]))
+                  for g, st in enumerate(states)}
+        # the weights: capped and scaled over the whole round, as in a plaintext round
+        order = [(g, i) for g in sorted(stage2) if stage2[g] is not None for i in sorted(stage2[g])]
+        weights = sums.quantized_weights(self.weigh([reported[gi] for gi in order]), self.weight_bits)
+        for (g, i), w in zip(order, weights):
+            states[g].weights[i] = w
+        live = [g for g in stage2 if stage2[g] is not None]
+        replies = self._send(grid, SECAGG.shares_action, timeout, [
+            (states[g], {i: stage_message({**values, "weight": states[g].weights[i]}) for i, values in stage2[g].items()})
+            for g in live])
+        for g, st in zip(live, [states[g] for g in live]):
+            shares = {i: values for i, (values, _) in replies[live.index(g)].items()}
+            st.stage3 = self._collect(st, "shares", lambda st=st, shares=shares: st.server.collect_shares(shares)) or {}
+        self._require_a_group(server_round)
+        return states
 
-    def train_messages(self, state: SecureRoundState, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+    def train_messages(self, states: list[SecureRoundState], arrays: ArrayRecord, config: ConfigRecord
+                       ) -> list[Message]:
         """Stage 3: the round's ``train`` messages, with each client's shares."""
         return [Message(content=stage_message(values, config, arrays), dst_node_id=state.nodes[i],
-                        message_type="train") for i, values in sorted(state.stage3.items())]
+                        message_type="train") for state in states for i, values in sorted(state.stage3.items())]
 
     # ---------------------------------------------------------------- stages 3 and 4
     def close(self, grid: Grid, server_round: int, replies: Iterable[Message], timeout: float
-              ) -> tuple[list[np.ndarray], int]:
-        """The round's sums and its total weight from the masked vectors (stage 3's replies) and
-        stage 4; :class:`RoundSkipped` when they cannot be recovered."""
-        state = self.rounds.get(server_round)
-        if state is None or not state.stage3:
+              ) -> list[tuple[list[np.ndarray], int]]:
+        """Each group's sums and total weight from the masked vectors (stage 3's replies) and
+        stage 4, for the groups that recover them; :class:`RoundSkipped` when none does."""
+        states = [s for s in self.rounds.get(server_round, []) if s.stage3 and s.skipped is None]
+        if not states:
             raise RoundSkipped("its key exchange did not complete")
-        masked = {i: values for i, (values, _) in self._read(state, replies, set(state.stage3)).items()}
-        stage4 = self._collect(state, "masked", lambda: state.server.collect_masked(masked))
-        unmask = self._send(grid, state, SECAGG.unmask_action, timeout,
-                            {i: stage_message(values) for i, values in stage4.items()})
-        shares = {i: values for i, (values, _) in unmask.items()}
-        total = self._collect(state, "unmask", lambda: state.server.aggregate(shares))
-        weight = sum(state.weights[i] for i in state.server.summed_clients)
-        log(INFO, "Round %d, secure aggregation: the sum of %d clients (total weight %d) recovered.",
-            server_round, len(state.server.summed_clients), weight)
-        return total, weight
+        by_group = self._route(states, replies)
+        stage4 = []
+        for state, got in zip(states, by_group):
+            masked = {i: values for i, (values, _) in self._read(state, got, set(state.stage3)).items()}
+            stage4.append(self._collect(state, "masked", lambda state=state, masked=masked:
+                                        state.server.collect_masked(masked)))
+        live = [(st, msgs) for st, msgs in zip(states, stage4) if msgs is not None]
+        unmask = self._send(grid, SECAGG.unmask_action, timeout,
+                            [(st, {i: stage_message(v) for i, v in msgs.items()}) for st, msgs in live])
+        results = []
+        for (state, _), got in zip(live, unmask):
+            shares = {i: values for i, (values, _) in got.items()}
+            total = self._collect(state, "unmask", lambda state=state, shares=shares: state.server.aggregate(shares))
+            if total is None:
+                continue
+            weight = sum(state.weights[i] for i in state.server.summed_clients)
+            results.append((total, weight))
+            log(INFO, "Round %d, secure aggregation: the sum of %d clients (total weight %d) recovered.",
+                server_round, len(state.server.summed_clients), weight)
+        if not results:
+            self._require_a_group(server_round)
+        return results
+
+    def _require_a_group(self, server_round: int) -> None:
+        states = self.rounds.get(server_round, [])
+        if all(s.skipped is not None for s in states):
+            reasons = "; ".join(dict.fromkeys(s.skipped for s in states))
+            raise RoundSkipped(reasons if len(states) == 1 else f"every secure group was skipped: {reasons}")
 
     # ---------------------------------------------------------------- messages
-    def _send(self, grid: Grid, state: SecureRoundState, action: str, timeout: float,
-              contents: Mapping[int, RecordDict], with_metrics: bool = False) -> dict[int, tuple[dict, dict]]:
+    def _send(self, grid: Grid, action: str, timeout: float,
+              contents: list[tuple[SecureRoundState, Mapping[int, RecordDict]]], with_metrics: bool = False
+              ) -> list[dict[int, tuple[dict, dict]]]:
+        """One stage's messages to every group at once (``(group, index -> content)`` pairs); per
+        group, its good replies."""
+        states = [state for state, _ in contents]
+        asked = [per_client for _, per_client in contents]
         messages = [Message(content=content, dst_node_id=state.nodes[i], message_type=SECAGG.message_type(action))
-                    for i, content in contents.items()]
-        return self._read(state, grid.send_and_receive(messages, timeout=timeout), set(contents), with_metrics)
+                    for state, per_client in zip(states, asked) for i, content in per_client.items()]
+        replies = self._route(states, grid.send_and_receive(messages, timeout=timeout)) if messages else [
+            [] for _ in states]
+        return [self._read(state, got, set(per_client), with_metrics)
+                for state, got, per_client in zip(states, replies, asked)]
+
+    @staticmethod
+    def _route(states: list[SecureRoundState], replies: Iterable[Message]) -> list[list[Message]]:
+        """The replies of each group, by the node that sent them; a node of no group is logged."""
+        group_of = {node: g for g, state in enumerate(states) for node in state.nodes.values()}
+        routed: list[list[Message]] = [[] for _ in states]
+        for msg in replies:
+            g = group_of.get(msg.metadata.src_node_id)
+            if g is None:
+                log(WARNING, "Secure aggregation: a reply from node %d, which was not asked, is ignored.",
+                    msg.metadata.src_node_id)
+                continue
+            routed[g].append(msg)
+        return routed
 
     def _read(self, state: SecureRoundState, replies: Iterable[Message], asked: set[int],
               with_metrics: bool = False) -> dict[int, tuple[dict, dict]]:
@@ -209,10 +280,10 @@ class SecureRounds:
         state.reasons = {}
         good: dict[int, tuple[dict, dict]] = {}
         for msg in replies:
-            i = index_of.get(msg.metadata.src_node_id)
-            if i is None or i not in asked:
-                log(WARNING, "Round %d, secure aggregation: a reply from node %d, which was not asked, is ignored.",
-                    state.spec.round_id, msg.metadata.src_node_id)
+            i = index_of[msg.metadata.src_node_id]
+            if i not in asked:
+                log(WARNING, "Round %d, secure aggregation: a reply from node %d, which was not asked this stage, "
+                    "is ignored.", state.spec.round_id, msg.metadata.src_node_id)
                 continue
             if i in state.reasons:
                 continue
@@ -230,13 +301,17 @@ class SecureRounds:
         return good
 
     def _collect(self, state: SecureRoundState, stage: str, collect: Callable[[], object]):
-        """The server's step of the protocol at ``stage``; each client it drops is logged (with the
-        reason found before it, where there was one), a skip raised as :class:`RoundSkipped`."""
+        """The server's step of the protocol at ``stage`` for one group; each client it drops is
+        logged (with the reason found before it, where there was one). A group that cannot go on
+        is marked skipped, logged, and gives None: the other groups go on."""
         seen = len(state.server.dropped[stage])
         try:
             return collect()
         except protocol.RoundSkipped as exc:
-            raise RoundSkipped(str(exc)) from exc
+            state.skipped = robust.printable(exc)
+            log(WARNING, "Round %d, secure aggregation: a group of %d clients leaves the round: %s",
+                state.spec.round_id, len(state.nodes), state.skipped)
+            return None
         finally:
             for i, reason in state.server.dropped[stage][seen:]:
                 if i in state.reasons:

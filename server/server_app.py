@@ -262,6 +262,7 @@ def run_server(grid: Grid, settings: ServerSettings, node_partitions=None) -> di
         secure_aggregation=settings.secure_aggregation,
         secure_threshold=settings.secure_threshold,
         sum_weight_bits=settings.sum_weight_bits,
+        secure_group_size=settings.secure_group_size,
     )
     if checkpoint is None:
         initial_arrays = strategy.encode_global(codec.binary_latents(initial), codec.bn_vector(initial, layout))

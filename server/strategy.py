@@ -218,6 +218,7 @@ class PackedFedAvg(FedAvg):
         secure_aggregation: str = default("secure-aggregation"),
         secure_threshold: int = default("secure-threshold"),
         sum_weight_bits: int = default("sum-weight-bits"),
+        secure_group_size: int = default("secure-group-size"),
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -267,8 +268,10 @@ class PackedFedAvg(FedAvg):
         self.secure_aggregation = secure_aggregation
         self.sum_layout = sums.SumLayout(layout.n_binary, layout.shape, bn_dtype)
         self.sum_weight_bits = sum_weight_bits
+        self.secure_group_size = secure_group_size
         self.secure = (SecureRounds(self.sum_layout, sum_weight_bits, secure_threshold, self._capped,
-                                    self._voter_refusal) if secure_aggregation == "on" else None)
+                                    self._voter_refusal, secure_group_size, seed)
+                       if secure_aggregation == "on" else None)
         """The protocol's messages of a secure round (server/secure.py), with secure-aggregation on."""
         self.timeout = 3600.0
         self._grid: Grid | None = None
@@ -367,22 +370,19 @@ class PackedFedAvg(FedAvg):
         if self.secure is not None:
             self._grid = grid
             try:
-                state = self.secure.open(grid, server_round, node_ids, config, self.timeout)
+                states = self.secure.open(grid, server_round, node_ids, config, self.timeout)
             except RoundSkipped as exc:
                 self._skip(round_log, exc)
                 return []
-            round_log.secure = state.record()
-            return self.secure.train_messages(state, arrays, config)
+            round_log.secure = self.secure.record(server_round)
+            return self.secure.train_messages(states, arrays, config)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
     def _skip(self, round_log: RoundLog, exc: Exception) -> None:
         """A secure round that ends without a sum: logged, recorded; the run goes on."""
         reason = robust.printable(exc)
-        state = self.secure.rounds.get(round_log.round)
-        if state is not None:
-            state.skipped = reason
-        round_log.secure = state.record() if state is not None else {"skipped": reason}
+        round_log.secure = self.secure.record(round_log.round, skipped=reason)
         log(WARNING, "Round %d is skipped: %s. The global model stays as it was; the run goes on.",
             round_log.round, reason)
 
@@ -464,7 +464,7 @@ class PackedFedAvg(FedAvg):
         order = sorted(range(len(good)), key=lambda i: node_order(good[i].node_id))
         good, weights = [good[i] for i in order], [weights[i] for i in order]
         try:
-            arrays, metrics = self._aggregate(good, weights)
+            arrays, metrics = self._aggregate(good, weights, server_round)
         except Exception as exc:  # noqa: BLE001 - checked replies should not fail; if they do, keep the model
             log(ERROR, "Round %d: aggregating %d checked replies failed (%s: %s); the global model stays as "
                 "it was.", server_round, len(good), type(exc).__name__, robust.printable(exc))
@@ -478,25 +478,30 @@ class PackedFedAvg(FedAvg):
 
     def _aggregate_secure(self, server_round: int, replies: Iterable[Message], round_log: RoundLog
                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """A secure round's end: the masked vectors (stage 3), stage 4, the global model from the sums."""
+        """A secure round's end: the masked vectors (stage 3), stage 4, the global model from the
+        sums (of each secure group, then across them: :func:`common.federated.sums.group_model`)."""
         replies = list(replies)
         round_log.replied = [m.metadata.src_node_id for m in replies]
-        state = self.secure.rounds.get(server_round)
+        states = self.secure.rounds.get(server_round, [])
         arrays = metrics = None
-        if state is not None and state.skipped is None:
+        skipped = (round_log.secure or {}).get("skipped")
+        if states and skipped is None:
             try:
-                total, weight = self.secure.close(self._grid, server_round, replies, self.timeout)
-                mean, bn = sums.global_model(total, weight, self.sum_layout)
+                results = self.secure.close(self._grid, server_round, replies, self.timeout)
+                mean, bn = sums.group_model([t for t, _ in results], [w for _, w in results], self.sum_layout)
                 arrays = self.encode_global(mean, bn)
                 metrics = MetricRecord({"agreement": float(np.mean(np.abs(mean)))})
             except (RoundSkipped, sums.SumError) as exc:
-                self._skip(round_log, exc)
-        if state is not None:
-            round_log.secure = state.record()
-            round_log.dropped = [{**d, "stage": stage} for stage, ds in state.dropped.items() for d in ds]
+                skipped = robust.printable(exc)
+                log(WARNING, "Round %d is skipped: %s. The global model stays as it was; the run goes on.",
+                    server_round, skipped)
+        if states:
+            round_log.secure = self.secure.record(server_round, skipped)
+            round_log.dropped = [{**d, "stage": stage} for state in states
+                                 for stage, ds in state.dropped.items() for d in ds]
             if arrays is not None:
-                round_log.clients = [self._secure_entry(state, i, round_log.downlink_bytes)
-                                     for i in sorted(state.server.summed_clients)]
+                round_log.clients = [self._secure_entry(state, i, round_log.downlink_bytes) for state in states
+                                     if state.skipped is None for i in sorted(state.server.summed_clients)]
         if self.on_round:
             self.on_round(round_log)
         return arrays, metrics
@@ -527,7 +532,8 @@ class PackedFedAvg(FedAvg):
             "reported": {k.replace("-", "_"): v for k, v in reply.metrics.items() if k != METRIC.codec_version},
         }
 
-    def _aggregate(self, good: list[CheckedReply], weights: list[int]) -> tuple[ArrayRecord, MetricRecord]:
+    def _aggregate(self, good: list[CheckedReply], weights: list[int], server_round: int = 0
+                   ) -> tuple[ArrayRecord, MetricRecord]:
         """The global record and the round's metrics from checked replies and their capped weights."""
         # Flower's FedAvg arithmetic on the unpacked +-1 weights.
         contents = [
@@ -537,11 +543,7 @@ class PackedFedAvg(FedAvg):
         ]
         mean = np.clip(aggregate_arrayrecords(contents, METRIC.num_examples)["w"].numpy(), -1.0, 1.0)
         if self.secure_aggregation == "clear":  # what a secure round computes, on the plaintext updates
-            scaled = sums.quantized_weights(weights, self.sum_weight_bits)
-            widths = sums.widths(self.sum_layout, sum(scaled))
-            total = sums.plain_sum([sums.client_vector(r.weights, r.bn, w, self.sum_layout)
-                                    for r, w in zip(good, scaled)], widths)
-            mean, bn = sums.global_model(total, sum(scaled), self.sum_layout)
+            mean, bn = self._clear_sums(good, weights, server_round)
         elif self.bn_encoding == "thresholds":
             bn = thresholds.aggregate([r.bn for r in good], weights, self.layout.shape, self.bn_aggregation)
         else:
@@ -549,6 +551,26 @@ class PackedFedAvg(FedAvg):
         metrics = MetricRecord(robust.averaged_metrics([r.metrics for r in good], weights))
         metrics["agreement"] = float(np.mean(np.abs(mean)))
         return self.encode_global(mean, bn), metrics
+
+
+    def _clear_sums(self, good: list[CheckedReply], weights: list[int], server_round: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Secure aggregation's model from plaintext replies: the same weights, secure groups and sums
+        (the groups drawn over the round's sampled nodes, as a secure round draws them)."""
+        scaled = dict(zip((r.node_id for r in good), sums.quantized_weights(weights, self.sum_weight_bits)))
+        by_node = {r.node_id: r for r in good}
+        round_log = self.rounds.get(server_round)
+        sampled = round_log.sampled_nodes if round_log and round_log.sampled_nodes else sorted(by_node)
+        group_sums, group_weights = [], []
+        for members in sums.groups(len(sampled), self.secure_group_size, self.seed, server_round):
+            nodes = [sampled[i] for i in members if sampled[i] in by_node]
+            if not nodes:
+                continue
+            total_weight = sum(scaled[n] for n in nodes)
+            vectors = [sums.client_vector(by_node[n].weights, by_node[n].bn, scaled[n], self.sum_layout) for n in nodes]
+            group_sums.append(sums.plain_sum(vectors, sums.widths(self.sum_layout, total_weight)))
+            group_weights.append(total_weight)
+        return sums.group_model(group_sums, group_weights, self.sum_layout)
 
 
 def _error_hint(code: int) -> str:

@@ -217,7 +217,9 @@ def test_settings_that_cannot_work_with_secure_aggregation_are_refused_before_th
     for extra, words in [({"uplink-codec": "flips"}, "uplink-codec flips"),
                          ({"bn-encoding": "floats"}, "bn-encoding floats"),
                          ({"secure-threshold": 4}, "more than the 3 clients"),
-                         ({"min-available-nodes": 2}, "cannot hide one client")]:
+                         ({"min-available-nodes": 2}, "cannot hide one client"),
+                         ({"secure-group-size": 2}, "secure-group-size 2 cannot hide"),
+                         ({"secure-threshold": 1}, "secure-threshold 1 would let")]:
         with pytest.raises(HyBNNError, match=words):
             run(tmp_path, encoder, mnist_root, "on", rounds=1, **extra)
 
@@ -242,3 +244,31 @@ def test_a_clients_masked_votes_are_uniform_modulo_their_width(tmp_path, encoder
         expected = votes.size / bins
         chi2 = float(((counts - expected) ** 2 / expected).sum())
         assert chi2 < quantile, (chi2, quantile)
+
+
+def test_secure_groups_end_bit_for_bit_where_their_clear_twin_does(tmp_path, encoder, mnist_root):
+    secure, grid = run(tmp_path, encoder, mnist_root, "on", n=7, rounds=2, **{"secure-group-size": 3})
+    clear, _ = run(tmp_path, encoder, mnist_root, "clear", n=7, rounds=2, **{"secure-group-size": 3})
+    assert global_bytes(tmp_path, "on") == global_bytes(tmp_path, "clear")
+    assert [r["test_acc"] for r in secure["rounds"]] == [r["test_acc"] for r in clear["rounds"]]
+    for r in secure["rounds"]:
+        sizes = sorted(g["clients"] for g in r["secure"]["groups"])
+        assert sizes == [3, 4] and r["secure"]["summed"] == 7  # 7 // 3 groups, of 3 and 4
+    # each group is a protocol of its own: a client's stage-1 message names its group's 3 or 4 clients
+    keys = [m for m in grid.sent if m.metadata.message_type == SECAGG.message_type(SECAGG.keys_action)]
+    assert sorted({len(m.content.config_records[SECAGG.record]["spec.clients"]) for m in keys}) == [3, 4]
+
+
+def test_a_secure_group_that_loses_too_many_clients_is_left_out_and_the_others_make_the_round(
+        tmp_path, encoder, mnist_root):
+    from common.federated import sums
+
+    groups = sums.groups(6, 3, 3, 1)  # the groups of round 1 for seed 3, as the server draws them
+    doomed = set(groups[0][:2])  # two of one group's three: below its threshold of 2 + 1
+    results, _ = run(tmp_path, encoder, mnist_root, "on", n=6, rounds=1, tamper=drop_at("masked", doomed),
+                     **{"secure-group-size": 3})
+    r = results["rounds"][0]
+    assert r["secure"]["skipped"] is None and r["secure"]["summed"] == 3
+    skipped = [g for g in r["secure"]["groups"] if g["skipped"]]
+    assert len(skipped) == 1 and "threshold" in skipped[0]["skipped"]
+    assert {c["reported"]["partition_id"] for c in r["clients"]} == set(groups[1])

@@ -66,3 +66,32 @@ def test_bad_vectors_and_sums_are_refused() -> None:
         sums.global_model(vector, 3, SUM_LAYOUT)
     with pytest.raises(sums.SumError, match="1..16"):
         sums.quantized_weights([3], 0)
+
+
+def test_groups_cover_the_round_once_in_groups_of_at_least_the_size():
+    for n, size in [(7, 3), (9, 3), (10, 3), (100, 3), (5, 3), (6, 3)]:
+        found = sums.groups(n, size, seed=1, server_round=4)
+        assert sorted(i for g in found for i in g) == list(range(n))
+        assert all(len(g) >= size for g in found) and len(found) == max(1, n // size)
+        assert found == sums.groups(n, size, seed=1, server_round=4)  # drawn from (seed, round)
+    assert sums.groups(9, 3, seed=1, server_round=4) != sums.groups(9, 3, seed=1, server_round=5)
+    assert sums.groups(4, 0, 0, 1) == [[0, 1, 2, 3]]
+
+
+def test_a_hostile_group_moves_neither_the_vote_nor_the_thresholds_of_the_majority_of_groups():
+    rng = np.random.default_rng(0)
+    signs, bn = _client(rng)
+    _, other_bn = _client(rng)
+    widths = sums.widths(SUM_LAYOUT, 3 * 15)
+    honest = sums.plain_sum([sums.client_vector(signs, bn, 15, SUM_LAYOUT)] * 3, widths)
+    hostile = sums.plain_sum([sums.client_vector(-signs, other_bn, 15, SUM_LAYOUT)] * 3, widths)
+    mean, got_bn = sums.group_model([honest, hostile, honest], [45, 45, 45], SUM_LAYOUT)
+    np.testing.assert_array_equal(np.where(mean >= 0, 1.0, -1.0), signs)
+    want = thresholds.fold(sums.global_model(honest, 45, SUM_LAYOUT)[1], LAYOUT.shape)
+    got = thresholds.fold(got_bn, LAYOUT.shape)
+    assert np.array_equal(got.u, want.u) and np.array_equal(got.flip, want.flip)
+    # the mean of the hostile group's model alone follows the hostile signs
+    assert np.all(np.sign(sums.global_model(hostile, 45, SUM_LAYOUT)[0]) == -signs)
+    # one group alone: its own model
+    np.testing.assert_array_equal(sums.group_model([honest], [45], SUM_LAYOUT)[0],
+                                  sums.global_model(honest, 45, SUM_LAYOUT)[0])

@@ -269,6 +269,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("secure-threshold", int, 0, "secure aggregation: how many of a round's clients must remain to the end "
             "for its sum to be recovered; fewer: the round is skipped. 0: two thirds of the round's clients, "
             "rounded up (docs/security.md)", minimum=0, field="secure_threshold"),
+    Setting("secure-group-size", int, 0, "secure aggregation: the round's clients in groups of this many (at "
+            "least 3), a secure sum per group, and the model from the groups' sums by majority vote and median "
+            "batch norm, so that a minority of clients moves no more than its groups; 0: one group, the whole "
+            "round (docs/security.md)", minimum=0, field="secure_group_size"),
     Setting("sum-weight-bits", int, 4, "secure aggregation: a client's capped weight is scaled to 1 .. "
             "2**bits - 1 against the round's largest, so that the summed votes stay small integers "
             "(docs/security.md)", minimum=1, maximum=16),
@@ -403,6 +407,13 @@ def secure_aggregation_refusal(values: Mapping[str, Any]) -> str | None:
     if threshold and threshold > per_round:
         problems.append(f"secure-threshold {threshold} is more than the {per_round} clients of a round, so no round "
                         "could end (use at most the clients per round, or 0 for two thirds of them)")
+    group = get("secure-group-size")
+    if 0 < group < 3:
+        problems.append(f"secure-group-size {group} cannot hide one client of a group from the other (use at least "
+                        "3, or 0 for one group)")
+    if group and threshold and threshold > group:
+        problems.append(f"secure-threshold {threshold} is more than a secure group's {group} clients (with groups "
+                        "it counts per group; use at most secure-group-size)")
     if threshold == 1:
         problems.append("secure-threshold 1 would let any one client's shares unmask the others (use at least 2, "
                         "or 0 for two thirds of the round)")

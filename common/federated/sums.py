@@ -171,3 +171,35 @@ def plain_sum(vectors: Sequence[Sequence[np.ndarray]], widths_: Sequence[int]) -
     if total is None:
         raise SumError("no vector to sum")
     return total
+
+
+def groups(n: int, size: int, seed: int, server_round: int) -> list[list[int]]:
+    """Secure groups: the round's clients ``0 .. n - 1`` in ``n // size`` groups of ``size`` or
+    ``size + 1`` (one group when ``size`` is 0 or more than half of ``n``), drawn from
+    ``(seed, round)`` so that the secure run and its clear twin form the same groups."""
+    import random
+
+    if size <= 0 or n < 2 * size:
+        return [list(range(n))] if n else []
+    order = list(range(n))
+    random.Random(f"hybnn-groups:{seed}:{server_round}").shuffle(order)
+    count = n // size
+    return [sorted(order[i::count]) for i in range(count)]
+
+
+def group_model(group_sums: Sequence[Sequence[np.ndarray]], group_weights: Sequence[int],
+                layout: SumLayout) -> tuple[np.ndarray, np.ndarray]:
+    """The global model from several groups' sums: each group's model (:func:`global_model`),
+    then, across the groups, each weight's majority of the groups' votes (the mean of their +-1
+    votes, in [-1, 1]; the project's tie rule, sign(0) = +1, in each group's vote) and each batch-norm
+    unit's majority flip and lower median threshold, the output batch norm's coordinate-wise
+    median (:func:`common.federated.thresholds.aggregate`, ``"median"``): a group that a
+    minority of clients controls moves neither. One group: its model."""
+    models = [global_model(s, w, layout) for s, w in zip(group_sums, group_weights)]
+    if not models:
+        raise SumError("no group to aggregate")
+    if len(models) == 1:
+        return models[0]
+    votes = np.stack([np.where(mean >= 0, 1.0, -1.0) for mean, _ in models])
+    bn = thresholds.aggregate([bn for _, bn in models], [1.0] * len(models), layout.shape, "median")
+    return votes.mean(axis=0), bn
