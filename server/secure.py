@@ -230,6 +230,15 @@ class SecureRounds:
             if total is None:
                 continue
             weight = sum(state.weights[i] for i in state.server.summed_clients)
+            try:
+                sums.check_sums(total, weight, self.layout)
+            except sums.SumError as exc:
+                # A vector out of range (one client can send any bytes as its masked input) spoils
+                # its group's sum, and only that: the group is left out.
+                state.skipped = robust.printable(f"its sum is not one that honest clients give: {exc}")
+                log(WARNING, "Round %d, secure aggregation: a group of %d clients leaves the round: %s",
+                    server_round, len(state.nodes), state.skipped)
+                continue
             results.append((total, weight))
             log(INFO, "Round %d, secure aggregation: the sum of %d clients (total weight %d) recovered.",
                 server_round, len(state.server.summed_clients), weight)

@@ -272,3 +272,37 @@ def test_a_secure_group_that_loses_too_many_clients_is_left_out_and_the_others_m
     skipped = [g for g in r["secure"]["groups"] if g["skipped"]]
     assert len(skipped) == 1 and "threshold" in skipped[0]["skipped"]
     assert {c["reported"]["partition_id"] for c in r["clients"]} == set(groups[1])
+
+
+def garbage_masked_input(index: int) -> Tamper:
+    """A client that sends random bytes of the right length as its masked vector: nothing in a
+    masked vector can be checked, but the sum it spoils can."""
+    rng = np.random.default_rng(5)
+    return replace_values("train", index, lambda v: {
+        **v, "masked": [rng.integers(0, 256, len(b), dtype=np.uint8).tobytes() for b in v["masked"]]})
+
+
+def test_a_garbage_masked_vector_spoils_only_its_secure_group(tmp_path, encoder, mnist_root):
+    from common.federated import sums
+
+    groups = sums.groups(6, 3, 3, 1)
+    results, _ = run(tmp_path, encoder, mnist_root, "on", n=6, rounds=1, tamper=garbage_masked_input(groups[1][0]),
+                     **{"secure-group-size": 3})
+    r = results["rounds"][0]
+    assert r["secure"]["skipped"] is None and r["secure"]["summed"] == 6 and len(r["clients"]) == 3
+    spoiled = [g for g in r["secure"]["groups"] if g["skipped"]]
+    assert len(spoiled) == 1 and "not one that honest clients give" in spoiled[0]["skipped"]
+    assert {c["reported"]["partition_id"] for c in r["clients"]} == set(groups[0])
+
+
+def test_without_groups_a_garbage_masked_vector_skips_the_round_and_the_next_one_runs(tmp_path, encoder, mnist_root):
+    spoil = garbage_masked_input(1)
+
+    def first_round_only(index: int, msg: Message, reply: Message) -> Message | None:
+        config = msg.content.config_records.get(RECORD.config)
+        return spoil(index, msg, reply) if config is not None and int(config["server-round"]) == 1 else reply
+
+    results, _ = run(tmp_path, encoder, mnist_root, "on", n=3, rounds=2, tamper=first_round_only)
+    first, second = results["rounds"]
+    assert first["clients"] == [] and "not one that honest clients give" in first["secure"]["skipped"]
+    assert second["secure"]["summed"] == 3 and len(second["clients"]) == 3
