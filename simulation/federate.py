@@ -349,6 +349,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
             "dropped": r["dropped"],
             "capped": r.get("capped", []),
             "seconds": r.get("seconds"),
+            **({"secure": r["secure"]} if "secure" in r else {}),
         }
         for r in server.get("rounds", [])
     ]
@@ -374,6 +375,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
         "uplink_fraction_of_float": None if not uplink or not float_bytes else uplink / float_bytes,
         "uplink_bits_per_binary_weight_after_round_1": _mean_after_first(rounds, "uplink_bits_per_binary_weight"),
         "sign_bits_per_binary_weight_after_round_1": _mean_after_first(rounds, "sign_bits_per_binary_weight"),
+        **({"secure_aggregation": server["secure_aggregation"]} if "secure_aggregation" in server else {}),
         "rounds": rounds,
         "initial": server.get("initial"),
         "status": server.get("status"),
@@ -672,6 +674,22 @@ def _watch_worker(config: FederateConfig, worker: subprocess.Popen, staging: Pat
         time.sleep(0.3)
 
 
+def secure_line(results: dict) -> str | None:
+    """What secure aggregation did, in a line; None for a run without it."""
+    secure = results.get("secure_aggregation")
+    if not secure:
+        return None
+    rounds = [r.get("secure") or {} for r in results["rounds"]]
+    summed = [r.get("summed", 0) for r in rounds if not r.get("skipped")]
+    skipped = sum(1 for r in rounds if r.get("skipped"))
+    if secure.get("mode") == "clear":
+        return "secure-aggregation clear: the summable aggregation on plaintext updates (the server saw every update)"
+    return (f"secure aggregation: the server learned only sums, of {min(summed, default=0)} to "
+            f"{max(summed, default=0)} clients a round ({skipped} round(s) skipped); threshold "
+            f"{secure.get('threshold')}, {secure.get('neighbours')} neighbours, sums of {secure.get('bits')} bits; "
+            "the uplink above counts all four stages")
+
+
 def describe(results: dict) -> str:
     """A short human summary of results.json."""
     def num(value: float | None, spec: str = ".4f") -> str:
@@ -685,10 +703,11 @@ def describe(results: dict) -> str:
         f"uplink {results['uplink_bytes_per_client_round']} bytes per client per round; stock float32 FedAvg "
         f"{results['float_fedavg_uplink_bytes']} bytes"
         + (f" (1/{1 / fraction:.1f})" if fraction else ""),
-        f"uplink codec {results['config'].get('uplink_codec', 'signs')}: "
-        f"{num(results.get('uplink_bits_per_binary_weight_after_round_1'), '.3f')} bits per binary weight "
-        f"per client and round after round 1 (sign part alone "
-        f"{num(results.get('sign_bits_per_binary_weight_after_round_1'), '.3f')})",
+        secure_line(results) or (
+            f"uplink codec {results['config'].get('uplink_codec', 'signs')}: "
+            f"{num(results.get('uplink_bits_per_binary_weight_after_round_1'), '.3f')} bits per binary weight "
+            f"per client and round after round 1 (sign part alone "
+            f"{num(results.get('sign_bits_per_binary_weight_after_round_1'), '.3f')})"),
         f"wall time {results['seconds']:.1f} s",
     ]
     return "\n".join(lines)
