@@ -14,7 +14,12 @@ A secure round (``secure-aggregation = "on"``, docs/security.md) runs the four s
 4. ``train.secagg_unmask`` (in ``aggregate_train``): who sent a masked vector and who did not; each
    client answers with the shares that remove the masks, and the server has the sum.
 
-A client's stage is addressed by its index in the round (1 .. N, the sampled nodes in order): a
+With secure groups (``secure-group-size``) the sampled clients are drawn into groups
+(:func:`common.federated.sums.groups`), each group runs the protocol on its own, and the stages
+of all groups go out together; a group that cannot end with a checked sum is left out of the
+round, the others make it.
+
+A client's stage is addressed by its index in its group (1 .. N, the sampled nodes in order): a
 Flower node id is an unsigned 64-bit number, which a ConfigRecord's signed integers do not hold.
 This module only turns Messages into the protocol's dicts and back, and measures bytes; every
 check of what a client sends is the protocol's, and a client it drops is logged with the reason.
