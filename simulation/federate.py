@@ -349,6 +349,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
             "dropped": r["dropped"],
             "capped": r.get("capped", []),
             "seconds": r.get("seconds"),
+            **({"secure": r["secure"]} if "secure" in r else {}),
         }
         for r in server.get("rounds", [])
     ]
@@ -375,6 +376,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
         "uplink_bits_per_binary_weight_after_round_1": _mean_after_first(rounds, "uplink_bits_per_binary_weight"),
         "sign_bits_per_binary_weight_after_round_1": _mean_after_first(rounds, "sign_bits_per_binary_weight"),
         "rounds": rounds,
+        **({"secure_aggregation": server["secure_aggregation"]} if "secure_aggregation" in server else {}),
         "initial": server.get("initial"),
         "status": server.get("status"),
         "seconds": seconds,
