@@ -173,6 +173,26 @@ def test_a_client_that_drops_after_the_key_exchange_is_recovered(tmp_path, encod
     assert r["secure"]["summed"] == 4 and [d["stage"] for d in r["dropped"]] == ["shares"]
 
 
+@pytest.mark.parametrize("stage", ["keys", "masked"])
+def test_a_client_that_refuses_the_round_with_an_error_reply_leaves_it(tmp_path, encoder, mnist_root, stage):
+    """A client that cannot take part (a partition too small to train) answers with an error, which
+    holds no content: the server drops it with the error's reason, and the others' sum goes on."""
+    from flwr.app import Error
+
+    refused = drop_at(stage, {3})
+
+    def tamper(index: int, msg: Message, reply: Message) -> Message | None:
+        if refused(index, msg, reply) is None:
+            return Message(error=Error(code=0, reason="refused the round: too few examples"), reply_to=msg)
+        return reply
+
+    results, _ = run(tmp_path, encoder, mnist_root, "on", n=5, rounds=1, tamper=tamper)
+    r = results["rounds"][0]
+    assert r["secure"]["summed"] == 4 and r["secure"]["skipped"] is None
+    assert [d["stage"] for d in r["dropped"]] == [stage] and "error code" in r["dropped"][0]["reason"]
+    assert results["status"] == "finished"
+
+
 def test_a_client_that_does_not_answer_the_unmask_still_counts(tmp_path, encoder, mnist_root):
     results, _ = run(tmp_path, encoder, mnist_root, "on", n=5, rounds=1, tamper=drop_at("unmask", {0}))
     r = results["rounds"][0]

@@ -162,3 +162,20 @@ def test_federate_with_secure_aggregation_ends_bit_for_bit_where_its_clear_twin_
         assert r["secure"]["summed"] == 3 and not r["secure"]["skipped"]
         assert r["uplink_bytes"] == r["secure"]["uplink_bytes"] > 0
     assert "the server learned only sums, of 3 to 3 clients a round (0 round(s) skipped)" in stdout
+
+
+def test_results_json_keeps_the_secure_record_of_each_round():
+    """summarize() carries the ServerApp's secure-aggregation record of a round and of the run."""
+    from simulation.federate import summarize
+
+    secure = {"clients": 3, "threshold": 2, "neighbours": 2, "bits": [6, 6, 14, 35], "summed": 3,
+              "uplink_bytes": 21357, "dropped": {"keys": [], "shares": [], "masked": [], "unmask": []},
+              "skipped": None}
+    server = {"rounds": [{"round": 1, "test_acc": 0.9, "test_loss": 0.3, "uplink_bytes": 0, "downlink_bytes": 1,
+                          "clients": [], "dropped": [], "seconds": 1.5, "secure": secure}],
+              "secure_aggregation": {"enabled": True, "mode": "on"}, "status": "finished"}
+    results = summarize(server, {}, {}, 2.0)
+    assert results["rounds"][0]["secure"] == secure
+    assert results["secure_aggregation"] == {"enabled": True, "mode": "on"}
+    plain = summarize({"rounds": [{k: v for k, v in server["rounds"][0].items() if k != "secure"}]}, {}, {}, 2.0)
+    assert "secure" not in plain["rounds"][0] and "secure_aggregation" not in plain
