@@ -163,31 +163,37 @@ class SecureRounds:
     def open(self, grid: Grid, server_round: int, node_ids: list[int], config: ConfigRecord,
              timeout: float) -> list[SecureRoundState]:
         """Stages 1 and 2 for the sampled ``node_ids``; the groups still in the round.
-        :class:`RoundSkipped` when no group has enough clients left."""
+        :class:`RoundSkipped` when no group has enough clients left.
+
+        A group that some clients left in stage 1 (no reply, a refusal, not a voter) exchanges keys
+        once more among those that answered, under a spec of its own: its neighbour graph and
+        threshold are then drawn over clients that are there. Otherwise each absent client would
+        thin its neighbours' neighbourhoods, and at a few percent absent (partitions too small to
+        train, a common case with many small clients) a ring's dropouts cascade through the round."""
         self.rounds = {r: s for r, s in self.rounds.items() if r >= server_round - 1}
         states = []
         for members in sums.groups(len(node_ids), self.group_size, self.seed, server_round):
-            nodes = [node_ids[i] for i in members]
-            try:
-                spec = round_spec(server_round, len(nodes), self.layout, self.weight_bits, self.threshold)
-            except protocol.SecAggError as exc:
-                raise RoundSkipped(f"{len(nodes)} clients sampled: {exc}") from exc
-            states.append(SecureRoundState(spec, protocol.ServerRound(spec), dict(enumerate(nodes, start=1))))
+            state = self._new_state(server_round, [node_ids[i] for i in members])
+            if state is None:
+                raise RoundSkipped(f"{len(members)} clients sampled: secure aggregation needs at least 3")
+            states.append(state)
         self.rounds[server_round] = states
-        replies = self._send(grid, SECAGG.keys_action, timeout, [
-            (st, {i: stage_message({**st.server.request_keys(), "index": i}, config) for i in st.nodes})
-            for st in states], with_metrics=True)
-        keys: dict[int, dict] = {}
-        reported: dict[tuple[int, int], int] = {}
-        for g, state in enumerate(states):
-            keys[g] = {}
-            for i, (values, metrics) in replies[g].items():
-                refused = self.refuse_voter(state.nodes[i], metrics.get(METRIC.partition_id))
-                if refused:
-                    state.reasons[i] = f"not a voter: it {refused}"
-                    continue
-                keys[g][i], reported[g, i] = values, int(metrics[METRIC.num_examples])
-                state.reported[i] = {"num_examples": reported[g, i], "partition_id": metrics.get(METRIC.partition_id)}
+        keys, reported = self._exchange_keys(grid, states, config, timeout)
+        again = [g for g, st in enumerate(states) if 3 <= len(keys[g]) < len(st.nodes)]
+        if again:
+            for g in again:
+                old = states[g]
+                states[g] = self._new_state(server_round, [old.nodes[i] for i in sorted(keys[g])])
+                states[g].dropped["keys"] = old.dropped["keys"]
+                states[g].uplink = {i: old.uplink.get(old.index_of()[node], 0) for i, node in states[g].nodes.items()}
+                log(INFO, "Round %d, secure aggregation: %d of a group's %d clients left at the key exchange; "
+                    "the %d others exchange keys again among themselves.", server_round,
+                    len(old.nodes) - len(keys[g]), len(old.nodes), len(keys[g]))
+            again_keys, again_reported = self._exchange_keys(grid, [states[g] for g in again], config, timeout)
+            for k, g in enumerate(again):
+                keys[g] = again_keys[k]
+                reported = {**{gi: n for gi, n in reported.items() if gi[0] != g},
+                            **{(g, i): n for (kk, i), n in again_reported.items() if kk == k}}
         stage2 = {g: self._collect(st, "keys", lambda st=st, g=g: st.server.collect_keys(keys[g]))
                   for g, st in enumerate(states)}
         # the weights: capped and scaled over the whole round, as in a plaintext round
@@ -204,6 +210,36 @@ class SecureRounds:
             st.stage3 = self._collect(st, "shares", lambda st=st, shares=shares: st.server.collect_shares(shares)) or {}
         self._require_a_group(server_round)
         return states
+
+    def _new_state(self, server_round: int, nodes: list[int]) -> SecureRoundState | None:
+        """A group's protocol instance over ``nodes``; None when they are too few for one."""
+        try:
+            spec = round_spec(server_round, len(nodes), self.layout, self.weight_bits, self.threshold)
+        except protocol.SecAggError:
+            return None
+        return SecureRoundState(spec, protocol.ServerRound(spec), dict(enumerate(nodes, start=1)))
+
+    def _exchange_keys(self, grid: Grid, states: list[SecureRoundState], config: ConfigRecord, timeout: float
+                       ) -> tuple[dict[int, dict], dict[tuple[int, int], int]]:
+        """Stage 1's messages and replies: per group (by position), index -> its public keys, and
+        (group, index) -> its reported num-examples; a node that may not vote is set aside."""
+        replies = self._send(grid, SECAGG.keys_action, timeout, [
+            (st, {i: stage_message({**st.server.request_keys(), "index": i}, config) for i in st.nodes})
+            for st in states], with_metrics=True)
+        keys: dict[int, dict] = {}
+        reported: dict[tuple[int, int], int] = {}
+        for g, state in enumerate(states):
+            keys[g] = {}
+            for i, (values, metrics) in replies[g].items():
+                refused = self.refuse_voter(state.nodes[i], metrics.get(METRIC.partition_id))
+                if refused:
+                    state.reasons[i] = f"not a voter: it {refused}"
+                    continue
+                keys[g][i], reported[g, i] = values, int(metrics[METRIC.num_examples])
+                state.reported[i] = {"num_examples": reported[g, i], "partition_id": metrics.get(METRIC.partition_id)}
+            for i in sorted(set(state.nodes) - set(keys[g])):  # why each absent one left, before a new exchange
+                state.drop("keys", i, state.reasons.get(i, "no reply before the round's timeout (round-timeout-s)"))
+        return keys, reported
 
     def train_messages(self, states: list[SecureRoundState], arrays: ArrayRecord, config: ConfigRecord
                        ) -> list[Message]:
@@ -328,7 +364,10 @@ class SecureRounds:
                 state.spec.round_id, len(state.nodes), state.skipped)
             return None
         finally:
+            already = {d["node_id"] for d in state.dropped[stage]}
             for i, reason in state.server.dropped[stage][seen:]:
+                if state.nodes.get(i) in already:  # recorded with its reason when its reply was read
+                    continue
                 if i in state.reasons:
                     reason = state.reasons[i]
                 elif reason.startswith("no reply"):

@@ -326,3 +326,18 @@ def test_without_groups_a_garbage_masked_vector_skips_the_round_and_the_next_one
     first, second = results["rounds"]
     assert first["clients"] == [] and "not one that honest clients give" in first["secure"]["skipped"]
     assert second["secure"]["summed"] == 3 and len(second["clients"]) == 3
+
+
+def test_clients_absent_at_the_key_exchange_do_not_thin_a_ring_the_others_exchange_keys_again(
+        tmp_path, encoder, mnist_root):
+    # 30 clients: a ring of 10 neighbours, 7 needed. Six absent from the start, all in a row of
+    # partitions, would leave some neighbourhoods short; exchanged again among the 24 present,
+    # the graph has no hole.
+    absent = set(range(6))
+    results, grid = run(tmp_path, encoder, mnist_root, "on", n=30, rounds=1, tamper=drop_at("keys", absent))
+    r = results["rounds"][0]
+    assert r["secure"]["skipped"] is None and r["secure"]["summed"] == 24
+    assert sorted(d["stage"] for d in r["dropped"]) == ["keys"] * 6
+    keys_sent = [m for m in grid.sent if m.metadata.message_type == SECAGG.message_type(SECAGG.keys_action)]
+    assert len(keys_sent) == 30 + 24
+    assert {len(m.content.config_records[SECAGG.record]["spec.clients"]) for m in keys_sent[30:]} == {24}
