@@ -349,6 +349,8 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
             "dropped": r["dropped"],
             "capped": r.get("capped", []),
             "seconds": r.get("seconds"),
+            # a secure round's record (server/secure.py): who was summed, who dropped at which stage, why
+            **({"secure": r["secure"]} if "secure" in r else {}),
         }
         for r in server.get("rounds", [])
     ]
@@ -378,6 +380,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
         "initial": server.get("initial"),
         "status": server.get("status"),
         "seconds": seconds,
+        **({"secure_aggregation": server["secure_aggregation"]} if "secure_aggregation" in server else {}),
     }
 
 

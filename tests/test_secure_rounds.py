@@ -242,3 +242,24 @@ def test_a_clients_masked_votes_are_uniform_modulo_their_width(tmp_path, encoder
         expected = votes.size / bins
         chi2 = float(((counts - expected) ** 2 / expected).sum())
         assert chi2 < quantile, (chi2, quantile)
+
+
+def test_results_json_keeps_each_secure_rounds_record(tmp_path, encoder, mnist_root):
+    """What `hybnn federate` and `hybnn deploy-local` write (summarize of server.json) keeps the
+    secure-aggregation block and each round's secure entry: who was summed, who dropped, why."""
+    from simulation.federate import summarize
+
+    run(tmp_path, encoder, mnist_root, "on", n=4, rounds=1, tamper=drop_at("masked", {2}))
+    server = json.loads((tmp_path / "on" / "server.json").read_text())
+    results = summarize(server, {"test_acc": 0.99}, {}, 1.0)
+    assert results["secure_aggregation"] == server["secure_aggregation"]
+    assert results["secure_aggregation"]["enabled"] is True and results["secure_aggregation"]["threshold"] == 3
+    secure = results["rounds"][0]["secure"]
+    assert secure == server["rounds"][0]["secure"]
+    assert secure["summed"] == 3 and [len(secure["dropped"][s]) for s in ("keys", "shares", "masked", "unmask")] == [
+        0, 0, 1, 0]
+    # a run in the clear has neither
+    clear = {k: v for k, v in server.items() if k != "secure_aggregation"}
+    clear["rounds"] = [{k: v for k, v in server["rounds"][0].items() if k != "secure"}]
+    plain = summarize(clear, {}, {}, 1.0)
+    assert "secure_aggregation" not in plain and "secure" not in plain["rounds"][0]
