@@ -216,7 +216,8 @@ class SecureRounds:
                 continue
             if i in state.reasons:
                 continue
-            state.uplink[i] = state.uplink.get(i, 0) + record_nbytes(msg.content)
+            if msg.has_content():  # an error reply (a ClientApp that raised or refused) has none
+                state.uplink[i] = state.uplink.get(i, 0) + record_nbytes(msg.content)
             if i in good:
                 state.reasons[i] = "a second reply in the same stage"
                 good.pop(i)
