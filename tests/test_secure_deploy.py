@@ -6,18 +6,18 @@ its own (``--isolation process``): the client's secrets cross from one stage's p
 next only in ``Context.state``, which the SuperNode keeps. In-process tests of the same rounds
 are in test_secure_rounds.py.
 
-Ten SuperNodes need more than two CPUs: every stage starts ten ClientApp processes at once, and
-Flower's SuperNode takes a task back unless its ClientApp process sends its first heartbeat
-within 30 s of being claimed (flwr 1.42, HEARTBEAT_DEFAULT_INTERVAL, not configurable). On two
-shared cores the ten start-ups (Python, Flower, then torch and the task's codes) took longer,
-each SuperExec started its ClientApp again and again, and no stage ended before the round's
-timeout. Five SuperNodes fit there.
+Ten SuperNodes on two cores are at the edge of what Flower allows: every stage starts ten
+ClientApp processes at once, and Flower 1.42's SuperNode takes a task back unless its ClientApp
+process heartbeats within 30 s of being claimed (HEARTBEAT_DEFAULT_INTERVAL, not configurable);
+the SuperExec then starts it again. On a 2-core machine with a load average of 3 to 10 the ten-node
+run passed in about 12 minutes (stages of up to ~110 s, 178 ClientApp starts for 80 tasks); with other work
+loading the same two cores to a load average near 28, the start-ups never made the 30 s, each SuperExec restarted its
+ClientApp in a loop and no stage ended within round-timeout-s. Five SuperNodes take about 6 minutes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from tests.conftest import fixed_encoder
@@ -43,8 +43,7 @@ def seed_failing(clients: int, counts: list[int]) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("clients, threshold", [
-    pytest.param(10, 7, id="ten", marks=pytest.mark.skipif(
-        (os.cpu_count() or 1) < 4, reason="ten process-isolated SuperNodes need 4 CPUs or more (module docstring)")),
+    pytest.param(10, 7, id="ten"),  # about 12 minutes on two cores (module docstring)
     pytest.param(5, 4, id="five"),
 ])
 def test_a_secure_round_sums_the_clients_left_and_one_below_the_threshold_is_skipped(
