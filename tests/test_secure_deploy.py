@@ -9,10 +9,11 @@ are in test_secure_rounds.py.
 Ten SuperNodes on two cores are at the edge of what Flower allows: every stage starts ten
 ClientApp processes at once, and Flower 1.42's SuperNode takes a task back unless its ClientApp
 process heartbeats within 30 s of being claimed (HEARTBEAT_DEFAULT_INTERVAL, not configurable);
-the SuperExec then starts it again. On a 2-core machine with a load average of 3 to 10 the ten-node
-run passed in about 12 minutes (stages of up to ~110 s, 178 ClientApp starts for 80 tasks); with other work
-loading the same two cores to a load average near 28, the start-ups never made the 30 s, each SuperExec restarted its
-ClientApp in a loop and no stage ended within round-timeout-s. Five SuperNodes take about 6 minutes.
+the SuperExec then starts it again. On a 2-core machine with a load average of 3 to 10 the
+ten-node run passed in about 12 minutes (stages of up to ~110 s, 178 ClientApp starts for 80
+tasks); with other work loading the same two cores to a load average near 28, the start-ups
+never made the 30 s, each SuperExec restarted its ClientApp in a loop and no stage ended within
+round-timeout-s. Five SuperNodes take about 6 minutes.
 """
 
 from __future__ import annotations
