@@ -380,6 +380,7 @@ def summarize(server: dict, centralized: dict, config: dict, seconds: float) -> 
         "initial": server.get("initial"),
         "status": server.get("status"),
         "seconds": seconds,
+        **({"secure_aggregation": server["secure_aggregation"]} if "secure_aggregation" in server else {}),
     }
 
 

@@ -75,6 +75,7 @@ SKIP_FIXES = {
     "nginx": "apt-get install -y --no-install-recommends nginx (or make test-deps as root)",
     "Fashion-MNIST": "apt-get install -y --no-install-recommends dataset-fashion-mnist (or make test-deps as root)",
     "C compiler": "apt-get install -y gcc",
+    "HYBNN_HEAVY_TESTS": "HYBNN_HEAVY_TESTS=1 make test (or that variable before pytest): minutes of real processes",
 }
 
 

@@ -173,26 +173,6 @@ def test_a_client_that_drops_after_the_key_exchange_is_recovered(tmp_path, encod
     assert r["secure"]["summed"] == 4 and [d["stage"] for d in r["dropped"]] == ["shares"]
 
 
-@pytest.mark.parametrize("stage", ["keys", "masked"])
-def test_a_client_that_refuses_the_round_with_an_error_reply_leaves_it(tmp_path, encoder, mnist_root, stage):
-    """A client that cannot take part (a partition too small to train) answers with an error, which
-    holds no content: the server drops it with the error's reason, and the others' sum goes on."""
-    from flwr.app import Error
-
-    refused = drop_at(stage, {3})
-
-    def tamper(index: int, msg: Message, reply: Message) -> Message | None:
-        if refused(index, msg, reply) is None:
-            return Message(error=Error(code=0, reason="refused the round: too few examples"), reply_to=msg)
-        return reply
-
-    results, _ = run(tmp_path, encoder, mnist_root, "on", n=5, rounds=1, tamper=tamper)
-    r = results["rounds"][0]
-    assert r["secure"]["summed"] == 4 and r["secure"]["skipped"] is None
-    assert [d["stage"] for d in r["dropped"]] == [stage] and "error code" in r["dropped"][0]["reason"]
-    assert results["status"] == "finished"
-
-
 def test_a_client_that_does_not_answer_the_unmask_still_counts(tmp_path, encoder, mnist_root):
     results, _ = run(tmp_path, encoder, mnist_root, "on", n=5, rounds=1, tamper=drop_at("unmask", {0}))
     r = results["rounds"][0]
@@ -341,3 +321,48 @@ def test_clients_absent_at_the_key_exchange_do_not_thin_a_ring_the_others_exchan
     keys_sent = [m for m in grid.sent if m.metadata.message_type == SECAGG.message_type(SECAGG.keys_action)]
     assert len(keys_sent) == 30 + 24
     assert {len(m.content.config_records[SECAGG.record]["spec.clients"]) for m in keys_sent[30:]} == {24}
+
+
+def error_at(stage_type: str, indices: set[int]) -> Tamper:
+    """The reply Flower delivers when the ClientApp raises: an error message, without content."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    def tamper(index: int, msg: Message, reply: Message) -> Message | None:
+        if index in indices and msg.metadata.message_type == stage_type:
+            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="it raised"), reply_to=msg)
+        return reply
+    return tamper
+
+
+@pytest.mark.parametrize("stage_type", ["train", SECAGG.message_type(SECAGG.keys_action),
+                                        SECAGG.message_type(SECAGG.shares_action),
+                                        SECAGG.message_type(SECAGG.unmask_action)])
+def test_an_error_reply_drops_its_client_and_the_round_goes_on(tmp_path, encoder, mnist_root, stage_type):
+    """An error reply has no content: the server drops its client with the error's reason (it read
+    the content to count its bytes, and the ServerApp died)."""
+    results, _ = run(tmp_path, encoder, mnist_root, "on", n=5, rounds=1, tamper=error_at(stage_type, {1}))
+    r = results["rounds"][0]
+    assert results["status"] == "finished"
+    if stage_type == SECAGG.message_type(SECAGG.unmask_action):
+        assert r["secure"]["summed"] == 5  # its vector was in; the others' shares unmask it
+    else:
+        assert r["secure"]["summed"] == 4 and len(r["dropped"]) == 1
+        assert "it raised" in r["dropped"][0]["reason"] and "error code" in r["dropped"][0]["reason"]
+
+
+def test_an_injected_failure_at_the_masked_input_leaves_the_sum_of_the_others(tmp_path, encoder, mnist_root):
+    """client-failure-rate in a secure round: the client fails its train message (stage 3) with an
+    error reply, after a key exchange it completed."""
+    from client.client_app import injected_failure
+
+    rate = 0.3
+    seed = next(s for s in range(1000) if sum(injected_failure(rate, s, 1, p) for p in range(5)) == 1)
+    failed = next(p for p in range(5) if injected_failure(rate, seed, 1, p))
+    results, _ = run(tmp_path, encoder, mnist_root, "on", n=5, rounds=1, seed=seed,
+                     **{"client-failure-rate": rate, "secure-threshold": 4})
+    r = results["rounds"][0]
+    assert r["secure"]["summed"] == 4 and r["secure"]["skipped"] is None
+    assert {c["reported"]["partition_id"] for c in r["clients"]} == set(range(5)) - {failed}
+    assert [d["stage"] for d in r["dropped"]] == ["masked"]
+    assert "injected failure" in r["dropped"][0]["reason"]
