@@ -435,17 +435,25 @@ def baselines_beside(task_names: list[str], prof: Profile, data_root: Path):
         # The worker starts with SIGINT and SIGTERM blocked (a thread's signal mask survives fork
         # and exec) and ignores them from its first step on (_die_with_parent), so a Ctrl-C at
         # the terminal stops this process alone, which kills the worker below, and the worker
-        # prints no traceback. This process keeps its handlers all along: a stop that comes now
-        # reaches them through another thread, or once this thread's mask is back, never lost.
+        # prints no traceback. A stop that comes during the start is held, not lost: Python runs
+        # its handlers in this thread whatever the thread's mask (another thread takes the
+        # signal), and one that ran now would break off the worker's start half way. So the
+        # start's handlers only note the stop, and it is raised again once the start is done.
         stops = (signal.SIGINT, signal.SIGTERM)
+        held: list[int] = []
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in stops}
         try:
             executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                            initializer=_die_with_parent)
             future = executor.submit(_train_baselines, list(task_names), prof.baseline_epochs, data_root,
                                      prof.train_limit, threads)
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # as the caller had it
+            for signum in dict.fromkeys(held):
+                signal.raise_signal(signum)  # the run's own handler, now
         yield future
     finally:
         if executor is not None:

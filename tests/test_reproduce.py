@@ -231,8 +231,9 @@ def test_the_baselines_worker_ignores_ctrl_c_so_only_the_run_stops_it(tmp_path, 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_during_the_baselines_worker_start_is_not_lost(tmp_path, monkeypatch, signum):
     """A stop sent to the run's process (by `kill`, a scheduler or the terminal) while the worker
-    starts reaches the run's handler, also when another thread of the run (torch's, tqdm's) is
-    the one the kernel hands it to."""
+    starts reaches the run's handler once the start is done, also when another thread of the run
+    (torch's, tqdm's) is the one the kernel hands it to; not during the start, which the handler's
+    exception would break off half way (the worker then prints a traceback)."""
     import threading
     import types
     from concurrent.futures import ProcessPoolExecutor
@@ -242,9 +243,13 @@ def test_a_stop_during_the_baselines_worker_start_is_not_lost(tmp_path, monkeypa
     monkeypatch.setattr(rp.os, "cpu_count", lambda: 64)
     submit = ProcessPoolExecutor.submit
 
+    during_start: list[int] = []
+
     def submit_with_a_stop(self, *args, **kwargs):
         os.kill(os.getpid(), signum)  # to the process, as `kill` sends it: any thread may take it
-        return submit(self, *args, **kwargs)
+        future = submit(self, *args, **kwargs)  # Python would run a pending handler in here
+        during_start.extend(received)
+        return future
 
     monkeypatch.setattr(ProcessPoolExecutor, "submit", submit_with_a_stop)
     other_thread_done = threading.Event()
@@ -259,4 +264,5 @@ def test_a_stop_during_the_baselines_worker_start_is_not_lost(tmp_path, monkeypa
     finally:
         signal.signal(signum, previous)
         other_thread_done.set()
-    assert received == [signum]
+    assert during_start == []  # held while the worker started: a handler then would break off its start
+    assert received == [signum]  # and raised once it had
